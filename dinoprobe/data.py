@@ -1,0 +1,271 @@
+"""Data sources (an image folder or CIFAR-10/100), their splits, and the deterministic evaluation transform.
+
+Workers decode and resize to uint8 tensors; normalisation (and, for CIFAR's small arrays, the resize itself)
+runs batched on the extraction device (`Preprocess`), which moves 4x fewer bytes between processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile, ImageOps
+from torchvision.transforms import CenterCrop, Compose, InterpolationMode, PILToTensor, Resize
+
+from dinoprobe.backbone import DataConfig
+from dinoprobe.errors import DinoprobeError
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 9459 x 9459)
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never silently half-grey
+
+
+@dataclass
+class DataSource:
+    """What to extract: per split, an ordered list of (path, label). The position in the list is `index`."""
+
+    kind: str  # folder | cifar10 | cifar100
+    root: str
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    val_split: dict | None = None  # how val was carved from train, when it was
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # CIFAR pixels per split
+
+    def file_list_sha256(self) -> str:
+        """Identifies the inputs: every split's paths, labels and (for files) sizes, in order."""
+        digest = hashlib.sha256()
+        for split in sorted(self.splits):
+            for path, label in self.splits[split]:
+                size = os.path.getsize(path) if self.kind == "folder" and os.path.exists(path) else -1
+                digest.update(f"{split}\t{label}\t{path}\t{size}\n".encode())
+        return digest.hexdigest()
+
+    def dataset(self, split: str, config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
+        if self.kind == "folder":
+            return ImageFileDataset(self.splits[split], config, max_pixels)
+        return ArrayDataset(self.arrays[split], self.splits[split])
+
+
+def open_source(data: str, data_dir: str = "data", val_fraction: float = 0.1, seed: int = 0) -> DataSource:
+    if data.lower() in CIFAR:
+        return _cifar_source(data.lower(), data_dir, val_fraction, seed)
+    return _folder_source(Path(data), val_fraction, seed)
+
+
+# ------------------------------------------------------------------------------------------- image folders
+def _list_images(class_dir: Path) -> list[str]:
+    files = []
+    # followlinks=False: a symlink loop in the data folder can never recurse forever
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(files)
+
+
+def _classes_of(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _folder_source(root: Path, val_fraction: float, seed: int) -> DataSource:
+    if not root.is_dir():
+        raise DinoprobeError(f"--data '{root}' is not a folder (expected ROOT/train/<class>/*.jpg) "
+                             "nor one of: cifar10, cifar100")
+    if not (root / "train").is_dir():
+        raise DinoprobeError(f"'{root}' has no train/ folder; expected ROOT/train/<class>/*, optional ROOT/val/ "
+                             "and ROOT/test/")
+    classes = _classes_of(root / "train")
+    if len(classes) < 2:
+        raise DinoprobeError(f"'{root / 'train'}' has {len(classes)} class folder(s); a classifier needs at least 2")
+    splits: dict[str, list[tuple[str, int]]] = {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        found = _classes_of(split_dir)
+        if found != classes:
+            extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+            raise DinoprobeError(f"classes in {split}/ differ from train/: "
+                                 + "; ".join(p for p in (f"only in {split}/: {extra}" if extra else "",
+                                                         f"missing from {split}/: {missing}" if missing else "") if p))
+        splits[split] = [(os.path.abspath(p), label)
+                         for label, name in enumerate(classes) for p in _list_images(split_dir / name)]
+        empty = [name for label, name in enumerate(classes) if not any(lb == label for _, lb in splits[split])]
+        if split == "train" and empty:
+            raise DinoprobeError(f"train/ classes with no images: {empty}")
+    val_split = None
+    if "val" not in splits:
+        splits["train"], splits["val"] = carve_val(splits["train"], val_fraction, seed)
+        val_split = {"from": "train", "fraction": val_fraction, "seed": seed, "stratified": True}
+    return DataSource("folder", str(root.resolve()), classes, splits, val_split)
+
+
+def carve_val(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Stratified, seeded train/val split; both keep the original order."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise DinoprobeError(f"--val-fraction must be in (0, 1), got {fraction}")
+    positions = np.arange(len(samples))
+    labels = np.array([label for _, label in samples])
+    try:
+        train_pos, val_pos = train_test_split(positions, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as err:
+        raise DinoprobeError(f"cannot carve a stratified validation split ({err}); add a val/ folder or change "
+                             "--val-fraction") from None
+    return [samples[i] for i in sorted(train_pos)], [samples[i] for i in sorted(val_pos)]
+
+
+# -------------------------------------------------------------------------------------------------- CIFAR
+def _cifar_source(name: str, data_dir: str, val_fraction: float, seed: int) -> DataSource:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, CIFAR[name])
+    sets = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            sets[split] = cls(data_dir, train=train, download=False)
+        except RuntimeError:
+            sets[split] = _download_cifar(cls, name, data_dir, train)
+    classes = list(sets["train"].classes)
+    splits = {split: [(f"{name}:{split}:{i}", int(t)) for i, t in enumerate(ds.targets)] for split, ds in sets.items()}
+    arrays = {split: ds.data for split, ds in sets.items()}
+    positions = [(i, label) for i, (_, label) in enumerate(splits["train"])]
+    train_pos, val_pos = carve_val(positions, val_fraction, seed)
+    train_pixels = sets["train"].data
+    for split, chosen in (("train", train_pos), ("val", val_pos)):
+        splits[split] = [(f"{name}:train:{i}", label) for i, label in chosen]
+        arrays[split] = train_pixels[[i for i, _ in chosen]]
+    val_split = {"from": "train", "fraction": val_fraction, "seed": seed, "stratified": True}
+    return DataSource(name, str(Path(data_dir).resolve()), classes, splits, val_split, arrays)
+
+
+def _download_cifar(cls, name: str, data_dir: str, train: bool):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)  # urllib has no timeout of its own: never hang on a dead network
+    try:
+        return cls(data_dir, train=train, download=True)
+    except Exception as err:
+        raise DinoprobeError(f"{name} is not in '{data_dir}' and downloading it failed ({type(err).__name__}: "
+                             f"{str(err)[:120]}); on an offline machine copy the python-version archive "
+                             f"(e.g. cifar-10-python.tar.gz) into '{data_dir}' or pass --data-dir") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+class SkippedInput(Exception):
+    """An input that cannot be used; its message is the reason recorded in the manifest."""
+
+
+def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open any common image as 8-bit RGB, EXIF rotation applied; raise SkippedInput with a reason otherwise."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise SkippedInput("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own, clearer limit
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+            width, height = image.size
+            if width * height > max_pixels:
+                raise SkippedInput(f"{width}x{height} image exceeds the {max_pixels:,}-pixel guard "
+                                   "(decompression bomb?); raise --max-pixels to accept it")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except SkippedInput:
+        raise
+    except Exception as err:  # unreadable, truncated, not an image: a reason, not a crash
+        raise SkippedInput(f"{type(err).__name__}: {str(err)[:160]}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):  # 16-bit: rescale, PIL's convert would clip
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def worker_transform(config: DataConfig):
+    """timm's eval transform up to (not including) ToTensor+Normalize, producing uint8 CHW."""
+    return Compose([
+        Resize(config.resize_size, interpolation=InterpolationMode(config.interpolation), antialias=True),
+        CenterCrop(config.image_size),
+        PILToTensor(),
+    ])
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[tuple[str, int]], config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.samples, self.transform, self.max_pixels = samples, worker_transform(config), max_pixels
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            return self.transform(load_rgb(path, self.max_pixels)), label, index, None
+        except SkippedInput as err:
+            return None, label, index, str(err)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """CIFAR-style uint8 HWC arrays; resizing happens batched on the device (`Preprocess`)."""
+
+    def __init__(self, array: np.ndarray, samples: list[tuple[str, int]]):
+        self.array, self.samples = array, samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return torch.from_numpy(np.ascontiguousarray(self.array[index])).permute(2, 0, 1), self.samples[index][1], index, None
+
+
+def collate(batch):
+    """Stack what decoded; hand back what did not with its reason."""
+    good = [b for b in batch if b[3] is None]
+    skipped = [(b[2], b[3]) for b in batch if b[3] is not None]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
+    return (torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.long),
+            torch.tensor([b[2] for b in good], dtype=torch.long), skipped)
+
+
+class Preprocess(torch.nn.Module):
+    """uint8 (B,3,H,W) -> normalised float; resizes + centre-crops when the input is not yet at size."""
+
+    def __init__(self, config: DataConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.float()
+        size = self.config.image_size
+        if x.shape[-2:] != (size, size):
+            h, w = x.shape[-2:]
+            scale = self.config.resize_size / min(h, w)
+            new = (max(size, round(h * scale)), max(size, round(w * scale)))
+            x = F.interpolate(x, size=new, mode=self.config.interpolation, align_corners=False,
+                              antialias=True).clamp_(0, 255)
+            top, left = (new[0] - size) // 2, (new[1] - size) // 2
+            x = x[..., top:top + size, left:left + size]
+        return (x - self.mean) / self.std

@@ -1,0 +1,239 @@
+"""The single pass: frozen backbone over every split, features into the cache, resumable shard by shard."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dinoprobe import __version__
+from dinoprobe.backbone import Backbone
+from dinoprobe.cache import (CacheLock, fingerprint_differences, new_manifest, now, read_manifest, write_json_atomic,
+                             write_shard, MANIFEST)
+from dinoprobe.data import DEFAULT_MAX_PIXELS, DataSource, Preprocess, collate
+from dinoprobe.errors import DinoprobeError
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DinoprobeError("--device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precision: str) -> dict:
+    """Everything that changes the stored numbers. A cache is reused only when all of it matches."""
+    return {
+        "model": backbone.model_name,
+        "weights": {"source": backbone.weights.source, "sha256": backbone.weights.sha256},
+        "transform": backbone.data_config.to_dict(),
+        "dtype": dtype,
+        "precision": precision,
+        "data": {"kind": source.kind, "root": source.root, "file_list_sha256": source.file_list_sha256(),
+                 "val_split": source.val_split},
+        "dinoprobe_version": __version__,
+    }
+
+
+@dataclass
+class ExtractionSummary:
+    rows: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    computed: int = 0  # inputs run through the backbone in this invocation (not resumed ones)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds else 0.0
+
+
+class ShardWriter:
+    """Writes finished shards on a background thread so HDF5 + sha256 overlap the next forward passes.
+
+    It is also the only mutator of the manifest while extraction runs, so updates need no lock.
+    """
+
+    def __init__(self, cache_dir: Path, manifest: dict, dtype: str):
+        self.cache_dir, self.manifest, self.dtype = cache_dir, manifest, dtype
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="dinoprobe-shard-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, split: str, number: int, start: int, stop: int, rows: dict, skipped: list[dict]) -> None:
+        self._raise_if_failed()
+        self.jobs.put((split, number, start, stop, rows, skipped))
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self):
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise DinoprobeError(f"writing the cache failed ({type(err).__name__}: {err}); shards already written "
+                                 "are intact — fix the cause (disk space, permissions) and rerun to resume") from err
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure; the main thread will raise
+            split, number, start, stop, rows, skipped = job
+            try:
+                entry = write_shard(self.cache_dir, split, number, start, stop, rows, self.dtype, skipped)
+                shards = self.manifest["splits"][split]["shards"]
+                shards[:] = sorted([s for s in shards if s["start"] != start] + [entry], key=lambda s: s["start"])
+                self.manifest["updated"] = now()
+                write_json_atomic(self.cache_dir / MANIFEST, self.manifest)
+            except BaseException as err:  # noqa: BLE001 - reported in the main thread
+                self.error = err
+
+
+def prepare_manifest(cache_dir: Path, fingerprint: dict, source: DataSource, shard_size: int, overwrite: bool,
+                     extra: dict) -> dict:
+    existing = read_manifest(cache_dir) if not overwrite else None
+    if existing is not None:
+        diffs = fingerprint_differences(existing["fingerprint"], fingerprint)
+        if diffs:
+            raise DinoprobeError(f"cache {cache_dir} was built from a different request ({'; '.join(diffs[:4])}); "
+                                 "use another --cache, or --overwrite to rebuild it")
+        return existing
+    if overwrite and cache_dir.exists():
+        for path in [cache_dir / MANIFEST, *cache_dir.glob("*/shard-*.h5"), *cache_dir.glob("*/.shard-*.tmp-*")]:
+            path.unlink(missing_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = new_manifest(fingerprint, source.classes, {s: len(v) for s, v in source.splits.items()}, shard_size,
+                            extra)
+    write_json_atomic(cache_dir / MANIFEST, manifest)
+    return manifest
+
+
+def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, batch_size: int = 64,
+            workers: int = 2, device: str = "auto", precision: str = "auto", dtype: str = "float16",
+            shard_size: int = 4096, strict: bool = False, overwrite: bool = False,
+            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> ExtractionSummary:
+    cache_dir = Path(cache_dir)
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    fingerprint = make_fingerprint(backbone, source, dtype, precision)
+    extra = {"feature_dim": backbone.feature_dim, "dtype": dtype, "features": ["cls", "patch_mean"],
+             "weights_location": backbone.weights.location, "val_split": source.val_split}
+    summary = ExtractionSummary()
+    with CacheLock(cache_dir):
+        manifest = prepare_manifest(cache_dir, fingerprint, source, shard_size, overwrite, extra)
+        shard_size = manifest["shard_size"]  # a resumed cache keeps its own shard boundaries
+        for stale in glob.glob(str(cache_dir / "*" / ".shard-*.tmp-*")):
+            os.unlink(stale)  # half-written shards of a killed run
+        model = backbone.to(dev)
+        preprocess = Preprocess(backbone.data_config).to(dev)
+        writer = ShardWriter(cache_dir, manifest, dtype)
+        start_time = time.perf_counter()
+        try:
+            for split in source.splits:
+                summary.computed += _extract_split(split, source, model, preprocess, writer, manifest, shard_size,
+                                                   dev, precision, batch_size, workers, strict, max_pixels, progress)
+        finally:
+            writer.close()
+        for split, info in manifest["splits"].items():
+            info["complete"] = sum(s["stop"] - s["start"] for s in info["shards"]) == info["num_inputs"]
+            summary.rows[split] = sum(s["rows"] for s in info["shards"])
+            summary.skipped[split] = sum(len(s.get("skipped", [])) for s in info["shards"])
+        manifest["updated"] = now()
+        write_json_atomic(cache_dir / MANIFEST, manifest)
+        summary.seconds = time.perf_counter() - start_time
+    return summary
+
+
+def _pending_ranges(n: int, shard_size: int, done: set[int]) -> list[tuple[int, int, int]]:
+    return [(start // shard_size, start, min(start + shard_size, n))
+            for start in range(0, n, shard_size) if start not in done]
+
+
+def _extract_split(split, source, model, preprocess, writer, manifest, shard_size, dev, precision, batch_size,
+                   workers, strict, max_pixels, progress) -> int:
+    samples = source.splits[split]
+    done = {s["start"] for s in manifest["splits"][split]["shards"]}
+    pending = _pending_ranges(len(samples), shard_size, done)
+    if not pending:
+        return 0
+    indices = [i for _, start, stop in pending for i in range(start, stop)]
+    dataset = torch.utils.data.Subset(source.dataset(split, model.data_config, max_pixels), indices)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False)
+    by_start = {start: (number, stop) for number, start, stop in pending}
+    open_shards: dict[int, dict] = {}  # shard start -> accumulated rows, skipped, count seen
+
+    def shard_of(index: int) -> int:
+        return index - index % shard_size
+
+    bar = tqdm(total=len(indices), desc=f"features {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            for pixels, labels, idx, skipped in loader:
+                for index, reason in skipped:
+                    path = samples[index][0]
+                    if strict:
+                        raise DinoprobeError(f"unreadable input {path}: {reason} (--strict makes this fatal; drop "
+                                             "--strict to skip and list such files in the manifest)")
+                    acc = open_shards.setdefault(shard_of(index), _new_acc())
+                    acc["skipped"].append({"index": int(index), "path": path, "reason": reason})
+                    acc["seen"] += 1
+                if pixels is not None:
+                    x = preprocess(pixels.to(dev, non_blocking=True))
+                    with autocast(dev, precision):
+                        feats = model(x)
+                    feats = {k: v.float().cpu().numpy() for k, v in feats.items()}
+                    idx_np, labels_np = idx.numpy(), labels.numpy()
+                    for start in np.unique(idx_np - idx_np % shard_size):
+                        sel = (idx_np - idx_np % shard_size) == start
+                        acc = open_shards.setdefault(int(start), _new_acc())
+                        for kind in ("cls", "patch_mean"):
+                            acc[kind].append(feats[kind][sel])
+                        acc["label"].append(labels_np[sel])
+                        acc["index"].append(idx_np[sel])
+                        acc["path"] += [samples[i][0] for i in idx_np[sel]]
+                        acc["seen"] += int(sel.sum())
+                for start in [s for s, acc in open_shards.items() if acc["seen"] == by_start[s][1] - s]:
+                    acc = open_shards.pop(start)
+                    number, stop = by_start[start]
+                    writer.submit(split, number, start, stop, _finish(acc, model.feature_dim), acc["skipped"])
+                bar.update(len(idx) + len(skipped))
+    finally:
+        bar.close()
+    return len(indices)
+
+
+def _new_acc() -> dict:
+    return {"cls": [], "patch_mean": [], "label": [], "index": [], "path": [], "skipped": [], "seen": 0}
+
+
+def _finish(acc: dict, dim: int) -> dict:
+    def cat(parts, shape, dtype):
+        return np.concatenate(parts) if parts else np.zeros(shape, dtype)
+    return {"cls": cat(acc["cls"], (0, dim), np.float32), "patch_mean": cat(acc["patch_mean"], (0, dim), np.float32),
+            "label": cat(acc["label"], (0,), np.int64), "index": cat(acc["index"], (0,), np.int64),
+            "path": acc["path"]}
