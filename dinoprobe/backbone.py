@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import sys
 import urllib.parse
@@ -225,17 +226,18 @@ def _timm_filter(state: dict, model: nn.Module) -> dict:
 def hf_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """transformers' DINOv3ViTModel names -> timm Eva names (q/k/v concatenated into attn.qkv)."""
     renames = [("embeddings.patch_embeddings.", "patch_embed.proj."), ("embeddings.cls_token", "cls_token"),
-               ("embeddings.register_tokens", "reg_token"), ("model.layer.", "blocks."),
+               ("embeddings.register_tokens", "reg_token"),
                ("attention.o_proj.", "attn.proj."), ("layer_scale1.lambda1", "gamma_1"),
                ("layer_scale2.lambda1", "gamma_2"), ("mlp.up_proj.", "mlp.fc1."), ("mlp.down_proj.", "mlp.fc2.")]
     has_qv_bias = any(k.endswith("attn.q_bias") for k in model.state_dict())
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
+        key = re.sub(r"^(model\.)?layer\.", "blocks.", key)  # transformers saves with or without `model.`
         if key == "embeddings.mask_token" or "rope" in key:
             continue  # pretraining-only / recomputed buffers
         if ".attention." in key and key.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
-            block = key.split(".attention.")[0].replace("model.layer.", "blocks.")
+            block = key.split(".attention.")[0]
             qkv.setdefault(block, {})[key.split(".")[-2][0] + "_" + key.split(".")[-1]] = value
             continue
         for old, new in renames:

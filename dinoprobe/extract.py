@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import queue
 import threading
@@ -44,7 +45,7 @@ def autocast(device: torch.device, precision: str):
 
 def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precision: str) -> dict:
     """Everything that changes the stored numbers. A cache is reused only when all of it matches."""
-    return {
+    fingerprint = {
         "model": backbone.model_name,
         "weights": {"source": backbone.weights.source, "sha256": backbone.weights.sha256},
         "transform": backbone.data_config.to_dict(),
@@ -54,6 +55,7 @@ def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precisi
                  "val_split": source.val_split},
         "dinoprobe_version": __version__,
     }
+    return json.loads(json.dumps(fingerprint))  # compare like with like: what the manifest will hold
 
 
 @dataclass

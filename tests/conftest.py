@@ -1,0 +1,70 @@
+"""Shared fixtures: the real ViT-S/16 DINOv3 architecture with random weights, tiny images, tiny folders."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera-mini"
+MODEL = "vit_small_patch16_dinov3.lvd1689m"
+SIZE = 32  # RoPE: any multiple of 16 works; 32 px keeps the real architecture fast on 2 cores
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    from dinoprobe.backbone import build_backbone
+
+    return build_backbone(MODEL, "random", SIZE, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def hymenoptera() -> Path:
+    if not HYMENOPTERA.is_dir():
+        pytest.skip(f"{HYMENOPTERA} not present")
+    return HYMENOPTERA
+
+
+def write_image(path: Path, seed: int, size=(40, 30), mode="RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    # a class-dependent tint keeps classes learnable in tests that train on these
+    Image.fromarray(array).convert(mode).save(path)
+    return path
+
+
+def make_folder(root: Path, classes=("cat", "dog"), per_class=6, splits=("train", "val"), seed=0) -> Path:
+    for s, split in enumerate(splits):
+        for c, name in enumerate(classes):
+            for i in range(per_class):
+                write_image(root / split / name / f"{i:03d}.png", seed + 1000 * s + 100 * c + i)
+    return root
+
+
+def run_cli(*args, check=False, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run `python -m dinoprobe ARGS` the way a user does: separate process, real exit code and stderr."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "dinoprobe", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dinoprobe {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit != 0, an 'Error:' line naming the problem, and no Python traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle.lower() in error_lines[0].lower(), error_lines[0]

@@ -1,0 +1,168 @@
+"""Backbone loading in every format users hold, checked against reference implementations."""
+import json
+import time
+
+import pytest
+import timm
+import torch
+
+from conftest import MODEL, SIZE, assert_clean_error, run_cli
+from dinoprobe.backbone import build_backbone, load_strict, model_facts
+from dinoprobe.errors import DinoprobeError
+
+
+def test_cls_is_the_normed_cls_token_not_timms_default_patch_mean(backbone):
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        feats = backbone(pixels)
+        tokens = backbone.model.forward_features(pixels)
+        timm_default = backbone.model.forward_head(tokens, pre_logits=True)  # timm pools DINOv3 by patch mean
+    assert torch.allclose(feats["cls"], tokens[:, 0])
+    assert torch.allclose(feats["patch_mean"], timm_default, atol=1e-6)  # registers excluded, like timm's avg
+    assert not torch.allclose(feats["cls"], timm_default, atol=1e-3)
+
+
+def test_backbone_is_frozen_and_stays_in_eval_mode(backbone):
+    backbone.train()  # the original script's bug: custom_model.train() flipped the backbone to train mode
+    assert not backbone.model.training
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_random_weights_are_the_same_on_every_build(backbone):
+    again = build_backbone(MODEL, "random", SIZE, log=lambda *_: None)
+    assert again.weights.sha256 == backbone.weights.sha256
+    torch.testing.assert_close(again.model.state_dict(), backbone.model.state_dict())
+
+
+def _hf_reference_model(register_tokens=4):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                          intermediate_size=1536, patch_size=16, num_register_tokens=register_tokens,
+                                          layerscale_value=1e-5, rope_theta=100.0, image_size=224)
+    torch.manual_seed(1)
+    model = transformers.DINOv3ViTModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random init leaves layer scale tiny; make every block matter
+            if p.dim() == 1 and p.shape[0] == 384:
+                p.add_(torch.randn_like(p) * 0.1)
+        for layer in model.model.layer:  # the released ViT-S/16 has q and v biases of zero
+            layer.attention.q_proj.bias.zero_()
+            layer.attention.v_proj.bias.zero_()
+    return model
+
+
+def test_hugging_face_folder_matches_transformers_pooler_output(tmp_path):
+    hf = _hf_reference_model()
+    hf.save_pretrained(tmp_path / "dinov3-vits16-pretrain-lvd1689m")
+    ours = build_backbone(MODEL, str(tmp_path / "dinov3-vits16-pretrain-lvd1689m"), 48, log=lambda *_: None)
+    assert ours.weights.source == "hf"
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.inference_mode():
+        expected = hf(pixel_values=pixels).pooler_output
+        got = ours(pixels)["cls"]
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_hugging_face_folder_of_another_size_is_refused(tmp_path):
+    hf = _hf_reference_model(register_tokens=0)
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(DinoprobeError, match="num_register_tokens"):
+        build_backbone(MODEL, str(tmp_path / "hf"), SIZE, log=lambda *_: None)
+
+
+def _to_meta_names(state):
+    """timm names -> Meta's released DINOv3 checkpoint names (storage_tokens, ls1.gamma, fused qkv bias)."""
+    meta = {}
+    for key, value in state.items():
+        key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        meta[key] = value.clone()
+        if key.endswith("attn.qkv.weight"):
+            meta[key.replace("weight", "bias")] = torch.zeros(value.shape[0])
+            meta[key.replace("qkv.weight", "qkv.bias_mask")] = torch.ones(value.shape[0])
+    meta["mask_token"] = torch.zeros(1, 384)
+    meta["rope_embed.periods"] = torch.arange(16, dtype=torch.float32)
+    return meta
+
+
+def test_meta_pth_gives_the_same_features_as_timm_native_weights(tmp_path, backbone):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
+    torch.save(_to_meta_names(state), tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
+    save_file(state, tmp_path / "timm.safetensors")
+    meta = build_backbone(MODEL, str(tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"), SIZE)
+    native = build_backbone(MODEL, str(tmp_path / "timm.safetensors"), SIZE)
+    assert (meta.weights.source, native.weights.source) == ("meta", "timm")
+    pixels = torch.randn(3, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        a, b, ref = meta(pixels), native(pixels), backbone(pixels)
+    for kind in ("cls", "patch_mean"):
+        assert (a[kind] - ref[kind]).abs().max() == 0
+        assert (b[kind] - ref[kind]).abs().max() == 0
+
+
+def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path, backbone):
+    state = dict(backbone.model.state_dict())
+    state.pop("norm.weight")
+    state["head.weight"] = torch.zeros(10, 384)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(DinoprobeError) as err:
+        build_backbone(MODEL, str(tmp_path / "bad.pth"), SIZE)
+    assert "missing keys: norm.weight" in str(err.value) and "unexpected keys: head.weight" in str(err.value)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/dinoprobe-pwned",))
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    import os
+
+    if os.path.exists("/tmp/dinoprobe-pwned"):
+        os.unlink("/tmp/dinoprobe-pwned")
+    torch.save({"x": _Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(DinoprobeError, match="cannot read weights"):
+        build_backbone(MODEL, str(tmp_path / "evil.pth"), SIZE)
+    assert not os.path.exists("/tmp/dinoprobe-pwned")
+
+
+def test_load_strict_rejects_shape_mismatch(backbone):
+    state = dict(backbone.model.state_dict())
+    state["norm.weight"] = torch.zeros(10)
+    with pytest.raises(DinoprobeError, match="shape mismatches: norm.weight"):
+        load_strict(backbone.model, state, "x")
+
+
+def test_hub_offline_fails_fast_with_advice(monkeypatch):
+    from dinoprobe import backbone as bb
+
+    monkeypatch.setattr(bb, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)
+    start = time.perf_counter()
+    with pytest.raises(DinoprobeError, match="--weights PATH"):
+        build_backbone(MODEL, "hub", SIZE)
+    assert time.perf_counter() - start < 10
+
+
+def test_info_reports_201_tokens_at_224_and_measured_flops():
+    proc = run_cli("info", "--image-size", 224, "--json", check=True)
+    facts = json.loads(proc.stdout)
+    assert facts["tokens"] == 201 and facts["patch_tokens"] == 196 and facts["register_tokens"] == 4
+    assert facts["parameters"] == 21_586_944 and facts["trainable_parameters"] == 0
+    assert (facts["width"], facts["depth"], facts["heads"], facts["mlp_width"]) == (384, 12, 6, 1536)
+    assert 8.0e9 < facts["flops_per_image"] < 9.5e9
+    table = run_cli("info", check=True).stdout
+    assert "201 = 196 patches + 1 CLS + 4 registers" in table
+
+
+def test_model_facts_scale_with_image_size(backbone):
+    assert model_facts(backbone)["tokens"] == 4 + 5
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    assert_clean_error(run_cli("info", "--model", "no_such_model"), "unknown model")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert_clean_error(run_cli("info", "--weights", tmp_path / "junk.pth"), "cannot read weights")
+    assert_clean_error(run_cli("info", "--weights", tmp_path / "missing.pth"), "does not exist")

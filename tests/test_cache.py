@@ -1,0 +1,209 @@
+"""The feature cache: values against a reference, round trip, resume after SIGKILL, fingerprints, verify."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from conftest import MODEL, REPO, SIZE, assert_clean_error, make_folder, run_cli, write_image
+from dinoprobe import cache
+from dinoprobe.data import open_source
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract import extract
+
+
+def _extract(backbone, root, cache_dir, **kw):
+    kw = {"batch_size": 4, "workers": 0, "dtype": "float32", "shard_size": 5, "progress": False, **kw}
+    return extract(backbone, open_source(str(root)), cache_dir, **kw)
+
+
+def test_cached_features_equal_an_independent_timm_reference(backbone, hymenoptera, tmp_path):
+    summary = _extract(backbone, hymenoptera, tmp_path / "c", shard_size=16, batch_size=8)
+    assert summary.rows == {"train": 50, "val": 20}
+    val = cache.load(tmp_path / "c", "val", features=("cls", "patch_mean"))
+    reference_model = timm.create_model(MODEL, pretrained=False, num_classes=0, global_pool="token", img_size=SIZE)
+    reference_model.load_state_dict(backbone.model.state_dict())
+    reference_model.eval()
+    transform = timm.data.create_transform(input_size=(3, SIZE, SIZE), interpolation="bicubic", crop_pct=1.0,
+                                           mean=backbone.data_config.mean, std=backbone.data_config.std)
+    pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in val["path"]])
+    with torch.inference_mode():
+        expected = reference_model(pixels)  # timm with global_pool='token' = the normed CLS token
+    assert np.abs(val["cls"] - expected.numpy()).max() < 1e-4
+    assert list(val["index"]) == list(range(20))
+    assert list(val["label"]) == [0] * 10 + [1] * 10
+
+
+def test_shard_and_manifest_round_trip(backbone, tmp_path):
+    root = make_folder(tmp_path / "d", per_class=6)
+    _extract(backbone, root, tmp_path / "c")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["classes"] == ["cat", "dog"] and manifest["feature_dim"] == 384
+    assert [s["file"] for s in manifest["splits"]["train"]["shards"]] == [
+        "train/shard-00000.h5", "train/shard-00001.h5", "train/shard-00002.h5"]
+    with h5py.File(tmp_path / "c" / "train" / "shard-00001.h5") as fh:
+        assert fh["cls"].shape == (5, 384) and fh["cls"].dtype == np.float32
+        assert list(fh["index"][...]) == [5, 6, 7, 8, 9]
+        assert fh["path"].asstr()[0].endswith("dog/005.png") or fh["path"].asstr()[0].endswith("cat/005.png")
+    train = cache.load(tmp_path / "c", "train", features="cls")
+    assert train["cls"].shape == (12, 384) and list(train["index"]) == list(range(12))
+    assert cache.verify(tmp_path / "c") == []
+
+
+def test_float16_storage_is_the_default_and_close(backbone, tmp_path):
+    root = make_folder(tmp_path / "d", per_class=2)
+    _extract(backbone, root, tmp_path / "c32")
+    _extract(backbone, root, tmp_path / "c16", dtype="float16")
+    a, b = cache.load(tmp_path / "c32", "train"), cache.load(tmp_path / "c16", "train")
+    assert b["cls"].dtype == np.float16
+    assert np.abs(a["cls"] - b["cls"].astype(np.float32)).max() < 1e-2
+
+
+def test_rerun_resumes_and_another_request_is_refused(backbone, tmp_path):
+    root = make_folder(tmp_path / "d", per_class=4)
+    _extract(backbone, root, tmp_path / "c")
+    assert _extract(backbone, root, tmp_path / "c").computed == 0  # everything was already there
+    other = __import__("dinoprobe.backbone", fromlist=["x"]).build_backbone(MODEL, "random", 48, log=lambda *_: None)
+    with pytest.raises(DinoprobeError, match="image_size: cache has 32, requested 48"):
+        _extract(other, root, tmp_path / "c")
+    assert _extract(other, root, tmp_path / "c", overwrite=True).rows["train"] == 8
+
+
+def test_bad_images_are_skipped_listed_and_counted(backbone, tmp_path):
+    root = make_folder(tmp_path / "d", per_class=3)
+    (root / "train" / "cat" / "zero.jpg").write_bytes(b"")
+    (root / "train" / "dog" / "text.jpg").write_text("hello")
+    summary = _extract(backbone, root, tmp_path / "c")
+    assert summary.skipped["train"] == 2 and summary.rows["train"] == 6
+    manifest = cache.read_manifest(tmp_path / "c")
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in cache.skipped_inputs(manifest)}
+    assert set(reasons) == {"zero.jpg", "text.jpg"} and "0 bytes" in reasons["zero.jpg"]
+    assert cache.verify(tmp_path / "c") == []
+    with pytest.raises(DinoprobeError, match="--strict"):
+        _extract(backbone, root, tmp_path / "strict", strict=True)
+
+
+def test_verify_catches_truncated_edited_missing_and_extra_shards(backbone, tmp_path):
+    root = make_folder(tmp_path / "d", per_class=6)
+    _extract(backbone, root, tmp_path / "c")
+    shard0, shard1 = tmp_path / "c" / "train" / "shard-00000.h5", tmp_path / "c" / "train" / "shard-00001.h5"
+    data = shard0.read_bytes()
+    shard0.write_bytes(data[: len(data) // 2])
+    with h5py.File(shard1, "r+") as fh:  # a well-formed HDF5 edit: only the hash can tell
+        fh["cls"][0, 0] = 123.0
+    (tmp_path / "c" / "val" / "shard-00001.h5").unlink()
+    (tmp_path / "c" / "val" / "shard-00099.h5").write_bytes(b"x")
+    problems = "\n".join(cache.verify(tmp_path / "c"))
+    assert "shard-00000.h5: size" in problems and "truncated" in problems
+    assert "train/shard-00001.h5: sha256 differs" in problems
+    assert "val/shard-00001.h5: missing" in problems
+    assert "val/shard-00099.h5: shard not in the manifest" in problems
+    with pytest.raises(DinoprobeError, match="failed verification"):
+        cache.load(tmp_path / "c", "train")
+    proc = run_cli("cache", "verify", tmp_path / "c")
+    assert_clean_error(proc, "problem")
+    assert proc.stderr.count("problem:") == 4
+
+
+def test_manifest_edited_to_another_row_count_is_caught(backbone, tmp_path):
+    root = make_folder(tmp_path / "d", per_class=3)
+    _extract(backbone, root, tmp_path / "c")
+    manifest = cache.read_manifest(tmp_path / "c")
+    manifest["splits"]["train"]["shards"][0]["rows"] = 4
+    cache.write_json_atomic(tmp_path / "c" / "manifest.json", manifest)
+    assert any("row counts" in p for p in cache.verify(tmp_path / "c"))
+
+
+def test_second_writer_is_refused_and_stale_lock_recovered(tmp_path):
+    (tmp_path / "c").mkdir()
+    with cache.CacheLock(tmp_path / "c"):
+        lock = (tmp_path / "c" / ".lock").read_text()
+        assert lock == str(os.getpid())
+        child = subprocess.run([sys.executable, "-c", "import sys; from dinoprobe.cache import CacheLock\n"
+                                f"with CacheLock({str(tmp_path / 'c')!r}): pass"], capture_output=True, text=True)
+        assert child.returncode != 0 and f"pid {os.getpid()}" in child.stderr
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "c" / ".lock").write_text(str(dead.pid))
+    with cache.CacheLock(tmp_path / "c"):
+        pass
+    assert not (tmp_path / "c" / ".lock").exists()
+
+
+def _features_cmd(root, cache_dir):
+    return [sys.executable, "-m", "dinoprobe", "features", "--data", str(root), "--weights", "random",
+            "--image-size", str(SIZE), "--cache", str(cache_dir), "--batch-size", "2", "--workers", "0",
+            "--shard-size", "4", "--dtype", "float32"]
+
+
+def _rows(cache_dir):
+    out = {}
+    for split in ("train", "val"):
+        data = cache.load(cache_dir, split, features=("cls", "patch_mean"))
+        order = np.argsort(data["index"])
+        out[split] = {k: data[k][order] for k in ("cls", "patch_mean", "index", "label")}
+    return out
+
+
+def kill_during_extraction(root, cache_dir, after_shards: int, timeout=120) -> bool:
+    """Start `features`, SIGKILL it once `after_shards` shards are recorded; True if it was killed mid-run."""
+    proc = subprocess.Popen(_features_cmd(root, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO)
+    deadline = time.time() + timeout
+    manifest_path = cache_dir / "manifest.json"
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if sum(len(s["shards"]) for s in manifest["splits"].values()) >= after_shards:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    proc.wait()
+    return False
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_exactly_the_uninterrupted_rows(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=12)
+    subprocess.run(_features_cmd(root, tmp_path / "clean"), check=True, capture_output=True, cwd=REPO)
+    assert kill_during_extraction(root, tmp_path / "crash", after_shards=2)
+    assert cache.verify(tmp_path / "crash") != []  # incomplete, and says so
+    subprocess.run(_features_cmd(root, tmp_path / "crash"), check=True, capture_output=True, cwd=REPO)
+    assert cache.verify(tmp_path / "crash") == []
+    clean, resumed = _rows(tmp_path / "clean"), _rows(tmp_path / "crash")
+    for split in clean:
+        for key in clean[split]:
+            np.testing.assert_array_equal(clean[split][key], resumed[split][key])
+
+
+@pytest.mark.slow
+def test_features_end_to_end_on_real_jpegs(hymenoptera, tmp_path):
+    proc = run_cli("features", "--data", hymenoptera, "--weights", "random", "--image-size", SIZE,
+                   "--cache", tmp_path / "c", "--batch-size", 8, check=True)
+    assert "train 50, val 20 rows; 0 skipped" in proc.stdout
+    assert "RANDOM weights" in proc.stderr
+    assert run_cli("cache", "verify", tmp_path / "c", check=True).stdout.startswith("ok:")
+    manifest = cache.read_manifest(tmp_path / "c")
+    assert manifest["fingerprint"]["weights"]["source"] == "random"
+    assert manifest["fingerprint"]["data"]["file_list_sha256"]
+
+
+def test_features_cli_errors(tmp_path):
+    assert_clean_error(run_cli("features", "--data", tmp_path / "nope", "--weights", "random"), "not a folder")
+    root = make_folder(tmp_path / "d", per_class=2)
+    assert_clean_error(run_cli("features", "--data", root, "--model", "resnet_nope"), "unknown model")
+    (tmp_path / "w.pth").write_bytes(b"\x80garbage")
+    assert_clean_error(run_cli("features", "--data", root, "--weights", tmp_path / "w.pth"), "cannot read weights")
+    proc = run_cli("features", "--data", root, "--batch-size", 0)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -1,0 +1,124 @@
+"""Sources, splits, decoding of odd images, and the evaluation transform against timm's."""
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from conftest import make_folder, write_image
+from dinoprobe.data import (ImageFileDataset, Preprocess, SkippedInput, carve_val, load_rgb, open_source,
+                            worker_transform)
+from dinoprobe.errors import DinoprobeError
+
+
+def test_transform_equals_timms_eval_transform(backbone, hymenoptera):
+    cfg = backbone.data_config
+    reference = timm.data.create_transform(input_size=(3, cfg.image_size, cfg.image_size), interpolation=cfg.interpolation,
+                                           mean=cfg.mean, std=cfg.std, crop_pct=cfg.crop_pct, is_training=False)
+    path = sorted((hymenoptera / "train" / "ants").iterdir())[0]
+    ours = Preprocess(cfg)(worker_transform(cfg)(load_rgb(str(path)))[None])[0]
+    torch.testing.assert_close(ours, reference(Image.open(path).convert("RGB")), atol=1e-5, rtol=0)
+
+
+def test_small_arrays_are_resized_in_batches_like_a_tensor_resize(backbone):
+    from torchvision.transforms.v2 import functional as TF
+
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    cfg = backbone.data_config
+    expected = TF.resize(pixels.float(), [cfg.image_size] * 2, interpolation=TF.InterpolationMode.BICUBIC,
+                         antialias=True).clamp(0, 255)
+    expected = (expected / 255 - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(Preprocess(cfg)(pixels), expected, atol=1e-4, rtol=0)
+
+
+def test_folder_layout_classes_and_order(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=3)
+    source = open_source(str(root))
+    assert source.classes == ["cat", "dog"]
+    assert [label for _, label in source.splits["train"]] == [0, 0, 0, 1, 1, 1]
+    assert source.val_split is None
+
+
+def test_classes_must_agree_across_splits(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=2)
+    write_image(root / "val" / "bird" / "x.png", 1)
+    with pytest.raises(DinoprobeError, match=r"only in val/: \['bird'\]"):
+        open_source(str(root))
+
+
+def test_missing_val_is_carved_stratified_and_reproducibly(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=10, splits=("train",))
+    a, b = open_source(str(root), val_fraction=0.2), open_source(str(root), val_fraction=0.2)
+    assert a.splits == b.splits
+    assert sorted(label for _, label in a.splits["val"]) == [0, 0, 1, 1]
+    assert len(a.splits["train"]) == 16
+    assert not set(a.splits["train"]) & set(a.splits["val"])
+    assert a.val_split == {"from": "train", "fraction": 0.2, "seed": 0, "stratified": True}
+
+
+def test_val_carving_refuses_impossible_fractions():
+    with pytest.raises(DinoprobeError, match="val-fraction"):
+        carve_val([("a", 0)] * 4, 1.5, 0)
+
+
+def test_missing_data_and_missing_train_are_clear(tmp_path):
+    with pytest.raises(DinoprobeError, match="not a folder"):
+        open_source(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DinoprobeError, match="no train/ folder"):
+        open_source(str(tmp_path / "empty"))
+
+
+def test_cifar_offline_without_files_is_a_clear_error(tmp_path):
+    with pytest.raises(DinoprobeError, match="cifar10 is not in"):
+        open_source("cifar10", str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA"])
+def test_odd_image_modes_become_rgb(tmp_path, mode):
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    if mode == "I;16":
+        Image.fromarray(np.full((8, 8), 65535 // 2, dtype=np.uint16)).save(path)
+    elif mode == "P":
+        image = Image.new("P", (8, 8), 3)
+        image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] * 64)
+        image.save(path, transparency=0)
+    else:
+        write_image(path, 0, (8, 8), mode)
+    image = load_rgb(str(path))
+    assert image.mode == "RGB" and image.size == (8, 8)
+    if mode == "I;16":  # rescaled, not clipped to white
+        assert 120 <= np.asarray(image)[0, 0, 0] <= 135
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (20, 10), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° on display
+    image.save(tmp_path / "r.jpg", exif=exif)
+    assert load_rgb(str(tmp_path / "r.jpg")).size == (10, 20)
+
+
+def test_bad_files_are_skipped_with_a_reason(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    write_image(tmp_path / "good.jpg", 0, (64, 64))
+    data = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    reasons = {}
+    for name in ("empty.jpg", "text.jpg", "truncated.jpg"):
+        with pytest.raises(SkippedInput) as err:
+            load_rgb(str(tmp_path / name))
+        reasons[name] = str(err.value)
+    assert "0 bytes" in reasons["empty.jpg"] and "truncated" in reasons["truncated.jpg"].lower()
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")
+    with pytest.raises(SkippedInput, match="pixel guard"):
+        load_rgb(str(tmp_path / "big.png"), max_pixels=300 * 299)
+
+
+def test_dataset_returns_a_reason_instead_of_raising(tmp_path, backbone):
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    write_image(tmp_path / "ok.png", 1)
+    ds = ImageFileDataset([(str(tmp_path / "bad.jpg"), 0), (str(tmp_path / "ok.png"), 1)], backbone.data_config)
+    assert ds[0][0] is None and "0 bytes" in ds[0][3]
+    assert ds[1][0].shape == (3, 32, 32) and ds[1][0].dtype == torch.uint8
