@@ -111,6 +111,7 @@ def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             model = create_model(model_name, image_size)
+        _unit_layer_scale(model)
         info = WeightsInfo("random", f"seed={RANDOM_SEED}", _state_dict_sha256(model.state_dict()))
         log(f"WARNING: --weights random: {model_name} with RANDOM weights (seed {RANDOM_SEED}). "
             "Features are only good for testing the pipeline.")
@@ -118,6 +119,16 @@ def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_
         model = create_model(model_name, image_size)
         info = load_hub_weights(model, model_name) if weights == "hub" else load_weights_from_path(model, weights)
     return Backbone(model, model_name, info, resolve_data_config(model, image_size))
+
+
+def _unit_layer_scale(model: nn.Module) -> None:
+    """timm initialises DINOv3's layer scale at 1e-5, which makes a random network's CLS token almost the same
+    for every image (spread ~1e-5). Unit layer scale makes random features depend on the input, so offline
+    tests and demos exercise the whole pipeline."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2", "ls1.gamma", "ls2.gamma")):
+                param.fill_(1.0)
 
 
 # -------------------------------------------------------------------------------------------- hub weights

@@ -151,5 +151,102 @@ def cache_verify(cache_dir):
     click.echo(f"ok: {cache_dir} ({manifest['fingerprint']['model']}, {len(manifest['classes'])} classes; {rows} rows)")
 
 
+# ------------------------------------------------------------------------------------------------------ probe
+def _print_metrics(metrics: dict, out) -> None:
+    for split in ("val", "test"):
+        if split in metrics:
+            m = metrics[split]
+            top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
+            click.echo(f"{split}: top-1 {m['top1']:.4f}{top5}, balanced {m['balanced_accuracy']:.4f} (n={m['n']})")
+    click.echo(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; run saved to {out}")
+
+
+@main.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path(), help="Feature cache from `dinoprobe features`")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write")
+@click.option("--feature", type=click.Choice(["cls", "patch_mean", "cls+patch_mean"]), default="cls", show_default=True)
+@click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default="none", show_default=True,
+              help="Feature normalisation (statistics from train, stored with the head)")
+@click.option("--head", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)
+@click.option("--hidden", type=POSITIVE_INT, default=256, show_default=True, help="MLP hidden width")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True, help="SGD only")
+@click.option("--batch-size", type=POSITIVE_INT, default=256, show_default=True)
+@click.option("--epochs", type=POSITIVE_INT, default=100, show_default=True)
+@click.option("--warmup-epochs", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--patience", type=POSITIVE_INT, default=None, help="Stop after this many epochs without a better val accuracy")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def probe(cache_dir, out, device, **options):
+    """Train a linear or MLP head on cached features, keep the best on val, report test."""
+    from dinoprobe.probe import run_probe
+    from dinoprobe.train import TrainConfig
+
+    cfg = TrainConfig(**options)
+    metrics = run_probe(cache_dir, out, cfg, device=device)
+    _print_metrics(metrics, out)
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+@main.command()
+@click.option("--head", "head_path", required=True, type=click.Path(), help="RUN_DIR/head.pt (or RUN_DIR)")
+@click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head file]")
+@click.option("--allow-weights-mismatch", is_flag=True, help="Use weights whose sha256 differs from training's")
+@click.option("--topk", type=POSITIVE_INT, default=5, show_default=True)
+@click.option("--batch-size", type=POSITIVE_INT, default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+def predict(head_path, weights, allow_weights_mismatch, topk, batch_size, workers, device, fmt, paths):
+    """Top-k labels for image files and folders (recursively) with a trained head."""
+    from dinoprobe.predict import backbone_for_head, predict as run_predict
+    from dinoprobe.runs import load_head_file
+
+    head_file = load_head_file(head_path)
+    backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
+    results, errors = run_predict(head_file, backbone, paths, topk, batch_size, workers, device)
+    for path, reason in errors:
+        _echo_err(f"skipped {path}: {reason}")
+    if fmt == "json":
+        click.echo(json.dumps(results, indent=1, ensure_ascii=False))
+    elif fmt == "csv":
+        import csv
+
+        k = max((len(r["labels"]) for r in results), default=topk)
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "probability")])
+        for r in results:
+            writer.writerow([r["path"]] + [v for pair in zip(r["labels"], r["probabilities"]) for v in pair])
+    else:
+        width = max((len(r["path"]) for r in results), default=4)
+        for r in results:
+            labels = "  ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"]))
+            click.echo(f"{r['path']:<{width}}  {labels}")
+    if not results and errors:
+        raise DinoprobeError("no input could be read")
+
+
+@main.command()
+@click.option("--head", "head_path", required=True, type=click.Path(), help="RUN_DIR/head.pt (or RUN_DIR)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write, e.g. model.pt")
+@click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head file]")
+@click.option("--allow-weights-mismatch", is_flag=True)
+def export(head_path, out, weights, allow_weights_mismatch):
+    """Write backbone + head as one self-contained file (weights_only-loadable)."""
+    from dinoprobe.predict import backbone_for_head, export as run_export
+    from dinoprobe.runs import load_head_file
+
+    head_file = load_head_file(head_path)
+    backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
+    path = run_export(head_file, backbone, out)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); load with "
+               "dinoprobe.predict.load_exported(path)")
+
+
 if __name__ == "__main__":
     main()

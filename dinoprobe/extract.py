@@ -1,7 +1,6 @@
 """The single pass: frozen backbone over every split, features into the cache, resumable shard by shard."""
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
@@ -20,27 +19,8 @@ from dinoprobe.backbone import Backbone
 from dinoprobe.cache import (CacheLock, fingerprint_differences, new_manifest, now, read_manifest, write_json_atomic,
                              write_shard, MANIFEST)
 from dinoprobe.data import DEFAULT_MAX_PIXELS, DataSource, Preprocess, collate
+from dinoprobe.device import autocast, resolve_device, resolve_precision
 from dinoprobe.errors import DinoprobeError
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DinoprobeError("--device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precision: str) -> dict:

@@ -68,3 +68,28 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
     assert len(error_lines) == 1, proc.stderr
     for needle in needles:
         assert needle.lower() in error_lines[0].lower(), error_lines[0]
+
+
+def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes=6, separation=0.4, seed=0,
+                         splits=("train", "val", "test")) -> Path:
+    """A cache of Gaussian class clusters: separable but not trivially (a few % of errors), written through
+    the real shard writer so readers see exactly what `features` produces."""
+    from dinoprobe import cache
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, separation, (num_classes, dim))
+    fingerprint = {"model": MODEL, "weights": {"source": "random", "sha256": "synthetic"},
+                   "transform": {"image_size": SIZE}, "dtype": "float32", "data": {"kind": "synthetic"}}
+    counts = dict(zip(splits, n))
+    manifest = cache.new_manifest(fingerprint, [f"class_{i}" for i in range(num_classes)], counts, shard_size=10**9,
+                                  extra={"feature_dim": dim, "features": ["cls", "patch_mean"]})
+    for split, count in counts.items():
+        labels = rng.integers(0, num_classes, count)
+        x = centres[labels] + rng.normal(0, 1.0, (count, dim))
+        rows = {"cls": x.astype(np.float32), "patch_mean": (x + rng.normal(0, 1.0, x.shape)).astype(np.float32),
+                "label": labels, "index": np.arange(count), "path": [f"synthetic:{split}:{i}" for i in range(count)]}
+        entry = cache.write_shard(cache_dir, split, 0, 0, count, rows, "float32", [])
+        manifest["splits"][split]["shards"].append(entry)
+        manifest["splits"][split]["complete"] = True
+    cache.write_json_atomic(cache_dir / "manifest.json", manifest)
+    return cache_dir

@@ -1,0 +1,29 @@
+"""Device and precision choices shared by extraction, training and prediction."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from dinoprobe.errors import DinoprobeError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DinoprobeError("--device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA (tensor cores), fp32 on CPU (bf16 matmuls are slower on most CPUs)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -1,0 +1,70 @@
+"""Classification heads over frozen features, and the feature normalisation stored with them."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from dinoprobe.errors import DinoprobeError
+
+HEAD_KINDS = ("linear", "mlp")
+NORMALIZATIONS = ("none", "standardize", "l2")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    kind: str  # linear | mlp
+    in_dim: int
+    num_classes: int
+    hidden: int = 256  # the original script's MLP: D -> 256 -> ReLU -> Dropout(0.1) -> C
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise DinoprobeError(f"unknown head '{self.kind}'; choose one of {', '.join(HEAD_KINDS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_head(spec: HeadSpec) -> nn.Sequential:
+    """nn.Sequential so the state-dict keys (0.weight, 3.weight) match the original script's classifier."""
+    if spec.kind == "linear":
+        return nn.Sequential(nn.Linear(spec.in_dim, spec.num_classes))
+    return nn.Sequential(nn.Linear(spec.in_dim, spec.hidden), nn.ReLU(), nn.Dropout(spec.dropout),
+                         nn.Linear(spec.hidden, spec.num_classes))
+
+
+class Normalizer(nn.Module):
+    """Feature normalisation with statistics from the training split only."""
+
+    def __init__(self, kind: str = "none", mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        super().__init__()
+        if kind not in NORMALIZATIONS:
+            raise DinoprobeError(f"unknown normalisation '{kind}'; choose one of {', '.join(NORMALIZATIONS)}")
+        self.kind = kind
+        self.register_buffer("mean", mean if mean is not None else torch.zeros(0))
+        self.register_buffer("std", std if std is not None else torch.zeros(0))
+
+    @classmethod
+    def fit(cls, kind: str, train: torch.Tensor) -> "Normalizer":
+        if kind == "standardize":
+            return cls(kind, train.mean(0), train.std(0).clamp_min(1e-6))
+        return cls(kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "standardize":
+            return (x - self.mean) / self.std
+        if self.kind == "l2":
+            return nn.functional.normalize(x, dim=-1)
+        return x
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "mean": self.mean.detach().cpu(), "std": self.std.detach().cpu()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalizer":
+        mean, std = d.get("mean"), d.get("std")
+        return cls(d["kind"], mean if mean is not None and mean.numel() else None,
+                   std if std is not None and std.numel() else None)
