@@ -248,5 +248,191 @@ def export(head_path, out, weights, allow_weights_mismatch):
                "dinoprobe.predict.load_exported(path)")
 
 
+# ------------------------------------------------------------------------------------------------------ sweep
+def _comma_list(kind, choices=None, check=None, what=""):
+    """A click callback parsing `a,b,c` into a validated list (usage error, exit 2, on a bad value)."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            raise click.BadParameter("empty list")
+        try:
+            parsed = [kind(v) for v in items]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}s") from None
+        for v in parsed:
+            if choices and v not in choices:
+                raise click.BadParameter(f"{v!r} is not one of {', '.join(choices)}")
+            if check and not check(v):
+                raise click.BadParameter(f"{v!r} is out of range ({what})")
+        return parsed
+    return callback
+
+
+def _size(value: str | None) -> int | None:
+    if value is None:
+        return None
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
+    text = value.strip().lower()
+    number = text.rstrip("kmgb")
+    try:
+        return int(float(number) * units[text[len(number):]])
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{value!r} is not a size like 512MB or 4GB") from None
+
+
+@main.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep directory to write")
+@click.option("--preset", type=click.Choice(["dinov3-linear"]), default=None,
+              help="DINOv3 linear eval: 13 lrs 1e-5..0.1 x batch/256, SGD momentum 0.9, cosine, linear head")
+@click.option("--head", callback=_comma_list(str, ("linear", "mlp")), help="e.g. linear,mlp")
+@click.option("--lr", callback=_comma_list(float, check=lambda v: v > 0, what="> 0"), help="e.g. 1e-4,1e-3,1e-2")
+@click.option("--weight-decay", callback=_comma_list(float, check=lambda v: v >= 0, what=">= 0"))
+@click.option("--hidden", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"))
+@click.option("--dropout", callback=_comma_list(float, check=lambda v: 0 <= v < 1, what="[0, 1)"))
+@click.option("--optimizer", callback=_comma_list(str, ("adam", "adamw", "sgd")))
+@click.option("--label-smoothing", callback=_comma_list(float, check=lambda v: 0 <= v < 1, what="[0, 1)"))
+@click.option("--feature", callback=_comma_list(str, ("cls", "patch_mean", "cls+patch_mean")))
+@click.option("--normalize", callback=_comma_list(str, ("none", "standardize", "l2")))
+@click.option("--epochs", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"))
+@click.option("--batch-size", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"))
+@click.option("--seed", callback=_comma_list(int, check=lambda v: v >= 0, what=">= 0"))
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
+@click.option("--warmup-epochs", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--patience", type=POSITIVE_INT, default=None)
+@click.option("--max-memory", default=None, help="Budget for one batched group, e.g. 2GB (split the grid to fit)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--top", type=POSITIVE_INT, default=10, show_default=True, help="Rows of the table printed at the end")
+def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, max_memory, device, top, **grid_options):
+    """Train a grid of heads side by side (one batched model per group) and keep the best on val."""
+    from dinoprobe.device import resolve_device
+    from dinoprobe.heads import build_head
+    from dinoprobe.runs import write_run
+    from dinoprobe.sweep import (dinov3_linear_grid, expand_grid, plot_sweep, results_table, run_sweep,
+                                 write_results)
+    from dinoprobe.tensors import load_feature_splits
+    from dinoprobe.train import TrainConfig
+
+    grid = {k: v for k, v in grid_options.items() if v is not None}
+    if preset == "dinov3-linear":
+        sizes = grid.get("batch_size", [TrainConfig.batch_size])
+        if len(sizes) != 1:
+            raise click.BadParameter("--preset dinov3-linear scales lr by one batch size; give a single --batch-size")
+        grid = {**dinov3_linear_grid(sizes[0]), **{k: v for k, v in grid.items() if k != "lr"}}
+    configs = expand_grid(grid, TrainConfig(momentum=momentum, warmup_epochs=warmup_epochs, patience=patience))
+    dev = resolve_device(device)
+    loaded = {}
+
+    def data_for(feature):
+        if feature not in loaded:
+            loaded[feature] = load_feature_splits(cache_dir, feature, dev)
+        return loaded[feature]
+
+    outcomes = run_sweep(configs, data_for, _size(max_memory))
+    rows = results_table(outcomes)
+    out = Path(out)
+    write_results(out, rows)
+    plot_sweep(rows, out / "sweep.png")
+    best = max(outcomes, key=lambda o: (o.result.best_val_acc, -outcomes.index(o)))
+    data = data_for(best.config.feature)
+    spec = best.config.head_spec(data.dim, data.num_classes)
+    head = build_head(spec, best.config.seed).to(dev)
+    head.load_state_dict(best.result.best_state)
+    metrics = write_run(out / "best", head.eval(), spec, best.normalizer, data, best.result, best.config.to_dict(),
+                        {"cache": str(cache_dir), "sweep": str(out)})
+    varying = [k for k in ("head", "lr", "weight_decay", "hidden", "dropout", "optimizer", "label_smoothing",
+                           "feature", "normalize", "epochs", "batch_size", "seed") if len({r[k] for r in rows}) > 1]
+    columns = varying + ["best_epoch", "val_top1"]
+    click.echo("  ".join(f"{c:>12}" for c in columns))
+    for row in rows[:top]:
+        click.echo("  ".join(f"{row[c]:>12.4g}" if isinstance(row[c], float) else f"{str(row[c]):>12}"
+                             for c in columns))
+    seconds = sum({r["group"]: r["group_seconds"] for r in rows}.values())
+    click.echo(f"{len(rows)} configs trained in {seconds:.1f} s; results in {out}/results.csv, plot {out}/sweep.png")
+    _print_metrics(metrics, out / "best")
+
+
+# -------------------------------------------------------------------------------------------------- baselines
+@main.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--feature", type=click.Choice(["cls", "patch_mean", "cls+patch_mean"]), default="cls", show_default=True)
+@click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default="standardize",
+              show_default=True)
+@click.option("--c-grid", callback=_comma_list(float, check=lambda v: v > 0, what="> 0"), default=None,
+              help="Comma list of C values [default: 10**linspace(-6, 5, 45)]")
+@click.option("--solver", type=click.Choice(["torch", "sklearn"]), default="torch", show_default=True,
+              help="torch: batched L-BFGS over all C at once; sklearn: the reference, one fit per C")
+@click.option("--max-iter", type=POSITIVE_INT, default=1000, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def logreg(cache_dir, out, feature, normalize, c_grid, solver, max_iter, device):
+    """DINOv3's logistic-regression protocol: C chosen on val, refit on train+val, scored on test."""
+    import time
+
+    from dinoprobe.baselines import DEFAULT_C_GRID, logreg_protocol
+    from dinoprobe.device import resolve_device
+    from dinoprobe.heads import HeadSpec, build_head
+    from dinoprobe.metrics import classification_metrics
+    from dinoprobe.runs import head_payload, save_run
+    from dinoprobe.tensors import load_feature_splits
+
+    data = load_feature_splits(cache_dir, feature, resolve_device(device), require_val=False)
+    start = time.perf_counter()
+    fit = logreg_protocol(data, tuple(c_grid or DEFAULT_C_GRID), solver, normalize, max_iter)
+    seconds = time.perf_counter() - start
+    spec = HeadSpec("linear", data.dim, data.num_classes)
+    head = build_head(spec)
+    head.load_state_dict({"0.weight": fit["weight"].cpu(), "0.bias": fit["bias"].cpu()})
+    norm = fit["normalizer"].cpu()
+    metrics = {}
+    if "val" in data.x:  # the train-only model at the chosen C (the refit has seen val)
+        val_logits = norm(data.x["val"].cpu()) @ fit["val_weight"].cpu().t() + fit["val_bias"].cpu()
+        metrics["val"] = classification_metrics(val_logits, data.y["val"], data.classes)
+    if "test" in data.x:
+        metrics["test"] = classification_metrics(head(norm(data.x["test"].cpu())), data.y["test"], data.classes)
+    metrics.update({"best_c": fit["best_c"], "c_grid": fit["c_grid"], "val_accuracy_per_c": fit["val_accuracy_per_c"]})
+    config = {"method": "logreg", "feature": feature, "normalize": normalize, "solver": solver, "max_iter": max_iter}
+    save_run(Path(out), metrics, data, config, head_payload(head, spec, norm, data, config),
+             {"fit_seconds": round(seconds, 3)})
+    click.echo(f"best C {fit['best_c']:.3g} (val top-1 {fit['best_val_top1']:.4f} of {len(fit['c_grid'])} values) in "
+               f"{seconds:.1f} s")
+    for split in ("val", "test"):
+        if split in metrics:
+            click.echo(f"{split}: top-1 {metrics[split]['top1']:.4f}, balanced {metrics[split]['balanced_accuracy']:.4f}")
+    click.echo(f"run saved to {out} (head.pt is a linear head usable by predict)")
+
+
+@main.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--feature", type=click.Choice(["cls", "patch_mean", "cls+patch_mean"]), default="cls", show_default=True)
+@click.option("--k", "ks", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"), default="10,20,100,200",
+              show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.07, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def knn(cache_dir, out, feature, ks, temperature, device):
+    """Weighted k-NN on L2-normalised features (DINO's protocol); k chosen on val."""
+    from dinoprobe.baselines import knn_scores
+    from dinoprobe.device import resolve_device
+    from dinoprobe.metrics import classification_metrics
+    from dinoprobe.runs import save_run
+    from dinoprobe.tensors import load_feature_splits
+
+    data = load_feature_splits(cache_dir, feature, resolve_device(device))
+    scores = {split: knn_scores(data.x["train"], data.y["train"], data.x[split], data.num_classes, ks, temperature)
+              for split in ("val", "test") if split in data.x}
+    per_k = {split: {k: (s.argmax(1) == data.y[split].cpu()).sum().item() / len(s) for k, s in by_k.items()}
+             for split, by_k in scores.items()}
+    best_k = max(per_k["val"], key=lambda k: (per_k["val"][k], -k))
+    metrics = {split: classification_metrics(by_k[best_k], data.y[split], data.classes) for split, by_k in scores.items()}
+    metrics.update({"k": best_k, "temperature": temperature, "top1_per_k": per_k})
+    save_run(Path(out), metrics, data, {"method": "knn", "feature": feature, "k": list(ks), "temperature": temperature})
+    for split, accs in per_k.items():
+        click.echo(f"{split}: " + ", ".join(f"k={k} {a:.4f}" for k, a in accs.items()))
+    click.echo(f"chosen k={best_k}; run saved to {out}")
+
+
 if __name__ == "__main__":
     main()

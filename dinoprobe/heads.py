@@ -28,11 +28,31 @@ class HeadSpec:
         return asdict(self)
 
 
-def build_head(spec: HeadSpec) -> nn.Sequential:
+class SeededDropout(nn.Module):
+    """Dropout drawing its masks from the head's own generator instead of the global RNG, so a head trained alone
+    (`probe`) and the same head trained side by side with others (`sweep`) see identical masks."""
+
+    def __init__(self, p: float, seed: int = 0):
+        super().__init__()
+        self.p, self.seed = float(p), int(seed)
+        self.generator: torch.Generator | None = None
+
+    def mask(self, shape, device) -> torch.Tensor:
+        if self.generator is None or self.generator.device != torch.device(device):
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return (torch.rand(shape, generator=self.generator, device=device) >= self.p).float() / (1.0 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * self.mask(x.shape, x.device)
+
+
+def build_head(spec: HeadSpec, seed: int = 0) -> nn.Sequential:
     """nn.Sequential so the state-dict keys (0.weight, 3.weight) match the original script's classifier."""
     if spec.kind == "linear":
         return nn.Sequential(nn.Linear(spec.in_dim, spec.num_classes))
-    return nn.Sequential(nn.Linear(spec.in_dim, spec.hidden), nn.ReLU(), nn.Dropout(spec.dropout),
+    return nn.Sequential(nn.Linear(spec.in_dim, spec.hidden), nn.ReLU(), SeededDropout(spec.dropout, seed),
                          nn.Linear(spec.hidden, spec.num_classes))
 
 

@@ -35,7 +35,7 @@ def train_backbone_in_loop(backbone: Backbone, train: list[tuple[str, int]], val
                                              generator=torch.Generator())  # never draw from the global RNG
     in_dim = backbone.feature_dim * len(cfg.feature.split("+"))
     torch.manual_seed(cfg.seed)
-    head = build_head(cfg.head_spec(in_dim, num_classes))
+    head = build_head(cfg.head_spec(in_dim, num_classes), cfg.seed)
     optimizer = make_optimizer(head.parameters(), cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     scheduler = make_scheduler(optimizer, cfg, -(-len(train) // cfg.batch_size))

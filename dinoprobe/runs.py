@@ -95,22 +95,30 @@ def evaluate_splits(head: nn.Module, normalizer: Normalizer, data: FeatureSplits
 def write_run(out: Path, head: nn.Module, spec: HeadSpec, normalizer: Normalizer, data: FeatureSplits,
               result: TrainResult, train_config: dict, extra_run_info: dict | None = None) -> dict:
     """Evaluate the chosen head and leave every artefact of the run in `out`; returns metrics.json's content."""
-    out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_splits(head, normalizer, data)
     # deterministic for a given seed on CPU (wall time lives in run.json), so runs can be diffed
     metrics.update({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
-    torch.save(head_payload(head, spec, normalizer, data, train_config), out / "head.pt")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    run_info = {"train_config": train_config, "cache_fingerprint": data.manifest["fingerprint"],
-                "train_seconds": round(result.seconds, 3), "dinoprobe_version": __version__, **(extra_run_info or {})}
-    (out / "run.json").write_text(json.dumps(run_info, indent=1))
+    save_run(out, metrics, data, train_config, head_payload(head, spec, normalizer, data, train_config),
+             {"train_seconds": round(result.seconds, 3), **(extra_run_info or {})})
     write_history(out / "history.csv", result.history)
     if result.history:
         plot_curves(result.history, out / "curves.png", result.best_epoch)
+    return metrics
+
+
+def save_run(out: Path, metrics: dict, data: FeatureSplits, config: dict, head: dict | None = None,
+             run_info: dict | None = None) -> None:
+    """metrics.json, run.json, confusion.png, and head.pt when there is a head (k-NN has none)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if head is not None:
+        torch.save(head, out / "head.pt")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    info = {"config": config, "cache_fingerprint": data.manifest["fingerprint"], "dinoprobe_version": __version__,
+            **(run_info or {})}
+    (out / "run.json").write_text(json.dumps(info, indent=1))
     split = "test" if "test" in metrics else "val"
     plot_confusion(metrics[split]["confusion_matrix"], data.classes, out / "confusion.png",
                    f"{split} confusion (top-1 {metrics[split]['top1']:.3f})")
-    return metrics
 
 
 def write_history(path: Path, history: list[dict]) -> None:

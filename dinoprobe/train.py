@@ -115,8 +115,8 @@ def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True,
     device = data.x["train"].device
     x_train, y_train, x_val, y_val = data.x["train"], data.y["train"], data.x["val"], data.y["val"]
     normalizer = Normalizer.fit(cfg.normalize, x_train).to(device)
-    torch.manual_seed(cfg.seed)  # head init and dropout
-    head = build_head(cfg.head_spec(data.dim, data.num_classes)).to(device)
+    torch.manual_seed(cfg.seed)  # head init (dropout has its own generator)
+    head = build_head(cfg.head_spec(data.dim, data.num_classes), cfg.seed).to(device)
     optimizer = make_optimizer(head.parameters(), cfg)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of everything else
     steps_per_epoch = -(-len(x_train) // cfg.batch_size)

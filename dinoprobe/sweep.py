@@ -1,0 +1,296 @@
+"""A grid of heads trained side by side, the way DINOv3's AllClassifiers trains its linear heads.
+
+Configurations that share the data stream (feature, normalisation, batch size, epochs, warm-up, seed -> the
+same mini-batches) and the head shape form one batched model: every mini-batch goes through all of their heads
+in one matmul (first layers concatenated, second layers `bmm`). Each head keeps its own parameters, torch
+optimiser state, learning rate, schedule, dropout generator, best-on-val epoch and early stop, so it trains
+exactly as it would alone in `probe`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.heads import Normalizer, build_head
+from dinoprobe.train import TrainConfig, TrainResult, batch_order, make_optimizer, make_scheduler
+
+GRID_FIELDS = ("head", "lr", "weight_decay", "hidden", "dropout", "optimizer", "label_smoothing", "feature",
+               "normalize", "epochs", "batch_size", "seed")
+# DINOv3's linear evaluation: 13 learning rates, SGD with momentum 0.9, cosine schedule, lr scaled by batch/256
+DINOV3_LINEAR_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+
+
+def expand_grid(grid: dict[str, list], base: TrainConfig | None = None) -> list[TrainConfig]:
+    """The product of the option lists, in order; a linear head ignores hidden/dropout, so duplicates collapse."""
+    base = base or TrainConfig()
+    unknown = set(grid) - set(GRID_FIELDS)
+    if unknown:
+        raise DinoprobeError(f"unknown grid options {sorted(unknown)}; grid options are {', '.join(GRID_FIELDS)}")
+    keys = list(grid)
+    configs, seen = [], set()
+    for values in itertools.product(*(grid[k] for k in keys)):
+        cfg = replace(base, **dict(zip(keys, values)))
+        if cfg.head == "linear":
+            cfg = replace(cfg, hidden=base.hidden, dropout=base.dropout)
+        if cfg not in seen:
+            seen.add(cfg)
+            configs.append(cfg)
+    return configs
+
+
+def dinov3_linear_grid(batch_size: int) -> dict[str, list]:
+    return {"head": ["linear"], "optimizer": ["sgd"], "lr": [lr * batch_size / 256 for lr in DINOV3_LINEAR_LRS]}
+
+
+def stream_key(cfg: TrainConfig) -> tuple:
+    """Configs with the same key see the same features in the same mini-batch order."""
+    return (cfg.feature, cfg.normalize, cfg.batch_size, cfg.epochs, cfg.warmup_epochs, cfg.seed)
+
+
+def shape_key(cfg: TrainConfig) -> tuple:
+    return (cfg.head, cfg.hidden if cfg.head == "mlp" else 0)
+
+
+def head_bytes(cfg: TrainConfig, dim: int, num_classes: int, n_val: int) -> int:
+    """Rough float32 footprint of one head in a batched group: weights, grads, two optimiser states, activations."""
+    width = cfg.hidden if cfg.head == "mlp" else 0
+    params = (dim * width + width + width * num_classes + num_classes) if width else dim * num_classes + num_classes
+    activations = cfg.batch_size * (width * 3 + num_classes * 3) + n_val * (width + num_classes)
+    return 4 * (4 * params + activations)
+
+
+def plan_groups(configs: list[TrainConfig], dim: int, num_classes: int, n_val: int,
+                max_memory: int | None) -> list[list[int]]:
+    """Indices of configs trained together: same stream and shape, split to fit the memory budget."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        buckets.setdefault((stream_key(cfg), shape_key(cfg)), []).append(i)
+    groups = []
+    for members in buckets.values():
+        chunk, used = [], 0
+        for i in members:
+            need = head_bytes(configs[i], dim, num_classes, n_val)
+            if chunk and max_memory and used + need > max_memory:
+                groups.append(chunk)
+                chunk, used = [], 0
+            chunk.append(i)
+            used += need
+        groups.append(chunk)
+    return groups
+
+
+@dataclass
+class SweepOutcome:
+    config: TrainConfig
+    result: TrainResult
+    group: int
+    group_size: int
+    group_seconds: float
+    normalizer: Normalizer = field(repr=False)
+
+
+class BatchedHeads(torch.nn.Module):
+    """N heads of one shape; forward gives (N, B, C). Parameters stay separate leaves (per-head optimiser groups)."""
+
+    def __init__(self, configs: list[TrainConfig], dim: int, num_classes: int, device):
+        super().__init__()
+        self.configs, self.kind = configs, configs[0].head
+        heads = []
+        for cfg in configs:  # exactly probe's initialisation for each seed
+            torch.manual_seed(cfg.seed)
+            heads.append(build_head(cfg.head_spec(dim, num_classes), cfg.seed).to(device))
+        self.heads = torch.nn.ModuleList(heads)
+        self.dropouts = [h[2] if self.kind == "mlp" else None for h in heads]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, b = len(self.heads), x.shape[0]
+        first = [h[0] for h in self.heads]
+        # one GEMM for every head's first layer: (B, D) @ (D, N*out)
+        w = torch.cat([layer.weight for layer in first]).t()
+        out = torch.addmm(torch.cat([layer.bias for layer in first]), x, w).view(b, n, -1).transpose(0, 1)
+        if self.kind == "linear":
+            return out
+        hidden = out.relu()
+        if self.training:
+            masks = torch.stack([d.mask(hidden.shape[1:], hidden.device) if d.p > 0
+                                 else torch.ones(hidden.shape[1:], device=hidden.device) for d in self.dropouts])
+            hidden = hidden * masks
+        w2 = torch.stack([h[3].weight for h in self.heads]).transpose(1, 2)  # (N, H, C)
+        b2 = torch.stack([h[3].bias for h in self.heads]).unsqueeze(1)
+        return torch.baddbmm(b2, hidden, w2)
+
+
+def _per_head_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with each head's own label smoothing (torch's formula), mean over the batch: (N,)."""
+    logp = F.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, target.expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(1)
+    uniform = -logp.mean(-1).mean(1)
+    return (1 - smoothing) * nll + smoothing * uniform
+
+
+def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_classes: int,
+                bar: tqdm | None = None) -> tuple[list[TrainResult], Normalizer]:
+    base = configs[0]
+    device = x_train.device
+    normalizer = Normalizer.fit(base.normalize, x_train).to(device)
+    model = BatchedHeads(configs, x_train.shape[1], num_classes, device)
+    # one torch optimiser per optimiser kind; one param group (own lr, wd, momentum) per head
+    optimizers, schedulers = [], []
+    for kind in sorted({c.optimizer for c in configs}):
+        groups = [{"params": list(model.heads[i].parameters()), "lr": c.lr, "weight_decay": c.weight_decay,
+                   **({"momentum": c.momentum} if kind == "sgd" else {})}
+                  for i, c in enumerate(configs) if c.optimizer == kind]
+        optimizer = make_optimizer(groups, replace(base, optimizer=kind))
+        optimizers.append(optimizer)
+    generator = torch.Generator().manual_seed(base.seed)
+    steps = -(-len(x_train) // base.batch_size)
+    schedulers = [make_scheduler(o, base, steps) for o in optimizers]
+    smoothing = torch.tensor([c.label_smoothing for c in configs], device=device)
+    n = len(configs)
+    results = [TrainResult(best_state={}, best_epoch=0, best_val_acc=-1.0) for _ in configs]
+    stale, active = [0] * n, [True] * n
+    start = time.perf_counter()
+    for epoch in range(1, base.epochs + 1):
+        model.train()
+        lrs = [model_lr(optimizers, model.heads[i]) for i in range(n)]
+        losses, correct = [], torch.zeros(n, device=device)
+        for idx in batch_order(len(x_train), base.batch_size, generator):
+            idx = idx.to(device, non_blocking=True)
+            logits = model(normalizer(x_train[idx]))
+            target = y_train[idx]
+            loss = _per_head_loss(logits, target, smoothing)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            loss.sum().backward()  # heads are independent: each gets the gradient of its own loss
+            for i in range(n):
+                if not active[i]:  # early-stopped heads stay frozen (torch optimisers skip grad=None)
+                    for p in model.heads[i].parameters():
+                        p.grad = None
+            for o, s in zip(optimizers, schedulers):
+                o.step()
+                s.step()
+            losses.append(loss.detach())
+            correct += (logits.argmax(-1) == target).sum(1)
+        epoch_losses = torch.stack(losses).cpu()  # (steps, N)
+        model.eval()
+        with torch.no_grad():
+            val_pred = torch.cat([model(normalizer(part)) for part in x_val.split(65536)], dim=1).argmax(-1)
+        val_hits = (val_pred == y_val).sum(1).tolist()
+        for i in range(n):
+            if not active[i]:
+                continue
+            val_acc = val_hits[i] / len(y_val)
+            res = results[i]
+            res.step_losses += epoch_losses[:, i].tolist()
+            res.history.append({"epoch": epoch, "lr": lrs[i], "train_loss": epoch_losses[:, i].mean().item(),
+                                "train_acc": correct[i].item() / len(x_train), "val_acc": val_acc})
+            if val_acc > res.best_val_acc:
+                res.best_val_acc, res.best_epoch, stale[i] = val_acc, epoch, 0
+                res.best_state = {k: v.detach().clone() for k, v in model.heads[i].state_dict().items()}
+            else:
+                stale[i] += 1
+            if configs[i].patience and stale[i] >= configs[i].patience:
+                active[i] = False
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(best_val=f"{max(r.best_val_acc for r in results):.4f}", heads=n)
+        if not any(active):
+            if bar is not None:
+                bar.update(base.epochs - epoch)
+            break
+    seconds = time.perf_counter() - start
+    for res in results:
+        res.seconds = seconds
+    return results, normalizer
+
+
+def model_lr(optimizers, head) -> float:
+    params = set(map(id, head.parameters()))
+    for o in optimizers:
+        for g in o.param_groups:
+            if id(g["params"][0]) in params:
+                return g["lr"]
+    raise AssertionError("head without optimiser group")
+
+
+def run_sweep(configs: list[TrainConfig], data_by_feature, max_memory: int | None = None,
+              progress: bool = True) -> list[SweepOutcome]:
+    """Train every config (grouped, batched); `data_by_feature(feature)` returns the FeatureSplits to use."""
+    outcomes: list[SweepOutcome | None] = [None] * len(configs)
+    by_feature: dict[str, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        by_feature.setdefault(cfg.feature, []).append(i)
+    plans = []
+    for feature, members in by_feature.items():
+        data = data_by_feature(feature)
+        sub = [configs[i] for i in members]
+        for group in plan_groups(sub, data.dim, data.num_classes, len(data.y["val"]), max_memory):
+            plans.append((data, [members[j] for j in group]))
+    total = sum(configs[g[0]].epochs for _, g in plans)
+    bar = tqdm(total=total, desc=f"sweep {len(configs)} configs in {len(plans)} group(s)", unit="epoch",
+               disable=not progress, dynamic_ncols=True)
+    for number, (data, group) in enumerate(plans):
+        group_cfgs = [configs[i] for i in group]
+        results, normalizer = train_group(group_cfgs, data.x["train"], data.y["train"], data.x["val"],
+                                          data.y["val"], data.num_classes, bar)
+        for i, res in zip(group, results):
+            outcomes[i] = SweepOutcome(configs[i], res, number, len(group), res.seconds, normalizer)
+    bar.close()
+    return outcomes  # type: ignore[return-value]
+
+
+def results_table(outcomes: list[SweepOutcome]) -> list[dict]:
+    rows = []
+    for o in outcomes:
+        row = {k: getattr(o.config, k) for k in (*GRID_FIELDS, "momentum", "warmup_epochs", "patience")}
+        row.update({"best_epoch": o.result.best_epoch, "epochs_run": o.result.epochs_run,
+                    "val_top1": o.result.best_val_acc, "group": o.group, "group_size": o.group_size,
+                    "group_seconds": round(o.group_seconds, 3)})
+        rows.append(row)
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["val_top1"], i))  # ties: earlier in the grid wins
+    return [rows[i] for i in order]
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    import csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    varying = [k for k in GRID_FIELDS if k != "lr" and len({r[k] for r in rows}) > 1]
+    lines: dict[tuple, list] = {}
+    for r in rows:
+        lines.setdefault(tuple(r[k] for k in varying), []).append((r["lr"], r["val_top1"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, points in sorted(lines.items(), key=lambda kv: str(kv[0])):
+        points.sort()
+        label = ", ".join(f"{k}={v}" for k, v in zip(varying, key)) or "all"
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("best val top-1")
+    ax.set_title(f"sweep: {len(rows)} configurations")
+    if len(lines) <= 16:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
