@@ -11,7 +11,7 @@ WEIGHTS     ?= hub
 IMAGE_SIZE  ?= 224
 BATCH_SIZE  ?= 64
 DEVICE      ?= auto
-WORKERS     ?= 2
+WORKERS     ?=
 DATA_NAME   := $(notdir $(patsubst %/,%,$(DATA)))
 WEIGHTS_TAG := $(if $(filter hub random,$(WEIGHTS)),$(WEIGHTS),local)
 # `make features` writes here and records the path in cache/LAST so a bare `make probe` finds it
@@ -40,7 +40,7 @@ test: $(BIN)/dinoprobe
 
 features: $(BIN)/dinoprobe
 	$(BIN)/dinoprobe features --data $(DATA) --model $(MODEL) --weights $(WEIGHTS) --cache $(CACHE) \
-	  --image-size $(IMAGE_SIZE) --batch-size $(BATCH_SIZE) --device $(DEVICE) --workers $(WORKERS)
+	  --image-size $(IMAGE_SIZE) --batch-size $(BATCH_SIZE) --device $(DEVICE) $(if $(WORKERS),--workers $(WORKERS))
 	@echo $(CACHE) > cache/LAST
 
 probe: $(BIN)/dinoprobe
@@ -51,7 +51,7 @@ sweep: $(BIN)/dinoprobe
 	  --lr 1e-4,3e-4,1e-3,3e-3,1e-2 --weight-decay 0,1e-4 --epochs $(EPOCHS)
 
 bench: $(BIN)/dinoprobe
-	BENCH_SCALE=$(BENCH_SCALE) $(BIN)/dinoprobe bench --scale $(BENCH_SCALE) --out bench
+	$(BIN)/dinoprobe bench --scale $(BENCH_SCALE) --out bench --readme README.md
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -89,7 +89,8 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--cache", "cache_dir", default=None, help="Cache folder [default: cache/<data>-<model>-<size>px-<weights>]")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override the model's input size")
 @click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader processes")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader decoding processes [default: 0 on a CPU with <= 4 cores, else cores/8; GPU: cores-1, max 8]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto = bf16 autocast on CUDA, fp32 on CPU")
@@ -102,8 +103,10 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
               help="Skip images larger than this (decompression-bomb guard)")
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it")
 @click.option("--overwrite", is_flag=True, help="Rebuild the cache even if it exists with another fingerprint")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the backbone: ~1 min of compiling for a few % more images/s (long runs only)")
 def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, workers, device, precision, dtype,
-             shard_size, val_fraction, max_pixels, strict, overwrite):
+             shard_size, val_fraction, max_pixels, strict, overwrite, compile_):
     """Run the frozen backbone once over every split and cache the features (resumable)."""
     from dinoprobe.backbone import build_backbone
     from dinoprobe.data import open_source
@@ -117,7 +120,7 @@ def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, 
     try:
         summary = extract(backbone, source, cache_dir, batch_size=batch_size, workers=workers, device=device,
                           precision=precision, dtype=dtype, shard_size=shard_size, strict=strict,
-                          overwrite=overwrite, max_pixels=max_pixels)
+                          overwrite=overwrite, max_pixels=max_pixels, compile=compile_)
     except KeyboardInterrupt:
         _echo_err(f"\nInterrupted. Complete shards in {cache_dir} are kept; the shard in progress was discarded. "
                   "Rerun the same command to resume.")
@@ -432,6 +435,33 @@ def knn(cache_dir, out, feature, ks, temperature, device):
     for split, accs in per_k.items():
         click.echo(f"{split}: " + ", ".join(f"k={k} {a:.4f}" for k, a in accs.items()))
     click.echo(f"chosen k={best_k}; run saved to {out}")
+
+
+# ------------------------------------------------------------------------------------------------------ bench
+@main.command()
+@click.option("--scale", type=click.Choice(["small", "full"]), default="small", show_default=True,
+              help="small: under ~3 minutes on 2 CPU cores; full: the long measurements")
+@click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data", "data_root", default=None, type=click.Path(),
+              help="Folder of real JPEGs [default: ../shared/data/hymenoptera-mini if present]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--readme", default=None, type=click.Path(dir_okay=False),
+              help="Also replace the table between <!-- bench:start/end --> in this README")
+def bench(scale, out, data_root, device, readme):
+    """Measure this machine and dinoprobe on it: bench/results.json + a Markdown table."""
+    from dinoprobe import bench as bench_mod
+
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera-mini"
+    root = Path(data_root) if data_root else (default if default.is_dir() else None)
+    if root is None:
+        _echo_err("no JPEG folder found: pipeline, original-method and transformers sections are skipped "
+                  "(pass --data FOLDER)")
+    results = bench_mod.run(scale, Path(out), root, device, log=_echo_err)
+    table = bench_mod.markdown(results)
+    click.echo(table)
+    if readme:
+        bench_mod.update_readme(Path(readme), table)
+    click.echo(f"wrote {out}/results.json and {out}/results.md")
 
 
 if __name__ == "__main__":

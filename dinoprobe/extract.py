@@ -19,7 +19,7 @@ from dinoprobe.backbone import Backbone
 from dinoprobe.cache import (CacheLock, fingerprint_differences, new_manifest, now, read_manifest, write_json_atomic,
                              write_shard, MANIFEST)
 from dinoprobe.data import DEFAULT_MAX_PIXELS, DataSource, Preprocess, collate
-from dinoprobe.device import autocast, resolve_device, resolve_precision
+from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
 from dinoprobe.errors import DinoprobeError
 
 
@@ -113,12 +113,13 @@ def prepare_manifest(cache_dir: Path, fingerprint: dict, source: DataSource, sha
 
 
 def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, batch_size: int = 64,
-            workers: int = 2, device: str = "auto", precision: str = "auto", dtype: str = "float16",
+            workers: int | None = None, device: str = "auto", precision: str = "auto", dtype: str = "float16",
             shard_size: int = 4096, strict: bool = False, overwrite: bool = False,
-            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> ExtractionSummary:
+            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, compile: bool = False) -> ExtractionSummary:
     cache_dir = Path(cache_dir)
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
+    workers = default_workers(dev) if workers is None else workers
     fingerprint = make_fingerprint(backbone, source, dtype, precision)
     extra = {"feature_dim": backbone.feature_dim, "dtype": dtype, "features": ["cls", "patch_mean"],
              "weights_location": backbone.weights.location, "val_split": source.val_split}
@@ -129,12 +130,13 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
         for stale in glob.glob(str(cache_dir / "*" / ".shard-*.tmp-*")):
             os.unlink(stale)  # half-written shards of a killed run
         model = backbone.to(dev)
+        forward = FixedBatchForward(model, batch_size) if compile else model
         preprocess = Preprocess(backbone.data_config).to(dev)
         writer = ShardWriter(cache_dir, manifest, dtype)
         start_time = time.perf_counter()
         try:
             for split in source.splits:
-                summary.computed += _extract_split(split, source, model, preprocess, writer, manifest, shard_size,
+                summary.computed += _extract_split(split, source, model, forward, preprocess, writer, manifest, shard_size,
                                                    dev, precision, batch_size, workers, strict, max_pixels, progress)
         finally:
             writer.close()
@@ -148,12 +150,26 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
     return summary
 
 
+class FixedBatchForward:
+    """torch.compile'd backbone that always sees the same batch shape: a short last batch is zero-padded, so
+    the compiled graph is never rebuilt (a recompile costs about as much as the first compile)."""
+
+    def __init__(self, model: Backbone, batch_size: int):
+        self.compiled, self.batch_size = torch.compile(model), batch_size
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = x.shape[0]
+        if n < self.batch_size:
+            x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
+        return {k: v[:n] for k, v in self.compiled(x).items()}
+
+
 def _pending_ranges(n: int, shard_size: int, done: set[int]) -> list[tuple[int, int, int]]:
     return [(start // shard_size, start, min(start + shard_size, n))
             for start in range(0, n, shard_size) if start not in done]
 
 
-def _extract_split(split, source, model, preprocess, writer, manifest, shard_size, dev, precision, batch_size,
+def _extract_split(split, source, model, forward, preprocess, writer, manifest, shard_size, dev, precision, batch_size,
                    workers, strict, max_pixels, progress) -> int:
     samples = source.splits[split]
     done = {s["start"] for s in manifest["splits"][split]["shards"]}
@@ -187,7 +203,7 @@ def _extract_split(split, source, model, preprocess, writer, manifest, shard_siz
                 if pixels is not None:
                     x = preprocess(pixels.to(dev, non_blocking=True))
                     with autocast(dev, precision):
-                        feats = model(x)
+                        feats = forward(x)
                     feats = {k: v.float().cpu().numpy() for k, v in feats.items()}
                     idx_np, labels_np = idx.numpy(), labels.numpy()
                     for start in np.unique(idx_np - idx_np % shard_size):

@@ -2,9 +2,10 @@
 
 Configurations that share the data stream (feature, normalisation, batch size, epochs, warm-up, seed -> the
 same mini-batches) and the head shape form one batched model: every mini-batch goes through all of their heads
-in one matmul (first layers concatenated, second layers `bmm`). Each head keeps its own parameters, torch
-optimiser state, learning rate, schedule, dropout generator, best-on-val epoch and early stop, so it trains
-exactly as it would alone in `probe`.
+in one matmul (first layers concatenated, second layers `bmm`). Each head keeps its own parameters, optimiser
+state, learning rate, weight decay, dropout generator, best-on-val epoch and early stop, so it trains
+exactly as it would alone in `probe`: the update rules are torch's (see HeadwiseOptimizer), and a test holds
+every head to a separate `probe` run.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import Normalizer, build_head
-from dinoprobe.train import TrainConfig, TrainResult, batch_order, make_optimizer, make_scheduler
+from dinoprobe.train import TrainConfig, TrainResult, batch_order, make_scheduler
 
 GRID_FIELDS = ("head", "lr", "weight_decay", "hidden", "dropout", "optimizer", "label_smoothing", "feature",
                "normalize", "epochs", "batch_size", "seed")
@@ -56,7 +57,8 @@ def stream_key(cfg: TrainConfig) -> tuple:
 
 
 def shape_key(cfg: TrainConfig) -> tuple:
-    return (cfg.head, cfg.hidden if cfg.head == "mlp" else 0)
+    """Heads stacked into one tensor per layer need one shape and one optimiser rule."""
+    return (cfg.head, cfg.hidden if cfg.head == "mlp" else 0, cfg.optimizer)
 
 
 def head_bytes(cfg: TrainConfig, dim: int, num_classes: int, n_val: int) -> int:
@@ -98,34 +100,84 @@ class SweepOutcome:
 
 
 class BatchedHeads(torch.nn.Module):
-    """N heads of one shape; forward gives (N, B, C). Parameters stay separate leaves (per-head optimiser groups)."""
+    """N heads of one shape as stacked parameters (one tensor per layer); forward gives logits (N, B, C)."""
 
     def __init__(self, configs: list[TrainConfig], dim: int, num_classes: int, device):
         super().__init__()
-        self.configs, self.kind = configs, configs[0].head
+        self.kind = configs[0].head
         heads = []
         for cfg in configs:  # exactly probe's initialisation for each seed
             torch.manual_seed(cfg.seed)
-            heads.append(build_head(cfg.head_spec(dim, num_classes), cfg.seed).to(device))
-        self.heads = torch.nn.ModuleList(heads)
-        self.dropouts = [h[2] if self.kind == "mlp" else None for h in heads]
+            heads.append(build_head(cfg.head_spec(dim, num_classes), cfg.seed))
+        layers = (0,) if self.kind == "linear" else (0, 3)
+        self.names = [f"{i}.{w}" for i in layers for w in ("weight", "bias")]  # build_head's state-dict keys
+        self.stacked = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.stack([h.state_dict()[n] for h in heads]).to(device)) for n in self.names])
+        self.dropouts = [h[2] for h in heads] if self.kind == "mlp" else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, b = len(self.heads), x.shape[0]
-        first = [h[0] for h in self.heads]
+        w1, b1 = self.stacked[0], self.stacked[1]
+        n, out = w1.shape[:2]
         # one GEMM for every head's first layer: (B, D) @ (D, N*out)
-        w = torch.cat([layer.weight for layer in first]).t()
-        out = torch.addmm(torch.cat([layer.bias for layer in first]), x, w).view(b, n, -1).transpose(0, 1)
+        h = torch.addmm(b1.reshape(-1), x, w1.reshape(n * out, -1).t()).view(x.shape[0], n, out).transpose(0, 1)
         if self.kind == "linear":
-            return out
-        hidden = out.relu()
-        if self.training:
-            masks = torch.stack([d.mask(hidden.shape[1:], hidden.device) if d.p > 0
-                                 else torch.ones(hidden.shape[1:], device=hidden.device) for d in self.dropouts])
-            hidden = hidden * masks
-        w2 = torch.stack([h[3].weight for h in self.heads]).transpose(1, 2)  # (N, H, C)
-        b2 = torch.stack([h[3].bias for h in self.heads]).unsqueeze(1)
-        return torch.baddbmm(b2, hidden, w2)
+            return h
+        h = h.relu()
+        if self.training and any(d.p > 0 for d in self.dropouts):
+            h = h * torch.stack([d.mask(h.shape[1:], h.device) if d.p > 0 else torch.ones(h.shape[1:], device=h.device)
+                                 for d in self.dropouts])
+        w2, b2 = self.stacked[2], self.stacked[3]
+        return torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))
+
+    def head_state(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: p[i].detach().clone() for name, p in zip(self.names, self.stacked)}
+
+
+class HeadwiseOptimizer:
+    """torch's SGD / Adam / AdamW update rules on stacked parameters, with one learning rate, weight decay and
+    momentum per head (torch optimisers take one lr per param group, and 32 groups cost more than the model).
+    The per-step lr factor comes from torch's own scheduler; tests hold the result to separate torch runs."""
+
+    def __init__(self, params, configs: list[TrainConfig], steps_per_epoch: int):
+        self.params, self.kind = list(params), configs[0].optimizer
+        device = self.params[0].device
+        self.lr = torch.tensor([c.lr for c in configs], device=device)
+        self.wd = torch.tensor([c.weight_decay for c in configs], device=device)
+        self.momentum = torch.tensor([c.momentum for c in configs], device=device)
+        self.state = [{} for _ in self.params]
+        self.steps = 0
+        self._unit = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # carries the schedule
+        self.scheduler = make_scheduler(self._unit, configs[0], steps_per_epoch)
+
+    def factor(self) -> float:
+        return self._unit.param_groups[0]["lr"]
+
+    def head_lrs(self) -> list[float]:
+        return (self.lr * self.factor()).tolist()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        for p, state in zip(self.params, self.state):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr, wd, mom = (t.view(shape) for t in (self.lr * self.factor(), self.wd, self.momentum))
+            g = p.grad
+            if self.kind == "sgd":
+                g = g + wd * p
+                buf = state.get("buf")
+                state["buf"] = g.clone() if buf is None else buf.mul_(mom).add_(g)
+                p.sub_(lr * state["buf"])
+                continue
+            if self.kind == "adamw":
+                p.mul_(1 - lr * wd)
+            else:
+                g = g + wd * p
+            m = state.setdefault("m", torch.zeros_like(p)).mul_(0.9).add_(g, alpha=0.1)
+            v = state.setdefault("v", torch.zeros_like(p)).mul_(0.999).addcmul_(g, g, value=0.001)
+            bias1, bias2 = 1 - 0.9 ** self.steps, 1 - 0.999 ** self.steps
+            p.sub_((lr / bias1) * m / (v.sqrt() / bias2 ** 0.5 + 1e-8))
+        self._unit.step()  # no gradients: a no-op that keeps torch's scheduler bookkeeping in order
+        self.scheduler.step()
 
 
 def _per_head_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
@@ -138,21 +190,16 @@ def _per_head_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.
 
 def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_classes: int,
                 bar: tqdm | None = None) -> tuple[list[TrainResult], Normalizer]:
+    """Train heads sharing a stream, a shape and an optimiser kind side by side (see the module docstring)."""
     base = configs[0]
+    if len({stream_key(c) for c in configs}) > 1 or len({shape_key(c) for c in configs}) > 1:
+        raise ValueError("train_group needs configs with one stream and one shape/optimiser; use plan_groups")
     device = x_train.device
     normalizer = Normalizer.fit(base.normalize, x_train).to(device)
     model = BatchedHeads(configs, x_train.shape[1], num_classes, device)
-    # one torch optimiser per optimiser kind; one param group (own lr, wd, momentum) per head
-    optimizers, schedulers = [], []
-    for kind in sorted({c.optimizer for c in configs}):
-        groups = [{"params": list(model.heads[i].parameters()), "lr": c.lr, "weight_decay": c.weight_decay,
-                   **({"momentum": c.momentum} if kind == "sgd" else {})}
-                  for i, c in enumerate(configs) if c.optimizer == kind]
-        optimizer = make_optimizer(groups, replace(base, optimizer=kind))
-        optimizers.append(optimizer)
-    generator = torch.Generator().manual_seed(base.seed)
     steps = -(-len(x_train) // base.batch_size)
-    schedulers = [make_scheduler(o, base, steps) for o in optimizers]
+    optimizer = HeadwiseOptimizer(model.parameters(), configs, steps)
+    generator = torch.Generator().manual_seed(base.seed)  # the same batch order each head would see alone
     smoothing = torch.tensor([c.label_smoothing for c in configs], device=device)
     n = len(configs)
     results = [TrainResult(best_state={}, best_epoch=0, best_val_acc=-1.0) for _ in configs]
@@ -160,23 +207,16 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
     start = time.perf_counter()
     for epoch in range(1, base.epochs + 1):
         model.train()
-        lrs = [model_lr(optimizers, model.heads[i]) for i in range(n)]
+        lrs = optimizer.head_lrs()
         losses, correct = [], torch.zeros(n, device=device)
         for idx in batch_order(len(x_train), base.batch_size, generator):
             idx = idx.to(device, non_blocking=True)
-            logits = model(normalizer(x_train[idx]))
-            target = y_train[idx]
+            logits = model(normalizer(x_train.index_select(0, idx)))
+            target = y_train.index_select(0, idx)
             loss = _per_head_loss(logits, target, smoothing)
-            for o in optimizers:
-                o.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss.sum().backward()  # heads are independent: each gets the gradient of its own loss
-            for i in range(n):
-                if not active[i]:  # early-stopped heads stay frozen (torch optimisers skip grad=None)
-                    for p in model.heads[i].parameters():
-                        p.grad = None
-            for o, s in zip(optimizers, schedulers):
-                o.step()
-                s.step()
+            optimizer.step()
             losses.append(loss.detach())
             correct += (logits.argmax(-1) == target).sum(1)
         epoch_losses = torch.stack(losses).cpu()  # (steps, N)
@@ -184,24 +224,24 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
         with torch.no_grad():
             val_pred = torch.cat([model(normalizer(part)) for part in x_val.split(65536)], dim=1).argmax(-1)
         val_hits = (val_pred == y_val).sum(1).tolist()
+        correct_list = correct.tolist()
         for i in range(n):
-            if not active[i]:
+            if not active[i]:  # an early-stopped head: its later updates are never recorded or returned
                 continue
             val_acc = val_hits[i] / len(y_val)
             res = results[i]
             res.step_losses += epoch_losses[:, i].tolist()
             res.history.append({"epoch": epoch, "lr": lrs[i], "train_loss": epoch_losses[:, i].mean().item(),
-                                "train_acc": correct[i].item() / len(x_train), "val_acc": val_acc})
+                                "train_acc": correct_list[i] / len(x_train), "val_acc": val_acc})
             if val_acc > res.best_val_acc:
                 res.best_val_acc, res.best_epoch, stale[i] = val_acc, epoch, 0
-                res.best_state = {k: v.detach().clone() for k, v in model.heads[i].state_dict().items()}
+                res.best_state = model.head_state(i)
             else:
                 stale[i] += 1
             if configs[i].patience and stale[i] >= configs[i].patience:
                 active[i] = False
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(best_val=f"{max(r.best_val_acc for r in results):.4f}", heads=n)
         if not any(active):
             if bar is not None:
                 bar.update(base.epochs - epoch)
@@ -210,15 +250,6 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
     for res in results:
         res.seconds = seconds
     return results, normalizer
-
-
-def model_lr(optimizers, head) -> float:
-    params = set(map(id, head.parameters()))
-    for o in optimizers:
-        for g in o.param_groups:
-            if id(g["params"][0]) in params:
-                return g["lr"]
-    raise AssertionError("head without optimiser group")
 
 
 def run_sweep(configs: list[TrainConfig], data_by_feature, max_memory: int | None = None,

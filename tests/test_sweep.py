@@ -33,9 +33,9 @@ def data(synthetic):
 ])
 def test_side_by_side_equals_separate_probe_runs(data, grid):
     configs = expand_grid(grid, TrainConfig(epochs=4, batch_size=64, seed=5, warmup_epochs=1, patience=2))
-    side_by_side, _ = train_group(configs, data.x["train"], data.y["train"], data.x["val"], data.y["val"],
-                                  data.num_classes)
-    for cfg, batched in zip(configs, side_by_side):
+    outcomes = run_sweep(configs, lambda feature: data, progress=False)
+    assert max(o.group_size for o in outcomes) > 1  # really batched
+    for cfg, batched in zip(configs, [o.result for o in outcomes]):
         _, _, alone = train_head(data, cfg, progress=False)
         assert [h["val_acc"] for h in batched.history] == [h["val_acc"] for h in alone.history], cfg
         assert batched.best_epoch == alone.best_epoch

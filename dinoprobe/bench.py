@@ -1,0 +1,371 @@
+"""`dinoprobe bench`: what this machine can do and how close dinoprobe gets, every comparison a ratio from one run.
+
+Sections: (1) roofline — matmul throughput and FLOPs/image; (2) bare backbone forward; (3) the `features`
+pipeline on JPEGs and on CIFAR-style arrays, interleaved with bare forwards for a same-moment ratio; (4) the
+original method (backbone every epoch) vs features + probe; (5) heads on 50k cached features, the sweep
+side by side vs one after another, the 45-C logistic regression vs scikit-learn; (6) the transformers route of
+the original second script. Each figure is a median over repeats after a warm-up.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCALES = {
+    # small: the whole run in under ~3 minutes on 2 CPU cores
+    "small": dict(image_size=224, batch_size=8, batch_sizes=(8,), repeats=3, pipeline_images=40, array_images=40,
+                  original_size=64, original_images=16, original_epochs=(5, 100), head_rows=50_000, head_epochs=100,
+                  mlp_epochs=10,
+                  sweep_configs=32, sweep_rows=10_000, sweep_epochs=10, logreg_rows=5_000,
+                  transformers_images=8),
+    "full": dict(image_size=224, batch_size=8, batch_sizes=(1, 8, 16, 32, 64), repeats=5, pipeline_images=256,
+                 array_images=256, original_size=224, original_images=70, original_epochs=(5, 100),
+                 head_rows=50_000, head_epochs=100, mlp_epochs=100, sweep_configs=32, sweep_rows=50_000, sweep_epochs=100,
+                 logreg_rows=50_000, transformers_images=32),
+}
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_info() -> dict:
+    import timm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+
+
+# --------------------------------------------------------------------------------------------- 1. roofline
+def gemm_flops(device: torch.device, repeats: int) -> float:
+    n = 4096 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def run():
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n**3 / median_time(run, repeats)
+
+
+# ------------------------------------------------------------------------------------------------ 2. forward
+def forward_rate(backbone, batch: int, size: int, device, precision: str, repeats: int) -> float:
+    from dinoprobe.device import autocast
+
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def run():
+        with torch.inference_mode(), autocast(device, precision):
+            backbone(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return batch / median_time(run, repeats)
+
+
+# ----------------------------------------------------------------------------------------------- 3. pipeline
+def jpeg_folder(root: Path, sources: list[Path], count: int) -> Path:
+    """`count` real JPEGs (the given ones, cycled) in ROOT/train/<class>/ + a small val split."""
+    for i in range(count):
+        src = sources[i % len(sources)]
+        dst = root / "train" / f"class{i % 2}" / f"{i:05d}{src.suffix}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    for c in range(2):
+        (root / "val" / f"class{c}").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sources[c], root / "val" / f"class{c}" / f"v{c}{sources[c].suffix}")
+    return root
+
+
+def array_source(count: int, seed: int = 0):
+    """CIFAR-format data (uint8 32x32x3 arrays) through the same path `--data cifar10` takes."""
+    from dinoprobe.data import DataSource
+
+    rng = np.random.default_rng(seed)
+    arrays = {"train": rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+              "val": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)}
+    splits = {s: [(f"bench:{s}:{i}", i % 10) for i in range(len(a))] for s, a in arrays.items()}
+    return DataSource("cifar10", "bench-arrays", [str(i) for i in range(10)], splits, None, arrays)
+
+
+def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device: str) -> float:
+    from dinoprobe.extract import extract
+
+    cache_dir = tmp / f"cache-{time.perf_counter_ns()}"
+    summary = extract(backbone, source, cache_dir, batch_size=batch, workers=workers, device=device,
+                      progress=False)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return summary.images_per_second
+
+
+# ----------------------------------------------------------------------------------- 4. original vs cached
+def original_vs_cached(data_root: Path, size: int, epochs_list, tmp: Path, device: str) -> list[dict]:
+    from dinoprobe.backbone import build_backbone
+    from dinoprobe.data import open_source
+    from dinoprobe.extract import extract
+    from dinoprobe.original import train_backbone_in_loop
+    from dinoprobe.tensors import load_feature_splits
+    from dinoprobe.train import TrainConfig, train_head
+
+    backbone = build_backbone(weights="random", image_size=size, log=lambda *_: None)
+    source = open_source(str(data_root))
+    rows = []
+    for epochs in epochs_list:
+        # the original script: MLP head, Adam 1e-3, backbone over every image every epoch
+        cfg = TrainConfig(head="mlp", optimizer="adam", lr=1e-3, batch_size=32, epochs=epochs)
+        _, original = train_backbone_in_loop(backbone, source.splits["train"], source.splits["val"],
+                                             len(source.classes), cfg, workers=2)
+        start = time.perf_counter()
+        cache_dir = tmp / f"orig-cache-{epochs}"
+        extract(backbone, source, cache_dir, batch_size=8, workers=2, device=device, progress=False)
+        extract_s = time.perf_counter() - start
+        _, _, cached = train_head(load_feature_splits(cache_dir, "cls"), cfg, progress=False)
+        total = time.perf_counter() - start
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        rows.append({"epochs": epochs, "images": len(source.splits["train"]) + len(source.splits["val"]),
+                     "image_size": size, "original_s": original.seconds, "features_s": extract_s,
+                     "probe_s": cached.seconds, "dinoprobe_s": total, "speedup": original.seconds / total})
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- 5. heads
+def synthetic_features(rows: int, dim: int = 384, classes: int = 10, seed: int = 0, device="cpu"):
+    from dinoprobe.tensors import FeatureSplits
+
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=gen) * 0.15
+    def split(n):
+        y = torch.randint(0, classes, (n,), generator=gen)
+        return centres[y] + torch.randn(n, dim, generator=gen), y
+    (xt, yt), (xv, yv) = split(rows), split(max(1000, rows // 10))
+    manifest = {"fingerprint": {"model": "synthetic", "transform": {"image_size": 0}}, "classes": []}
+    return FeatureSplits({"train": xt, "val": xv}, {"train": yt, "val": yv}, [str(i) for i in range(classes)],
+                         "cls", manifest).to(device)
+
+
+def heads_section(cfg: dict, device) -> dict:
+    from dinoprobe.baselines import DEFAULT_C_GRID, fit_logreg_batched, fit_logreg_sklearn
+    from dinoprobe.sweep import train_group
+    from dinoprobe.train import TrainConfig, train_head
+
+    out = {}
+    data = synthetic_features(cfg["head_rows"], device=device)
+    for name, head, epochs, batch in (("linear", "linear", cfg["head_epochs"], 256),
+                                      ("linear_b1024", "linear", cfg["head_epochs"], 1024),
+                                      ("mlp", "mlp", cfg["mlp_epochs"], 256)):
+        _, _, res = train_head(data, TrainConfig(head=head, epochs=epochs, batch_size=batch), progress=False)
+        out[f"{name}_s"], out[f"{name}_epochs"], out[f"{name}_batch"] = res.seconds, epochs, batch
+    small = synthetic_features(cfg["sweep_rows"], device=device)
+    lrs = np.logspace(-4, -1, cfg["sweep_configs"])
+    configs = [TrainConfig(head="linear", lr=float(lr), epochs=cfg["sweep_epochs"], batch_size=256) for lr in lrs]
+    start = time.perf_counter()
+    train_group(configs, small.x["train"], small.y["train"], small.x["val"], small.y["val"], 10)
+    side = time.perf_counter() - start
+    start = time.perf_counter()
+    for c in configs:
+        train_head(small, c, progress=False)
+    sequential = time.perf_counter() - start
+    out.update({"sweep_configs": len(configs), "sweep_rows": cfg["sweep_rows"], "sweep_epochs": cfg["sweep_epochs"],
+                "sweep_side_by_side_s": side, "sweep_one_after_another_s": sequential,
+                "sweep_speedup": sequential / side})
+    lr_data = synthetic_features(cfg["logreg_rows"], device=device)
+    x = (lr_data.x["train"] - lr_data.x["train"].mean(0)) / lr_data.x["train"].std(0)
+    start = time.perf_counter()
+    fit_logreg_batched(x, lr_data.y["train"], 10, DEFAULT_C_GRID)
+    torch_s = time.perf_counter() - start
+    start = time.perf_counter()
+    fit_logreg_sklearn(x.cpu().numpy(), lr_data.y["train"].cpu().numpy(), DEFAULT_C_GRID)
+    sklearn_s = time.perf_counter() - start
+    out.update({"logreg_rows": cfg["logreg_rows"], "logreg_cs": len(DEFAULT_C_GRID), "logreg_torch_s": torch_s,
+                "logreg_sklearn_s": sklearn_s, "logreg_speedup": sklearn_s / torch_s})
+    return out
+
+
+# -------------------------------------------------------------------------------------------- 6. transformers
+def transformers_route(images: list[Path], tmp: Path, batch: int) -> dict | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from PIL import Image
+
+    config = transformers.DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                          intermediate_size=1536, patch_size=16, num_register_tokens=4)
+    folder = tmp / "dinov3-vits16-pretrain-lvd1689m"
+    transformers.DINOv3ViTModel(config).save_pretrained(folder)
+    transformers.DINOv3ViTImageProcessor().save_pretrained(folder)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    pils = [Image.open(p).convert("RGB") for p in images]
+
+    def one_at_a_time():
+        with torch.inference_mode():
+            for image in pils:
+                model(**processor(images=image, return_tensors="pt")).pooler_output
+
+    def batched():
+        with torch.inference_mode():
+            for i in range(0, len(pils), batch):
+                model(**processor(images=pils[i:i + batch], return_tensors="pt")).pooler_output
+    return {"one_at_a_time_img_s": len(pils) / median_time(one_at_a_time, 1),
+            "batched_img_s": len(pils) / median_time(batched, 1), "images": len(pils)}
+
+
+# ------------------------------------------------------------------------------------------------------ run
+def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto", log=print) -> dict:
+    from dinoprobe.backbone import build_backbone, model_facts
+    from dinoprobe.data import open_source
+    from dinoprobe.device import resolve_device, resolve_precision
+
+    cfg = SCALES[scale]
+    dev = resolve_device(device)
+    precision = resolve_precision("auto", dev)
+    results: dict = {"scale": scale, "machine": machine_info(), "config": {k: list(v) if isinstance(v, tuple) else v
+                                                                          for k, v in cfg.items()}}
+    size, batch, reps = cfg["image_size"], cfg["batch_size"], cfg["repeats"]
+    tmp = Path(tempfile.mkdtemp(prefix="dinoprobe-bench-"))
+    try:
+        backbone = build_backbone(weights="random", image_size=size, log=lambda *_: None)
+        flops = model_facts(backbone)["flops_per_image"]
+        backbone = backbone.to(dev)
+        log("1/6 roofline and 2/6 bare forward (interleaved: this machine's speed drifts by tens of %)")
+        gemms, forwards = [], {b: [] for b in cfg["batch_sizes"]}
+        forward_rate(backbone, batch, size, dev, precision, 1)  # warm-up
+        for _ in range(reps):
+            gemms.append(gemm_flops(dev, 3))
+            for b in cfg["batch_sizes"]:
+                forwards[b].append(forward_rate(backbone, b, size, dev, precision, 1))
+        gemm = statistics.median(gemms)
+        forward = {b: statistics.median(v) for b, v in forwards.items()}
+        results["roofline"] = {"gemm_flops": gemm, "flops_per_image": flops, "images_per_s_limit": gemm / flops,
+                               "precision": precision}
+        results["forward"] = {"batch_size": batch, "images_per_s": forward[batch],
+                              "fraction_of_roofline": forward[batch] / (gemm / flops),
+                              "by_batch_size": {str(b): r for b, r in forward.items()}}
+        log("3/6 pipeline (features on JPEGs and CIFAR-format arrays, interleaved with bare forwards)")
+        jpegs = sorted(p for p in (data_root or Path("/nonexistent")).rglob("*.jp*g")) if data_root else []
+        pipeline: dict = {}
+        if jpegs:
+            source = open_source(str(jpeg_folder(tmp / "jpegs", jpegs, cfg["pipeline_images"])))
+            arrays = array_source(cfg["array_images"])
+            runs = {"jpeg": [], "jpeg_1_worker": [], "arrays": [], "bare": []}
+            for _ in range(max(2, reps - 1)):
+                runs["bare"].append(forward_rate(backbone, batch, size, dev, precision, 2))
+                runs["jpeg"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
+                runs["jpeg_1_worker"].append(pipeline_rate(backbone, source, tmp, batch, 1, device))
+                runs["arrays"].append(pipeline_rate(backbone, arrays, tmp, batch, 2, device))
+            bare = statistics.median(runs["bare"])
+            pipeline = {"batch_size": batch, "workers": 2, "bare_forward_images_per_s": bare,
+                        "jpeg_images_per_s": statistics.median(runs["jpeg"]),
+                        "jpeg_1_worker_images_per_s": statistics.median(runs["jpeg_1_worker"]),
+                        "arrays_images_per_s": statistics.median(runs["arrays"])}
+            pipeline["jpeg_fraction_of_forward"] = pipeline["jpeg_images_per_s"] / bare
+            pipeline["arrays_fraction_of_forward"] = pipeline["arrays_images_per_s"] / bare
+        results["pipeline"] = pipeline
+        log("4/6 original method vs features + probe")
+        if data_root:
+            subset = jpeg_folder(tmp / "original", jpegs, cfg["original_images"])
+            results["original_vs_dinoprobe"] = original_vs_cached(subset, cfg["original_size"], cfg["original_epochs"],
+                                                                  tmp, device)
+        log("5/6 heads, sweep, logreg")
+        results["heads"] = heads_section(cfg, dev)
+        log("6/6 transformers route")
+        if jpegs:
+            results["transformers"] = transformers_route(jpegs[: cfg["transformers_images"]], tmp, batch)
+            if results["transformers"] and pipeline:
+                results["transformers"]["dinoprobe_jpeg_images_per_s"] = pipeline["jpeg_images_per_s"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.md").write_text(markdown(results))
+    return results
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ", no GPU"
+    lines = [f"`make bench BENCH_SCALE={r['scale']}` — {m['date']}; {m['cpu']} ({m['cores']} cores{gpu}); "
+             f"Python {m['python']}, torch {m['torch']}, timm {m['timm']}.", "",
+             "| measurement | result | compared with | ratio |", "|---|---|---|---|"]
+    rf, fw = r["roofline"], r["forward"]
+    size = r["config"]["image_size"]
+    lines.append(f"| matmul throughput ({rf['precision']}) | {rf['gemm_flops'] / 1e9:.0f} GFLOP/s | "
+                 f"{rf['flops_per_image'] / 1e9:.2f} GFLOP/image at {size} px | limit {rf['images_per_s_limit']:.1f} images/s |")
+    lines.append(f"| bare backbone forward, batch {fw['batch_size']} | {fw['images_per_s']:.1f} images/s | roofline "
+                 f"{rf['images_per_s_limit']:.1f} images/s | {fw['fraction_of_roofline']:.2f} |")
+    for b, rate in fw["by_batch_size"].items():
+        if int(b) != fw["batch_size"]:
+            lines.append(f"| bare forward, batch {b} | {rate:.1f} images/s | batch {fw['batch_size']} | "
+                         f"{rate / fw['images_per_s']:.2f} |")
+    p = r.get("pipeline") or {}
+    if p:
+        lines.append(f"| `features` on JPEGs ({size} px, batch {p['batch_size']}, {p['workers']} workers, HDF5 write) | "
+                     f"{p['jpeg_images_per_s']:.1f} images/s | bare forward {p['bare_forward_images_per_s']:.1f} images/s "
+                     f"| {p['jpeg_fraction_of_forward']:.2f} |")
+        lines.append(f"| `features` on JPEGs, 1 worker | {p['jpeg_1_worker_images_per_s']:.1f} images/s | bare forward | "
+                     f"{p['jpeg_1_worker_images_per_s'] / p['bare_forward_images_per_s']:.2f} |")
+        lines.append(f"| `features` on CIFAR-format arrays (batched tensor resize) | {p['arrays_images_per_s']:.1f} "
+                     f"images/s | bare forward | {p['arrays_fraction_of_forward']:.2f} |")
+    for row in r.get("original_vs_dinoprobe", []):
+        lines.append(f"| original method, {row['epochs']} epochs ({row['images']} images, {row['image_size']} px) | "
+                     f"{row['original_s']:.1f} s | features + probe {row['dinoprobe_s']:.1f} s "
+                     f"({row['features_s']:.1f} + {row['probe_s']:.2f}) | **{row['speedup']:.1f}x** |")
+    h = r["heads"]
+    rows = h["linear_s"] and r["config"]["head_rows"]
+    lines.append(f"| {h['linear_epochs']} epochs linear head, {rows:,} x 384, batch {h['linear_batch']} | "
+                 f"{h['linear_s']:.2f} s | target 5 s | {h['linear_s'] / 5:.2f} |")
+    lines.append(f"| {h['linear_b1024_epochs']} epochs linear head, batch {h['linear_b1024_batch']} | "
+                 f"{h['linear_b1024_s']:.2f} s | target 5 s | {h['linear_b1024_s'] / 5:.2f} |")
+    lines.append(f"| {h['mlp_epochs']} epochs MLP head (256 hidden), batch {h['mlp_batch']} | {h['mlp_s']:.2f} s | "
+                 f"linear head, per epoch | {h['mlp_s'] / h['mlp_epochs'] / (h['linear_s'] / h['linear_epochs']):.2f} |")
+    lines.append(f"| sweep: {h['sweep_configs']} linear configs side by side ({h['sweep_rows']:,} rows, "
+                 f"{h['sweep_epochs']} epochs) | {h['sweep_side_by_side_s']:.2f} s | one after another "
+                 f"{h['sweep_one_after_another_s']:.2f} s | **{h['sweep_speedup']:.1f}x** |")
+    lines.append(f"| logreg, {h['logreg_cs']} C values, batched torch L-BFGS ({h['logreg_rows']:,} x 384) | "
+                 f"{h['logreg_torch_s']:.1f} s | scikit-learn looping over C {h['logreg_sklearn_s']:.1f} s | "
+                 f"**{h['logreg_speedup']:.1f}x** |")
+    t = r.get("transformers")
+    if t:
+        dp = t["dinoprobe_jpeg_images_per_s"]
+        lines.append(f"| transformers AutoModel + AutoImageProcessor, one image at a time | "
+                     f"{t['one_at_a_time_img_s']:.1f} images/s | `features` on JPEGs {dp:.1f} images/s | "
+                     f"{t['one_at_a_time_img_s'] / dp:.2f} |")
+        lines.append(f"| transformers, batches of {r['forward']['batch_size']} | {t['batched_img_s']:.1f} images/s | "
+                     f"`features` on JPEGs {dp:.1f} images/s | {t['batched_img_s'] / dp:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, table: str) -> None:
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    text = readme.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + "\n" + table + end + rest.split(end, 1)[1])

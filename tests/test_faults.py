@@ -1,0 +1,222 @@
+"""Reliability: kills at random moments, Ctrl-C, failing writes, concurrent writers, hostile inputs and files."""
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import REPO, SIZE, make_folder, write_image
+from dinoprobe import cache
+from dinoprobe.cli import main
+from dinoprobe.data import open_source
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract import extract
+from test_cache import _features_cmd, _rows
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("faults") / "data", per_class=10)
+
+
+@pytest.fixture(scope="module")
+def reference(small_folder):
+    clean = small_folder.parent / "clean"
+    subprocess.run(_features_cmd(small_folder, clean), check=True, capture_output=True, cwd=REPO)
+    return _rows(clean)
+
+
+def _assert_same_rows(expected, cache_dir):
+    got = _rows(cache_dir)
+    for split in expected:
+        for key in expected[split]:
+            np.testing.assert_array_equal(expected[split][key], got[split][key], err_msg=f"{split}/{key}")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_loses_or_doubles_rows(small_folder, reference, tmp_path):
+    """10 seeded trials: kill -9 at a random moment (start-up included), rerun, compare with a clean run."""
+    rng = random.Random(1234)
+    start = time.perf_counter()
+    subprocess.run(_features_cmd(small_folder, tmp_path / "timing"), check=True, capture_output=True, cwd=REPO)
+    clean_seconds = time.perf_counter() - start
+    killed_mid_run = 0
+    for trial in range(10):
+        cache_dir = tmp_path / f"trial{trial}"
+        proc = subprocess.Popen(_features_cmd(small_folder, cache_dir), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=REPO)
+        time.sleep(rng.uniform(0.3, clean_seconds))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed_mid_run += 1
+        proc.wait()
+        rerun = subprocess.run(_features_cmd(small_folder, cache_dir), capture_output=True, text=True, cwd=REPO)
+        assert rerun.returncode == 0, rerun.stderr
+        assert cache.verify(cache_dir) == []
+        _assert_same_rows(reference, cache_dir)
+    assert killed_mid_run >= 5  # the trials really interrupted runs
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(small_folder, reference, tmp_path):
+    cache_dir = tmp_path / "c"
+    proc = subprocess.Popen(_features_cmd(small_folder, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads((cache_dir / "manifest.json").read_text())["splits"]["train"]["shards"]:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert not list(cache_dir.glob("*/.shard-*.tmp-*"))  # nothing half-written left behind
+    assert not (cache_dir / ".lock").exists()
+    problems = cache.verify(cache_dir)
+    assert problems and all("incomplete" in p for p in problems)  # partial, never corrupt
+    subprocess.run(_features_cmd(small_folder, cache_dir), check=True, capture_output=True, cwd=REPO)
+    _assert_same_rows(reference, cache_dir)
+
+
+def test_a_failing_write_is_a_clear_error_and_the_cache_stays_valid(backbone, small_folder, tmp_path, monkeypatch):
+    import dinoprobe.extract as extract_module
+
+    real_write, calls = extract_module.write_shard, []
+
+    def disk_full_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "write_shard", disk_full_after_two)
+    kwargs = dict(batch_size=4, workers=0, dtype="float32", shard_size=4, progress=False)
+    with pytest.raises(DinoprobeError, match="No space left on device.*intact.*rerun"):
+        extract(backbone, open_source(str(small_folder)), tmp_path / "c", **kwargs)
+    problems = cache.verify(tmp_path / "c")
+    assert problems and all("incomplete" in p for p in problems)
+    assert not (tmp_path / "c" / ".lock").exists()
+    monkeypatch.setattr(extract_module, "write_shard", real_write)
+    summary = extract(backbone, open_source(str(small_folder)), tmp_path / "c", **kwargs)
+    assert summary.rows["train"] == 20 and cache.verify(tmp_path / "c") == []
+
+
+@pytest.mark.slow
+def test_a_second_writer_on_the_same_cache_is_refused(small_folder, tmp_path):
+    first = subprocess.Popen(_features_cmd(small_folder, tmp_path / "c"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 60
+    while not (tmp_path / "c" / ".lock").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.01)
+    second = subprocess.run(_features_cmd(small_folder, tmp_path / "c"), capture_output=True, text=True, cwd=REPO)
+    first.wait()
+    assert second.returncode == 1 and f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+
+
+def test_hostile_and_odd_inputs_are_converted_or_skipped_with_reasons(backbone, tmp_path):
+    root = make_folder(tmp_path / "d", per_class=2)
+    cat, dog = root / "train" / "cat", root / "train" / "dog"
+    (cat / "zero.jpg").write_bytes(b"")
+    (cat / "text.jpg").write_text("definitely not a jpeg")
+    write_image(cat / "full.jpg", 3, (64, 64))
+    (cat / "truncated.jpg").write_bytes((cat / "full.jpg").read_bytes()[:300])
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    palette.save(dog / "palette alpha.png", transparency=0)
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(dog / "sixteen bit.png")
+    write_image(dog / "grey.png", 4, (20, 20), "L")
+    write_image(dog / "cmyk.jpg", 5, (20, 20), "CMYK")
+    rotated = Image.new("RGB", (30, 10), "blue")
+    exif = rotated.getexif()
+    exif[0x0112] = 8
+    rotated.save(dog / "exif rotated.jpg", exif=exif)
+    write_image(dog / "chat noir é 猫.png", 6, (20, 20))
+    Image.new("1", (12_000, 12_000)).save(cat / "bomb.png")  # 144 Mpx: above PIL's 89 Mpx guard
+    os.symlink(cat, cat / "loop")  # a symlink loop must not recurse forever
+    summary = extract(backbone, open_source(str(root)), tmp_path / "c", batch_size=4, workers=0, progress=False,
+                      dtype="float32")
+    manifest = cache.read_manifest(tmp_path / "c")
+    reasons = {os.path.basename(s["path"]): s["reason"] for s in cache.skipped_inputs(manifest)}
+    assert set(reasons) == {"zero.jpg", "text.jpg", "truncated.jpg", "bomb.png"}
+    assert "0 bytes" in reasons["zero.jpg"] and "pixel guard" in reasons["bomb.png"]
+    train = cache.load(tmp_path / "c", "train")
+    names = {os.path.basename(p) for p in train["path"]}
+    assert {"palette alpha.png", "sixteen bit.png", "grey.png", "cmyk.jpg", "exif rotated.jpg",
+            "chat noir é 猫.png", "full.jpg"} <= names
+    assert summary.rows["train"] == len(names) == 2 * 2 + 7
+    assert np.isfinite(train["cls"]).all()
+
+
+def test_flipped_bytes_and_a_manifest_from_another_cache_are_caught(backbone, tmp_path):
+    root = make_folder(tmp_path / "d", per_class=3)
+    kw = dict(batch_size=4, workers=0, progress=False, shard_size=4)
+    extract(backbone, open_source(str(root)), tmp_path / "a", **kw)
+    from dinoprobe.backbone import build_backbone
+
+    other = build_backbone(backbone.model_name, "random", 48, log=lambda *_: None)
+    extract(other, open_source(str(root)), tmp_path / "b", **kw)
+    shard = tmp_path / "a" / "train" / "shard-00001.h5"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert any("sha256 differs" in p for p in cache.verify(tmp_path / "a"))
+    (tmp_path / "b" / "manifest.json").write_text((tmp_path / "a" / "manifest.json").read_text())
+    problems = cache.verify(tmp_path / "b")
+    assert problems and all("features" in p or "--overwrite" in p for p in problems)
+    with pytest.raises(DinoprobeError, match="different request.*image_size.*--overwrite"):
+        extract(other, open_source(str(root)), tmp_path / "b", **kw)  # b now claims a's 32 px fingerprint
+
+
+def test_a_head_file_that_would_run_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/dinoprobe-head-pwned",))
+
+    torch.save({"format": "dinoprobe-head/1", "x": Evil()}, tmp_path / "head.pt")
+    from dinoprobe.runs import load_head_file
+
+    with pytest.raises(DinoprobeError, match="weights_only"):
+        load_head_file(tmp_path / "head.pt")
+    assert not os.path.exists("/tmp/dinoprobe-head-pwned")
+
+
+@pytest.mark.parametrize("args", [
+    ["features", "--data", "x", "--batch-size", "0"],
+    ["features", "--data", "x", "--workers", "-1"],
+    ["features", "--data", "x", "--val-fraction", "1.5"],
+    ["features", "--data", "x", "--shard-size", "zero"],
+    ["features", "--data", "x", "--device", "tpu"],
+    ["features", "--data", "x", "--image-size", "8"],
+    ["probe", "--cache", "c", "--out", "o", "--lr", "0"],
+    ["probe", "--cache", "c", "--out", "o", "--epochs", "0"],
+    ["probe", "--cache", "c", "--out", "o", "--dropout", "1"],
+    ["probe", "--cache", "c", "--out", "o", "--head", "transformer"],
+    ["sweep", "--cache", "c", "--out", "o", "--lr", "1e-3,-1"],
+    ["sweep", "--cache", "c", "--out", "o", "--batch-size", "0"],
+    ["knn", "--cache", "c", "--out", "o", "--k", "0"],
+    ["logreg", "--cache", "c", "--out", "o", "--c-grid", "-1"],
+    ["predict", "--head", "h", "--topk", "0", "x.jpg"],
+])
+def test_every_numeric_and_choice_option_is_validated(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_unknown_choices_list_the_valid_ones():
+    result = CliRunner().invoke(main, ["probe", "--cache", "c", "--out", "o", "--normalize", "zscore"])
+    assert result.exit_code == 2 and "'none', 'standardize', 'l2'" in result.output
