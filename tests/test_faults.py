@@ -32,13 +32,14 @@ def small_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(small_folder):
     clean = small_folder.parent / "clean"
+    start = time.perf_counter()
     subprocess.run(_features_cmd(small_folder, clean), check=True, capture_output=True, cwd=REPO)
-    return _rows(clean)
+    return {**_rows(clean), "seconds": time.perf_counter() - start}
 
 
 def _assert_same_rows(expected, cache_dir):
     got = _rows(cache_dir)
-    for split in expected:
+    for split in ("train", "val"):
         for key in expected[split]:
             np.testing.assert_array_equal(expected[split][key], got[split][key], err_msg=f"{split}/{key}")
 
@@ -47,9 +48,7 @@ def _assert_same_rows(expected, cache_dir):
 def test_sigkill_at_random_moments_never_loses_or_doubles_rows(small_folder, reference, tmp_path):
     """10 seeded trials: kill -9 at a random moment (start-up included), rerun, compare with a clean run."""
     rng = random.Random(1234)
-    start = time.perf_counter()
-    subprocess.run(_features_cmd(small_folder, tmp_path / "timing"), check=True, capture_output=True, cwd=REPO)
-    clean_seconds = time.perf_counter() - start
+    clean_seconds = reference["seconds"]
     killed_mid_run = 0
     for trial in range(10):
         cache_dir = tmp_path / f"trial{trial}"
@@ -116,15 +115,18 @@ def test_a_failing_write_is_a_clear_error_and_the_cache_stays_valid(backbone, sm
 
 
 @pytest.mark.slow
-def test_a_second_writer_on_the_same_cache_is_refused(small_folder, tmp_path):
-    first = subprocess.Popen(_features_cmd(small_folder, tmp_path / "c"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 60
-    while not (tmp_path / "c" / ".lock").exists() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.01)
+def test_a_second_writer_on_the_same_cache_is_refused_until_the_first_dies(small_folder, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dinoprobe.cache import CacheLock\n"
+                               f"with CacheLock({str(tmp_path / 'c')!r}):\n    print('locked', flush=True)\n"
+                               "    time.sleep(300)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert holder.stdout.readline().strip() == "locked"
     second = subprocess.run(_features_cmd(small_folder, tmp_path / "c"), capture_output=True, text=True, cwd=REPO)
-    first.wait()
-    assert second.returncode == 1 and f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert second.returncode == 1 and f"pid {holder.pid}" in second.stderr and "Traceback" not in second.stderr
+    holder.kill()  # its lock file stays behind, naming a dead pid
+    holder.wait()
+    assert (tmp_path / "c" / ".lock").exists()
+    subprocess.run(_features_cmd(small_folder, tmp_path / "c"), check=True, capture_output=True, cwd=REPO)
+    assert cache.verify(tmp_path / "c") == []
 
 
 def test_hostile_and_odd_inputs_are_converted_or_skipped_with_reasons(backbone, tmp_path):
@@ -157,7 +159,7 @@ def test_hostile_and_odd_inputs_are_converted_or_skipped_with_reasons(backbone, 
     names = {os.path.basename(p) for p in train["path"]}
     assert {"palette alpha.png", "sixteen bit.png", "grey.png", "cmyk.jpg", "exif rotated.jpg",
             "chat noir é 猫.png", "full.jpg"} <= names
-    assert summary.rows["train"] == len(names) == 2 * 2 + 7
+    assert summary.rows["train"] == len(train["path"]) == 2 * 2 + 7
     assert np.isfinite(train["cls"]).all()
 
 
