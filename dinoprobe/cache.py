@@ -132,8 +132,33 @@ def write_shard(cache_dir: Path, split: str, number: int, start: int, stop: int,
     entry = {"file": shard_file(split, number), "start": start, "stop": stop, "rows": n,
              "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), "skipped": skipped}
     os.replace(tmp, final)
+    # the entry also lives beside the shard, so a shard finished by any process (another torchrun rank, or a run
+    # killed between this rename and its manifest update) can be adopted into the manifest later
+    write_json_atomic(final.with_suffix(".json"), entry)
     _fsync_dir(final.parent)
     return entry
+
+
+def adopt_finished_shards(cache_dir: Path, manifest: dict) -> int:
+    """Record in the manifest every finished shard (h5 + matching sidecar entry) it does not list yet."""
+    adopted = 0
+    for split, info in manifest["splits"].items():
+        known = {s["file"] for s in info["shards"]}
+        for sidecar in sorted((Path(cache_dir) / split).glob("shard-*.json")):
+            entry_file = f"{split}/{sidecar.with_suffix('.h5').name}"
+            shard = Path(cache_dir) / entry_file
+            if entry_file in known or not shard.is_file():
+                continue
+            try:
+                entry = json.loads(sidecar.read_text())
+            except (OSError, ValueError):
+                continue
+            if entry.get("file") == entry_file and shard.stat().st_size == entry.get("bytes") \
+                    and sha256_file(shard) == entry.get("sha256"):
+                info["shards"].append(entry)
+                adopted += 1
+        info["shards"].sort(key=lambda s: s["start"])
+    return adopted
 
 
 def read_shard(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:

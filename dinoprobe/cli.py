@@ -112,11 +112,15 @@ def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, 
     from dinoprobe.data import open_source
     from dinoprobe.extract import extract
 
+    import os
+
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
+    say = _echo_err if main_process else (lambda *_: None)
     cache_dir = cache_dir or default_cache_dir(data, model, image_size, weights)
     source = open_source(data, data_dir, val_fraction)
-    backbone = build_backbone(model, weights, image_size, log=_echo_err)
+    backbone = build_backbone(model, weights, image_size, log=say)
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
-    _echo_err(f"{source.kind} {source.root}: {len(source.classes)} classes; {counts} inputs -> {cache_dir}")
+    say(f"{source.kind} {source.root}: {len(source.classes)} classes; {counts} inputs -> {cache_dir}")
     try:
         summary = extract(backbone, source, cache_dir, batch_size=batch_size, workers=workers, device=device,
                           precision=precision, dtype=dtype, shard_size=shard_size, strict=strict,
@@ -125,6 +129,8 @@ def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, 
         _echo_err(f"\nInterrupted. Complete shards in {cache_dir} are kept; the shard in progress was discarded. "
                   "Rerun the same command to resume.")
         sys.exit(130)
+    if not main_process:
+        return
     rows = ", ".join(f"{s} {n}" for s, n in summary.rows.items())
     skipped = sum(summary.skipped.values())
     click.echo(f"cache {cache_dir}: {rows} rows; {skipped} skipped input(s)"

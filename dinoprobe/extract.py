@@ -1,6 +1,7 @@
 """The single pass: frozen backbone over every split, features into the cache, resumable shard by shard."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -16,8 +17,8 @@ from tqdm import tqdm
 
 from dinoprobe import __version__
 from dinoprobe.backbone import Backbone
-from dinoprobe.cache import (CacheLock, fingerprint_differences, new_manifest, now, read_manifest, write_json_atomic,
-                             write_shard, MANIFEST)
+from dinoprobe.cache import (MANIFEST, CacheLock, adopt_finished_shards, fingerprint_differences, new_manifest, now,
+                             read_manifest, write_json_atomic, write_shard)
 from dinoprobe.data import DEFAULT_MAX_PIXELS, DataSource, Preprocess, collate
 from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
 from dinoprobe.errors import DinoprobeError
@@ -56,8 +57,9 @@ class ShardWriter:
     It is also the only mutator of the manifest while extraction runs, so updates need no lock.
     """
 
-    def __init__(self, cache_dir: Path, manifest: dict, dtype: str):
+    def __init__(self, cache_dir: Path, manifest: dict, dtype: str, update_manifest: bool = True):
         self.cache_dir, self.manifest, self.dtype = cache_dir, manifest, dtype
+        self.update_manifest = update_manifest  # torchrun ranks only write shards; rank 0 merges at the end
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="dinoprobe-shard-writer", daemon=True)
@@ -85,6 +87,8 @@ class ShardWriter:
             split, number, start, stop, rows, skipped = job
             try:
                 entry = write_shard(self.cache_dir, split, number, start, stop, rows, self.dtype, skipped)
+                if not self.update_manifest:
+                    continue
                 shards = self.manifest["splits"][split]["shards"]
                 shards[:] = sorted([s for s in shards if s["start"] != start] + [entry], key=lambda s: s["start"])
                 self.manifest["updated"] = now()
@@ -103,7 +107,8 @@ def prepare_manifest(cache_dir: Path, fingerprint: dict, source: DataSource, sha
                                  "use another --cache, or --overwrite to rebuild it")
         return existing
     if overwrite and cache_dir.exists():
-        for path in [cache_dir / MANIFEST, *cache_dir.glob("*/shard-*.h5"), *cache_dir.glob("*/.shard-*.tmp-*")]:
+        for path in [cache_dir / MANIFEST, *cache_dir.glob("*/shard-*.h5"), *cache_dir.glob("*/shard-*.json"),
+                     *cache_dir.glob("*/.shard-*.tmp-*")]:
             path.unlink(missing_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest = new_manifest(fingerprint, source.classes, {s: len(v) for s, v in source.splits.items()}, shard_size,
@@ -118,36 +123,81 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
             max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, compile: bool = False) -> ExtractionSummary:
     cache_dir = Path(cache_dir)
     dev = resolve_device(device)
+    if dev.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
     precision = resolve_precision(precision, dev)
     workers = default_workers(dev) if workers is None else workers
     fingerprint = make_fingerprint(backbone, source, dtype, precision)
     extra = {"feature_dim": backbone.feature_dim, "dtype": dtype, "features": ["cls", "patch_mean"],
              "weights_location": backbone.weights.location, "val_split": source.val_split}
     summary = ExtractionSummary()
-    with CacheLock(cache_dir):
-        manifest = prepare_manifest(cache_dir, fingerprint, source, shard_size, overwrite, extra)
+    rank, world = distributed_context(dev)
+    with contextlib.ExitStack() as stack:
+        error = None
+        if rank == 0:
+            stack.enter_context(CacheLock(cache_dir))
+            try:
+                manifest = prepare_manifest(cache_dir, fingerprint, source, shard_size, overwrite, extra)
+                for stale in glob.glob(str(cache_dir / "*" / ".shard-*.tmp-*")):
+                    os.unlink(stale)  # half-written shards of a killed run
+                if adopt_finished_shards(cache_dir, manifest):
+                    write_json_atomic(cache_dir / MANIFEST, manifest)
+            except DinoprobeError as err:
+                error = str(err)
+        if world > 1:  # every rank learns of rank 0's refusal instead of waiting at a barrier forever
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise DinoprobeError(error)
+        if rank != 0:
+            manifest = read_manifest(cache_dir)
         shard_size = manifest["shard_size"]  # a resumed cache keeps its own shard boundaries
-        for stale in glob.glob(str(cache_dir / "*" / ".shard-*.tmp-*")):
-            os.unlink(stale)  # half-written shards of a killed run
         model = backbone.to(dev)
         forward = FixedBatchForward(model, batch_size) if compile else model
         preprocess = Preprocess(backbone.data_config).to(dev)
-        writer = ShardWriter(cache_dir, manifest, dtype)
+        writer = ShardWriter(cache_dir, manifest, dtype, update_manifest=world == 1)
         start_time = time.perf_counter()
         try:
             for split in source.splits:
-                summary.computed += _extract_split(split, source, model, forward, preprocess, writer, manifest, shard_size,
-                                                   dev, precision, batch_size, workers, strict, max_pixels, progress)
+                summary.computed += _extract_split(split, source, model, forward, preprocess, writer, manifest,
+                                                   shard_size, dev, precision, batch_size, workers, strict,
+                                                   max_pixels, progress and rank == 0, rank, world)
         finally:
             writer.close()
+        if world > 1:
+            counts = torch.tensor([summary.computed], dtype=torch.long)
+            torch.distributed.all_reduce(counts)
+            summary.computed = int(counts.item())
+            torch.distributed.barrier()  # every rank's shards are on disk
+            if rank == 0:
+                adopt_finished_shards(cache_dir, manifest)
         for split, info in manifest["splits"].items():
             info["complete"] = sum(s["stop"] - s["start"] for s in info["shards"]) == info["num_inputs"]
             summary.rows[split] = sum(s["rows"] for s in info["shards"])
             summary.skipped[split] = sum(len(s.get("skipped", [])) for s in info["shards"])
-        manifest["updated"] = now()
-        write_json_atomic(cache_dir / MANIFEST, manifest)
+        if rank == 0:
+            manifest["updated"] = now()
+            write_json_atomic(cache_dir / MANIFEST, manifest)
+        if world > 1:
+            torch.distributed.barrier()  # the manifest is final before any rank returns
         summary.seconds = time.perf_counter() - start_time
     return summary
+
+
+def distributed_context(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) joins the process group: gloo on CPU, nccl on GPUs,
+    one GPU per rank, and splits the CPU cores between the ranks of a machine."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 class FixedBatchForward:
@@ -170,10 +220,10 @@ def _pending_ranges(n: int, shard_size: int, done: set[int]) -> list[tuple[int, 
 
 
 def _extract_split(split, source, model, forward, preprocess, writer, manifest, shard_size, dev, precision, batch_size,
-                   workers, strict, max_pixels, progress) -> int:
+                   workers, strict, max_pixels, progress, rank=0, world=1) -> int:
     samples = source.splits[split]
     done = {s["start"] for s in manifest["splits"][split]["shards"]}
-    pending = _pending_ranges(len(samples), shard_size, done)
+    pending = _pending_ranges(len(samples), shard_size, done)[rank::world]  # shards, not ranks, own rows
     if not pending:
         return 0
     indices = [i for _, start, stop in pending for i in range(start, stop)]
