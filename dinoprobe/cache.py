@@ -26,6 +26,7 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 FORMAT_VERSION = 1
 FEATURE_KINDS = ("cls", "patch_mean")
+VIEW_KINDS = ("cls_views", "patch_mean_views")  # (N, K, D): K augmented views per train image (--views K)
 
 
 def now() -> str:
@@ -121,8 +122,9 @@ def write_shard(cache_dir: Path, split: str, number: int, start: int, stop: int,
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     n = len(rows["index"])
     with h5py.File(tmp, "w") as fh:
-        for kind in FEATURE_KINDS:
-            fh.create_dataset(kind, data=rows[kind].astype(dtype, copy=False))
+        for kind in (*FEATURE_KINDS, *VIEW_KINDS):
+            if kind in rows:
+                fh.create_dataset(kind, data=rows[kind].astype(dtype, copy=False))
         fh.create_dataset("label", data=rows["label"].astype(np.int64, copy=False))
         fh.create_dataset("index", data=rows["index"].astype(np.int64, copy=False))
         fh.create_dataset("path", data=np.asarray(rows["path"], dtype=object), dtype=h5py.string_dtype("utf-8"))
@@ -207,7 +209,8 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
                 continue
             try:
                 with h5py.File(path, "r") as fh:
-                    lengths = {k: len(fh[k]) for k in (*FEATURE_KINDS, "label", "index", "path")}
+                    lengths = {k: len(fh[k]) for k in (*FEATURE_KINDS, *VIEW_KINDS, "label", "index", "path")
+                               if k in fh}
                     index = fh["index"][...]
             except Exception as err:
                 problems.append(f"{shard['file']}: unreadable HDF5 ({err}); delete it and {fix}")
@@ -251,9 +254,13 @@ def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FE
     manifest = manifest or open_manifest(cache_dir, verify_cache)
     if split not in manifest["splits"]:
         raise DinoprobeError(f"cache {cache_dir} has no '{split}' split (has {sorted(manifest['splits'])})")
-    unknown = [f for f in features if f not in FEATURE_KINDS]
+    unknown = [f for f in features if f not in FEATURE_KINDS + VIEW_KINDS]
     if unknown:
         raise DinoprobeError(f"unknown feature {unknown}; the cache holds {list(FEATURE_KINDS)}")
+    if any(f in VIEW_KINDS for f in features) and not manifest["fingerprint"].get("views", {}).get("count") \
+            or (any(f in VIEW_KINDS for f in features) and split != "train"):
+        raise DinoprobeError(f"cache {cache_dir} has no augmented views for '{split}'; build it with "
+                             "`dinoprobe features --views K`")
     columns = (*features, "label", "index", "path")
     parts = [read_shard(Path(cache_dir) / s["file"], columns)
              for s in sorted(manifest["splits"][split]["shards"], key=lambda s: s["start"])]

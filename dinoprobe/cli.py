@@ -103,10 +103,14 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
               help="Skip images larger than this (decompression-bomb guard)")
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it")
 @click.option("--overwrite", is_flag=True, help="Rebuild the cache even if it exists with another fingerprint")
+@click.option("--views", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Also store K augmented views per train image (for probe/sweep --views)")
+@click.option("--augment", type=click.Choice(["timm", "light"]), default="light", show_default=True,
+              help="Views: timm's training transform (crop, flip, colour jitter) or light (crop + flip)")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the backbone: ~1 min of compiling for a few % more images/s (long runs only)")
 def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, workers, device, precision, dtype,
-             shard_size, val_fraction, max_pixels, strict, overwrite, compile_):
+             shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_):
     """Run the frozen backbone once over every split and cache the features (resumable)."""
     from dinoprobe.backbone import build_backbone
     from dinoprobe.data import open_source
@@ -124,7 +128,8 @@ def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, 
     try:
         summary = extract(backbone, source, cache_dir, batch_size=batch_size, workers=workers, device=device,
                           precision=precision, dtype=dtype, shard_size=shard_size, strict=strict,
-                          overwrite=overwrite, max_pixels=max_pixels, compile=compile_)
+                          overwrite=overwrite, max_pixels=max_pixels, compile=compile_, views=views,
+                          augment=augment)
     except KeyboardInterrupt:
         _echo_err(f"\nInterrupted. Complete shards in {cache_dir} are kept; the shard in progress was discarded. "
                   "Rerun the same command to resume.")
@@ -189,6 +194,7 @@ def _print_metrics(metrics: dict, out) -> None:
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--patience", type=POSITIVE_INT, default=None, help="Stop after this many epochs without a better val accuracy")
+@click.option("--views", is_flag=True, help="Train on one cached augmented view per image per epoch (features --views K)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def probe(cache_dir, out, device, **options):
     """Train a linear or MLP head on cached features, keep the best on val, report test."""
@@ -311,10 +317,11 @@ def _size(value: str | None) -> int | None:
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
 @click.option("--warmup-epochs", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--patience", type=POSITIVE_INT, default=None)
+@click.option("--views", is_flag=True, help="Sample one cached augmented view per image per epoch")
 @click.option("--max-memory", default=None, help="Budget for one batched group, e.g. 2GB (split the grid to fit)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--top", type=POSITIVE_INT, default=10, show_default=True, help="Rows of the table printed at the end")
-def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, max_memory, device, top, **grid_options):
+def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, views, max_memory, device, top, **grid_options):
     """Train a grid of heads side by side (one batched model per group) and keep the best on val."""
     from dinoprobe.device import resolve_device
     from dinoprobe.heads import build_head
@@ -330,13 +337,14 @@ def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, max_memory,
         if len(sizes) != 1:
             raise click.BadParameter("--preset dinov3-linear scales lr by one batch size; give a single --batch-size")
         grid = {**dinov3_linear_grid(sizes[0]), **{k: v for k, v in grid.items() if k != "lr"}}
-    configs = expand_grid(grid, TrainConfig(momentum=momentum, warmup_epochs=warmup_epochs, patience=patience))
+    configs = expand_grid(grid, TrainConfig(momentum=momentum, warmup_epochs=warmup_epochs, patience=patience,
+                                            views=views))
     dev = resolve_device(device)
     loaded = {}
 
     def data_for(feature):
         if feature not in loaded:
-            loaded[feature] = load_feature_splits(cache_dir, feature, dev)
+            loaded[feature] = load_feature_splits(cache_dir, feature, dev, views=views)
         return loaded[feature]
 
     outcomes = run_sweep(configs, data_for, _size(max_memory))

@@ -48,10 +48,10 @@ class DataSource:
                 digest.update(f"{split}\t{label}\t{path}\t{size}\n".encode())
         return digest.hexdigest()
 
-    def dataset(self, split: str, config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def dataset(self, split: str, config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS, views=None):
         if self.kind == "folder":
-            return ImageFileDataset(self.splits[split], config, max_pixels)
-        return ArrayDataset(self.arrays[split], self.splits[split])
+            return ImageFileDataset(self.splits[split], config, max_pixels, views)
+        return ArrayDataset(self.arrays[split], self.splits[split], views)
 
 
 def open_source(data: str, data_dir: str = "data", val_fraction: float = 0.1, seed: int = 0) -> DataSource:
@@ -210,9 +210,51 @@ def worker_transform(config: DataConfig):
     ])
 
 
+AUGMENTATIONS = ("timm", "light")
+
+
+def augment_transform(config: DataConfig, kind: str):
+    """Training-time views as uint8 CHW: timm's training transform (random resized crop, flip, colour jitter)
+    without its ToTensor/Normalize, or `light` = random resized crop + flip only."""
+    from torchvision.transforms import RandomHorizontalFlip, RandomResizedCrop
+
+    if kind == "light":
+        steps = [RandomResizedCrop(config.image_size, scale=(0.08, 1.0),
+                                   interpolation=InterpolationMode(config.interpolation), antialias=True),
+                 RandomHorizontalFlip()]
+    elif kind == "timm":
+        import timm
+
+        full = timm.data.create_transform(input_size=(3, config.image_size, config.image_size), is_training=True,
+                                          interpolation=config.interpolation, mean=config.mean, std=config.std)
+        steps = [t for t in full.transforms if type(t).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
+    else:
+        raise DinoprobeError(f"unknown --augment '{kind}'; choose one of {', '.join(AUGMENTATIONS)}")
+    return Compose([*steps, PILToTensor()])
+
+
+class Views:
+    """K augmented views of an image, reproducible per (image index, view): a resumed run recomputes the same."""
+
+    def __init__(self, config: DataConfig, count: int, kind: str, seed: int = 0):
+        self.count, self.seed, self.transform = count, seed, augment_transform(config, kind)
+
+    def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
+        import random
+
+        views = []
+        for view in range(self.count):
+            view_seed = (self.seed * 1_000_003 + index) * 1009 + view
+            random.seed(view_seed)  # timm's crop draws from `random`, torchvision's from torch
+            torch.manual_seed(view_seed)
+            views.append(self.transform(image))
+        return torch.stack(views)
+
+
 class ImageFileDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[tuple[str, int]], config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.samples, self.transform, self.max_pixels = samples, worker_transform(config), max_pixels
+    def __init__(self, samples: list[tuple[str, int]], config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 views: Views | None = None):
+        self.samples, self.transform, self.max_pixels, self.views = samples, worker_transform(config), max_pixels, views
 
     def __len__(self):
         return len(self.samples)
@@ -220,32 +262,36 @@ class ImageFileDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            return self.transform(load_rgb(path, self.max_pixels)), label, index, None
+            image = load_rgb(path, self.max_pixels)
         except SkippedInput as err:
-            return None, label, index, str(err)
+            return None, label, index, str(err), None
+        return self.transform(image), label, index, None, self.views(image, index) if self.views else None
 
 
 class ArrayDataset(torch.utils.data.Dataset):
     """CIFAR-style uint8 HWC arrays; resizing happens batched on the device (`Preprocess`)."""
 
-    def __init__(self, array: np.ndarray, samples: list[tuple[str, int]]):
-        self.array, self.samples = array, samples
+    def __init__(self, array: np.ndarray, samples: list[tuple[str, int]], views: Views | None = None):
+        self.array, self.samples, self.views = array, samples, views
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        return torch.from_numpy(np.ascontiguousarray(self.array[index])).permute(2, 0, 1), self.samples[index][1], index, None
+        pixels = np.ascontiguousarray(self.array[index])
+        views = self.views(Image.fromarray(pixels), index) if self.views else None
+        return torch.from_numpy(pixels).permute(2, 0, 1), self.samples[index][1], index, None, views
 
 
 def collate(batch):
-    """Stack what decoded; hand back what did not with its reason."""
+    """Stack what decoded (and its augmented views, if any); hand back what did not with its reason."""
     good = [b for b in batch if b[3] is None]
     skipped = [(b[2], b[3]) for b in batch if b[3] is not None]
     if not good:
-        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
+        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped, None
+    views = torch.stack([b[4] for b in good]) if good[0][4] is not None else None
     return (torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.long),
-            torch.tensor([b[2] for b in good], dtype=torch.long), skipped)
+            torch.tensor([b[2] for b in good], dtype=torch.long), skipped, views)
 
 
 class Preprocess(torch.nn.Module):

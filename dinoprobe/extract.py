@@ -19,12 +19,13 @@ from dinoprobe import __version__
 from dinoprobe.backbone import Backbone
 from dinoprobe.cache import (MANIFEST, CacheLock, adopt_finished_shards, fingerprint_differences, new_manifest, now,
                              read_manifest, write_json_atomic, write_shard)
-from dinoprobe.data import DEFAULT_MAX_PIXELS, DataSource, Preprocess, collate
+from dinoprobe.data import DEFAULT_MAX_PIXELS, DataSource, Preprocess, Views, collate
 from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
 from dinoprobe.errors import DinoprobeError
 
 
-def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precision: str) -> dict:
+def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precision: str, views: int = 0,
+                     augment: str | None = None) -> dict:
     """Everything that changes the stored numbers. A cache is reused only when all of it matches."""
     fingerprint = {
         "model": backbone.model_name,
@@ -34,6 +35,7 @@ def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precisi
         "precision": precision,
         "data": {"kind": source.kind, "root": source.root, "file_list_sha256": source.file_list_sha256(),
                  "val_split": source.val_split},
+        "views": {"count": views, "augment": augment if views else None, "split": "train" if views else None},
         "dinoprobe_version": __version__,
     }
     return json.loads(json.dumps(fingerprint))  # compare like with like: what the manifest will hold
@@ -120,7 +122,8 @@ def prepare_manifest(cache_dir: Path, fingerprint: dict, source: DataSource, sha
 def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, batch_size: int = 64,
             workers: int | None = None, device: str = "auto", precision: str = "auto", dtype: str = "float16",
             shard_size: int = 4096, strict: bool = False, overwrite: bool = False,
-            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, compile: bool = False) -> ExtractionSummary:
+            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, compile: bool = False, views: int = 0,
+            augment: str = "light") -> ExtractionSummary:
     cache_dir = Path(cache_dir)
     dev = resolve_device(device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
@@ -128,7 +131,8 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
         torch.cuda.set_device(dev)
     precision = resolve_precision(precision, dev)
     workers = default_workers(dev) if workers is None else workers
-    fingerprint = make_fingerprint(backbone, source, dtype, precision)
+    fingerprint = make_fingerprint(backbone, source, dtype, precision, views, augment)
+    view_maker = Views(backbone.data_config, views, augment) if views else None
     extra = {"feature_dim": backbone.feature_dim, "dtype": dtype, "features": ["cls", "patch_mean"],
              "weights_location": backbone.weights.location, "val_split": source.val_split}
     summary = ExtractionSummary()
@@ -163,7 +167,8 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
             for split in source.splits:
                 summary.computed += _extract_split(split, source, model, forward, preprocess, writer, manifest,
                                                    shard_size, dev, precision, batch_size, workers, strict,
-                                                   max_pixels, progress and rank == 0, rank, world)
+                                                   max_pixels, progress and rank == 0, rank, world,
+                                                   view_maker if split == "train" else None)
         finally:
             writer.close()
         if world > 1:
@@ -220,14 +225,14 @@ def _pending_ranges(n: int, shard_size: int, done: set[int]) -> list[tuple[int, 
 
 
 def _extract_split(split, source, model, forward, preprocess, writer, manifest, shard_size, dev, precision, batch_size,
-                   workers, strict, max_pixels, progress, rank=0, world=1) -> int:
+                   workers, strict, max_pixels, progress, rank=0, world=1, views=None) -> int:
     samples = source.splits[split]
     done = {s["start"] for s in manifest["splits"][split]["shards"]}
     pending = _pending_ranges(len(samples), shard_size, done)[rank::world]  # shards, not ranks, own rows
     if not pending:
         return 0
     indices = [i for _, start, stop in pending for i in range(start, stop)]
-    dataset = torch.utils.data.Subset(source.dataset(split, model.data_config, max_pixels), indices)
+    dataset = torch.utils.data.Subset(source.dataset(split, model.data_config, max_pixels, views), indices)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
         pin_memory=dev.type == "cuda", prefetch_factor=4 if workers > 0 else None,
@@ -241,7 +246,7 @@ def _extract_split(split, source, model, forward, preprocess, writer, manifest, 
     bar = tqdm(total=len(indices), desc=f"features {split}", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         with torch.inference_mode():
-            for pixels, labels, idx, skipped in loader:
+            for pixels, labels, idx, skipped, view_pixels in loader:
                 for index, reason in skipped:
                     path = samples[index][0]
                     if strict:
@@ -254,13 +259,18 @@ def _extract_split(split, source, model, forward, preprocess, writer, manifest, 
                     x = preprocess(pixels.to(dev, non_blocking=True))
                     with autocast(dev, precision):
                         feats = forward(x)
+                        if view_pixels is not None:  # (B, K, 3, S, S) -> features (B, K, D)
+                            b, k = view_pixels.shape[:2]
+                            vx = preprocess(view_pixels.flatten(0, 1).to(dev, non_blocking=True))
+                            vf = forward(vx)
+                            feats.update({f"{name}_views": vf[name].view(b, k, -1) for name in ("cls", "patch_mean")})
                     feats = {k: v.float().cpu().numpy() for k, v in feats.items()}
                     idx_np, labels_np = idx.numpy(), labels.numpy()
                     for start in np.unique(idx_np - idx_np % shard_size):
                         sel = (idx_np - idx_np % shard_size) == start
                         acc = open_shards.setdefault(int(start), _new_acc())
-                        for kind in ("cls", "patch_mean"):
-                            acc[kind].append(feats[kind][sel])
+                        for kind in feats:
+                            acc.setdefault(kind, []).append(feats[kind][sel])
                         acc["label"].append(labels_np[sel])
                         acc["index"].append(idx_np[sel])
                         acc["path"] += [samples[i][0] for i in idx_np[sel]]
@@ -268,7 +278,7 @@ def _extract_split(split, source, model, forward, preprocess, writer, manifest, 
                 for start in [s for s, acc in open_shards.items() if acc["seen"] == by_start[s][1] - s]:
                     acc = open_shards.pop(start)
                     number, stop = by_start[start]
-                    writer.submit(split, number, start, stop, _finish(acc, model.feature_dim), acc["skipped"])
+                    writer.submit(split, number, start, stop, _finish(acc, model.feature_dim, views), acc["skipped"])
                 bar.update(len(idx) + len(skipped))
     finally:
         bar.close()
@@ -279,9 +289,13 @@ def _new_acc() -> dict:
     return {"cls": [], "patch_mean": [], "label": [], "index": [], "path": [], "skipped": [], "seen": 0}
 
 
-def _finish(acc: dict, dim: int) -> dict:
+def _finish(acc: dict, dim: int, views=None) -> dict:
     def cat(parts, shape, dtype):
         return np.concatenate(parts) if parts else np.zeros(shape, dtype)
-    return {"cls": cat(acc["cls"], (0, dim), np.float32), "patch_mean": cat(acc["patch_mean"], (0, dim), np.float32),
+    rows = {"cls": cat(acc["cls"], (0, dim), np.float32), "patch_mean": cat(acc["patch_mean"], (0, dim), np.float32),
             "label": cat(acc["label"], (0,), np.int64), "index": cat(acc["index"], (0,), np.int64),
             "path": acc["path"]}
+    if views is not None:
+        for kind in ("cls_views", "patch_mean_views"):
+            rows[kind] = cat(acc.get(kind, []), (0, views.count, dim), np.float32)
+    return rows

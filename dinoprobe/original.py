@@ -49,7 +49,7 @@ def train_backbone_in_loop(backbone: Backbone, train: list[tuple[str, int]], val
         head.train()
         backbone.eval()
         losses, correct, seen = [], 0, 0
-        for pixels, labels, _, _ in loader:
+        for pixels, labels, _, _, _ in loader:
             logits = head(_features(backbone, preprocess, pixels, cfg.feature))
             loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -62,7 +62,7 @@ def train_backbone_in_loop(backbone: Backbone, train: list[tuple[str, int]], val
         head.eval()
         hits = total = 0
         with torch.no_grad():
-            for pixels, labels, _, _ in val_loader:
+            for pixels, labels, _, _, _ in val_loader:
                 hits += (head(_features(backbone, preprocess, pixels, cfg.feature)).argmax(1) == labels).sum().item()
                 total += len(labels)
         val_acc = hits / max(total, 1)

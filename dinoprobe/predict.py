@@ -73,7 +73,7 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     results: dict[int, dict] = {}
     with torch.inference_mode():
-        for pixels, _, idx, skipped in loader:
+        for pixels, _, idx, skipped, _ in loader:
             errors += [(files[i], reason) for i, reason in skipped]
             if pixels is None:
                 continue

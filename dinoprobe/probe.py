@@ -10,7 +10,7 @@ from dinoprobe.train import TrainConfig, train_head
 
 
 def run_probe(cache_dir, out, cfg: TrainConfig, device: str = "auto", progress: bool = True) -> dict:
-    data = load_feature_splits(cache_dir, cfg.feature, resolve_device(device))
+    data = load_feature_splits(cache_dir, cfg.feature, resolve_device(device), views=cfg.views)
     head, normalizer, result = train_head(data, cfg, progress=progress)
     spec = cfg.head_spec(data.dim, data.num_classes)
     return write_run(Path(out), head, spec, normalizer, data, result, cfg.to_dict(), {"cache": str(cache_dir)})

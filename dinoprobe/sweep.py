@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import Normalizer, build_head
+from dinoprobe.tensors import sample_views
 from dinoprobe.train import TrainConfig, TrainResult, batch_order, make_scheduler
 
 GRID_FIELDS = ("head", "lr", "weight_decay", "hidden", "dropout", "optimizer", "label_smoothing", "feature",
@@ -53,7 +54,7 @@ def dinov3_linear_grid(batch_size: int) -> dict[str, list]:
 
 def stream_key(cfg: TrainConfig) -> tuple:
     """Configs with the same key see the same features in the same mini-batch order."""
-    return (cfg.feature, cfg.normalize, cfg.batch_size, cfg.epochs, cfg.warmup_epochs, cfg.seed)
+    return (cfg.feature, cfg.normalize, cfg.batch_size, cfg.epochs, cfg.warmup_epochs, cfg.seed, cfg.views)
 
 
 def shape_key(cfg: TrainConfig) -> tuple:
@@ -189,13 +190,13 @@ def _per_head_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.
 
 
 def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_classes: int,
-                bar: tqdm | None = None) -> tuple[list[TrainResult], Normalizer]:
+                bar: tqdm | None = None, train_views=None) -> tuple[list[TrainResult], Normalizer]:
     """Train heads sharing a stream, a shape and an optimiser kind side by side (see the module docstring)."""
     base = configs[0]
     if len({stream_key(c) for c in configs}) > 1 or len({shape_key(c) for c in configs}) > 1:
         raise ValueError("train_group needs configs with one stream and one shape/optimiser; use plan_groups")
     device = x_train.device
-    normalizer = Normalizer.fit(base.normalize, x_train).to(device)
+    normalizer = Normalizer.fit(base.normalize, x_train).to(device)  # clean train statistics, as in probe
     model = BatchedHeads(configs, x_train.shape[1], num_classes, device)
     steps = -(-len(x_train) // base.batch_size)
     optimizer = HeadwiseOptimizer(model.parameters(), configs, steps)
@@ -205,8 +206,11 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
     results = [TrainResult(best_state={}, best_epoch=0, best_val_acc=-1.0) for _ in configs]
     stale, active = [0] * n, [True] * n
     start = time.perf_counter()
+    view_generator = torch.Generator().manual_seed(base.seed + 1)  # as in train_head
     for epoch in range(1, base.epochs + 1):
         model.train()
+        if base.views:
+            x_train = sample_views(train_views, view_generator)
         lrs = optimizer.head_lrs()
         losses, correct = [], torch.zeros(n, device=device)
         for idx in batch_order(len(x_train), base.batch_size, generator):
@@ -271,7 +275,7 @@ def run_sweep(configs: list[TrainConfig], data_by_feature, max_memory: int | Non
     for number, (data, group) in enumerate(plans):
         group_cfgs = [configs[i] for i in group]
         results, normalizer = train_group(group_cfgs, data.x["train"], data.y["train"], data.x["val"],
-                                          data.y["val"], data.num_classes, bar)
+                                          data.y["val"], data.num_classes, bar, data.train_views)
         for i, res in zip(group, results):
             outcomes[i] = SweepOutcome(configs[i], res, number, len(group), res.seconds, normalizer)
     bar.close()
@@ -281,7 +285,7 @@ def run_sweep(configs: list[TrainConfig], data_by_feature, max_memory: int | Non
 def results_table(outcomes: list[SweepOutcome]) -> list[dict]:
     rows = []
     for o in outcomes:
-        row = {k: getattr(o.config, k) for k in (*GRID_FIELDS, "momentum", "warmup_epochs", "patience")}
+        row = {k: getattr(o.config, k) for k in (*GRID_FIELDS, "momentum", "warmup_epochs", "patience", "views")}
         row.update({"best_epoch": o.result.best_epoch, "epochs_run": o.result.epochs_run,
                     "val_top1": o.result.best_val_acc, "group": o.group, "group_size": o.group_size,
                     "group_seconds": round(o.group_seconds, 3)})

@@ -21,6 +21,7 @@ class FeatureSplits:
     classes: list[str]
     feature: str
     manifest: dict = field(repr=False)
+    train_views: torch.Tensor | None = None  # (N, K, D) augmented views of the train split, when loaded
 
     @property
     def dim(self) -> int:
@@ -32,7 +33,8 @@ class FeatureSplits:
 
     def to(self, device) -> "FeatureSplits":
         return FeatureSplits({k: v.to(device) for k, v in self.x.items()}, {k: v.to(device) for k, v in self.y.items()},
-                             self.classes, self.feature, self.manifest)
+                             self.classes, self.feature, self.manifest,
+                             None if self.train_views is None else self.train_views.to(device))
 
 
 def feature_parts(feature: str) -> tuple[str, ...]:
@@ -50,7 +52,8 @@ def select_tensor(feats: dict[str, torch.Tensor], feature: str) -> torch.Tensor:
     return torch.cat([feats[p].float() for p in feature_parts(feature)], dim=1)
 
 
-def load_feature_splits(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True) -> FeatureSplits:
+def load_feature_splits(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True,
+                        views: bool = False) -> FeatureSplits:
     """Read and validate a cache for training: a train split with >= 2 classes, a non-empty val split."""
     parts = feature_parts(feature)
     manifest = cache.open_manifest(cache_dir)
@@ -74,4 +77,15 @@ def load_feature_splits(cache_dir, feature: str = "cls", device="cpu", require_v
                              "the cache with a val/ folder or --val-fraction")
     for split in [s for s in list(x) if len(x[s]) == 0]:
         del x[split], y[split]  # e.g. an empty test split: simply not evaluated
-    return FeatureSplits(x, y, classes, feature, manifest).to(device)
+    train_views = None
+    if views:
+        rows = cache.load(cache_dir, "train", tuple(f"{p}_views" for p in parts), manifest=manifest)
+        train_views = torch.from_numpy(np.concatenate([rows[f"{p}_views"].astype(np.float32) for p in parts], axis=2))
+    return FeatureSplits(x, y, classes, feature, manifest, train_views).to(device)
+
+
+def sample_views(train_views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One augmented view per image, uniformly at random: (N, K, D) -> (N, D) for one epoch."""
+    n, k = train_views.shape[:2]
+    choice = torch.randint(k, (n,), generator=generator).to(train_views.device)
+    return train_views[torch.arange(n, device=train_views.device), choice]

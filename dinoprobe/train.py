@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import HEAD_KINDS, NORMALIZATIONS, HeadSpec, Normalizer, build_head
-from dinoprobe.tensors import FEATURE_CHOICES, FeatureSplits
+from dinoprobe.tensors import FEATURE_CHOICES, FeatureSplits, sample_views
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -33,6 +33,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     patience: int | None = None  # epochs without a better val accuracy before stopping; None = never
+    views: bool = False  # train on one cached augmented view per image per epoch
 
     def __post_init__(self):
         checks = [
@@ -131,9 +132,14 @@ def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True,
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     result = TrainResult(best_state={}, best_epoch=0, best_val_acc=-1.0)
     start, stale = time.perf_counter(), 0
+    view_generator = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: batch order is unchanged
+    if cfg.views and data.train_views is None:
+        raise DinoprobeError("views requested but the data holds no augmented views; load the cache with views")
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True)
     for epoch in bar:
         head.train()
+        if cfg.views:
+            x_train = sample_views(data.train_views, view_generator)
         lr = optimizer.param_groups[0]["lr"]
         losses, correct = [], torch.zeros((), device=device)
         for idx in batch_order(len(x_train), cfg.batch_size, generator):

@@ -1,0 +1,77 @@
+"""Augmented multi-view caches: distinct, reproducible views; fingerprinted; sampled uniformly in training."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_folder
+from dinoprobe import cache
+from dinoprobe.data import open_source
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract import extract
+from dinoprobe.sweep import expand_grid, run_sweep
+from dinoprobe.tensors import load_feature_splits, sample_views
+from dinoprobe.train import TrainConfig, train_head
+
+
+@pytest.fixture(scope="module")
+def view_cache(tmp_path_factory, backbone):
+    root = make_folder(tmp_path_factory.mktemp("views") / "data", per_class=5)
+    kw = dict(batch_size=4, workers=0, dtype="float32", progress=False, shard_size=4, views=3, augment="timm")
+    extract(backbone, open_source(str(root)), root.parent / "a", **kw)
+    extract(backbone, open_source(str(root)), root.parent / "b", **kw)
+    return root, root.parent / "a", root.parent / "b", kw
+
+
+def test_views_differ_from_each_other_and_from_the_clean_view(view_cache):
+    _, a, _, _ = view_cache
+    train = cache.load(a, "train", ("cls", "cls_views", "patch_mean_views"))
+    views, clean = train["cls_views"], train["cls"]
+    assert views.shape == (10, 3, 384) and train["patch_mean_views"].shape == (10, 3, 384)
+    for i in range(len(clean)):
+        assert np.abs(views[i, 0] - views[i, 1]).max() > 1e-3 and np.abs(views[i, 1] - views[i, 2]).max() > 1e-3
+        assert min(np.abs(views[i, v] - clean[i]).max() for v in range(3)) > 1e-3
+    with pytest.raises(DinoprobeError, match="no augmented views for 'val'"):
+        cache.load(a, "val", "cls_views")
+
+
+def test_views_are_reproducible_so_resumed_runs_match(view_cache):
+    _, a, b, _ = view_cache
+    np.testing.assert_array_equal(cache.load(a, "train", "cls_views")["cls_views"],
+                                  cache.load(b, "train", "cls_views")["cls_views"])
+
+
+def test_fingerprint_holds_view_count_and_augmentation(view_cache, backbone):
+    root, a, _, kw = view_cache
+    assert cache.read_manifest(a)["fingerprint"]["views"] == {"count": 3, "augment": "timm", "split": "train"}
+    with pytest.raises(DinoprobeError, match="views.count: cache has 3, requested 2"):
+        extract(backbone, open_source(str(root)), a, **{**kw, "views": 2})
+    with pytest.raises(DinoprobeError, match="views.augment"):
+        extract(backbone, open_source(str(root)), a, **{**kw, "augment": "light"})
+
+
+def test_training_samples_one_view_per_image_uniformly():
+    views = torch.arange(1000 * 4, dtype=torch.float32).view(1000, 4, 1)  # value encodes (image, view)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    for _ in range(20):
+        picked = sample_views(views, generator)[:, 0].long()
+        assert torch.equal(picked // 4, torch.arange(1000))  # exactly one view of every image
+        counts += torch.bincount(picked % 4, minlength=4)
+    expected = 20 * 1000 / 4
+    assert ((counts - expected).abs() / expected).max() < 0.05
+
+
+def test_probe_and_sweep_with_views_agree_and_need_a_view_cache(view_cache, tmp_path):
+    _, a, _, _ = view_cache
+    data = load_feature_splits(a, "cls", views=True)
+    configs = expand_grid({"head": ["linear"], "lr": [1e-3, 1e-2]}, TrainConfig(epochs=3, batch_size=4, views=True))
+    outcomes = run_sweep(configs, lambda feature: data, progress=False)
+    for cfg, outcome in zip(configs, outcomes):
+        _, _, alone = train_head(data, cfg, progress=False)
+        np.testing.assert_allclose(outcome.result.step_losses, alone.step_losses, atol=1e-4)
+    _, _, plain = train_head(data, TrainConfig(head="linear", epochs=3, batch_size=4), progress=False)
+    assert not np.allclose(plain.step_losses, outcomes[0].result.step_losses)  # views really were used
+    from conftest import make_synthetic_cache
+
+    with pytest.raises(DinoprobeError, match="features --views K"):
+        load_feature_splits(make_synthetic_cache(tmp_path / "plain"), "cls", views=True)
