@@ -195,14 +195,16 @@ def _print_metrics(metrics: dict, out) -> None:
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--patience", type=POSITIVE_INT, default=None, help="Stop after this many epochs without a better val accuracy")
 @click.option("--views", is_flag=True, help="Train on one cached augmented view per image per epoch (features --views K)")
+@click.option("--max-memory", default=None,
+              help="Memory budget for train features, e.g. 8GB; a larger cache is streamed from disk")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def probe(cache_dir, out, device, **options):
+def probe(cache_dir, out, device, max_memory, **options):
     """Train a linear or MLP head on cached features, keep the best on val, report test."""
     from dinoprobe.probe import run_probe
     from dinoprobe.train import TrainConfig
 
     cfg = TrainConfig(**options)
-    metrics = run_probe(cache_dir, out, cfg, device=device)
+    metrics = run_probe(cache_dir, out, cfg, device=device, max_memory=_size(max_memory))
     _print_metrics(metrics, out)
 
 
@@ -318,7 +320,8 @@ def _size(value: str | None) -> int | None:
 @click.option("--warmup-epochs", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--patience", type=POSITIVE_INT, default=None)
 @click.option("--views", is_flag=True, help="Sample one cached augmented view per image per epoch")
-@click.option("--max-memory", default=None, help="Budget for one batched group, e.g. 2GB (split the grid to fit)")
+@click.option("--max-memory", default=None,
+              help="Memory budget, e.g. 2GB: groups are split to fit it, and train features above it stream from disk")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--top", type=POSITIVE_INT, default=10, show_default=True, help="Rows of the table printed at the end")
 def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, views, max_memory, device, top, **grid_options):
@@ -344,7 +347,7 @@ def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, views, max_
 
     def data_for(feature):
         if feature not in loaded:
-            loaded[feature] = load_feature_splits(cache_dir, feature, dev, views=views)
+            loaded[feature] = load_feature_splits(cache_dir, feature, dev, views=views, max_memory=_size(max_memory))
         return loaded[feature]
 
     outcomes = run_sweep(configs, data_for, _size(max_memory))

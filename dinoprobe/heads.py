@@ -68,10 +68,12 @@ class Normalizer(nn.Module):
         self.register_buffer("std", std if std is not None else torch.zeros(0))
 
     @classmethod
-    def fit(cls, kind: str, train: torch.Tensor) -> "Normalizer":
-        if kind == "standardize":
-            return cls(kind, train.mean(0), train.std(0).clamp_min(1e-6))
-        return cls(kind)
+    def fit(cls, kind: str, train: torch.Tensor | None = None, stream=None) -> "Normalizer":
+        """Statistics from the train features, in memory or streamed from disk (see stream.py)."""
+        if kind != "standardize":
+            return cls(kind)
+        mean, std = stream.moments() if stream is not None else (train.mean(0), train.std(0))
+        return cls(kind, mean, std.clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "standardize":

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import Normalizer, build_head
 from dinoprobe.tensors import sample_views
-from dinoprobe.train import TrainConfig, TrainResult, batch_order, make_scheduler
+from dinoprobe.stream import iterate_batches
+from dinoprobe.train import TrainConfig, TrainResult, make_scheduler
 
 GRID_FIELDS = ("head", "lr", "weight_decay", "hidden", "dropout", "optimizer", "label_smoothing", "feature",
                "normalize", "epochs", "batch_size", "seed")
@@ -190,15 +191,16 @@ def _per_head_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.
 
 
 def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_classes: int,
-                bar: tqdm | None = None, train_views=None) -> tuple[list[TrainResult], Normalizer]:
+                bar: tqdm | None = None, train_views=None, stream=None) -> tuple[list[TrainResult], Normalizer]:
     """Train heads sharing a stream, a shape and an optimiser kind side by side (see the module docstring)."""
     base = configs[0]
     if len({stream_key(c) for c in configs}) > 1 or len({shape_key(c) for c in configs}) > 1:
         raise ValueError("train_group needs configs with one stream and one shape/optimiser; use plan_groups")
-    device = x_train.device
-    normalizer = Normalizer.fit(base.normalize, x_train).to(device)  # clean train statistics, as in probe
-    model = BatchedHeads(configs, x_train.shape[1], num_classes, device)
-    steps = -(-len(x_train) // base.batch_size)
+    device = y_train.device
+    normalizer = Normalizer.fit(base.normalize, x_train, stream).to(device)  # clean train statistics, as in probe
+    model = BatchedHeads(configs, stream.dim if stream is not None else x_train.shape[1], num_classes, device)
+    n_train = len(y_train)
+    steps = -(-n_train // base.batch_size)
     optimizer = HeadwiseOptimizer(model.parameters(), configs, steps)
     generator = torch.Generator().manual_seed(base.seed)  # the same batch order each head would see alone
     smoothing = torch.tensor([c.label_smoothing for c in configs], device=device)
@@ -213,10 +215,10 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
             x_train = sample_views(train_views, view_generator)
         lrs = optimizer.head_lrs()
         losses, correct = [], torch.zeros(n, device=device)
-        for idx in batch_order(len(x_train), base.batch_size, generator):
-            idx = idx.to(device, non_blocking=True)
-            logits = model(normalizer(x_train.index_select(0, idx)))
-            target = y_train.index_select(0, idx)
+        batches = (stream.iterate_batches(base.batch_size, generator) if stream is not None
+                   else iterate_batches(x_train, y_train, base.batch_size, generator))
+        for features, target in batches:
+            logits = model(normalizer(features))
             loss = _per_head_loss(logits, target, smoothing)
             model.zero_grad(set_to_none=True)
             loss.sum().backward()  # heads are independent: each gets the gradient of its own loss
@@ -236,7 +238,7 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
             res = results[i]
             res.step_losses += epoch_losses[:, i].tolist()
             res.history.append({"epoch": epoch, "lr": lrs[i], "train_loss": epoch_losses[:, i].mean().item(),
-                                "train_acc": correct_list[i] / len(x_train), "val_acc": val_acc})
+                                "train_acc": correct_list[i] / n_train, "val_acc": val_acc})
             if val_acc > res.best_val_acc:
                 res.best_val_acc, res.best_epoch, stale[i] = val_acc, epoch, 0
                 res.best_state = model.head_state(i)
@@ -275,7 +277,7 @@ def run_sweep(configs: list[TrainConfig], data_by_feature, max_memory: int | Non
     for number, (data, group) in enumerate(plans):
         group_cfgs = [configs[i] for i in group]
         results, normalizer = train_group(group_cfgs, data.x["train"], data.y["train"], data.x["val"],
-                                          data.y["val"], data.num_classes, bar, data.train_views)
+                                          data.y["val"], data.num_classes, bar, data.train_views, data.stream)
         for i, res in zip(group, results):
             outcomes[i] = SweepOutcome(configs[i], res, number, len(group), res.seconds, normalizer)
     bar.close()

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import HEAD_KINDS, NORMALIZATIONS, HeadSpec, Normalizer, build_head
+from dinoprobe.stream import iterate_batches
 from dinoprobe.tensors import FEATURE_CHOICES, FeatureSplits, sample_views
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -88,7 +89,8 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
 
 
 def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """One epoch's mini-batches: a permutation from the run's own generator, cut into batches."""
+    """One epoch's mini-batches: a permutation from the run's own generator, cut into batches (the same order
+    `stream.iterate_batches` gives in memory; the original-method baseline uses it to match)."""
     return list(torch.randperm(n, generator=generator).split(batch_size))
 
 
@@ -115,19 +117,24 @@ def predict_logits(head: nn.Module, normalizer: Normalizer, x: torch.Tensor, chu
     return out
 
 
-def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True,
-               desc: str = "probe") -> tuple[nn.Module, Normalizer, TrainResult]:
-    """Train, keep the head with the best val accuracy, and return it loaded with that state."""
+def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True, desc: str = "probe",
+               order_fn=None) -> tuple[nn.Module, Normalizer, TrainResult]:
+    """Train, keep the head with the best val accuracy, and return it loaded with that state.
+
+    Train features come from memory, or stream from disk when `data.stream` is set; `order_fn(n, generator)`
+    replaces the epoch's random permutation (tests use it to follow a streamed run's order in memory).
+    """
     if cfg.feature != data.feature:
         raise DinoprobeError(f"config feature {cfg.feature!r} but data holds {data.feature!r}")
-    device = data.x["train"].device
+    device = data.y["train"].device
     x_train, y_train, x_val, y_val = data.x["train"], data.y["train"], data.x["val"], data.y["val"]
-    normalizer = Normalizer.fit(cfg.normalize, x_train).to(device)
+    n_train = data.n_train
+    normalizer = Normalizer.fit(cfg.normalize, x_train, data.stream).to(device)
     torch.manual_seed(cfg.seed)  # head init (dropout has its own generator)
     head = build_head(cfg.head_spec(data.dim, data.num_classes), cfg.seed).to(device)
     optimizer = make_optimizer(head.parameters(), cfg)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of everything else
-    steps_per_epoch = -(-len(x_train) // cfg.batch_size)
+    steps_per_epoch = -(-n_train // cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     result = TrainResult(best_state={}, best_epoch=0, best_val_acc=-1.0)
@@ -142,10 +149,10 @@ def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True,
             x_train = sample_views(data.train_views, view_generator)
         lr = optimizer.param_groups[0]["lr"]
         losses, correct = [], torch.zeros((), device=device)
-        for idx in batch_order(len(x_train), cfg.batch_size, generator):
-            idx = idx.to(device, non_blocking=True)
-            logits = head(normalizer(x_train.index_select(0, idx)))
-            target = y_train.index_select(0, idx)
+        batches = (data.stream.iterate_batches(cfg.batch_size, generator) if data.stream is not None
+                   else iterate_batches(x_train, y_train, cfg.batch_size, generator, order_fn))
+        for features, target in batches:
+            logits = head(normalizer(features))
             loss = loss_fn(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,7 +164,7 @@ def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True,
         result.step_losses += epoch_losses.tolist()
         val_acc = (predict_logits(head, normalizer, x_val).argmax(1) == y_val).sum().item() / len(y_val)
         row = {"epoch": epoch, "lr": lr, "train_loss": epoch_losses.mean().item(),
-               "train_acc": correct.item() / len(x_train), "val_acc": val_acc}
+               "train_acc": correct.item() / n_train, "val_acc": val_acc}
         result.history.append(row)
         if val_acc > result.best_val_acc:
             result.best_val_acc, result.best_epoch, stale = val_acc, epoch, 0

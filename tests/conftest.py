@@ -71,7 +71,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 
 
 def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes=6, separation=0.4, seed=0,
-                         splits=("train", "val", "test")) -> Path:
+                         splits=("train", "val", "test"), shard_rows: int | None = None) -> Path:
     """A cache of Gaussian class clusters: separable but not trivially (a few % of errors), written through
     the real shard writer so readers see exactly what `features` produces."""
     from dinoprobe import cache
@@ -88,8 +88,13 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
         x = centres[labels] + rng.normal(0, 1.0, (count, dim))
         rows = {"cls": x.astype(np.float32), "patch_mean": (x + rng.normal(0, 1.0, x.shape)).astype(np.float32),
                 "label": labels, "index": np.arange(count), "path": [f"synthetic:{split}:{i}" for i in range(count)]}
-        entry = cache.write_shard(cache_dir, split, 0, 0, count, rows, "float32", [])
-        manifest["splits"][split]["shards"].append(entry)
+        step = shard_rows or max(count, 1)
+        for number, start in enumerate(range(0, max(count, 1), step)):
+            stop = min(start + step, count)
+            part = {k: v[start:stop] for k, v in rows.items()}
+            part["index"] = np.arange(start, stop)
+            entry = cache.write_shard(cache_dir, split, number, start, stop, part, "float32", [])
+            manifest["splits"][split]["shards"].append(entry)
         manifest["splits"][split]["complete"] = True
     cache.write_json_atomic(cache_dir / "manifest.json", manifest)
     return cache_dir

@@ -1,0 +1,102 @@
+"""Training on caches larger than memory: train features read from HDF5 one read-ahead buffer at a time.
+
+An epoch visits the shards in a shuffled order, a buffer of a few shards at a time, rows shuffled within the
+buffer (`streaming_order`). Given the same order, streamed and in-memory training see identical batches, so they
+give identical results (tested). Labels and the val/test splits stay in memory: they are small.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.tensors import feature_parts
+
+
+def streaming_plan(rows_per_shard: list[int], buffer_shards: int, generator: torch.Generator):
+    """One epoch: [(shards of a read-ahead buffer, their global rows shuffled)], buffers in shuffled shard order."""
+    offsets = np.concatenate([[0], np.cumsum(rows_per_shard)]).astype(np.int64)
+    shard_order = torch.randperm(len(rows_per_shard), generator=generator).tolist()
+    plan = []
+    for i in range(0, len(shard_order), buffer_shards):
+        group = shard_order[i:i + buffer_shards]
+        rows = torch.cat([torch.arange(int(offsets[s]), int(offsets[s + 1])) for s in group])
+        plan.append((group, rows[torch.randperm(len(rows), generator=generator)]))
+    return plan
+
+
+def streaming_order(rows_per_shard: list[int], buffer_shards: int, generator: torch.Generator) -> torch.Tensor:
+    """The global row order of `streaming_plan`: what in-memory training must follow to match streaming."""
+    plan = streaming_plan(rows_per_shard, buffer_shards, generator)
+    return torch.cat([rows for _, rows in plan]) if plan else torch.zeros(0, dtype=torch.long)
+
+
+def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, order_fn=None):
+    """In-memory mini-batches: a permutation (or the given order function's order) cut into batches."""
+    order = order_fn(len(x), generator) if order_fn else torch.randperm(len(x), generator=generator)
+    for idx in order.split(batch_size):
+        idx = idx.to(x.device, non_blocking=True)
+        yield x.index_select(0, idx), y.index_select(0, idx)
+
+
+class StreamedTrainSplit:
+    """The train split's features on disk, read a buffer of shards at a time within a memory budget."""
+
+    def __init__(self, cache_dir, manifest: dict, feature: str, labels: torch.Tensor, max_bytes: int, device):
+        self.cache_dir, self.parts, self.device = Path(cache_dir), feature_parts(feature), device
+        shards = sorted(manifest["splits"]["train"]["shards"], key=lambda s: s["start"])
+        self.files = [self.cache_dir / s["file"] for s in shards if s["rows"]]
+        self.rows = [s["rows"] for s in shards if s["rows"]]
+        self.dim = manifest["feature_dim"] * len(self.parts)
+        self.labels = labels.to(device)
+        shard_bytes = max(self.rows) * self.dim * 4
+        self.buffer_shards = max(1, int(max_bytes // shard_bytes))  # at least one shard, whatever the budget
+
+    def __len__(self) -> int:
+        return sum(self.rows)
+
+    def order(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if n != len(self):
+            raise DinoprobeError(f"streaming order for {n} rows asked of a split with {len(self)}")
+        return streaming_order(self.rows, self.buffer_shards, generator)
+
+    def _read(self, shard: int) -> torch.Tensor:
+        with h5py.File(self.files[shard], "r") as fh:
+            return torch.from_numpy(np.concatenate([fh[p][...].astype(np.float32) for p in self.parts], axis=1))
+
+    def iterate_batches(self, batch_size: int, generator: torch.Generator):
+        """The batches of `streaming_order`, holding only the current buffer's shards in memory."""
+        offsets = np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
+        carry_x = carry_y = None  # a partial batch carried into the next buffer, so batches match the order
+        plan = streaming_plan(self.rows, self.buffer_shards, generator)
+        for number, (group, rows) in enumerate(plan):
+            buffer = torch.cat([self._read(s) for s in group])
+            start_in_buffer = np.zeros(len(self.rows), dtype=np.int64)
+            start_in_buffer[group] = np.concatenate([[0], np.cumsum([self.rows[s] for s in group])[:-1]])
+            shard = np.searchsorted(offsets, rows.numpy(), side="right") - 1
+            local = torch.from_numpy(start_in_buffer[shard] + rows.numpy() - offsets[shard])
+            x = buffer.index_select(0, local).to(self.device, non_blocking=True)
+            y = self.labels.index_select(0, rows.to(self.labels.device))
+            if carry_x is not None:
+                x, y = torch.cat([carry_x, x]), torch.cat([carry_y, y])
+            last = number == len(plan) - 1
+            full = len(x) if last else len(x) - len(x) % batch_size
+            for begin in range(0, full, batch_size):
+                yield x[begin:begin + batch_size], y[begin:begin + batch_size]
+            carry_x, carry_y = x[full:], y[full:]
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (unbiased) std per dimension in one streamed pass, for --normalize standardize."""
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        squares = torch.zeros(self.dim, dtype=torch.float64)
+        for shard in range(len(self.files)):
+            x = self._read(shard).double()
+            total += x.sum(0)
+            squares += (x * x).sum(0)
+        n = len(self)
+        mean = total / n
+        var = (squares - n * mean * mean) / max(1, n - 1)
+        return mean.float().to(self.device), var.clamp_min(0).sqrt().float().to(self.device)
