@@ -125,6 +125,26 @@ def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device:
     return summary.images_per_second
 
 
+def processes_section(folder: Path, size: int, batch: int) -> dict:
+    """`features` images/s as reported by the CLI, one process vs `torchrun` with 2 (gloo on CPU)."""
+    import re
+    import subprocess
+    import sys
+
+    rates = {}
+    for n in (1, 2):
+        cache_dir = folder.parent / f"procs-{n}"
+        args = ["-m", "dinoprobe", "features", "--data", str(folder), "--weights", "random", "--image-size",
+                str(size), "--batch-size", str(batch), "--cache", str(cache_dir)]
+        cmd = [sys.executable, *args] if n == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800).stdout
+        found = re.search(r"\(([0-9.]+) images/s\)", out)
+        rates[str(n)] = float(found.group(1)) if found else float("nan")
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return rates
+
+
 # ----------------------------------------------------------------------------------- 4. original vs cached
 def original_vs_cached(data_root: Path, size: int, epochs_list, tmp: Path, device: str) -> list[dict]:
     from dinoprobe.backbone import build_backbone
@@ -275,17 +295,21 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
         if jpegs:
             source = open_source(str(jpeg_folder(tmp / "jpegs", jpegs, cfg["pipeline_images"])))
             arrays = array_source(cfg["array_images"])
-            runs = {"jpeg": [], "jpeg_1_worker": [], "arrays": [], "bare": []}
+            from dinoprobe.device import default_workers
+
+            workers = default_workers(dev)
+            runs = {"jpeg": [], "jpeg_2_workers": [], "arrays": [], "bare": []}
             for _ in range(max(2, reps - 1)):
                 runs["bare"].append(forward_rate(backbone, batch, size, dev, precision, 2))
-                runs["jpeg"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
-                runs["jpeg_1_worker"].append(pipeline_rate(backbone, source, tmp, batch, 1, device))
-                runs["arrays"].append(pipeline_rate(backbone, arrays, tmp, batch, 2, device))
+                runs["jpeg"].append(pipeline_rate(backbone, source, tmp, batch, workers, device))
+                runs["jpeg_2_workers"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
+                runs["arrays"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device))
             bare = statistics.median(runs["bare"])
-            pipeline = {"batch_size": batch, "workers": 2, "bare_forward_images_per_s": bare,
+            pipeline = {"batch_size": batch, "workers": workers, "bare_forward_images_per_s": bare,
                         "jpeg_images_per_s": statistics.median(runs["jpeg"]),
-                        "jpeg_1_worker_images_per_s": statistics.median(runs["jpeg_1_worker"]),
+                        "jpeg_2_workers_images_per_s": statistics.median(runs["jpeg_2_workers"]),
                         "arrays_images_per_s": statistics.median(runs["arrays"])}
+            pipeline["processes"] = processes_section(tmp / "jpegs", size, batch)
             pipeline["jpeg_fraction_of_forward"] = pipeline["jpeg_images_per_s"] / bare
             pipeline["arrays_fraction_of_forward"] = pipeline["arrays_images_per_s"] / bare
         results["pipeline"] = pipeline
@@ -327,11 +351,16 @@ def markdown(r: dict) -> str:
                          f"{rate / fw['images_per_s']:.2f} |")
     p = r.get("pipeline") or {}
     if p:
-        lines.append(f"| `features` on JPEGs ({size} px, batch {p['batch_size']}, {p['workers']} workers, HDF5 write) | "
+        lines.append(f"| `features` on JPEGs ({size} px, batch {p['batch_size']}, workers auto = {p['workers']}, HDF5 "
+                     f"write) | "
                      f"{p['jpeg_images_per_s']:.1f} images/s | bare forward {p['bare_forward_images_per_s']:.1f} images/s "
                      f"| {p['jpeg_fraction_of_forward']:.2f} |")
-        lines.append(f"| `features` on JPEGs, 1 worker | {p['jpeg_1_worker_images_per_s']:.1f} images/s | bare forward | "
-                     f"{p['jpeg_1_worker_images_per_s'] / p['bare_forward_images_per_s']:.2f} |")
+        lines.append(f"| `features` on JPEGs, 2 worker processes | {p['jpeg_2_workers_images_per_s']:.1f} images/s | "
+                     f"bare forward | {p['jpeg_2_workers_images_per_s'] / p['bare_forward_images_per_s']:.2f} |")
+        pr = p.get("processes")
+        if pr:
+            lines.append(f"| `torchrun` 2 CPU processes (gloo), `features` on JPEGs | {pr['2']:.1f} images/s | "
+                         f"1 process {pr['1']:.1f} images/s | {pr['2'] / pr['1']:.2f} |")
         lines.append(f"| `features` on CIFAR-format arrays (batched tensor resize) | {p['arrays_images_per_s']:.1f} "
                      f"images/s | bare forward | {p['arrays_fraction_of_forward']:.2f} |")
     for row in r.get("original_vs_dinoprobe", []):

@@ -153,16 +153,20 @@ def _rows(cache_dir):
     return out
 
 
-def kill_during_extraction(root, cache_dir, after_shards: int, timeout=120) -> bool:
-    """Start `features`, SIGKILL it once `after_shards` shards are recorded; True if it was killed mid-run."""
+def kill_during_extraction(root, cache_dir, after_shards: int, timeout=120, jitter: float = 0.0) -> bool:
+    """Start `features`, SIGKILL it once `after_shards` shards are recorded (0: during start-up, after
+    `jitter` seconds); True if it was killed before finishing."""
     proc = subprocess.Popen(_features_cmd(root, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=REPO)
     deadline = time.time() + timeout
     manifest_path = cache_dir / "manifest.json"
     while proc.poll() is None and time.time() < deadline:
         try:
-            manifest = json.loads(manifest_path.read_text())
-            if sum(len(s["shards"]) for s in manifest["splits"].values()) >= after_shards:
+            if after_shards == 0 or sum(len(s["shards"]) for s in
+                                        json.loads(manifest_path.read_text())["splits"].values()) >= after_shards:
+                time.sleep(jitter)
+                if proc.poll() is not None:
+                    break
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 return True
@@ -190,7 +194,7 @@ def test_resume_after_sigkill_gives_exactly_the_uninterrupted_rows(tmp_path):
 @pytest.mark.slow
 def test_features_end_to_end_on_real_jpegs(hymenoptera, tmp_path):
     proc = run_cli("features", "--data", hymenoptera, "--weights", "random", "--image-size", SIZE,
-                   "--cache", tmp_path / "c", "--batch-size", 8, check=True)
+                   "--cache", tmp_path / "c", "--batch-size", 8, check=True, in_process=False)
     assert "train 50, val 20 rows; 0 skipped" in proc.stdout
     assert "RANDOM weights" in proc.stderr
     assert run_cli("cache", "verify", tmp_path / "c", check=True).stdout.startswith("ok:")
@@ -200,7 +204,9 @@ def test_features_end_to_end_on_real_jpegs(hymenoptera, tmp_path):
 
 
 def test_features_cli_errors(tmp_path):
-    assert_clean_error(run_cli("features", "--data", tmp_path / "nope", "--weights", "random"), "not a folder")
+    # one real process: the message a user sees, with nothing else on stderr
+    assert_clean_error(run_cli("features", "--data", tmp_path / "nope", "--weights", "random", in_process=False),
+                       "not a folder")
     root = make_folder(tmp_path / "d", per_class=2)
     assert_clean_error(run_cli("features", "--data", root, "--model", "resnet_nope"), "unknown model")
     (tmp_path / "w.pth").write_bytes(b"\x80garbage")
