@@ -24,12 +24,13 @@ import torch
 SCALES = {
     # small: the whole run in under ~3 minutes on 2 CPU cores
     "small": dict(image_size=224, batch_size=8, batch_sizes=(8,), repeats=3, pipeline_images=64, array_images=64,
-                  original_size=64, original_images=8, original_epochs=(5, 100), head_rows=50_000, head_epochs=100,
+                  original_size=64, original_images=8, original_epochs=(5, 100), original_workers=0,
+                  head_rows=50_000, head_epochs=100,
                   mlp_epochs=10, large_batch=False,
                   sweep_configs=32, sweep_rows=5_000, sweep_epochs=10, logreg_rows=3_000,
                   transformers_images=8),
     "full": dict(image_size=224, batch_size=8, batch_sizes=(1, 8, 16, 32, 64), repeats=5, pipeline_images=256,
-                 array_images=256, original_size=224, original_images=70, original_epochs=(5, 100),
+                 array_images=256, original_size=224, original_images=70, original_epochs=(5, 100), original_workers=2,
                  head_rows=50_000, head_epochs=100, mlp_epochs=100, large_batch=True, sweep_configs=32, sweep_rows=50_000, sweep_epochs=100,
                  logreg_rows=50_000, transformers_images=32),
 }
@@ -146,7 +147,7 @@ def processes_section(folder: Path, size: int, batch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------- 4. original vs cached
-def original_vs_cached(data_root: Path, size: int, epochs_list, tmp: Path, device: str) -> list[dict]:
+def original_vs_cached(data_root: Path, size: int, epochs_list, tmp: Path, device: str, workers: int) -> list[dict]:
     from dinoprobe.backbone import build_backbone
     from dinoprobe.data import open_source
     from dinoprobe.extract import extract
@@ -161,15 +162,15 @@ def original_vs_cached(data_root: Path, size: int, epochs_list, tmp: Path, devic
         # the original script: MLP head, Adam 1e-3, backbone over every image every epoch
         cfg = TrainConfig(head="mlp", optimizer="adam", lr=1e-3, batch_size=32, epochs=epochs)
         _, original = train_backbone_in_loop(backbone, source.splits["train"], source.splits["val"],
-                                             len(source.classes), cfg, workers=2)
+                                             len(source.classes), cfg, workers=workers)
         start = time.perf_counter()
         cache_dir = tmp / f"orig-cache-{epochs}"
-        extract(backbone, source, cache_dir, batch_size=8, workers=2, device=device, progress=False)
+        extract(backbone, source, cache_dir, batch_size=8, device=device, progress=False)
         extract_s = time.perf_counter() - start
         _, _, cached = train_head(load_feature_splits(cache_dir, "cls"), cfg, progress=False)
         total = time.perf_counter() - start
         shutil.rmtree(cache_dir, ignore_errors=True)
-        rows.append({"epochs": epochs, "images": len(source.splits["train"]) + len(source.splits["val"]),
+        rows.append({"epochs": epochs, "images": len(source.splits["train"]) + len(source.splits["val"]), "workers": workers,
                      "image_size": size, "original_s": original.seconds, "features_s": extract_s,
                      "probe_s": cached.seconds, "dinoprobe_s": total, "speedup": original.seconds / total})
     return rows
@@ -318,7 +319,7 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
         if data_root:
             subset = jpeg_folder(tmp / "original", jpegs, cfg["original_images"])
             results["original_vs_dinoprobe"] = original_vs_cached(subset, cfg["original_size"], cfg["original_epochs"],
-                                                                  tmp, device)
+                                                                  tmp, device, cfg["original_workers"])
         log("5/6 heads, sweep, logreg")
         results["heads"] = heads_section(cfg, dev)
         log("6/6 transformers route")
@@ -365,7 +366,8 @@ def markdown(r: dict) -> str:
         lines.append(f"| `features` on CIFAR-format arrays (batched tensor resize) | {p['arrays_images_per_s']:.1f} "
                      f"images/s | bare forward | {p['arrays_fraction_of_forward']:.2f} |")
     for row in r.get("original_vs_dinoprobe", []):
-        lines.append(f"| original method, {row['epochs']} epochs ({row['images']} images, {row['image_size']} px) | "
+        lines.append(f"| original method, {row['epochs']} epochs ({row['images']} images, {row['image_size']} px, "
+                     f"{row.get('workers', 2)} loader workers) | "
                      f"{row['original_s']:.1f} s | features + probe {row['dinoprobe_s']:.1f} s "
                      f"({row['features_s']:.1f} + {row['probe_s']:.2f}) | **{row['speedup']:.1f}x** |")
     h = r["heads"]
