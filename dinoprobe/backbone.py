@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from dinoprobe.cache import sha256_file as file_sha256
 from dinoprobe.errors import DinoprobeError
 
 DEFAULT_MODEL = "vit_small_patch16_dinov3.lvd1689m"
@@ -290,14 +291,6 @@ def load_strict(model: nn.Module, state: dict, source: Path | str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ hashing
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key in sorted(state):
