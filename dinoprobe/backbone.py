@@ -24,7 +24,6 @@ from dinoprobe.errors import DinoprobeError
 
 DEFAULT_MODEL = "vit_small_patch16_dinov3.lvd1689m"
 RANDOM_SEED = 0
-FEATURE_KINDS = ("cls", "patch_mean")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
 

@@ -3,7 +3,6 @@ import json
 import time
 
 import pytest
-import timm
 import torch
 
 from conftest import MODEL, SIZE, assert_clean_error, run_cli

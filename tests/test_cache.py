@@ -13,7 +13,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import MODEL, REPO, SIZE, assert_clean_error, make_folder, run_cli, write_image
+from conftest import MODEL, REPO, SIZE, assert_clean_error, make_folder, run_cli
 from dinoprobe import cache
 from dinoprobe.data import open_source
 from dinoprobe.errors import DinoprobeError

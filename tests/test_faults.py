@@ -8,14 +8,13 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, SIZE, make_folder, write_image
+from conftest import REPO, make_folder, write_image
 from dinoprobe import cache
 from dinoprobe.cli import main
 from dinoprobe.data import open_source

@@ -11,7 +11,7 @@ from dinoprobe import cache
 from dinoprobe.baselines import fit_logreg_batched, fit_logreg_sklearn, knn_scores, logreg_protocol
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.sweep import (DINOV3_LINEAR_LRS, dinov3_linear_grid, expand_grid, head_bytes, plan_groups,
-                             run_sweep, train_group)
+                             run_sweep)
 from dinoprobe.tensors import load_feature_splits
 from dinoprobe.train import TrainConfig, train_head
 
