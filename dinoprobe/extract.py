@@ -206,17 +206,21 @@ def distributed_context(device: torch.device) -> tuple[int, int]:
 
 
 class FixedBatchForward:
-    """torch.compile'd backbone that always sees the same batch shape: a short last batch is zero-padded, so
-    the compiled graph is never rebuilt (a recompile costs about as much as the first compile)."""
+    """A torch.compile'd backbone that only ever sees one batch shape: inputs are cut into chunks of
+    `batch_size` and a short last chunk is zero-padded, so neither the last batch of a split nor the B x K
+    augmented views of a batch trigger a recompile (which costs about as much as the first compile)."""
 
-    def __init__(self, model: Backbone, batch_size: int):
-        self.compiled, self.batch_size = torch.compile(model), batch_size
+    def __init__(self, model: Backbone, batch_size: int, backend: str = "inductor"):
+        self.compiled, self.batch_size = torch.compile(model, backend=backend), batch_size
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = x.shape[0]
-        if n < self.batch_size:
-            x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
-        return {k: v[:n] for k, v in self.compiled(x).items()}
+        outputs = []
+        for chunk in x.split(self.batch_size):
+            n = chunk.shape[0]
+            if n < self.batch_size:
+                chunk = torch.cat([chunk, chunk.new_zeros(self.batch_size - n, *chunk.shape[1:])])
+            outputs.append({k: v[:n] for k, v in self.compiled(chunk).items()})
+        return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
 
 
 def _pending_ranges(n: int, shard_size: int, done: set[int]) -> list[tuple[int, int, int]]:

@@ -213,3 +213,27 @@ def test_features_cli_errors(tmp_path):
     assert_clean_error(run_cli("features", "--data", root, "--weights", tmp_path / "w.pth"), "cannot read weights")
     proc = run_cli("features", "--data", root, "--batch-size", 0)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_compiled_forward_sees_one_batch_shape_and_gives_the_eager_features(backbone):
+    """--compile: the last short batch and B x K view batches are chunked/padded, never a new shape."""
+    from dinoprobe.extract import FixedBatchForward
+
+    shapes = []
+
+    def recording_backend(graph_module, example_inputs):
+        shapes.append(tuple(example_inputs[0].shape) if example_inputs else None)
+        return graph_module.forward
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    forward = FixedBatchForward(backbone, batch_size=4, backend=recording_backend)
+    with torch.inference_mode():  # as in extraction, where inputs are made under inference_mode
+        x = torch.randn(11, 3, SIZE, SIZE)  # 4 + 4 + 3 (padded): like views of a batch, or a split's last batch
+        got, expected = forward(x), backbone(x)
+        forward(x[:7])  # another size: still the same compiled shape
+    assert {k: v.shape for k, v in got.items()} == {"cls": (11, 384), "patch_mean": (11, 384)}
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4)
+    assert len(shapes) == 1  # compiled once, for the (4, 3, S, S) shape only
