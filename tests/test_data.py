@@ -122,3 +122,48 @@ def test_dataset_returns_a_reason_instead_of_raising(tmp_path, backbone):
     ds = ImageFileDataset([(str(tmp_path / "bad.jpg"), 0), (str(tmp_path / "ok.png"), 1)], backbone.data_config)
     assert ds[0][0] is None and "0 bytes" in ds[0][3]
     assert ds[1][0].shape == (3, 32, 32) and ds[1][0].dtype == torch.uint8
+
+
+def _fake_cifar10(root, per_batch=20, n_test=30, seed=0):
+    """A tiny CIFAR-10 in torchvision's on-disk format (pickled batches, as the real archive ships them)."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else per_batch
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
+
+
+def test_cifar_source_end_to_end(tmp_path, backbone, monkeypatch):
+    import torchvision
+
+    from dinoprobe import cache
+    from dinoprobe.data import Preprocess
+    from dinoprobe.extract import extract
+
+    _fake_cifar10(tmp_path / "data")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    source = open_source("cifar10", str(tmp_path / "data"))
+    assert source.classes == [f"c{i}" for i in range(10)]
+    assert {s: len(v) for s, v in source.splits.items()} == {"train": 90, "val": 10, "test": 30}
+    assert sorted(lab for _, lab in source.splits["val"]) == list(range(10))  # stratified
+    rows = {p for p, _ in source.splits["train"]} | {p for p, _ in source.splits["val"]}
+    assert rows == {f"cifar10:train:{i}" for i in range(100)}
+    extract(backbone, source, tmp_path / "c", batch_size=16, workers=0, dtype="float32", progress=False)
+    val = cache.load(tmp_path / "c", "val", "cls")
+    original = int(val["path"][3].split(":")[-1])  # the 4th val row comes from this training image
+    pixels = torch.from_numpy(source.arrays["val"][3]).permute(2, 0, 1)[None]
+    raw = torchvision.datasets.CIFAR10(str(tmp_path / "data"), train=True).data[original]
+    assert np.array_equal(source.arrays["val"][3], raw)  # arrays and paths agree after the carve
+    with torch.inference_mode():
+        expected = backbone(Preprocess(backbone.data_config)(pixels))["cls"][0].numpy()
+    assert np.abs(val["cls"][3] - expected).max() < 1e-4
+    assert val["label"][3] == source.splits["val"][3][1]
