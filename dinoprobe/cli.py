@@ -10,6 +10,7 @@ import click
 from dinoprobe import __version__
 from dinoprobe.errors import DinoprobeError
 
+# = backbone.DEFAULT_MODEL, repeated so `--help` and usage errors answer without importing torch and timm
 DEFAULT_MODEL = "vit_small_patch16_dinov3.lvd1689m"
 POSITIVE_INT = click.IntRange(min=1)
 PROBABILITY = click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True)
@@ -329,8 +330,8 @@ def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, views, max_
     from dinoprobe.device import resolve_device
     from dinoprobe.heads import build_head
     from dinoprobe.runs import write_run
-    from dinoprobe.sweep import (dinov3_linear_grid, expand_grid, plot_sweep, results_table, run_sweep,
-                                 write_results)
+    from dinoprobe.sweep import (GRID_FIELDS, dinov3_linear_grid, expand_grid, plot_sweep, results_table,
+                                 run_sweep, write_results)
     from dinoprobe.tensors import load_feature_splits
     from dinoprobe.train import TrainConfig
 
@@ -362,8 +363,7 @@ def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, views, max_
     head.load_state_dict(best.result.best_state)
     metrics = write_run(out / "best", head.eval(), spec, best.normalizer, data, best.result, best.config.to_dict(),
                         {"cache": str(cache_dir), "sweep": str(out)})
-    varying = [k for k in ("head", "lr", "weight_decay", "hidden", "dropout", "optimizer", "label_smoothing",
-                           "feature", "normalize", "epochs", "batch_size", "seed") if len({r[k] for r in rows}) > 1]
+    varying = [k for k in GRID_FIELDS if len({r[k] for r in rows}) > 1]
     columns = varying + ["best_epoch", "val_top1"]
     click.echo("  ".join(f"{c:>12}" for c in columns))
     for row in rows[:top]:
