@@ -26,7 +26,7 @@ SCALES = {
     "small": dict(image_size=224, batch_size=8, batch_sizes=(8,), repeats=3, pipeline_images=64, array_images=64,
                   original_size=64, original_images=8, original_epochs=(5, 100), original_workers=0,
                   head_rows=50_000, head_epochs=100,
-                  mlp_epochs=10, large_batch=False,
+                  mlp_epochs=10, large_batch=True,
                   sweep_configs=32, sweep_rows=5_000, sweep_epochs=10, logreg_rows=3_000,
                   transformers_images=8),
     "full": dict(image_size=224, batch_size=8, batch_sizes=(1, 8, 16, 32, 64), repeats=5, pipeline_images=256,
@@ -116,14 +116,31 @@ def array_source(count: int, seed: int = 0):
     return DataSource("cifar10", "bench-arrays", [str(i) for i in range(10)], splits, None, arrays)
 
 
-def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device: str) -> float:
+def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device: str, decoder: str = "pil") -> float:
     from dinoprobe.extract import extract
 
     cache_dir = tmp / f"cache-{time.perf_counter_ns()}"
     summary = extract(backbone, source, cache_dir, batch_size=batch, workers=workers, device=device,
-                      progress=False)
+                      progress=False, decoder=decoder)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return summary.images_per_second
+
+
+def decode_rates(paths: list[str], config, repeats: int) -> dict:
+    """Decode + resize + crop alone (no backbone), images/s: PIL's reference path vs --decoder torchvision."""
+    from dinoprobe.data import load_rgb, worker_transform
+    from dinoprobe.decode import TorchvisionDecode
+
+    pil, tv = worker_transform(config), TorchvisionDecode(config)
+    decoders = {"pil": lambda p: pil(load_rgb(p)), "torchvision": tv}
+    times = {name: [] for name in decoders}
+    for _ in range(repeats):  # interleaved
+        for name, decode in decoders.items():
+            start = time.perf_counter()
+            for path in paths:
+                decode(path)
+            times[name].append(time.perf_counter() - start)
+    return {f"{name}_images_per_s": len(paths) / statistics.median(t) for name, t in times.items()}
 
 
 def processes_section(folder: Path, size: int, batch: int) -> dict:
@@ -273,11 +290,17 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
                                                                           for k, v in cfg.items()}}
     size, batch, reps = cfg["image_size"], cfg["batch_size"], cfg["repeats"]
     tmp = Path(tempfile.mkdtemp(prefix="dinoprobe-bench-"))
+    marks: list[tuple[str, float]] = []
+
+    def begin(name: str, message: str) -> None:  # wall time per section, so a slow run shows where it went
+        marks.append((name, time.perf_counter()))
+        log(message)
     try:
         backbone = build_backbone(weights="random", image_size=size, log=lambda *_: None)
         flops = model_facts(backbone)["flops_per_image"]
         backbone = backbone.to(dev)
-        log("1/6 roofline and 2/6 bare forward (interleaved: this machine's speed drifts by tens of %)")
+        begin("roofline_forward",
+              "1/6 roofline and 2/6 bare forward (interleaved: this machine's speed drifts by tens of %)")
         gemms, forwards = [], {b: [] for b in cfg["batch_sizes"]}
         forward_rate(backbone, batch, size, dev, precision, 1)  # warm-up
         for _ in range(reps):
@@ -291,7 +314,7 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
         results["forward"] = {"batch_size": batch, "images_per_s": forward[batch],
                               "fraction_of_roofline": forward[batch] / (gemm / flops),
                               "by_batch_size": {str(b): r for b, r in forward.items()}}
-        log("3/6 pipeline (features on JPEGs and CIFAR-format arrays, interleaved with bare forwards)")
+        begin("pipeline", "3/6 pipeline (features on JPEGs and CIFAR-format arrays, interleaved with bare forwards)")
         jpegs = sorted(p for p in (data_root or Path("/nonexistent")).rglob("*.jp*g")) if data_root else []
         pipeline: dict = {}
         if jpegs:
@@ -300,35 +323,43 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             from dinoprobe.device import default_workers
 
             workers = default_workers(dev)
-            runs = {"jpeg": [], "jpeg_2_workers": [], "arrays": [], "bare": []}
+            runs = {"jpeg": [], "jpeg_torchvision": [], "jpeg_2_workers": [], "arrays": [], "bare": []}
             for _ in range(max(2, reps - 1)):
                 runs["bare"].append(forward_rate(backbone, batch, size, dev, precision, 2))
                 runs["jpeg"].append(pipeline_rate(backbone, source, tmp, batch, workers, device))
+                runs["jpeg_torchvision"].append(pipeline_rate(backbone, source, tmp, batch, workers, device,
+                                                              "torchvision"))
                 runs["jpeg_2_workers"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
                 runs["arrays"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device))
             bare = statistics.median(runs["bare"])
             pipeline = {"batch_size": batch, "workers": workers, "bare_forward_images_per_s": bare,
                         "jpeg_images_per_s": statistics.median(runs["jpeg"]),
+                        "jpeg_torchvision_images_per_s": statistics.median(runs["jpeg_torchvision"]),
                         "jpeg_2_workers_images_per_s": statistics.median(runs["jpeg_2_workers"]),
                         "arrays_images_per_s": statistics.median(runs["arrays"])}
+            pipeline["decode_only"] = decode_rates([p for p, _ in source.splits["train"]], backbone.data_config,
+                                                   reps)
             pipeline["processes"] = processes_section(tmp / "jpegs", size, batch)
             pipeline["jpeg_fraction_of_forward"] = pipeline["jpeg_images_per_s"] / bare
             pipeline["arrays_fraction_of_forward"] = pipeline["arrays_images_per_s"] / bare
         results["pipeline"] = pipeline
-        log("4/6 original method vs features + probe")
+        begin("original_vs_dinoprobe", "4/6 original method vs features + probe")
         if data_root:
             subset = jpeg_folder(tmp / "original", jpegs, cfg["original_images"])
             results["original_vs_dinoprobe"] = original_vs_cached(subset, cfg["original_size"], cfg["original_epochs"],
                                                                   tmp, device, cfg["original_workers"])
-        log("5/6 heads, sweep, logreg")
+        begin("heads", "5/6 heads, sweep, logreg")
         results["heads"] = heads_section(cfg, dev)
-        log("6/6 transformers route")
+        begin("transformers", "6/6 transformers route")
         if jpegs:
             results["transformers"] = transformers_route(jpegs[: cfg["transformers_images"]], tmp, batch)
             if results["transformers"] and pipeline:
                 results["transformers"]["dinoprobe_jpeg_images_per_s"] = pipeline["jpeg_images_per_s"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    marks.append(("end", time.perf_counter()))
+    results["section_seconds"] = {a[0]: round(b[1] - a[1], 1) for a, b in zip(marks, marks[1:])}
+    results["total_seconds"] = round(marks[-1][1] - marks[0][1], 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     (out_dir / "results.md").write_text(markdown(results))
@@ -339,7 +370,8 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     gpu = f", GPU {m['gpu']}" if m["gpu"] else ", no GPU"
     lines = [f"`make bench BENCH_SCALE={r['scale']}` — {m['date']}; {m['cpu']} ({m['cores']} cores{gpu}); "
-             f"Python {m['python']}, torch {m['torch']}, timm {m['timm']}.", "",
+             f"Python {m['python']}, torch {m['torch']}, timm {m['timm']}."
+             + (f" The run took {r['total_seconds'] / 60:.1f} min." if "total_seconds" in r else ""), "",
              "| measurement | result | compared with | ratio |", "|---|---|---|---|"]
     rf, fw = r["roofline"], r["forward"]
     size = r["config"]["image_size"]
@@ -357,6 +389,15 @@ def markdown(r: dict) -> str:
                      f"write) | "
                      f"{p['jpeg_images_per_s']:.1f} images/s | bare forward {p['bare_forward_images_per_s']:.1f} images/s "
                      f"| {p['jpeg_fraction_of_forward']:.2f} |")
+        if "jpeg_torchvision_images_per_s" in p:
+            lines.append(f"| `features` on JPEGs, `--decoder torchvision` | {p['jpeg_torchvision_images_per_s']:.1f} "
+                         f"images/s | bare forward | "
+                         f"{p['jpeg_torchvision_images_per_s'] / p['bare_forward_images_per_s']:.2f} |")
+        d = p.get("decode_only")
+        if d:
+            lines.append(f"| JPEG decode + resize + crop only, `--decoder torchvision` | "
+                         f"{d['torchvision_images_per_s']:.0f} images/s | PIL {d['pil_images_per_s']:.0f} images/s | "
+                         f"**{d['torchvision_images_per_s'] / d['pil_images_per_s']:.1f}x** |")
         lines.append(f"| `features` on JPEGs, 2 worker processes | {p['jpeg_2_workers_images_per_s']:.1f} images/s | "
                      f"bare forward | {p['jpeg_2_workers_images_per_s'] / p['bare_forward_images_per_s']:.2f} |")
         pr = p.get("processes")

@@ -48,9 +48,10 @@ class DataSource:
                 digest.update(f"{split}\t{label}\t{path}\t{size}\n".encode())
         return digest.hexdigest()
 
-    def dataset(self, split: str, config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS, views=None):
+    def dataset(self, split: str, config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS, views=None, decode=None):
+        """decode: path -> uint8 tensor, replacing PIL for image files (see decode.py); arrays need none."""
         if self.kind == "folder":
-            return ImageFileDataset(self.splits[split], config, max_pixels, views)
+            return ImageFileDataset(self.splits[split], config, max_pixels, views, decode)
         return ArrayDataset(self.arrays[split], self.splits[split], views)
 
 
@@ -252,9 +253,13 @@ class Views:
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
+    """Items (pixels, label, index, skip reason, views): pixels uint8 (3, S, S) from PIL and the eval transform,
+    or whatever `decode(path)` returns (decode.py: the same from torchvision, or a JPEG's bytes)."""
+
     def __init__(self, samples: list[tuple[str, int]], config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 views: Views | None = None):
+                 views: Views | None = None, decode=None):
         self.samples, self.transform, self.max_pixels, self.views = samples, worker_transform(config), max_pixels, views
+        self.decode = decode
 
     def __len__(self):
         return len(self.samples)
@@ -262,10 +267,15 @@ class ImageFileDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            image = load_rgb(path, self.max_pixels)
+            if self.decode is None:
+                image = load_rgb(path, self.max_pixels)
+                pixels = self.transform(image)
+            else:
+                pixels = self.decode(path)
+                image = load_rgb(path, self.max_pixels) if self.views else None  # augmentations work on PIL images
         except SkippedInput as err:
             return None, label, index, str(err), None
-        return self.transform(image), label, index, None, self.views(image, index) if self.views else None
+        return pixels, label, index, None, self.views(image, index) if self.views else None
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -290,7 +300,10 @@ def collate(batch):
     if not good:
         return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped, None
     views = torch.stack([b[4] for b in good]) if good[0][4] is not None else None
-    return (torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.long),
+    pixels = [b[0] for b in good]
+    # encoded JPEGs, left for the device to decode (decode.py), cannot be stacked: they stay a list
+    pixels = torch.stack(pixels) if all(p.dim() == 3 for p in pixels) else pixels
+    return (pixels, torch.tensor([b[1] for b in good], dtype=torch.long),
             torch.tensor([b[2] for b in good], dtype=torch.long), skipped, views)
 
 

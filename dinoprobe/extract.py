@@ -20,17 +20,20 @@ from dinoprobe.backbone import Backbone
 from dinoprobe.cache import (MANIFEST, CacheLock, adopt_finished_shards, fingerprint_differences, new_manifest, now,
                              read_manifest, write_json_atomic, write_shard)
 from dinoprobe.data import DEFAULT_MAX_PIXELS, DataSource, Preprocess, Views, collate
+from dinoprobe.decode import DECODERS, DeviceDecoder, TorchvisionDecode
 from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
 from dinoprobe.errors import DinoprobeError
 
 
 def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precision: str, views: int = 0,
-                     augment: str | None = None) -> dict:
+                     augment: str | None = None, decoder: str = "pil", decode_device: str | None = None) -> dict:
     """Everything that changes the stored numbers. A cache is reused only when all of it matches."""
     fingerprint = {
         "model": backbone.model_name,
         "weights": {"source": backbone.weights.source, "sha256": backbone.weights.sha256},
         "transform": backbone.data_config.to_dict(),
+        # torchvision's resize differs from PIL's by a level or two; nvJPEG may differ from libjpeg-turbo
+        "decoder": {"name": decoder, "device": decode_device if decoder != "pil" else None},
         "dtype": dtype,
         "precision": precision,
         "data": {"kind": source.kind, "root": source.root, "file_list_sha256": source.file_list_sha256(),
@@ -103,6 +106,8 @@ def prepare_manifest(cache_dir: Path, fingerprint: dict, source: DataSource, sha
                      extra: dict) -> dict:
     existing = read_manifest(cache_dir) if not overwrite else None
     if existing is not None:
+        # caches written before the decoder was recorded were all decoded by PIL
+        existing["fingerprint"].setdefault("decoder", {"name": "pil", "device": None})
         diffs = fingerprint_differences(existing["fingerprint"], fingerprint)
         if diffs:
             raise DinoprobeError(f"cache {cache_dir} was built from a different request ({'; '.join(diffs[:4])}); "
@@ -123,7 +128,9 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
             workers: int | None = None, device: str = "auto", precision: str = "auto", dtype: str = "float16",
             shard_size: int = 4096, strict: bool = False, overwrite: bool = False,
             max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, compile: bool = False, views: int = 0,
-            augment: str = "light") -> ExtractionSummary:
+            augment: str = "light", decoder: str = "pil", decode_on_device: bool | None = None) -> ExtractionSummary:
+    """decoder: "pil" (timm's reference transform) or "torchvision" (decode.py); with torchvision, JPEGs are
+    decoded on the extraction device when `decode_on_device` (default: on CUDA), else in the loader workers."""
     cache_dir = Path(cache_dir)
     dev = resolve_device(device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
@@ -131,7 +138,15 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
         torch.cuda.set_device(dev)
     precision = resolve_precision(precision, dev)
     workers = default_workers(dev) if workers is None else workers
-    fingerprint = make_fingerprint(backbone, source, dtype, precision, views, augment)
+    if decoder not in DECODERS:
+        raise DinoprobeError(f"unknown decoder '{decoder}'; choose one of {', '.join(DECODERS)}")
+    if decoder != "pil" and source.kind != "folder":
+        raise DinoprobeError(f"--decoder {decoder} decodes image files; {source.kind} comes as decoded arrays, "
+                             "so leave --decoder at pil")
+    on_device = decoder != "pil" and (dev.type == "cuda" if decode_on_device is None else decode_on_device)
+    decode = TorchvisionDecode(backbone.data_config, max_pixels, encoded=on_device) if decoder != "pil" else None
+    fingerprint = make_fingerprint(backbone, source, dtype, precision, views, augment, decoder,
+                                   dev.type if on_device else "cpu")
     view_maker = Views(backbone.data_config, views, augment) if views else None
     extra = {"feature_dim": backbone.feature_dim, "dtype": dtype, "features": ["cls", "patch_mean"],
              "weights_location": backbone.weights.location, "val_split": source.val_split}
@@ -161,6 +176,7 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
         model = backbone.to(dev)
         forward = FixedBatchForward(model, batch_size) if compile else model
         preprocess = Preprocess(backbone.data_config).to(dev)
+        device_decoder = DeviceDecoder(backbone.data_config, dev, decode) if on_device else None
         writer = ShardWriter(cache_dir, manifest, dtype, update_manifest=world == 1)
         start_time = time.perf_counter()
         try:
@@ -168,7 +184,8 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
                 summary.computed += _extract_split(split, source, model, forward, preprocess, writer, manifest,
                                                    shard_size, dev, precision, batch_size, workers, strict,
                                                    max_pixels, progress and rank == 0, rank, world,
-                                                   view_maker if split == "train" else None)
+                                                   view_maker if split == "train" else None, decode,
+                                                   device_decoder)
         finally:
             writer.close()
         if world > 1:
@@ -229,14 +246,16 @@ def _pending_ranges(n: int, shard_size: int, done: set[int]) -> list[tuple[int, 
 
 
 def _extract_split(split, source, model, forward, preprocess, writer, manifest, shard_size, dev, precision, batch_size,
-                   workers, strict, max_pixels, progress, rank=0, world=1, views=None) -> int:
+                   workers, strict, max_pixels, progress, rank=0, world=1, views=None, decode=None,
+                   device_decoder=None) -> int:
     samples = source.splits[split]
     done = {s["start"] for s in manifest["splits"][split]["shards"]}
     pending = _pending_ranges(len(samples), shard_size, done)[rank::world]  # shards, not ranks, own rows
     if not pending:
         return 0
     indices = [i for _, start, stop in pending for i in range(start, stop)]
-    dataset = torch.utils.data.Subset(source.dataset(split, model.data_config, max_pixels, views), indices)
+    dataset = torch.utils.data.Subset(source.dataset(split, model.data_config, max_pixels, views, decode),
+                                      indices)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
         pin_memory=dev.type == "cuda", prefetch_factor=4 if workers > 0 else None,
@@ -251,6 +270,12 @@ def _extract_split(split, source, model, forward, preprocess, writer, manifest, 
     try:
         with torch.inference_mode():
             for pixels, labels, idx, skipped, view_pixels in loader:
+                if isinstance(pixels, list):  # JPEG bytes: decode on the device (decode.py)
+                    pixels, kept, failed = device_decoder(pixels, [samples[i][0] for i in idx.tolist()])
+                    skipped = skipped + [(int(idx[i]), reason) for i, reason in failed]
+                    keep = torch.tensor(kept, dtype=torch.long)
+                    labels, idx = labels[keep], idx[keep]
+                    view_pixels = view_pixels[keep] if view_pixels is not None else None
                 for index, reason in skipped:
                     path = samples[index][0]
                     if strict:

@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import Normalizer, build_head
-from dinoprobe.tensors import sample_views
+from dinoprobe.steps import smoothed_eye, soft_targets, softmax_cross_entropy
 from dinoprobe.stream import iterate_batches
+from dinoprobe.tensors import sample_views
 from dinoprobe.train import TrainConfig, TrainResult, make_scheduler
 
 GRID_FIELDS = ("head", "lr", "weight_decay", "hidden", "dropout", "optimizer", "label_smoothing", "feature",
@@ -131,6 +132,19 @@ class BatchedHeads(torch.nn.Module):
         w2, b2 = self.stacked[2], self.stacked[3]
         return torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))
 
+    @torch.no_grad()
+    def linear_step(self, x: torch.Tensor, soft_target: torch.Tensor):
+        """Linear heads only: logits (N, B, C), each head's loss (N,) and its gradients in closed form (no
+        autograd, see steps.py); both GEMMs cover every head at once."""
+        w, b = self.stacked[0], self.stacked[1]
+        n, classes = w.shape[:2]
+        logits = self(x)
+        loss, grad = softmax_cross_entropy(logits, soft_target)
+        flat = grad.transpose(0, 1).reshape(x.shape[0], n * classes)  # (B, N*C), the forward GEMM's layout
+        w.grad = (flat.t() @ x).view_as(w)
+        b.grad = grad.sum(1)
+        return loss, logits
+
     def head_state(self, i: int) -> dict[str, torch.Tensor]:
         return {name: p[i].detach().clone() for name, p in zip(self.names, self.stacked)}
 
@@ -204,6 +218,8 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
     optimizer = HeadwiseOptimizer(model.parameters(), configs, steps)
     generator = torch.Generator().manual_seed(base.seed)  # the same batch order each head would see alone
     smoothing = torch.tensor([c.label_smoothing for c in configs], device=device)
+    # soft targets per head, or one (C, C) table shared by all when their smoothing agrees (most grids)
+    eye = smoothed_eye(num_classes, smoothing if len(set(smoothing.tolist())) > 1 else base.label_smoothing, device)
     n = len(configs)
     results = [TrainResult(best_state={}, best_epoch=0, best_val_acc=-1.0) for _ in configs]
     stale, active = [0] * n, [True] * n
@@ -218,12 +234,16 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
         batches = (stream.iterate_batches(base.batch_size, generator) if stream is not None
                    else iterate_batches(x_train, y_train, base.batch_size, generator))
         for features, target in batches:
-            logits = model(normalizer(features))
-            loss = _per_head_loss(logits, target, smoothing)
-            model.zero_grad(set_to_none=True)
-            loss.sum().backward()  # heads are independent: each gets the gradient of its own loss
+            if model.kind == "linear":
+                loss, logits = model.linear_step(normalizer(features), soft_targets(eye, target))
+            else:
+                logits = model(normalizer(features))
+                loss = _per_head_loss(logits, target, smoothing)
+                model.zero_grad(set_to_none=True)
+                loss.sum().backward()  # heads are independent: each gets the gradient of its own loss
+                loss, logits = loss.detach(), logits.detach()
             optimizer.step()
-            losses.append(loss.detach())
+            losses.append(loss)
             correct += (logits.argmax(-1) == target).sum(1)
         epoch_losses = torch.stack(losses).cpu()  # (steps, N)
         model.eval()

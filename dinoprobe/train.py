@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import HEAD_KINDS, NORMALIZATIONS, HeadSpec, Normalizer, build_head
+from dinoprobe.steps import DirectUpdate, head_step
 from dinoprobe.stream import iterate_batches
 from dinoprobe.tensors import FEATURE_CHOICES, FeatureSplits, sample_views
 
@@ -136,7 +137,7 @@ def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True, des
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of everything else
     steps_per_epoch = -(-n_train // cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    step, update = head_step(head, cfg.label_smoothing), DirectUpdate(optimizer)  # see steps.py
     result = TrainResult(best_state={}, best_epoch=0, best_val_acc=-1.0)
     start, stale = time.perf_counter(), 0
     view_generator = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: batch order is unchanged
@@ -152,13 +153,10 @@ def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True, des
         batches = (data.stream.iterate_batches(cfg.batch_size, generator) if data.stream is not None
                    else iterate_batches(x_train, y_train, cfg.batch_size, generator, order_fn))
         for features, target in batches:
-            logits = head(normalizer(features))
-            loss = loss_fn(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = step(normalizer(features), target)
+            update()
             scheduler.step()
-            losses.append(loss.detach())
+            losses.append(loss)
             correct += (logits.argmax(1) == target).sum()
         epoch_losses = torch.stack(losses).cpu()
         result.step_losses += epoch_losses.tolist()

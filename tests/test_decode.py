@@ -1,0 +1,104 @@
+"""`--decoder torchvision`: pixels against PIL's reference transform, device decoding (run here on the CPU,
+the code path CUDA takes) against worker decoding, broken and non-JPEG files, and the cache fingerprint."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SIZE, assert_clean_error, run_cli, write_image
+from dinoprobe import cache
+from dinoprobe.data import SkippedInput, collate, load_rgb, open_source, worker_transform
+from dinoprobe.decode import DeviceDecoder, TorchvisionDecode
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract import extract
+
+
+@pytest.fixture(scope="module")
+def jpegs(hymenoptera):
+    return sorted(str(p) for p in hymenoptera.rglob("*.jpg"))[:24]
+
+
+def test_torchvision_pixels_match_pils_reference_transform(backbone, jpegs):
+    """Same decoder library (libjpeg-turbo); only the bicubic resize differs, by a level or two at most."""
+    config = backbone.data_config
+    pil, tv = worker_transform(config), TorchvisionDecode(config)
+    diffs = [(pil(load_rgb(p)).float() - tv(p).float()).abs() for p in jpegs]
+    assert all(d.shape == (3, SIZE, SIZE) for d in diffs)
+    assert max(d.max().item() for d in diffs) <= 3
+    assert np.mean([d.mean().item() for d in diffs]) < 0.25
+
+
+def test_device_decoding_equals_worker_decoding(backbone, jpegs, tmp_path):
+    """The batch path CUDA takes (bytes from the workers, one decode call on the device), run on the CPU."""
+    config = backbone.data_config
+    png = str(write_image(tmp_path / "x.png", 0, size=(50, 40)))
+    paths = jpegs[:5] + [png]
+    encoded = TorchvisionDecode(config, encoded=True)
+    items = [encoded(p) for p in paths]
+    assert [t.dim() for t in items] == [1] * 5 + [3]  # JPEG bytes; the PNG decoded by PIL in the worker
+    pixels, labels, index, skipped, _ = collate([(t, 0, i, None, None) for i, t in enumerate(items)])
+    assert isinstance(pixels, list) and not skipped
+    decoded, kept, failed = DeviceDecoder(config, torch.device("cpu"), encoded)(pixels, paths)
+    assert kept == list(range(6)) and failed == []
+    reference = TorchvisionDecode(config)
+    torch.testing.assert_close(decoded, torch.stack([reference(p) for p in paths]), atol=0, rtol=0)
+
+
+def test_broken_and_unusual_files_fall_back_or_are_skipped(backbone, jpegs, tmp_path):
+    config = backbone.data_config
+    truncated = tmp_path / "truncated.jpg"
+    data = open(jpegs[0], "rb").read()
+    truncated.write_bytes(data[:len(data) // 2])  # a whole header, half the scan
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.open(jpegs[1]).convert("CMYK").save(cmyk)
+    encoded = TorchvisionDecode(config, encoded=True)
+    assert encoded(str(cmyk)).dim() == 3  # not a plain JPEG: PIL decodes it in the worker
+    assert encoded(str(truncated)).dim() == 1  # the header is fine; the device finds out
+    paths = [str(truncated), jpegs[2]]
+    decoded, kept, failed = DeviceDecoder(config, torch.device("cpu"), encoded)(
+        [encoded(p) for p in paths], paths)
+    assert kept == [1] and decoded.shape == (1, 3, SIZE, SIZE)
+    assert failed[0][0] == 0 and "truncated" in failed[0][1].lower()  # PIL's reason, as with --decoder pil
+    with pytest.raises(SkippedInput, match="0 bytes"):  # what the worker hands on as a skip reason
+        empty = tmp_path / "empty.jpg"
+        empty.touch()
+        encoded(str(empty))
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_extract_with_the_torchvision_decoder(backbone, jpegs, tmp_path, on_device):
+    root = tmp_path / "data"
+    for i, path in enumerate(jpegs[:12]):
+        split, label = ("train" if i < 8 else "val"), ("a" if i % 2 else "b")
+        (root / split / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / split / label / f"{i}.jpg")
+    write_image(root / "train" / "a" / "z.png", 1)
+    data = open(jpegs[0], "rb").read()
+    (root / "train" / "b" / "broken.jpg").write_bytes(data[:len(data) // 2])
+    source = open_source(str(root))
+    kwargs = dict(batch_size=4, workers=0, dtype="float32", progress=False)
+    extract(backbone, source, tmp_path / "pil", **kwargs)
+    extract(backbone, source, tmp_path / "tv", decoder="torchvision", decode_on_device=on_device, **kwargs)
+    manifest = cache.read_manifest(tmp_path / "tv")
+    assert manifest["fingerprint"]["decoder"] == {"name": "torchvision", "device": "cpu"}
+    skipped = [s["path"] for sh in manifest["splits"]["train"]["shards"] for s in sh.get("skipped", [])]
+    assert skipped == [str(root / "train" / "b" / "broken.jpg")]
+    for split in ("train", "val"):
+        pil, tv = (cache.load(tmp_path / name, split) for name in ("pil", "tv"))
+        assert list(pil["path"]) == list(tv["path"])
+        a, b = torch.as_tensor(pil["cls"]), torch.as_tensor(tv["cls"])
+        cosine = torch.nn.functional.cosine_similarity(a, b)
+        assert cosine.min() > 0.9999, cosine  # a resize a level or two apart: the same features, nearly
+
+
+def test_decoder_is_part_of_the_fingerprint_and_refused_for_arrays(backbone, hymenoptera, tmp_path):
+    args = ["features", "--data", str(hymenoptera), "--weights", "random", "--image-size", str(SIZE),
+            "--cache", str(tmp_path / "c"), "--batch-size", "16"]
+    assert run_cli(*args).returncode == 0
+    assert_clean_error(run_cli(*args, "--decoder", "torchvision"), "decoder", "--overwrite")
+    source = open_source(str(hymenoptera))
+    source.kind = "cifar10"
+    with pytest.raises(DinoprobeError, match="leave --decoder at pil"):
+        extract(backbone, source, tmp_path / "arrays", decoder="torchvision", progress=False)
