@@ -23,16 +23,32 @@ import torch
 
 SCALES = {
     # small: the whole run in under ~3 minutes on 2 CPU cores
-    "small": dict(image_size=224, batch_size=8, batch_sizes=(8,), repeats=3, pipeline_images=64, array_images=64,
-                  original_size=64, original_images=8, original_epochs=(5, 100), original_workers=0,
-                  head_rows=50_000, head_epochs=100,
-                  mlp_epochs=10, large_batch=True,
-                  sweep_configs=32, sweep_rows=5_000, sweep_epochs=10, logreg_rows=3_000,
+    "small": dict(image_size=224, batch_size=8, batch_sizes=(8,), repeats=3, pipeline_images=48, array_images=48,
+                  worker_processes=False, process_images=24,
+                  original_size=64, original_images=6, original_epochs=(5, 100), original_workers=0,
+                  head_rows=50_000, head_epochs=100, reference_epochs=20, mlp_epochs=5, large_batch=True,
+                  sweep_configs=32, sweep_rows=5_000, sweep_epochs=10, logreg_rows=2_000,
                   transformers_images=8),
     "full": dict(image_size=224, batch_size=8, batch_sizes=(1, 8, 16, 32, 64), repeats=5, pipeline_images=256,
-                 array_images=256, original_size=224, original_images=70, original_epochs=(5, 100), original_workers=2,
-                 head_rows=50_000, head_epochs=100, mlp_epochs=100, large_batch=True, sweep_configs=32, sweep_rows=50_000, sweep_epochs=100,
-                 logreg_rows=50_000, transformers_images=32),
+                 array_images=256, worker_processes=True, process_images=256,
+                 original_size=224, original_images=70, original_epochs=(5, 100), original_workers=2,
+                 head_rows=50_000, head_epochs=100, reference_epochs=100, mlp_epochs=100, large_batch=True,
+                 sweep_configs=32, sweep_rows=50_000, sweep_epochs=100, logreg_rows=50_000, transformers_images=32),
+    # smoke: every section at toy sizes in well under a minute; checks that the benchmark runs (tests use it),
+    # its figures mean nothing
+    "smoke": dict(image_size=32, batch_size=4, batch_sizes=(4,), repeats=1, pipeline_images=8, array_images=8,
+                  worker_processes=False, process_images=4,
+                  original_size=32, original_images=4, original_epochs=(1, 2), original_workers=0,
+                  head_rows=1_000, head_epochs=2, reference_epochs=1, mlp_epochs=1, large_batch=True,
+                  sweep_configs=4, sweep_rows=500, sweep_epochs=2, logreg_rows=300, transformers_images=2),
+}
+# On CUDA the CPU sizes would measure launch overhead: issue 4's GPU goal is at 256 px with large batches, and
+# enough images that a pipeline run lasts seconds. (Not yet run on a GPU: none was available in development.)
+GPU_OVERRIDES = {
+    "small": dict(image_size=256, batch_size=256, batch_sizes=(256,), pipeline_images=4096, array_images=4096,
+                  process_images=2048),
+    "full": dict(image_size=256, batch_size=256, batch_sizes=(64, 128, 256, 512), pipeline_images=16384,
+                 array_images=16384, process_images=8192),
 }
 
 
@@ -215,11 +231,15 @@ def heads_section(cfg: dict, device) -> dict:
 
     out = {}
     data = synthetic_features(cfg["head_rows"], device=device)
-    runs = [("linear", "linear", cfg["head_epochs"], 256), ("mlp", "mlp", cfg["mlp_epochs"], 256)]
+    # linear_plain: the same head trained by autograd + Optimizer.step (the plain torch loop), the reference
+    # for the closed-form step (steps.py)
+    runs = [("linear_plain", "linear", cfg["reference_epochs"], 256, False),
+            ("linear", "linear", cfg["head_epochs"], 256, True), ("mlp", "mlp", cfg["mlp_epochs"], 256, True)]
     if cfg["large_batch"]:
-        runs.append(("linear_b1024", "linear", cfg["head_epochs"], 1024))
-    for name, head, epochs, batch in runs:
-        _, _, res = train_head(data, TrainConfig(head=head, epochs=epochs, batch_size=batch), progress=False)
+        runs.append(("linear_b1024", "linear", cfg["head_epochs"], 1024, True))
+    for name, head, epochs, batch, fast in runs:
+        _, _, res = train_head(data, TrainConfig(head=head, epochs=epochs, batch_size=batch), progress=False,
+                               fast_step=fast)
         out[f"{name}_s"], out[f"{name}_epochs"], out[f"{name}_batch"] = res.seconds, epochs, batch
     small = synthetic_features(cfg["sweep_rows"], device=device)
     lrs = np.logspace(-4, -1, cfg["sweep_configs"])
@@ -283,8 +303,8 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
     from dinoprobe.data import open_source
     from dinoprobe.device import resolve_device, resolve_precision
 
-    cfg = SCALES[scale]
     dev = resolve_device(device)
+    cfg = {**SCALES[scale], **(GPU_OVERRIDES.get(scale, {}) if dev.type == "cuda" else {})}
     precision = resolve_precision("auto", dev)
     results: dict = {"scale": scale, "machine": machine_info(), "config": {k: list(v) if isinstance(v, tuple) else v
                                                                           for k, v in cfg.items()}}
@@ -323,23 +343,25 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             from dinoprobe.device import default_workers
 
             workers = default_workers(dev)
-            runs = {"jpeg": [], "jpeg_torchvision": [], "jpeg_2_workers": [], "arrays": [], "bare": []}
+            runs = {"jpeg": [], "jpeg_torchvision": [], "arrays": [], "bare": []}
+            if cfg["worker_processes"]:
+                runs["jpeg_2_workers"] = []
             for _ in range(max(2, reps - 1)):
                 runs["bare"].append(forward_rate(backbone, batch, size, dev, precision, 2))
                 runs["jpeg"].append(pipeline_rate(backbone, source, tmp, batch, workers, device))
                 runs["jpeg_torchvision"].append(pipeline_rate(backbone, source, tmp, batch, workers, device,
                                                               "torchvision"))
-                runs["jpeg_2_workers"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
+                if cfg["worker_processes"]:
+                    runs["jpeg_2_workers"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
                 runs["arrays"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device))
             bare = statistics.median(runs["bare"])
             pipeline = {"batch_size": batch, "workers": workers, "bare_forward_images_per_s": bare,
-                        "jpeg_images_per_s": statistics.median(runs["jpeg"]),
-                        "jpeg_torchvision_images_per_s": statistics.median(runs["jpeg_torchvision"]),
-                        "jpeg_2_workers_images_per_s": statistics.median(runs["jpeg_2_workers"]),
-                        "arrays_images_per_s": statistics.median(runs["arrays"])}
+                        **{f"{name}_images_per_s": statistics.median(v) for name, v in runs.items() if name != "bare"}}
             pipeline["decode_only"] = decode_rates([p for p, _ in source.splits["train"]], backbone.data_config,
                                                    reps)
-            pipeline["processes"] = processes_section(tmp / "jpegs", size, batch)
+            pipeline["processes"] = processes_section(jpeg_folder(tmp / "procs", jpegs, cfg["process_images"]),
+                                                      size, batch)
+            pipeline["process_images"] = cfg["process_images"]
             pipeline["jpeg_fraction_of_forward"] = pipeline["jpeg_images_per_s"] / bare
             pipeline["arrays_fraction_of_forward"] = pipeline["arrays_images_per_s"] / bare
         results["pipeline"] = pipeline
@@ -398,8 +420,10 @@ def markdown(r: dict) -> str:
             lines.append(f"| JPEG decode + resize + crop only, `--decoder torchvision` | "
                          f"{d['torchvision_images_per_s']:.0f} images/s | PIL {d['pil_images_per_s']:.0f} images/s | "
                          f"**{d['torchvision_images_per_s'] / d['pil_images_per_s']:.1f}x** |")
-        lines.append(f"| `features` on JPEGs, 2 worker processes | {p['jpeg_2_workers_images_per_s']:.1f} images/s | "
-                     f"bare forward | {p['jpeg_2_workers_images_per_s'] / p['bare_forward_images_per_s']:.2f} |")
+        if "jpeg_2_workers_images_per_s" in p:
+            lines.append(f"| `features` on JPEGs, 2 worker processes | {p['jpeg_2_workers_images_per_s']:.1f} "
+                         f"images/s | bare forward | "
+                         f"{p['jpeg_2_workers_images_per_s'] / p['bare_forward_images_per_s']:.2f} |")
         pr = p.get("processes")
         if pr:
             lines.append(f"| `torchrun` 2 CPU processes (gloo), `features` on JPEGs | {pr['2']:.1f} images/s | "
@@ -415,6 +439,11 @@ def markdown(r: dict) -> str:
     rows = h["linear_s"] and r["config"]["head_rows"]
     lines.append(f"| {h['linear_epochs']} epochs linear head, {rows:,} x 384, batch {h['linear_batch']} | "
                  f"{h['linear_s']:.2f} s | target 5 s | {h['linear_s'] / 5:.2f} |")
+    if "linear_plain_s" in h:
+        plain = h["linear_plain_s"] / h["linear_plain_epochs"]
+        lines.append(f"| linear head per epoch, closed-form step (above) | {h['linear_s'] / h['linear_epochs']:.3f} s | "
+                     f"autograd + `Optimizer.step` {plain:.3f} s ({h['linear_plain_epochs']} epochs) | "
+                     f"**{plain / (h['linear_s'] / h['linear_epochs']):.1f}x** |")
     if "linear_b1024_s" in h:
         lines.append(f"| {h['linear_b1024_epochs']} epochs linear head, batch {h['linear_b1024_batch']} | "
                      f"{h['linear_b1024_s']:.2f} s | target 5 s | {h['linear_b1024_s'] / 5:.2f} |")

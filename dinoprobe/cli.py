@@ -459,8 +459,9 @@ def knn(cache_dir, out, feature, ks, temperature, device):
 
 # ------------------------------------------------------------------------------------------------------ bench
 @main.command()
-@click.option("--scale", type=click.Choice(["small", "full"]), default="small", show_default=True,
-              help="small: under ~3 minutes on 2 CPU cores; full: the long measurements")
+@click.option("--scale", type=click.Choice(["small", "full", "smoke"]), default="small", show_default=True,
+              help="small: under ~3 minutes on 2 CPU cores; full: the long measurements; smoke: seconds, toy "
+                   "sizes, checks that the benchmark runs (its figures mean nothing)")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data", "data_root", default=None, type=click.Path(),
               help="Folder of real JPEGs [default: ../shared/data/hymenoptera-mini if present]")

@@ -27,23 +27,26 @@ def smoothed_eye(classes: int, smoothing, device=None) -> torch.Tensor:
 
 
 def soft_targets(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, C) from a (C, C) smoothed_eye, or (N, B, C) from an (N, C, C) one."""
-    return eye.index_select(-2, target)
+    """Batch-first soft targets: (B, C) from a (C, C) smoothed_eye, (B, N, C) from an (N, C, C) one."""
+    rows = eye.index_select(-2, target)
+    return rows if eye.dim() == 2 else rows.transpose(0, 1)
 
 
 def softmax_cross_entropy(logits: torch.Tensor, soft_target: torch.Tensor):
     """Mean cross-entropy over the batch against soft targets, and its gradient w.r.t. the logits in closed
     form, (softmax - target) / B: what autograd gives, without building a graph.
 
-    logits (..., B, C): leading dimensions are independent heads (a sweep's); soft_target (B, C) or
-    (..., B, C). Returns (loss of the leading shape, gradient shaped like logits).
+    logits (B, C), or (B, N, C) for N independent heads (a sweep's); soft_target broadcastable to it.
+    Returns (loss: a scalar, or (N,) per head; gradient shaped like logits).
     """
-    if logits.dim() == 2:
+    if logits.dim() == 2 and soft_target.shape == logits.shape:
         loss = F.cross_entropy(logits, soft_target)
-    else:
-        loss = -(torch.log_softmax(logits, dim=-1) * soft_target).sum(-1).mean(-1)
-    grad = torch.softmax(logits, dim=-1).sub_(soft_target).div_(logits.shape[-2])
-    return loss, grad
+        grad = torch.softmax(logits, dim=-1)
+    else:  # softmax kernels are slow over a short last dim of a 3-D tensor: one log_softmax, then exp
+        logp = torch.log_softmax(logits, dim=-1)
+        loss = -(logp * soft_target).sum(-1).mean(0)
+        grad = logp.exp_()
+    return loss, grad.sub_(soft_target).div_(logits.shape[0])
 
 
 class LinearStep:

@@ -134,15 +134,15 @@ class BatchedHeads(torch.nn.Module):
 
     @torch.no_grad()
     def linear_step(self, x: torch.Tensor, soft_target: torch.Tensor):
-        """Linear heads only: logits (N, B, C), each head's loss (N,) and its gradients in closed form (no
-        autograd, see steps.py); both GEMMs cover every head at once."""
+        """Linear heads only: each head's loss (N,), logits (B, N, C), and the gradients in closed form (no
+        autograd, see steps.py). Both GEMMs cover every head at once, in the batch-first layout the forward GEMM
+        produces, so nothing is transposed or copied in between."""
         w, b = self.stacked[0], self.stacked[1]
         n, classes = w.shape[:2]
-        logits = self(x)
-        loss, grad = softmax_cross_entropy(logits, soft_target)
-        flat = grad.transpose(0, 1).reshape(x.shape[0], n * classes)  # (B, N*C), the forward GEMM's layout
-        w.grad = (flat.t() @ x).view_as(w)
-        b.grad = grad.sum(1)
+        logits = torch.addmm(b.reshape(-1), x, w.reshape(n * classes, -1).t()).view(x.shape[0], n, classes)
+        loss, grad = softmax_cross_entropy(logits, soft_target if soft_target.dim() == 3 else soft_target[:, None])
+        w.grad = (grad.view(x.shape[0], -1).t() @ x).view_as(w)
+        b.grad = grad.sum(0)
         return loss, logits
 
     def head_state(self, i: int) -> dict[str, torch.Tensor]:
@@ -236,15 +236,16 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
         for features, target in batches:
             if model.kind == "linear":
                 loss, logits = model.linear_step(normalizer(features), soft_targets(eye, target))
+                hits = (logits.argmax(-1) == target[:, None]).sum(0)  # batch-first logits (B, N, C)
             else:
                 logits = model(normalizer(features))
                 loss = _per_head_loss(logits, target, smoothing)
                 model.zero_grad(set_to_none=True)
                 loss.sum().backward()  # heads are independent: each gets the gradient of its own loss
-                loss, logits = loss.detach(), logits.detach()
+                loss, hits = loss.detach(), (logits.detach().argmax(-1) == target).sum(1)
             optimizer.step()
             losses.append(loss)
-            correct += (logits.argmax(-1) == target).sum(1)
+            correct += hits
         epoch_losses = torch.stack(losses).cpu()  # (steps, N)
         model.eval()
         with torch.no_grad():

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import HEAD_KINDS, NORMALIZATIONS, HeadSpec, Normalizer, build_head
-from dinoprobe.steps import DirectUpdate, head_step
+from dinoprobe.steps import AutogradStep, DirectUpdate, head_step
 from dinoprobe.stream import iterate_batches
 from dinoprobe.tensors import FEATURE_CHOICES, FeatureSplits, sample_views
 
@@ -119,11 +119,13 @@ def predict_logits(head: nn.Module, normalizer: Normalizer, x: torch.Tensor, chu
 
 
 def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True, desc: str = "probe",
-               order_fn=None) -> tuple[nn.Module, Normalizer, TrainResult]:
+               order_fn=None, fast_step: bool = True) -> tuple[nn.Module, Normalizer, TrainResult]:
     """Train, keep the head with the best val accuracy, and return it loaded with that state.
 
     Train features come from memory, or stream from disk when `data.stream` is set; `order_fn(n, generator)`
     replaces the epoch's random permutation (tests use it to follow a streamed run's order in memory).
+    `fast_step=False` trains with autograd and `Optimizer.step()` for every head: the plain torch loop that
+    tests and the benchmark hold the fast step (steps.py) to.
     """
     if cfg.feature != data.feature:
         raise DinoprobeError(f"config feature {cfg.feature!r} but data holds {data.feature!r}")
@@ -137,7 +139,10 @@ def train_head(data: FeatureSplits, cfg: TrainConfig, progress: bool = True, des
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order, independent of everything else
     steps_per_epoch = -(-n_train // cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    step, update = head_step(head, cfg.label_smoothing), DirectUpdate(optimizer)  # see steps.py
+    if fast_step:  # see steps.py
+        step, update = head_step(head, cfg.label_smoothing), DirectUpdate(optimizer)
+    else:
+        step, update = AutogradStep(head, cfg.label_smoothing), optimizer.step
     result = TrainResult(best_state={}, best_epoch=0, best_val_acc=-1.0)
     start, stale = time.perf_counter(), 0
     view_generator = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: batch order is unchanged

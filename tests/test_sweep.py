@@ -27,7 +27,8 @@ def data(synthetic):
 
 
 @pytest.mark.parametrize("grid", [
-    {"head": ["linear"], "lr": [1e-3, 1e-2, 1e-1], "optimizer": ["adam", "sgd"], "weight_decay": [0, 1e-3]},
+    {"head": ["linear"], "lr": [1e-3, 1e-1], "optimizer": ["adam", "sgd"], "weight_decay": [0, 1e-3],
+     "label_smoothing": [0.0, 0.1]},
     {"head": ["mlp"], "lr": [1e-3, 3e-3], "dropout": [0.0, 0.3], "label_smoothing": [0.0, 0.1],
      "optimizer": ["adamw"]},
 ])
