@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from dinoprobe.backbone import Backbone, DataConfig, build_backbone, create_model, load_strict
-from dinoprobe.data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageFileDataset, Preprocess, collate, load_rgb, worker_transform
+from dinoprobe.data import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageFileDataset, Preprocess, collate, load_rgb,
+                            worker_transform)
+from dinoprobe.decode import TorchvisionDecode
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.device import autocast, resolve_device, resolve_precision
 from dinoprobe.heads import HeadSpec, Normalizer, build_head
@@ -60,6 +62,14 @@ def expand_inputs(paths) -> tuple[list[str], list[tuple[str, str]]]:
     return files, errors
 
 
+def prediction_dataset(head_file: HeadFile, files: list[str], config: DataConfig,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFileDataset:
+    """New images decoded the way the head's training cache was (`features --decoder`)."""
+    decoder = head_file.fingerprint.get("decoder") or {"name": "pil"}
+    decode = TorchvisionDecode(config, max_pixels) if decoder["name"] == "torchvision" else None
+    return ImageFileDataset([(f, -1) for f in files], config, max_pixels, decode=decode)
+
+
 def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch_size: int = 32, workers: int = 0,
             device: str = "auto", precision: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
     """Returns ([{path, labels, probabilities}], [(path, reason)]) in input order."""
@@ -69,7 +79,7 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
     model, preprocess = backbone.to(dev), Preprocess(backbone.data_config).to(dev)
     head, normalizer = head_file.head.to(dev), head_file.normalizer.to(dev)
     k = min(topk, len(head_file.class_names))
-    dataset = ImageFileDataset([(f, -1) for f in files], backbone.data_config, max_pixels)
+    dataset = prediction_dataset(head_file, files, backbone.data_config, max_pixels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     results: dict[int, dict] = {}
     with torch.inference_mode():

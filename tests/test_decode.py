@@ -102,3 +102,18 @@ def test_decoder_is_part_of_the_fingerprint_and_refused_for_arrays(backbone, hym
     source.kind = "cifar10"
     with pytest.raises(DinoprobeError, match="leave --decoder at pil"):
         extract(backbone, source, tmp_path / "arrays", decoder="torchvision", progress=False)
+
+
+def test_predict_decodes_new_images_the_way_the_cache_was_built(backbone, jpegs):
+    from types import SimpleNamespace
+
+    from dinoprobe.predict import prediction_dataset
+
+    config = backbone.data_config
+    for decoder, reference in (({"name": "torchvision", "device": "cpu"}, TorchvisionDecode(config)),
+                               ({"name": "pil", "device": None}, lambda p: worker_transform(config)(load_rgb(p))),
+                               (None, lambda p: worker_transform(config)(load_rgb(p)))):  # a cache from before
+        head_file = SimpleNamespace(fingerprint={"decoder": decoder} if decoder else {})
+        dataset = prediction_dataset(head_file, jpegs[:3], config)
+        for i, path in enumerate(jpegs[:3]):
+            torch.testing.assert_close(dataset[i][0], reference(path), atol=0, rtol=0)
