@@ -293,8 +293,8 @@ def transformers_route(images: list[Path], tmp: Path, batch: int) -> dict | None
         with torch.inference_mode():
             for i in range(0, len(pils), batch):
                 model(**processor(images=pils[i:i + batch], return_tensors="pt")).pooler_output
-    return {"one_at_a_time_img_s": len(pils) / median_time(one_at_a_time, 1),
-            "batched_img_s": len(pils) / median_time(batched, 1), "images": len(pils)}
+    return {"one_at_a_time_img_s": len(pils) / median_time(one_at_a_time, 3),
+            "batched_img_s": len(pils) / median_time(batched, 3), "images": len(pils)}
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -411,19 +411,17 @@ def markdown(r: dict) -> str:
                      f"write) | "
                      f"{p['jpeg_images_per_s']:.1f} images/s | bare forward {p['bare_forward_images_per_s']:.1f} images/s "
                      f"| {p['jpeg_fraction_of_forward']:.2f} |")
-        if "jpeg_torchvision_images_per_s" in p:
-            lines.append(f"| `features` on JPEGs, `--decoder torchvision` | {p['jpeg_torchvision_images_per_s']:.1f} "
-                         f"images/s | bare forward | "
-                         f"{p['jpeg_torchvision_images_per_s'] / p['bare_forward_images_per_s']:.2f} |")
+        for key, label in (("jpeg_torchvision", "`features` on JPEGs, `--decoder torchvision`"),
+                           ("jpeg_2_workers", "`features` on JPEGs, 2 worker processes")):
+            if f"{key}_images_per_s" in p:
+                rate = p[f"{key}_images_per_s"]
+                lines.append(f"| {label} | {rate:.1f} images/s | bare forward | "
+                             f"{rate / p['bare_forward_images_per_s']:.2f} |")
         d = p.get("decode_only")
         if d:
             lines.append(f"| JPEG decode + resize + crop only, `--decoder torchvision` | "
                          f"{d['torchvision_images_per_s']:.0f} images/s | PIL {d['pil_images_per_s']:.0f} images/s | "
                          f"**{d['torchvision_images_per_s'] / d['pil_images_per_s']:.1f}x** |")
-        if "jpeg_2_workers_images_per_s" in p:
-            lines.append(f"| `features` on JPEGs, 2 worker processes | {p['jpeg_2_workers_images_per_s']:.1f} "
-                         f"images/s | bare forward | "
-                         f"{p['jpeg_2_workers_images_per_s'] / p['bare_forward_images_per_s']:.2f} |")
         pr = p.get("processes")
         if pr:
             lines.append(f"| `torchrun` 2 CPU processes (gloo), `features` on JPEGs | {pr['2']:.1f} images/s | "

@@ -2,10 +2,10 @@
 PIL. In the loader workers when extracting on a CPU; batched on the GPU (nvJPEG) when extracting on CUDA, so
 the workers only read file bytes.
 
-Why: on this project's 2-core CPU, decode + resize of the sample JPEGs took 5.4 ms/image this way against
-14.6 ms with PIL. The decoded pixels are identical on a CPU (Pillow and torchvision both use libjpeg-turbo); the
-tensor bicubic resize differs from PIL's by at most 2 of 255 levels on a few pixels, so caches record the
-decoder in their fingerprint. Anything that is not a plain RGB/greyscale JPEG (PNG, CMYK, ...) takes the PIL
+Why: decode + resize is faster this way (`make bench`, "decode + resize + crop only" row), and on a GPU it
+leaves the loader workers nothing to do but read files. The decoded pixels are identical on a CPU (Pillow and
+torchvision both use libjpeg-turbo); the tensor bicubic resize differs from PIL's by a level or two of 255 on a
+few pixels (tests bound it), so caches record the decoder in their fingerprint. Anything that is not a plain RGB/greyscale JPEG (PNG, CMYK, ...) takes the PIL
 path; so does a JPEG that torchvision cannot decode, which then fails (and is skipped) with PIL's reason.
 """
 from __future__ import annotations
