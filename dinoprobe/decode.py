@@ -5,8 +5,9 @@ the workers only read file bytes.
 Why: decode + resize is faster this way (`make bench`, "decode + resize + crop only" row), and on a GPU it
 leaves the loader workers nothing to do but read files. The decoded pixels are identical on a CPU (Pillow and
 torchvision both use libjpeg-turbo); the tensor bicubic resize differs from PIL's by a level or two of 255 on a
-few pixels (tests bound it), so caches record the decoder in their fingerprint. Anything that is not a plain RGB/greyscale JPEG (PNG, CMYK, ...) takes the PIL
-path; so does a JPEG that torchvision cannot decode, which then fails (and is skipped) with PIL's reason.
+few pixels (tests bound it), so caches record the decoder in their fingerprint. Anything that is not a plain
+RGB/greyscale JPEG (PNG, CMYK, ...) takes the PIL path; so does a JPEG that torchvision cannot decode, which
+then fails (and is skipped) with PIL's reason.
 """
 from __future__ import annotations
 
