@@ -34,19 +34,22 @@ def resize_crop(image: torch.Tensor, config: DataConfig) -> torch.Tensor:
     return TF.center_crop(image, [config.image_size])
 
 
-def plain_jpeg(path: str, max_pixels: int) -> bool:
-    """Whether torchvision can take this file: a baseline/progressive JPEG in RGB or greyscale, within the
-    pixel guard. Reads the header only; problems are left to PIL's path, which reports them."""
+def jpeg_orientation(path: str, max_pixels: int) -> int | None:
+    """The EXIF orientation (1 = upright) of a file torchvision can take — a baseline/progressive JPEG in RGB or
+    greyscale, within the pixel guard — else None. Reads the header only; problems are left to PIL's path,
+    which reports them."""
     try:
         if os.path.getsize(path) == 0:
-            return False
+            return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 width, height = image.size
-                return image.format == "JPEG" and image.mode in ("RGB", "L") and width * height <= max_pixels
+                if image.format != "JPEG" or image.mode not in ("RGB", "L") or width * height > max_pixels:
+                    return None
+                return int(image.getexif().get(0x0112, 1))
     except Exception:
-        return False
+        return None
 
 
 class TorchvisionDecode:
@@ -61,11 +64,12 @@ class TorchvisionDecode:
         return self.pil_transform(load_rgb(path, self.max_pixels))  # raises SkippedInput with the reason
 
     def __call__(self, path: str) -> torch.Tensor:
-        if not plain_jpeg(path, self.max_pixels):
+        orientation = jpeg_orientation(path, self.max_pixels)
+        if orientation is None:
             return self.pil(path)
         with open(path, "rb") as f:
             data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        if self.encoded:
+        if self.encoded and orientation == 1:  # nvJPEG ignores EXIF orientation: rotated photos decode here
             return data
         try:
             image = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)

@@ -53,8 +53,22 @@ def test_broken_and_unusual_files_fall_back_or_are_skipped(backbone, jpegs, tmp_
     truncated.write_bytes(data[:len(data) // 2])  # a whole header, half the scan
     cmyk = tmp_path / "cmyk.jpg"
     Image.open(jpegs[1]).convert("CMYK").save(cmyk)
+    rotated, upright = tmp_path / "rotated.jpg", tmp_path / "upright.jpg"
+    image = Image.open(jpegs[3])
+    image.save(upright)
+    exif = image.getexif()
+    exif[0x0112] = 6  # the same pixels, shown rotated 90° clockwise
+    image.save(rotated, exif=exif)
     encoded = TorchvisionDecode(config, encoded=True)
     assert encoded(str(cmyk)).dim() == 3  # not a plain JPEG: PIL decodes it in the worker
+    # nvJPEG would ignore the EXIF rotation, so the worker decodes (and rotates) it, as --decoder pil would
+    pil_pixels = worker_transform(config)(load_rgb(str(rotated)))
+    torch.testing.assert_close(encoded(str(rotated)), pil_pixels, atol=3, rtol=0)
+    upright_pixels = TorchvisionDecode(config)(str(upright))
+    def mean_diff(a, b):
+        return (a.float() - b.float()).abs().mean().item()
+    assert mean_diff(encoded(str(rotated)), torch.rot90(upright_pixels, -1, (1, 2))) < 0.5  # resize rounding only
+    assert mean_diff(encoded(str(rotated)), upright_pixels) > 5
     assert encoded(str(truncated)).dim() == 1  # the header is fine; the device finds out
     paths = [str(truncated), jpegs[2]]
     decoded, kept, failed = DeviceDecoder(config, torch.device("cpu"), encoded)(
