@@ -23,8 +23,8 @@ import torch
 
 SCALES = {
     # small: the whole run in under ~3 minutes on 2 CPU cores
-    "small": dict(image_size=224, batch_size=8, batch_sizes=(8,), repeats=3, pipeline_images=48, array_images=48,
-                  worker_processes=False, process_images=24,
+    "small": dict(image_size=224, batch_size=8, batch_sizes=(8,), repeats=3, pipeline_images=40, array_images=40,
+                  worker_processes=False, process_images=16,
                   original_size=64, original_images=4, original_epochs=(5, 100), original_workers=0,
                   head_rows=50_000, head_epochs=100, reference_epochs=10, mlp_epochs=5, large_batch=True,
                   sweep_configs=32, sweep_rows=5_000, sweep_epochs=10, logreg_rows=1_500,
