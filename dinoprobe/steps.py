@@ -10,7 +10,6 @@ state. Tests hold both to autograd and `Optimizer.step`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
@@ -32,21 +31,22 @@ def soft_targets(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return rows if eye.dim() == 2 else rows.transpose(0, 1)
 
 
+def soft_cross_entropy(logp: torch.Tensor, soft_target: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
+    """Mean over the batch of -sum(target * log p): torch's cross-entropy, label smoothing included when the
+    targets come from smoothed_eye. Other leading dimensions (a sweep's heads) are kept."""
+    return -(logp * soft_target).sum(-1).mean(batch_dim)
+
+
 def softmax_cross_entropy(logits: torch.Tensor, soft_target: torch.Tensor):
-    """Mean cross-entropy over the batch against soft targets, and its gradient w.r.t. the logits in closed
-    form, (softmax - target) / B: what autograd gives, without building a graph.
+    """The batch-mean cross-entropy and its gradient w.r.t. the logits in closed form, (softmax - target) / B:
+    what autograd gives, without building a graph.
 
     logits (B, C), or (B, N, C) for N independent heads (a sweep's); soft_target broadcastable to it.
     Returns (loss: a scalar, or (N,) per head; gradient shaped like logits).
     """
-    if logits.dim() == 2 and soft_target.shape == logits.shape:
-        loss = F.cross_entropy(logits, soft_target)
-        grad = torch.softmax(logits, dim=-1)
-    else:  # softmax kernels are slow over a short last dim of a 3-D tensor: one log_softmax, then exp
-        logp = torch.log_softmax(logits, dim=-1)
-        loss = -(logp * soft_target).sum(-1).mean(0)
-        grad = logp.exp_()
-    return loss, grad.sub_(soft_target).div_(logits.shape[0])
+    logp = torch.log_softmax(logits, dim=-1)
+    loss = soft_cross_entropy(logp, soft_target)
+    return loss, logp.exp_().sub_(soft_target).div_(logits.shape[0])
 
 
 class LinearStep:
@@ -60,8 +60,7 @@ class LinearStep:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, target: torch.Tensor):
         w, b = self.linear.weight, self.linear.bias
-        # (C, D) @ (D, B): MKL runs this shape faster on a CPU than (B, D) @ (D, C) with C = 10
-        logits = torch.addmm(b.unsqueeze(1), w, x.t()).t().contiguous()
+        logits = torch.addmm(b, x, w.t())
         loss, grad = softmax_cross_entropy(logits, soft_targets(self.eye, target))
         w.grad = grad.t() @ x
         b.grad = grad.sum(0)

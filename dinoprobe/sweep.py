@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import Normalizer, build_head
-from dinoprobe.steps import smoothed_eye, soft_targets, softmax_cross_entropy
+from dinoprobe.steps import smoothed_eye, soft_cross_entropy, soft_targets, softmax_cross_entropy
 from dinoprobe.stream import iterate_batches
 from dinoprobe.tensors import sample_views
 from dinoprobe.train import TrainConfig, TrainResult, make_scheduler
@@ -134,13 +134,14 @@ class BatchedHeads(torch.nn.Module):
 
     @torch.no_grad()
     def linear_step(self, x: torch.Tensor, soft_target: torch.Tensor):
-        """Linear heads only: each head's loss (N,), logits (B, N, C), and the gradients in closed form (no
+        """Linear heads only, soft targets (B, N or 1, C): each head's loss (N,), logits (B, N, C), and the
+        gradients in closed form (no
         autograd, see steps.py). Both GEMMs cover every head at once, in the batch-first layout the forward GEMM
         produces, so nothing is transposed or copied in between."""
         w, b = self.stacked[0], self.stacked[1]
         n, classes = w.shape[:2]
         logits = torch.addmm(b.reshape(-1), x, w.reshape(n * classes, -1).t()).view(x.shape[0], n, classes)
-        loss, grad = softmax_cross_entropy(logits, soft_target if soft_target.dim() == 3 else soft_target[:, None])
+        loss, grad = softmax_cross_entropy(logits, soft_target)
         w.grad = (grad.view(x.shape[0], -1).t() @ x).view_as(w)
         b.grad = grad.sum(0)
         return loss, logits
@@ -196,14 +197,6 @@ class HeadwiseOptimizer:
         self.scheduler.step()
 
 
-def _per_head_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with each head's own label smoothing (torch's formula), mean over the batch: (N,)."""
-    logp = F.log_softmax(logits, dim=-1)
-    nll = -logp.gather(-1, target.expand(logits.shape[0], -1).unsqueeze(-1)).squeeze(-1).mean(1)
-    uniform = -logp.mean(-1).mean(1)
-    return (1 - smoothing) * nll + smoothing * uniform
-
-
 def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_classes: int,
                 bar: tqdm | None = None, train_views=None, stream=None) -> tuple[list[TrainResult], Normalizer]:
     """Train heads sharing a stream, a shape and an optimiser kind side by side (see the module docstring)."""
@@ -217,9 +210,9 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
     steps = -(-n_train // base.batch_size)
     optimizer = HeadwiseOptimizer(model.parameters(), configs, steps)
     generator = torch.Generator().manual_seed(base.seed)  # the same batch order each head would see alone
-    smoothing = torch.tensor([c.label_smoothing for c in configs], device=device)
+    smoothing = [c.label_smoothing for c in configs]
     # soft targets per head, or one (C, C) table shared by all when their smoothing agrees (most grids)
-    eye = smoothed_eye(num_classes, smoothing if len(set(smoothing.tolist())) > 1 else base.label_smoothing, device)
+    eye = smoothed_eye(num_classes, smoothing if len(set(smoothing)) > 1 else smoothing[0], device)
     n = len(configs)
     results = [TrainResult(best_state={}, best_epoch=0, best_val_acc=-1.0) for _ in configs]
     stale, active = [0] * n, [True] * n
@@ -234,12 +227,14 @@ def train_group(configs: list[TrainConfig], x_train, y_train, x_val, y_val, num_
         batches = (stream.iterate_batches(base.batch_size, generator) if stream is not None
                    else iterate_batches(x_train, y_train, base.batch_size, generator))
         for features, target in batches:
+            soft = soft_targets(eye, target)
+            soft = soft if soft.dim() == 3 else soft[:, None]  # batch-first (B, N or 1, C)
             if model.kind == "linear":
-                loss, logits = model.linear_step(normalizer(features), soft_targets(eye, target))
+                loss, logits = model.linear_step(normalizer(features), soft)
                 hits = (logits.argmax(-1) == target[:, None]).sum(0)  # batch-first logits (B, N, C)
             else:
-                logits = model(normalizer(features))
-                loss = _per_head_loss(logits, target, smoothing)
+                logits = model(normalizer(features))  # (N, B, C)
+                loss = soft_cross_entropy(F.log_softmax(logits, dim=-1), soft.transpose(0, 1), batch_dim=1)
                 model.zero_grad(set_to_none=True)
                 loss.sum().backward()  # heads are independent: each gets the gradient of its own loss
                 loss, hits = loss.detach(), (logits.detach().argmax(-1) == target).sum(1)

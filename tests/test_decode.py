@@ -82,7 +82,7 @@ def test_broken_and_unusual_files_fall_back_or_are_skipped(backbone, jpegs, tmp_
 
 
 @pytest.mark.parametrize("on_device", [False, True])
-def test_extract_with_the_torchvision_decoder(backbone, jpegs, tmp_path, on_device):
+def test_extract_with_the_torchvision_decoder(backbone, jpegs, tmp_path, on_device, monkeypatch):
     root = tmp_path / "data"
     for i, path in enumerate(jpegs[:12]):
         split, label = ("train" if i < 8 else "val"), ("a" if i % 2 else "b")
@@ -94,7 +94,12 @@ def test_extract_with_the_torchvision_decoder(backbone, jpegs, tmp_path, on_devi
     source = open_source(str(root))
     kwargs = dict(batch_size=4, workers=0, dtype="float32", progress=False)
     extract(backbone, source, tmp_path / "pil", **kwargs)
+    device_batches = []
+    decode_batch = DeviceDecoder.__call__
+    monkeypatch.setattr(DeviceDecoder, "__call__",
+                        lambda self, *a: device_batches.append(1) or decode_batch(self, *a))
     extract(backbone, source, tmp_path / "tv", decoder="torchvision", decode_on_device=on_device, **kwargs)
+    assert bool(device_batches) == on_device  # the batch path CUDA takes really ran (or really did not)
     manifest = cache.read_manifest(tmp_path / "tv")
     assert manifest["fingerprint"]["decoder"] == {"name": "torchvision", "device": "cpu"}
     skipped = [s["path"] for sh in manifest["splits"]["train"]["shards"] for s in sh.get("skipped", [])]
@@ -103,6 +108,8 @@ def test_extract_with_the_torchvision_decoder(backbone, jpegs, tmp_path, on_devi
         pil, tv = (cache.load(tmp_path / name, split) for name in ("pil", "tv"))
         assert list(pil["path"]) == list(tv["path"])
         a, b = torch.as_tensor(pil["cls"]), torch.as_tensor(tv["cls"])
+        if split == "train":
+            assert not torch.equal(a, b)  # a resize a level apart on a few pixels: torchvision really decoded
         cosine = torch.nn.functional.cosine_similarity(a, b)
         assert cosine.min() > 0.9999, cosine  # a resize a level or two apart: the same features, nearly
 
