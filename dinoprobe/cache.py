@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -165,12 +166,38 @@ def adopt_finished_shards(cache_dir: Path, manifest: dict) -> int:
 
 def read_shard(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as fh:
-        out = {}
-        for col in columns:
-            if col not in fh:
-                raise DinoprobeError(f"{path} has no '{col}' dataset (has {sorted(fh)})")
-            out[col] = fh[col].asstr()[...] if col == "path" else fh[col][...]
-        return out
+        return _columns(fh, path, columns)
+
+
+def _columns(fh: h5py.File, path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    out = {}
+    for col in columns:
+        if col not in fh:
+            raise DinoprobeError(f"{path} has no '{col}' dataset (has {sorted(fh)})")
+        out[col] = fh[col].asstr()[...] if col == "path" else fh[col][...]
+    return out
+
+
+class ShardReader:
+    """Reads shards, checking each one's sha256 against the manifest the first time it is read, on the bytes
+    being read: one pass over the disk, no separate hashing pass. Later reads of a checked shard (a streamed
+    epoch) read only the columns they need."""
+
+    def __init__(self, cache_dir: str | Path, check_hashes: bool = True):
+        self.cache_dir, self.check_hashes, self.checked = Path(cache_dir), check_hashes, set()
+
+    def read(self, entry: dict, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+        path = self.cache_dir / entry["file"]
+        if not self.check_hashes or entry["file"] in self.checked:
+            return read_shard(path, columns)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise DinoprobeError(f"cache {self.cache_dir} failed verification: {entry['file']}: sha256 differs from "
+                                 "the manifest (edited or corrupt); delete it and rerun the same `dinoprobe "
+                                 "features` command to recompute it")
+        self.checked.add(entry["file"])
+        with h5py.File(io.BytesIO(data), "r") as fh:
+            return _columns(fh, path, columns)
 
 
 # ------------------------------------------------------------------------------------------------- verify
@@ -227,9 +254,11 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
 
 
 def open_manifest(cache_dir: str | Path, verify_cache: bool = True) -> dict:
-    """The manifest of a cache that passed verification; a DinoprobeError naming the problems otherwise."""
+    """The manifest of a cache whose structure passed verification (complete splits, shard sizes, row counts, no
+    strays); a DinoprobeError naming the problems otherwise. Shard hashes are checked by ShardReader as the shards
+    are read, and all at once by `dinoprobe cache verify`."""
     if verify_cache:
-        problems = verify(cache_dir)
+        problems = verify(cache_dir, check_hashes=False)
         if problems:
             more = f" (+{len(problems) - 3} more; run `dinoprobe cache verify {cache_dir}`)" if len(problems) > 3 else ""
             raise DinoprobeError(f"cache {cache_dir} failed verification: {'; '.join(problems[:3])}{more}")
@@ -241,10 +270,12 @@ def open_manifest(cache_dir: str | Path, verify_cache: bool = True) -> dict:
 
 # ------------------------------------------------------------------------------------------------- reader
 def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FEATURE_KINDS,
-         verify_cache: bool = True, manifest: dict | None = None) -> dict[str, np.ndarray]:
+         verify_cache: bool = True, manifest: dict | None = None, reader: ShardReader | None = None
+         ) -> dict[str, np.ndarray]:
     """Read one split into memory: ``{feature: (N, D), 'label': (N,), 'index': (N,), 'path': (N,)}``.
 
-    Rows come in `index` order. This is the public API for reading caches in your own code::
+    Rows come in `index` order; every shard's sha256 is checked as it is read (unless verify_cache=False).
+    This is the public API for reading caches in your own code::
 
         from dinoprobe import cache
         train = cache.load("cache/my-cache", "train", features="cls")
@@ -262,7 +293,8 @@ def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FE
         raise DinoprobeError(f"cache {cache_dir} has no augmented views for '{split}'; build it with "
                              "`dinoprobe features --views K`")
     columns = (*features, "label", "index", "path")
-    parts = [read_shard(Path(cache_dir) / s["file"], columns)
+    reader = reader or ShardReader(cache_dir, check_hashes=verify_cache)
+    parts = [reader.read(s, columns)
              for s in sorted(manifest["splits"][split]["shards"], key=lambda s: s["start"])]
     if not parts:
         dim = manifest.get("feature_dim", 0)

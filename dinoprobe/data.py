@@ -20,6 +20,7 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, PILTo
 
 from dinoprobe.backbone import DataConfig
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.splitting import carve_val
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
@@ -107,22 +108,6 @@ def _folder_source(root: Path, val_fraction: float, seed: int) -> DataSource:
         splits["train"], splits["val"] = carve_val(splits["train"], val_fraction, seed)
         val_split = {"from": "train", "fraction": val_fraction, "seed": seed, "stratified": True}
     return DataSource("folder", str(root.resolve()), classes, splits, val_split)
-
-
-def carve_val(samples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Stratified, seeded train/val split; both keep the original order."""
-    from sklearn.model_selection import train_test_split
-
-    if not 0 < fraction < 1:
-        raise DinoprobeError(f"--val-fraction must be in (0, 1), got {fraction}")
-    positions = np.arange(len(samples))
-    labels = np.array([label for _, label in samples])
-    try:
-        train_pos, val_pos = train_test_split(positions, test_size=fraction, stratify=labels, random_state=seed)
-    except ValueError as err:
-        raise DinoprobeError(f"cannot carve a stratified validation split ({err}); add a val/ folder or change "
-                             "--val-fraction") from None
-    return [samples[i] for i in sorted(train_pos)], [samples[i] for i in sorted(val_pos)]
 
 
 # -------------------------------------------------------------------------------------------------- CIFAR

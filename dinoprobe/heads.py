@@ -48,12 +48,31 @@ class SeededDropout(nn.Module):
         return x * self.mask(x.shape, x.device)
 
 
-def build_head(spec: HeadSpec, seed: int = 0) -> nn.Sequential:
-    """nn.Sequential so the state-dict keys (0.weight, 3.weight) match the original script's classifier."""
+def init_head_state(spec: HeadSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A head's initial parameters from its own generator (global RNG untouched): nn.Linear's default init,
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases, layer by layer in build_head's key order."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [("0", spec.in_dim, spec.num_classes)] if spec.kind == "linear" else \
+        [("0", spec.in_dim, spec.hidden), ("3", spec.hidden, spec.num_classes)]
+    state = {}
+    for name, fan_in, fan_out in layers:
+        bound = 1.0 / fan_in ** 0.5
+        state[f"{name}.weight"] = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound
+        state[f"{name}.bias"] = (torch.rand(fan_out, generator=generator) * 2 - 1) * bound
+    return state
+
+
+def build_head(spec: HeadSpec, seed: int = 0, state: dict | None = None) -> nn.Sequential:
+    """nn.Sequential so the state-dict keys (0.weight, 3.weight) match the original script's classifier;
+    initialised by init_head_state(spec, seed) unless a state is given."""
     if spec.kind == "linear":
-        return nn.Sequential(nn.Linear(spec.in_dim, spec.num_classes))
-    return nn.Sequential(nn.Linear(spec.in_dim, spec.hidden), nn.ReLU(), SeededDropout(spec.dropout, seed),
-                         nn.Linear(spec.hidden, spec.num_classes))
+        head = nn.Sequential(nn.utils.skip_init(nn.Linear, spec.in_dim, spec.num_classes))
+    else:
+        head = nn.Sequential(nn.utils.skip_init(nn.Linear, spec.in_dim, spec.hidden), nn.ReLU(),
+                             SeededDropout(spec.dropout, seed),
+                             nn.utils.skip_init(nn.Linear, spec.hidden, spec.num_classes))
+    head.load_state_dict(state if state is not None else init_head_state(spec, seed))
+    return head
 
 
 class Normalizer(nn.Module):
@@ -68,11 +87,11 @@ class Normalizer(nn.Module):
         self.register_buffer("std", std if std is not None else torch.zeros(0))
 
     @classmethod
-    def fit(cls, kind: str, train: torch.Tensor | None = None, stream=None) -> "Normalizer":
-        """Statistics from the train features, in memory or streamed from disk (see stream.py)."""
+    def fit(cls, kind: str, train=None) -> "Normalizer":
+        """Statistics from the clean train features: a tensor, or a source with `moments()` (views, streamed)."""
         if kind != "standardize":
             return cls(kind)
-        mean, std = stream.moments() if stream is not None else (train.mean(0), train.std(0))
+        mean, std = train.moments() if hasattr(train, "moments") else (train.mean(0), train.std(0))
         return cls(kind, mean, std.clamp_min(1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

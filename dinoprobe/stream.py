@@ -6,14 +6,10 @@ give identical results (tested). Labels and the val/test splits stay in memory: 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import h5py
 import numpy as np
 import torch
 
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.tensors import feature_parts
 
 
 def streaming_plan(rows_per_shard: list[int], buffer_shards: int, generator: torch.Generator):
@@ -34,21 +30,14 @@ def streaming_order(rows_per_shard: list[int], buffer_shards: int, generator: to
     return torch.cat([rows for _, rows in plan]) if plan else torch.zeros(0, dtype=torch.long)
 
 
-def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, order_fn=None):
-    """In-memory mini-batches: a permutation (or the given order function's order) cut into batches."""
-    order = order_fn(len(x), generator) if order_fn else torch.randperm(len(x), generator=generator)
-    for idx in order.split(batch_size):
-        idx = idx.to(x.device, non_blocking=True)
-        yield x.index_select(0, idx), y.index_select(0, idx)
-
-
 class StreamedTrainSplit:
     """The train split's features on disk, read a buffer of shards at a time within a memory budget."""
 
-    def __init__(self, cache_dir, manifest: dict, feature: str, labels: torch.Tensor, max_bytes: int, device):
-        self.cache_dir, self.parts, self.device = Path(cache_dir), feature_parts(feature), device
+    def __init__(self, reader, manifest: dict, parts: tuple[str, ...], labels: torch.Tensor, max_bytes: int,
+                 device):
+        self.reader, self.parts, self.device = reader, tuple(parts), device  # reader: a cache.ShardReader
         shards = sorted(manifest["splits"]["train"]["shards"], key=lambda s: s["start"])
-        self.files = [self.cache_dir / s["file"] for s in shards if s["rows"]]
+        self.entries = [s for s in shards if s["rows"]]
         self.rows = [s["rows"] for s in shards if s["rows"]]
         self.dim = manifest["feature_dim"] * len(self.parts)
         self.labels = labels.to(device)
@@ -58,14 +47,18 @@ class StreamedTrainSplit:
     def __len__(self) -> int:
         return sum(self.rows)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.dim)
+
     def order(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if n != len(self):
             raise DinoprobeError(f"streaming order for {n} rows asked of a split with {len(self)}")
         return streaming_order(self.rows, self.buffer_shards, generator)
 
     def _read(self, shard: int) -> torch.Tensor:
-        with h5py.File(self.files[shard], "r") as fh:
-            return torch.from_numpy(np.concatenate([fh[p][...].astype(np.float32) for p in self.parts], axis=1))
+        rows = self.reader.read(self.entries[shard], self.parts)
+        return torch.from_numpy(np.concatenate([rows[p].astype(np.float32) for p in self.parts], axis=1))
 
     def iterate_batches(self, batch_size: int, generator: torch.Generator):
         """The batches of `streaming_order`, holding only the current buffer's shards in memory."""
@@ -92,7 +85,7 @@ class StreamedTrainSplit:
         """Mean and (unbiased) std per dimension in one streamed pass, for --normalize standardize."""
         total = torch.zeros(self.dim, dtype=torch.float64)
         squares = torch.zeros(self.dim, dtype=torch.float64)
-        for shard in range(len(self.files)):
+        for shard in range(len(self.entries)):
             x = self._read(shard).double()
             total += x.sum(0)
             squares += (x * x).sum(0)

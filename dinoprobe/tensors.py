@@ -1,4 +1,12 @@
-"""Cache -> in-memory float32 tensors for head training: one read, then only index permutations."""
+"""Cache -> in-memory float32 tensors for head training: one verified read, then only index permutations.
+
+This is the estimators' cache loader::
+
+    from dinoprobe import Probe, load_cache
+    data = load_cache("cache/cifar10-...", feature="cls")
+    probe = Probe(head="linear").fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    probe.score(data.X_test, data.y_test)
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,22 +15,45 @@ import numpy as np
 import torch
 
 from dinoprobe import cache
+from dinoprobe.batches import AugmentedViews, TrainSource
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.stream import StreamedTrainSplit
 
 FEATURE_CHOICES = ("cls", "patch_mean", "cls+patch_mean")
 
 
 @dataclass
 class FeatureSplits:
-    """Features (N, D) and labels (N,) per split, plus what a head file needs to remember about the cache."""
+    """Features (N, D) and labels (N,) per split, plus what a head file needs to remember about the cache.
 
-    x: dict[str, torch.Tensor]
+    `X_train` is what training reads: the train features, their augmented views (views=True) or a streamed split
+    (max_memory exceeded). `x["train"]` is the plain tensor, or None when streamed."""
+
+    x: dict[str, torch.Tensor | None]
     y: dict[str, torch.Tensor]
     classes: list[str]
     feature: str
     manifest: dict = field(repr=False)
     train_views: torch.Tensor | None = None  # (N, K, D) augmented views of the train split, when loaded
-    stream: object | None = None  # a StreamedTrainSplit when the train features exceed the memory budget
+    stream: StreamedTrainSplit | None = None  # when the train features exceed the memory budget
+    cache_dir: str = ""
+
+    @property
+    def X_train(self) -> TrainSource:
+        if self.stream is not None:
+            return self.stream
+        if self.train_views is not None:
+            return AugmentedViews(self.train_views, self.x["train"])
+        return self.x["train"]
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self.y["train"]
+
+    X_val = property(lambda self: self.x.get("val"))
+    y_val = property(lambda self: self.y.get("val"))
+    X_test = property(lambda self: self.x.get("test"))
+    y_test = property(lambda self: self.y.get("test"))
 
     @property
     def dim(self) -> int:
@@ -35,11 +66,6 @@ class FeatureSplits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    def to(self, device) -> "FeatureSplits":
-        return FeatureSplits({k: v if v is None else v.to(device) for k, v in self.x.items()},
-                             {k: v.to(device) for k, v in self.y.items()}, self.classes, self.feature, self.manifest,
-                             None if self.train_views is None else self.train_views.to(device), self.stream)
 
 
 def feature_parts(feature: str) -> tuple[str, ...]:
@@ -57,54 +83,59 @@ def select_tensor(feats: dict[str, torch.Tensor], feature: str) -> torch.Tensor:
     return torch.cat([feats[p].float() for p in feature_parts(feature)], dim=1)
 
 
-def load_feature_splits(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True,
-                        views: bool = False, max_memory: int | None = None) -> FeatureSplits:
+def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True, views: bool = False,
+               max_memory: int | None = None) -> FeatureSplits:
     """Read and validate a cache for training: a train split with >= 2 classes, a non-empty val split."""
-    parts = feature_parts(feature)
+    return load_features(cache_dir, (feature,), device, require_val, views, max_memory)[feature]
+
+
+def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
+                  max_memory: int | None = None) -> dict[str, FeatureSplits]:
+    """`load_cache` for several feature choices at once (a sweep's): every shard is read and verified once."""
+    device = torch.device(device)
+    wanted = {f: feature_parts(f) for f in features}
+    parts = tuple(dict.fromkeys(p for ps in wanted.values() for p in ps))
     manifest = cache.open_manifest(cache_dir)
     stored = manifest.get("features", list(cache.FEATURE_KINDS))
     lacking = [p for p in parts if p not in stored]
     if lacking:
         raise DinoprobeError(f"cache {cache_dir} has no {lacking} features (it has {stored}); pick another --feature")
+    reader = cache.ShardReader(cache_dir)
     train_rows = sum(s["rows"] for s in manifest["splits"].get("train", {}).get("shards", []))
-    train_bytes = train_rows * manifest.get("feature_dim", 0) * len(parts) * 4
-    streamed = bool(max_memory) and train_bytes > max_memory
+    widest = max(len(ps) for ps in wanted.values())
+    streamed = bool(max_memory) and train_rows * manifest.get("feature_dim", 0) * widest * 4 > max_memory
     if streamed and views:
         raise DinoprobeError("--views needs the train views in memory; raise --max-memory or drop --views")
-    x, y = {}, {}
+    rows, y = {}, {}
     for split in manifest["splits"]:
-        if split == "train" and streamed:  # labels only; features are read a buffer at a time while training
-            rows = cache.load(cache_dir, split, (), manifest=manifest)
-            x[split] = None
-        else:
-            rows = cache.load(cache_dir, split, parts, manifest=manifest)
-            x[split] = torch.from_numpy(select_features(rows, feature))
-        y[split] = torch.from_numpy(rows["label"].astype(np.int64))
+        rows[split] = cache.load(cache_dir, split, () if split == "train" and streamed else parts,
+                                 manifest=manifest, reader=reader)
+        y[split] = torch.from_numpy(rows[split]["label"].astype(np.int64))
     classes = manifest["classes"]
     if "train" not in y or len(y["train"]) == 0:
         raise DinoprobeError(f"cache {cache_dir} has an empty train split; nothing to train on")
     present = torch.unique(y["train"]).numel()
     if len(classes) < 2 or present < 2:
         raise DinoprobeError(f"cache {cache_dir} has {present} class(es) in train; a classifier needs at least 2")
-    if require_val and ("val" not in x or len(x["val"]) == 0):
+    if require_val and len(y.get("val", ())) == 0:
         raise DinoprobeError(f"cache {cache_dir} has an empty val split; the best epoch is chosen on val — rebuild "
                              "the cache with a val/ folder or --val-fraction")
-    for split in [s for s in list(y) if len(y[s]) == 0]:
-        del x[split], y[split]  # e.g. an empty test split: simply not evaluated
-    train_views = None
+    splits = [s for s in y if len(y[s])]  # e.g. an empty test split: simply not evaluated
+    view_rows = None
     if views:
-        rows = cache.load(cache_dir, "train", tuple(f"{p}_views" for p in parts), manifest=manifest)
-        train_views = torch.from_numpy(np.concatenate([rows[f"{p}_views"].astype(np.float32) for p in parts], axis=2))
-    stream = None
-    if streamed:
-        from dinoprobe.stream import StreamedTrainSplit
+        view_rows = cache.load(cache_dir, "train", tuple(f"{p}_views" for p in parts), manifest=manifest,
+                               reader=reader)
+    out = {}
+    for feature, feature_part in wanted.items():
+        x = {s: None if s == "train" and streamed else torch.from_numpy(select_features(rows[s], feature)).to(device)
+             for s in splits}
+        train_views = None
+        if view_rows is not None:
+            train_views = torch.from_numpy(np.concatenate(
+                [view_rows[f"{p}_views"].astype(np.float32) for p in feature_part], axis=2)).to(device)
+        stream = StreamedTrainSplit(reader, manifest, feature_part, y["train"], max_memory, device) if streamed else None
+        out[feature] = FeatureSplits(x, {s: y[s].to(device) for s in splits}, classes, feature, manifest,
+                                     train_views, stream, str(cache_dir))
+    return out
 
-        stream = StreamedTrainSplit(cache_dir, manifest, feature, y["train"], max_memory, device)
-    return FeatureSplits(x, y, classes, feature, manifest, train_views, stream).to(device)
 
-
-def sample_views(train_views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One augmented view per image, uniformly at random: (N, K, D) -> (N, D) for one epoch."""
-    n, k = train_views.shape[:2]
-    choice = torch.randint(k, (n,), generator=generator).to(train_views.device)
-    return train_views[torch.arange(n, device=train_views.device), choice]
