@@ -10,9 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinoprobe.data import carve_val
-from dinoprobe.errors import DinoprobeError
-from dinoprobe.heads import Normalizer
+from dinoprobe.losses import softmax_cross_entropy
 
 DEFAULT_C_GRID = tuple(float(c) for c in 10 ** np.linspace(-6, 5, 45))
 KNN_KS = (10, 20, 100, 200)
@@ -26,9 +24,8 @@ def _objective(theta, x, onehot, lam, num_classes):
     w = theta[:, : num_classes * d].view(k, num_classes, d)
     b = theta[:, num_classes * d:]
     logits = (x @ w.reshape(k * num_classes, d).t()).view(n, k, num_classes).transpose(0, 1) + b[:, None, :]
-    logp = F.log_softmax(logits, dim=-1)
-    loss = -(logp * onehot).sum(-1).mean(1) + 0.5 * lam * w.pow(2).sum((1, 2))
-    dlogits = (logp.exp() - onehot) / n  # (K, n, C)
+    neg_loss, dlogits = softmax_cross_entropy(logits, onehot, batch_dim=1)  # (K,), (K, n, C)
+    loss = -neg_loss / n + 0.5 * lam * w.pow(2).sum((1, 2))
     grad_w = torch.bmm(dlogits.transpose(1, 2), x.expand(k, n, d)) + lam[:, None, None] * w
     return loss, torch.cat([grad_w.reshape(k, -1), dlogits.sum(1)], dim=1)
 
@@ -118,51 +115,30 @@ def _two_loop(g, S, Y, rho):
 
 
 def fit_logreg_sklearn(x, y, cs, max_iter: int = 1000, tol: float = 1e-4):
-    """The reference: one scikit-learn fit per C. Returns W (K, C, D), b (K, C) as tensors."""
+    """The reference: one scikit-learn fit per C. Returns W (K, C, D), b (K, C) as tensors, and iterations."""
     from sklearn.linear_model import LogisticRegression
 
     x_np, y_np = np.asarray(x, dtype=np.float64), np.asarray(y)
-    ws, bs = [], []
+    ws, bs, iterations = [], [], []
     for c in cs:
         model = LogisticRegression(C=c, max_iter=max_iter, tol=tol).fit(x_np, y_np)
+        iterations.append(int(model.n_iter_.max()))
         coef, intercept = model.coef_, model.intercept_
         if coef.shape[0] == 1:  # binary: sklearn fits one logit; as two softmax logits that is (-w/2, w/2)
             coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
         ws.append(coef)
         bs.append(intercept)
-    return torch.tensor(np.stack(ws), dtype=torch.float32), torch.tensor(np.stack(bs), dtype=torch.float32)
+    return (torch.tensor(np.stack(ws), dtype=torch.float32), torch.tensor(np.stack(bs), dtype=torch.float32),
+            iterations)
 
 
-def logreg_protocol(data, cs=DEFAULT_C_GRID, solver: str = "torch", normalize: str = "standardize",
-                    max_iter: int = 1000) -> dict:
-    """Choose C on val (or on 10 % of train), refit on train+val, score test. Returns the chosen linear head."""
-    x_tr, y_tr = data.x["train"], data.y["train"]
-    if "val" in data.x:
-        x_val, y_val = data.x["val"], data.y["val"]
-    else:
-        pairs = list(enumerate(y_tr.tolist()))
-        keep, held = carve_val(pairs, 0.1, 0)
-        keep_i, held_i = torch.tensor([i for i, _ in keep]), torch.tensor([i for i, _ in held])
-        x_tr, y_tr, x_val, y_val = x_tr[keep_i], y_tr[keep_i], x_tr[held_i], y_tr[held_i]
-    c_count = data.num_classes
-    normalizer = Normalizer.fit(normalize, x_tr)
-
-    def fit(x, y, grid):
-        if solver == "sklearn":
-            return fit_logreg_sklearn(normalizer(x).cpu().numpy(), y.cpu().numpy(), grid, max_iter)
-        w, b, _ = fit_logreg_batched(normalizer(x), y, c_count, grid, max_iter)
-        return w, b
-
-    w, b = fit(x_tr, y_tr, list(cs))
-    xv = normalizer(x_val).to(w.device)
-    val_pred = (torch.einsum("nd,kcd->knc", xv, w) + b[:, None]).argmax(-1)
-    val_acc = ((val_pred == y_val.to(w.device)).sum(1) / len(y_val)).tolist()
-    best = int(np.argmax(val_acc))
-    x_all, y_all = torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val])
-    w_final, b_final = fit(x_all, y_all, [cs[best]])
-    return {"c_grid": list(cs), "val_accuracy_per_c": val_acc, "best_c": cs[best], "best_val_top1": val_acc[best],
-            "weight": w_final[0], "bias": b_final[0], "normalizer": normalizer,
-            "val_weight": w[best], "val_bias": b[best]}
+def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, solver: str = "torch",
+               max_iter: int = 1000, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """W (K, classes, D), b (K, classes) and the iterations, for every C in `cs`, on x's device."""
+    if solver == "sklearn":
+        w, b, iterations = fit_logreg_sklearn(x.cpu().numpy(), y.cpu().numpy(), cs, max_iter, tol)
+        return w.to(x.device), b.to(x.device), iterations
+    return fit_logreg_batched(x, y, num_classes, cs, max_iter, tol)
 
 
 # -------------------------------------------------------------------------------------------------- k-NN
@@ -186,10 +162,3 @@ def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperatu
             votes.scatter_add_(1, labels[:, :k], weights[:, :k])
             out[k][start:start + rows] = votes.cpu()
     return out
-
-
-def check_grid(cs) -> list[float]:
-    cs = [float(c) for c in cs]
-    if not cs or any(c <= 0 for c in cs):
-        raise DinoprobeError("--c-grid needs positive values")
-    return cs

@@ -14,8 +14,11 @@ def carve_indices(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     if not 0 < fraction < 1:
         raise DinoprobeError(f"the validation fraction must be in (0, 1), got {fraction}")
     labels = np.asarray(labels)
+    # at least one row of every class in each part, even when fraction * rows is smaller than the class count
+    classes = len(np.unique(labels))
+    size = min(max(int(np.ceil(fraction * len(labels))), classes), len(labels) - classes)
     try:
-        train, val = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels,
+        train, val = train_test_split(np.arange(len(labels)), test_size=size, stratify=labels,
                                       random_state=seed)
     except ValueError as err:
         raise DinoprobeError(f"cannot carve a stratified validation split ({err}); provide validation data (a val/ "
