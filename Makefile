@@ -18,8 +18,10 @@ WEIGHTS_TAG := $(if $(filter hub random,$(WEIGHTS)),$(WEIGHTS),local)
 CACHE       ?= cache/$(DATA_NAME)-$(MODEL)-$(IMAGE_SIZE)px-$(WEIGHTS_TAG)
 LAST_CACHE  := $(shell cat cache/LAST 2>/dev/null)
 PROBE_CACHE := $(if $(filter command line environment,$(origin CACHE)),$(CACHE),$(or $(LAST_CACHE),$(CACHE)))
-RUN         ?= runs/probe-$(notdir $(PROBE_CACHE))
-SWEEP       ?= runs/sweep-$(notdir $(PROBE_CACHE))
+# a new run directory each time (dinoprobe refuses to replace an existing one without --overwrite)
+STAMP       := $(shell date +%Y%m%d-%H%M%S)
+RUN         ?= runs/probe-$(notdir $(PROBE_CACHE))-$(STAMP)
+SWEEP       ?= runs/sweep-$(notdir $(PROBE_CACHE))-$(STAMP)
 EPOCHS      ?= 100
 HEAD        ?= mlp
 BENCH_SCALE ?= small

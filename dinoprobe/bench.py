@@ -183,10 +183,11 @@ def processes_section(folder: Path, size: int, batch: int) -> dict:
 def original_vs_cached(data_root: Path, size: int, epochs_list, tmp: Path, device: str, workers: int) -> list[dict]:
     from dinoprobe.backbone import build_backbone
     from dinoprobe.data import open_source
+    from dinoprobe.engine import TrainConfig
+    from dinoprobe.estimators import Probe
     from dinoprobe.extract import extract
-    from dinoprobe.original import train_backbone_in_loop
-    from dinoprobe.tensors import load_feature_splits
-    from dinoprobe.train import TrainConfig, train_head
+    from dinoprobe.reference import train_backbone_in_loop
+    from dinoprobe.tensors import load_cache
 
     backbone = build_backbone(weights="random", image_size=size, log=lambda *_: None)
     source = open_source(str(data_root))
@@ -200,67 +201,79 @@ def original_vs_cached(data_root: Path, size: int, epochs_list, tmp: Path, devic
         cache_dir = tmp / f"orig-cache-{epochs}"
         extract(backbone, source, cache_dir, batch_size=8, device=device, progress=False)
         extract_s = time.perf_counter() - start
-        _, _, cached = train_head(load_feature_splits(cache_dir, "cls"), cfg, progress=False)
+        data = load_cache(cache_dir, "cls", device)
+        probe = Probe(head="mlp", batch_size=32, epochs=epochs, device=device)
+        probe.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
         total = time.perf_counter() - start
         shutil.rmtree(cache_dir, ignore_errors=True)
         rows.append({"epochs": epochs, "images": len(source.splits["train"]) + len(source.splits["val"]), "workers": workers,
                      "image_size": size, "original_s": original.seconds, "features_s": extract_s,
-                     "probe_s": cached.seconds, "dinoprobe_s": total, "speedup": original.seconds / total})
+                     "probe_s": probe.train_seconds_, "dinoprobe_s": total, "speedup": original.seconds / total})
     return rows
 
 
 # -------------------------------------------------------------------------------------------------- 5. heads
 def synthetic_features(rows: int, dim: int = 384, classes: int = 10, seed: int = 0, device="cpu"):
-    from dinoprobe.tensors import FeatureSplits
-
+    """(x_train, y_train, x_val, y_val): Gaussian class clusters, separable but not trivially."""
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(classes, dim, generator=gen) * 0.15
+
     def split(n):
         y = torch.randint(0, classes, (n,), generator=gen)
-        return centres[y] + torch.randn(n, dim, generator=gen), y
-    (xt, yt), (xv, yv) = split(rows), split(max(1000, rows // 10))
-    manifest = {"fingerprint": {"model": "synthetic", "transform": {"image_size": 0}}, "classes": []}
-    return FeatureSplits({"train": xt, "val": xv}, {"train": yt, "val": yv}, [str(i) for i in range(classes)],
-                         "cls", manifest).to(device)
+        return (centres[y] + torch.randn(n, dim, generator=gen)).to(device), y.to(device)
+    return (*split(rows), *split(max(1000, rows // 10)))
 
 
 def heads_section(cfg: dict, device) -> dict:
     from dinoprobe.baselines import DEFAULT_C_GRID, fit_logreg_batched, fit_logreg_sklearn
-    from dinoprobe.sweep import train_group
-    from dinoprobe.train import TrainConfig, train_head
+    from dinoprobe.engine import TrainConfig
+    from dinoprobe.estimators import Probe, Sweep
+    from dinoprobe.reference import train_on_tensors
 
     out = {}
-    data = synthetic_features(cfg["head_rows"], device=device)
-    # linear_plain: the same head trained by autograd + Optimizer.step (the plain torch loop), the reference
-    # for the closed-form step (steps.py)
-    runs = [("linear_plain", "linear", cfg["reference_epochs"], 256, False),
-            ("linear", "linear", cfg["head_epochs"], 256, True), ("mlp", "mlp", cfg["mlp_epochs"], 256, True)]
+    x, y, xv, yv = synthetic_features(cfg["head_rows"], device=device)
+
+    def probe_s(head, epochs, batch):
+        return Probe(head=head, epochs=epochs, batch_size=batch, device=device).fit(x, y, X_val=xv, y_val=yv) \
+            .train_seconds_
+
+    # Probe(head="linear") against the plain PyTorch loop (nn.Linear, torch.optim.Adam, F.cross_entropy,
+    # backward, a permutation per epoch, a val pass per epoch), same epochs, interleaved: the machine drifts
+    epochs = cfg["reference_epochs"]
+    reference = TrainConfig(head="linear", epochs=epochs, batch_size=256)
+    plain, ours = [], []
+    for _ in range(2):
+        plain.append(train_on_tensors(reference, x, y, xv, yv, 10)[1].seconds)
+        ours.append(probe_s("linear", epochs, 256))
+    out.update({"reference_epochs": epochs, "linear_plain_s": statistics.median(plain),
+                "linear_same_epochs_s": statistics.median(ours)})
+    out["linear_vs_plain"] = out["linear_plain_s"] / out["linear_same_epochs_s"]
+    runs = [("linear", "linear", cfg["head_epochs"], 256), ("mlp", "mlp", cfg["mlp_epochs"], 256)]
     if cfg["large_batch"]:
-        runs.append(("linear_b1024", "linear", cfg["head_epochs"], 1024, True))
-    for name, head, epochs, batch, fast in runs:
-        _, _, res = train_head(data, TrainConfig(head=head, epochs=epochs, batch_size=batch), progress=False,
-                               fast_step=fast)
-        out[f"{name}_s"], out[f"{name}_epochs"], out[f"{name}_batch"] = res.seconds, epochs, batch
-    small = synthetic_features(cfg["sweep_rows"], device=device)
-    lrs = np.logspace(-4, -1, cfg["sweep_configs"])
-    configs = [TrainConfig(head="linear", lr=float(lr), epochs=cfg["sweep_epochs"], batch_size=256) for lr in lrs]
+        runs.append(("linear_b1024", "linear", cfg["head_epochs"], 1024))
+    for name, head, n_epochs, batch in runs:
+        out[f"{name}_s"], out[f"{name}_epochs"], out[f"{name}_batch"] = probe_s(head, n_epochs, batch), n_epochs, batch
+    # a Sweep of linear configurations against as many separate Probe fits on the same data
+    xs, ys, xsv, ysv = synthetic_features(cfg["sweep_rows"], device=device)
+    lrs = [float(v) for v in np.logspace(-4, -1, cfg["sweep_configs"])]
+    common = dict(head="linear", epochs=cfg["sweep_epochs"], batch_size=256, device=device)
     start = time.perf_counter()
-    train_group(configs, small.x["train"], small.y["train"], small.x["val"], small.y["val"], 10)
+    Sweep(param_grid={"lr": lrs}, **common).fit(xs, ys, X_val=xsv, y_val=ysv)
     side = time.perf_counter() - start
     start = time.perf_counter()
-    for c in configs:
-        train_head(small, c, progress=False)
+    for lr in lrs:
+        Probe(lr=lr, **common).fit(xs, ys, X_val=xsv, y_val=ysv)
     sequential = time.perf_counter() - start
-    out.update({"sweep_configs": len(configs), "sweep_rows": cfg["sweep_rows"], "sweep_epochs": cfg["sweep_epochs"],
+    out.update({"sweep_configs": len(lrs), "sweep_rows": cfg["sweep_rows"], "sweep_epochs": cfg["sweep_epochs"],
                 "sweep_side_by_side_s": side, "sweep_one_after_another_s": sequential,
                 "sweep_speedup": sequential / side})
-    lr_data = synthetic_features(cfg["logreg_rows"], device=device)
-    x = (lr_data.x["train"] - lr_data.x["train"].mean(0)) / lr_data.x["train"].std(0)
+    lx, ly, _, _ = synthetic_features(cfg["logreg_rows"], device=device)
+    lx = (lx - lx.mean(0)) / lx.std(0)
     start = time.perf_counter()
-    fit_logreg_batched(x, lr_data.y["train"], 10, DEFAULT_C_GRID)
+    fit_logreg_batched(lx, ly, 10, DEFAULT_C_GRID)
     torch_s = time.perf_counter() - start
     start = time.perf_counter()
-    fit_logreg_sklearn(x.cpu().numpy(), lr_data.y["train"].cpu().numpy(), DEFAULT_C_GRID)
+    fit_logreg_sklearn(lx.cpu().numpy(), ly.cpu().numpy(), DEFAULT_C_GRID)
     sklearn_s = time.perf_counter() - start
     out.update({"logreg_rows": cfg["logreg_rows"], "logreg_cs": len(DEFAULT_C_GRID), "logreg_torch_s": torch_s,
                 "logreg_sklearn_s": sklearn_s, "logreg_speedup": sklearn_s / torch_s})
@@ -335,7 +348,14 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
                               "fraction_of_roofline": forward[batch] / (gemm / flops),
                               "by_batch_size": {str(b): r for b, r in forward.items()}}
         begin("pipeline", "3/6 pipeline (features on JPEGs and CIFAR-format arrays, interleaved with bare forwards)")
-        jpegs = sorted(p for p in (data_root or Path("/nonexistent")).rglob("*.jp*g")) if data_root else []
+        if data_root is None:  # no photos given: photograph-like JPEGs made here (sample_images.py)
+            from dinoprobe.sample_images import make_jpeg_folder
+
+            data_root = make_jpeg_folder(tmp / "generated", sizes=(300, 500))
+            results["data"] = "generated: 70 JPEGs, 300-500 px (dinoprobe.sample_images)"
+        else:
+            results["data"] = str(data_root)
+        jpegs = sorted(data_root.rglob("*.jp*g"))
         pipeline: dict = {}
         if jpegs:
             source = open_source(str(jpeg_folder(tmp / "jpegs", jpegs, cfg["pipeline_images"])))
@@ -434,22 +454,21 @@ def markdown(r: dict) -> str:
                      f"{row['original_s']:.1f} s | features + probe {row['dinoprobe_s']:.1f} s "
                      f"({row['features_s']:.1f} + {row['probe_s']:.2f}) | **{row['speedup']:.1f}x** |")
     h = r["heads"]
-    rows = h["linear_s"] and r["config"]["head_rows"]
-    lines.append(f"| {h['linear_epochs']} epochs linear head, {rows:,} x 384, batch {h['linear_batch']} | "
-                 f"{h['linear_s']:.2f} s | target 5 s | {h['linear_s'] / 5:.2f} |")
-    if "linear_plain_s" in h:
-        plain = h["linear_plain_s"] / h["linear_plain_epochs"]
-        lines.append(f"| linear head per epoch, closed-form step (above) | {h['linear_s'] / h['linear_epochs']:.3f} s | "
-                     f"autograd + `Optimizer.step` {plain:.3f} s ({h['linear_plain_epochs']} epochs) | "
-                     f"**{plain / (h['linear_s'] / h['linear_epochs']):.1f}x** |")
+    rows = r["config"]["head_rows"]
+    lines.append(f"| `Probe(head=\"linear\")`, {h['reference_epochs']} epochs, {rows:,} x 384, 10 classes, batch 256, "
+                 f"Adam | {h['linear_same_epochs_s']:.2f} s | plain PyTorch loop {h['linear_plain_s']:.2f} s | "
+                 f"**{h['linear_vs_plain']:.1f}x** |")
+    lines.append(f"| `Probe(head=\"linear\")`, {h['linear_epochs']} epochs, batch {h['linear_batch']} | "
+                 f"{h['linear_s']:.2f} s | per epoch {h['linear_s'] / h['linear_epochs']:.3f} s | |")
     if "linear_b1024_s" in h:
-        lines.append(f"| {h['linear_b1024_epochs']} epochs linear head, batch {h['linear_b1024_batch']} | "
-                     f"{h['linear_b1024_s']:.2f} s | target 5 s | {h['linear_b1024_s'] / 5:.2f} |")
-    lines.append(f"| {h['mlp_epochs']} epochs MLP head (256 hidden), batch {h['mlp_batch']} | {h['mlp_s']:.2f} s | "
+        lines.append(f"| `Probe(head=\"linear\")`, {h['linear_b1024_epochs']} epochs, batch {h['linear_b1024_batch']} | "
+                     f"{h['linear_b1024_s']:.2f} s | batch {h['linear_batch']} | "
+                     f"{h['linear_s'] / h['linear_b1024_s']:.1f}x |")
+    lines.append(f"| `Probe()`: {h['mlp_epochs']} epochs MLP head (256 hidden), batch {h['mlp_batch']} | {h['mlp_s']:.2f} s | "
                  f"linear head, per epoch | {h['mlp_s'] / h['mlp_epochs'] / (h['linear_s'] / h['linear_epochs']):.2f} |")
-    lines.append(f"| sweep: {h['sweep_configs']} linear configs side by side ({h['sweep_rows']:,} rows, "
-                 f"{h['sweep_epochs']} epochs) | {h['sweep_side_by_side_s']:.2f} s | one after another "
-                 f"{h['sweep_one_after_another_s']:.2f} s | **{h['sweep_speedup']:.1f}x** |")
+    lines.append(f"| `Sweep`: {h['sweep_configs']} linear configs side by side ({h['sweep_rows']:,} rows, "
+                 f"{h['sweep_epochs']} epochs) | {h['sweep_side_by_side_s']:.2f} s | {h['sweep_configs']} separate "
+                 f"`Probe` fits {h['sweep_one_after_another_s']:.2f} s | **{h['sweep_speedup']:.1f}x** |")
     lines.append(f"| logreg, {h['logreg_cs']} C values, batched torch L-BFGS ({h['logreg_rows']:,} x 384) | "
                  f"{h['logreg_torch_s']:.1f} s | scikit-learn looping over C {h['logreg_sklearn_s']:.1f} s | "
                  f"**{h['logreg_speedup']:.1f}x** |")

@@ -14,6 +14,25 @@ from dinoprobe.errors import DinoprobeError
 DEFAULT_MODEL = "vit_small_patch16_dinov3.lvd1689m"
 POSITIVE_INT = click.IntRange(min=1)
 PROBABILITY = click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True)
+FEATURES = ("cls", "patch_mean", "cls+patch_mean")  # = tensors.FEATURE_CHOICES, without importing torch
+WORKERS_HELP = "DataLoader decoding processes [default: 0 on a CPU with <= 4 cores, else cores/8; GPU: cores-1, max 8]"
+
+
+class DeviceType(click.ParamType):
+    """auto, cpu, cuda, cuda:N or mps: checked here for form, and for availability when used."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import re
+
+        if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(value)):
+            return str(value)
+        self.fail(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps", param, ctx)
+
+
+DEVICE_OPTION = click.option("--device", type=DeviceType(), default="auto", show_default=True,
+                             help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps")
 
 
 class Group(click.Group):
@@ -90,9 +109,8 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--cache", "cache_dir", default=None, help="Cache folder [default: cache/<data>-<model>-<size>px-<weights>]")
 @click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override the model's input size")
 @click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="DataLoader decoding processes [default: 0 on a CPU with <= 4 cores, else cores/8; GPU: cores-1, max 8]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, help=WORKERS_HELP)
+@DEVICE_OPTION
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto = bf16 autocast on CUDA, fp32 on CPU")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
@@ -176,13 +194,35 @@ def _print_metrics(metrics: dict, out) -> None:
             m = metrics[split]
             top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
             click.echo(f"{split}: top-1 {m['top1']:.4f}{top5}, balanced {m['balanced_accuracy']:.4f} (n={m['n']})")
-    click.echo(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}; run saved to {out}")
+    if "best_epoch" in metrics:
+        click.echo(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}")
+    click.echo(f"run saved to {out}")
+
+
+def _size(value: str | None) -> int | None:
+    if value is None:
+        return None
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
+    text = value.strip().lower()
+    number = text.rstrip("kmgb")
+    try:
+        return int(float(number) * units[text[len(number):]])
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{value!r} is not a size like 512MB or 4GB") from None
+
+
+def _run_options(command):
+    """--cache, --out and --overwrite: every training command reads a cache and writes a run directory."""
+    command = click.option("--overwrite", is_flag=True, help="Replace an existing run directory")(command)
+    command = click.option("--out", required=True, type=click.Path(file_okay=False),
+                           help="Run directory to write (refused if it exists, unless --overwrite)")(command)
+    return click.option("--cache", "cache_dir", required=True, type=click.Path(),
+                        help="Feature cache from `dinoprobe features`")(command)
 
 
 @main.command()
-@click.option("--cache", "cache_dir", required=True, type=click.Path(), help="Feature cache from `dinoprobe features`")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write")
-@click.option("--feature", type=click.Choice(["cls", "patch_mean", "cls+patch_mean"]), default="cls", show_default=True)
+@_run_options
+@click.option("--feature", type=click.Choice(FEATURES), default="cls", show_default=True)
 @click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default="none", show_default=True,
               help="Feature normalisation (statistics from train, stored with the head)")
 @click.option("--head", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)
@@ -192,6 +232,7 @@ def _print_metrics(metrics: dict, out) -> None:
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True, help="SGD only")
+@click.option("--nesterov", is_flag=True, help="SGD only: Nesterov momentum")
 @click.option("--batch-size", type=POSITIVE_INT, default=256, show_default=True)
 @click.option("--epochs", type=POSITIVE_INT, default=100, show_default=True)
 @click.option("--warmup-epochs", type=click.IntRange(0), default=0, show_default=True)
@@ -201,26 +242,33 @@ def _print_metrics(metrics: dict, out) -> None:
 @click.option("--views", is_flag=True, help="Train on one cached augmented view per image per epoch (features --views K)")
 @click.option("--max-memory", default=None,
               help="Memory budget for train features, e.g. 8GB; a larger cache is streamed from disk")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def probe(cache_dir, out, device, max_memory, **options):
+@DEVICE_OPTION
+def probe(cache_dir, out, overwrite, feature, views, max_memory, device, **params):
     """Train a linear or MLP head on cached features, keep the best on val, report test."""
-    from dinoprobe.probe import run_probe
-    from dinoprobe.train import TrainConfig
+    from dinoprobe.device import resolve_device
+    from dinoprobe.estimators import Probe
+    from dinoprobe.runs import check_run_dir, run_directory, write_probe_run
+    from dinoprobe.tensors import load_cache
 
-    cfg = TrainConfig(**options)
-    metrics = run_probe(cache_dir, out, cfg, device=device, max_memory=_size(max_memory))
+    check_run_dir(Path(out), overwrite)
+    estimator = Probe(**params, device=device, progress=True)
+    estimator.train_config()  # bad combinations fail here, before the cache is read
+    data = load_cache(cache_dir, feature, resolve_device(device), views=views, max_memory=_size(max_memory))
+    estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    with run_directory(out, overwrite) as tmp:
+        metrics = write_probe_run(tmp, estimator, data)
     _print_metrics(metrics, out)
 
 
 # ---------------------------------------------------------------------------------------------------- predict
 @main.command()
-@click.option("--head", "head_path", required=True, type=click.Path(), help="RUN_DIR/head.pt (or RUN_DIR)")
+@click.option("--run", "head_path", required=True, type=click.Path(), help="RUN_DIR (or RUN_DIR/head.pt)")
 @click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head file]")
 @click.option("--allow-weights-mismatch", is_flag=True, help="Use weights whose sha256 differs from training's")
-@click.option("--topk", type=POSITIVE_INT, default=5, show_default=True)
+@click.option("--top-k", "topk", type=POSITIVE_INT, default=5, show_default=True, help="Labels per image")
 @click.option("--batch-size", type=POSITIVE_INT, default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, help=WORKERS_HELP)
+@DEVICE_OPTION
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 def predict(head_path, weights, allow_weights_mismatch, topk, batch_size, workers, device, fmt, paths):
@@ -253,7 +301,7 @@ def predict(head_path, weights, allow_weights_mismatch, topk, batch_size, worker
 
 
 @main.command()
-@click.option("--head", "head_path", required=True, type=click.Path(), help="RUN_DIR/head.pt (or RUN_DIR)")
+@click.option("--run", "head_path", required=True, type=click.Path(), help="RUN_DIR (or RUN_DIR/head.pt)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write, e.g. model.pt")
 @click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head file]")
 @click.option("--allow-weights-mismatch", is_flag=True)
@@ -291,97 +339,75 @@ def _comma_list(kind, choices=None, check=None, what=""):
     return callback
 
 
-def _size(value: str | None) -> int | None:
-    if value is None:
-        return None
-    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
-    text = value.strip().lower()
-    number = text.rstrip("kmgb")
-    try:
-        return int(float(number) * units[text[len(number):]])
-    except (ValueError, KeyError):
-        raise click.BadParameter(f"{value!r} is not a size like 512MB or 4GB") from None
-
-
 @main.command()
-@click.option("--cache", "cache_dir", required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep directory to write")
+@_run_options
 @click.option("--preset", type=click.Choice(["dinov3-linear"]), default=None,
               help="DINOv3 linear eval: 13 lrs 1e-5..0.1 x batch/256, SGD momentum 0.9, cosine, linear head")
+@click.option("--feature", callback=_comma_list(str, FEATURES), help="e.g. cls,cls+patch_mean [default: cls]")
 @click.option("--head", callback=_comma_list(str, ("linear", "mlp")), help="e.g. linear,mlp")
 @click.option("--lr", callback=_comma_list(float, check=lambda v: v > 0, what="> 0"), help="e.g. 1e-4,1e-3,1e-2")
 @click.option("--weight-decay", callback=_comma_list(float, check=lambda v: v >= 0, what=">= 0"))
 @click.option("--hidden", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"))
 @click.option("--dropout", callback=_comma_list(float, check=lambda v: 0 <= v < 1, what="[0, 1)"))
 @click.option("--optimizer", callback=_comma_list(str, ("adam", "adamw", "sgd")))
+@click.option("--momentum", callback=_comma_list(float, check=lambda v: 0 <= v < 1, what="[0, 1)"))
 @click.option("--label-smoothing", callback=_comma_list(float, check=lambda v: 0 <= v < 1, what="[0, 1)"))
-@click.option("--feature", callback=_comma_list(str, ("cls", "patch_mean", "cls+patch_mean")))
 @click.option("--normalize", callback=_comma_list(str, ("none", "standardize", "l2")))
 @click.option("--epochs", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"))
 @click.option("--batch-size", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"))
 @click.option("--seed", callback=_comma_list(int, check=lambda v: v >= 0, what=">= 0"))
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True)
-@click.option("--warmup-epochs", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--warmup-epochs", callback=_comma_list(int, check=lambda v: v >= 0, what=">= 0"))
 @click.option("--patience", type=POSITIVE_INT, default=None)
 @click.option("--views", is_flag=True, help="Sample one cached augmented view per image per epoch")
 @click.option("--max-memory", default=None,
               help="Memory budget, e.g. 2GB: groups are split to fit it, and train features above it stream from disk")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--top", type=POSITIVE_INT, default=10, show_default=True, help="Rows of the table printed at the end")
-def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, views, max_memory, device, top, **grid_options):
-    """Train a grid of heads side by side (one batched model per group) and keep the best on val."""
+@DEVICE_OPTION
+@click.option("--show", type=POSITIVE_INT, default=10, show_default=True, help="Rows of the table printed at the end")
+def sweep(cache_dir, out, overwrite, preset, feature, patience, views, max_memory, device, show, **lists):
+    """Train a grid of heads side by side (one batched model per group) and keep the best on val.
+
+    Every option takes a comma-separated list; options with several values form the grid."""
     from dinoprobe.device import resolve_device
-    from dinoprobe.heads import build_head
-    from dinoprobe.runs import write_run
-    from dinoprobe.sweep import (GRID_FIELDS, dinov3_linear_grid, expand_grid, plot_sweep, results_table,
-                                 run_sweep, write_results)
-    from dinoprobe.tensors import load_feature_splits
-    from dinoprobe.train import TrainConfig
+    from dinoprobe.estimators import Sweep
+    from dinoprobe.report import RESULT_FIELDS, plot_sweep, ranked, varying_params, write_results
+    from dinoprobe.runs import check_run_dir, run_directory, write_probe_run
+    from dinoprobe.tensors import load_features
 
-    grid = {k: v for k, v in grid_options.items() if v is not None}
-    if preset == "dinov3-linear":
-        sizes = grid.get("batch_size", [TrainConfig.batch_size])
-        if len(sizes) != 1:
-            raise click.BadParameter("--preset dinov3-linear scales lr by one batch size; give a single --batch-size")
-        grid = {**dinov3_linear_grid(sizes[0]), **{k: v for k, v in grid.items() if k != "lr"}}
-    configs = expand_grid(grid, TrainConfig(momentum=momentum, warmup_epochs=warmup_epochs, patience=patience,
-                                            views=views))
-    dev = resolve_device(device)
-    loaded = {}
-
-    def data_for(feature):
-        if feature not in loaded:
-            loaded[feature] = load_feature_splits(cache_dir, feature, dev, views=views, max_memory=_size(max_memory))
-        return loaded[feature]
-
-    outcomes = run_sweep(configs, data_for, _size(max_memory))
-    rows = results_table(outcomes)
-    out = Path(out)
-    write_results(out, rows)
-    plot_sweep(rows, out / "sweep.png")
-    best = max(outcomes, key=lambda o: (o.result.best_val_acc, -outcomes.index(o)))
-    data = data_for(best.config.feature)
-    spec = best.config.head_spec(data.dim, data.num_classes)
-    head = build_head(spec, best.config.seed).to(dev)
-    head.load_state_dict(best.result.best_state)
-    metrics = write_run(out / "best", head.eval(), spec, best.normalizer, data, best.result, best.config.to_dict(),
-                        {"cache": str(cache_dir), "sweep": str(out)})
-    varying = [k for k in GRID_FIELDS if len({r[k] for r in rows}) > 1]
-    columns = varying + ["best_epoch", "val_top1"]
+    check_run_dir(Path(out), overwrite)
+    base = {k: v[0] for k, v in lists.items() if v is not None and len(v) == 1}
+    grid = {k: v for k, v in lists.items() if v is not None and len(v) > 1}
+    budget = _size(max_memory)
+    searches = [Sweep(param_grid=grid, preset=preset, **base, patience=patience, device=device, max_memory=budget,
+                      progress=True) for _ in feature or ["cls"]]
+    searches[0].configurations()  # a bad grid fails here, before the cache is read
+    loaded = load_features(cache_dir, feature or ["cls"], resolve_device(device), views=views, max_memory=budget)
+    rows, best = [], None
+    for search, (name, data) in zip(searches, loaded.items()):
+        search.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+        rows += [{"feature": name, **cfg.to_dict(), **{k: r[k] for k in RESULT_FIELDS}}
+                 for cfg, r in zip(search.configs_, search.results_)]
+        if best is None or search.best_score_ > best[0].best_score_:
+            best = (search, data)
+    rows = ranked(rows)
+    with run_directory(out, overwrite) as tmp:
+        write_results(tmp, rows)
+        plot_sweep(rows, tmp / "sweep.png")
+        (tmp / "best").mkdir()
+        metrics = write_probe_run(tmp / "best", best[0].best_estimator_, best[1], {"sweep": str(out)})
+    columns = varying_params(rows) + ["best_epoch", "val_top1"]
     click.echo("  ".join(f"{c:>12}" for c in columns))
-    for row in rows[:top]:
+    for row in rows[:show]:
         click.echo("  ".join(f"{row[c]:>12.4g}" if isinstance(row[c], float) else f"{str(row[c]):>12}"
                              for c in columns))
-    seconds = sum({r["group"]: r["group_seconds"] for r in rows}.values())
+    seconds = sum({(r["feature"], r["group"]): r["group_seconds"] for r in rows}.values())
     click.echo(f"{len(rows)} configs trained in {seconds:.1f} s; results in {out}/results.csv, plot {out}/sweep.png")
-    _print_metrics(metrics, out / "best")
+    _print_metrics(metrics, Path(out) / "best")
 
 
 # -------------------------------------------------------------------------------------------------- baselines
 @main.command()
-@click.option("--cache", "cache_dir", required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--feature", type=click.Choice(["cls", "patch_mean", "cls+patch_mean"]), default="cls", show_default=True)
+@_run_options
+@click.option("--feature", type=click.Choice(FEATURES), default="cls", show_default=True)
 @click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default="standardize",
               show_default=True)
 @click.option("--c-grid", callback=_comma_list(float, check=lambda v: v > 0, what="> 0"), default=None,
@@ -389,72 +415,70 @@ def sweep(cache_dir, out, preset, momentum, warmup_epochs, patience, views, max_
 @click.option("--solver", type=click.Choice(["torch", "sklearn"]), default="torch", show_default=True,
               help="torch: batched L-BFGS over all C at once; sklearn: the reference, one fit per C")
 @click.option("--max-iter", type=POSITIVE_INT, default=1000, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def logreg(cache_dir, out, feature, normalize, c_grid, solver, max_iter, device):
+@DEVICE_OPTION
+def logreg(cache_dir, out, overwrite, feature, normalize, c_grid, solver, max_iter, device):
     """DINOv3's logistic-regression protocol: C chosen on val, refit on train+val, scored on test."""
     import time
 
-    from dinoprobe.baselines import DEFAULT_C_GRID, logreg_protocol
-    from dinoprobe.device import resolve_device
-    from dinoprobe.heads import HeadSpec, build_head
-    from dinoprobe.metrics import classification_metrics
-    from dinoprobe.runs import head_payload, save_run
-    from dinoprobe.tensors import load_feature_splits
+    import numpy as np
 
-    data = load_feature_splits(cache_dir, feature, resolve_device(device), require_val=False)
+    from dinoprobe.device import resolve_device
+    from dinoprobe.estimators import LogReg
+    from dinoprobe.metrics import classification_metrics
+    from dinoprobe.runs import check_run_dir, evaluate, run_directory, write_run_files
+    from dinoprobe.tensors import load_cache
+
+    check_run_dir(Path(out), overwrite)
+    data = load_cache(cache_dir, feature, resolve_device(device), require_val=False)
     start = time.perf_counter()
-    fit = logreg_protocol(data, tuple(c_grid or DEFAULT_C_GRID), solver, normalize, max_iter)
+    estimator = LogReg(Cs=c_grid, normalize=normalize, max_iter=max_iter, solver=solver, device=device)
+    estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
     seconds = time.perf_counter() - start
-    spec = HeadSpec("linear", data.dim, data.num_classes)
-    head = build_head(spec)
-    head.load_state_dict({"0.weight": fit["weight"].cpu(), "0.bias": fit["bias"].cpu()})
-    norm = fit["normalizer"].cpu()
-    metrics = {}
-    if "val" in data.x:  # the train-only model at the chosen C (the refit has seen val)
-        val_logits = norm(data.x["val"].cpu()) @ fit["val_weight"].cpu().t() + fit["val_bias"].cpu()
-        metrics["val"] = classification_metrics(val_logits, data.y["val"], data.classes)
-    if "test" in data.x:
-        metrics["test"] = classification_metrics(head(norm(data.x["test"].cpu())), data.y["test"], data.classes)
-    metrics.update({"best_c": fit["best_c"], "c_grid": fit["c_grid"], "val_accuracy_per_c": fit["val_accuracy_per_c"]})
+    metrics = evaluate(estimator, data, ("test",))
+    if data.X_val is not None:  # the train-only model at the chosen C (the refit has seen val)
+        scores = np.zeros((len(data.X_val), data.num_classes))
+        scores[:, estimator.classes_] = estimator.selection_predict_proba(data.X_val)
+        metrics["val"] = classification_metrics(scores, data.y_val, data.classes)
+    best = estimator.val_score_per_C_[estimator.Cs_.index(estimator.best_C_)]
+    metrics.update({"best_c": estimator.best_C_, "c_grid": estimator.Cs_,
+                    "val_accuracy_per_c": estimator.val_score_per_C_})
     config = {"method": "logreg", "feature": feature, "normalize": normalize, "solver": solver, "max_iter": max_iter}
-    save_run(Path(out), metrics, data, config, head_payload(head, spec, norm, data, config),
-             {"fit_seconds": round(seconds, 3)})
-    click.echo(f"best C {fit['best_c']:.3g} (val top-1 {fit['best_val_top1']:.4f} of {len(fit['c_grid'])} values) in "
+    with run_directory(out, overwrite) as tmp:
+        estimator.save(tmp / "head.pt", data, data.classes)
+        write_run_files(tmp, metrics, data, config, {"fit_seconds": round(seconds, 3)})
+    click.echo(f"best C {estimator.best_C_:.3g} (val top-1 {best:.4f} of {len(estimator.Cs_)} values) in "
                f"{seconds:.1f} s")
-    for split in ("val", "test"):
-        if split in metrics:
-            click.echo(f"{split}: top-1 {metrics[split]['top1']:.4f}, balanced {metrics[split]['balanced_accuracy']:.4f}")
-    click.echo(f"run saved to {out} (head.pt is a linear head usable by predict)")
+    _print_metrics(metrics, f"{out} (head.pt is a linear head usable by predict)")
 
 
 @main.command()
-@click.option("--cache", "cache_dir", required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--feature", type=click.Choice(["cls", "patch_mean", "cls+patch_mean"]), default="cls", show_default=True)
+@_run_options
+@click.option("--feature", type=click.Choice(FEATURES), default="cls", show_default=True)
 @click.option("--k", "ks", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"), default="10,20,100,200",
-              show_default=True)
+              show_default=True, help="Neighbour counts to choose from on val")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.07, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def knn(cache_dir, out, feature, ks, temperature, device):
+@DEVICE_OPTION
+def knn(cache_dir, out, overwrite, feature, ks, temperature, device):
     """Weighted k-NN on L2-normalised features (DINO's protocol); k chosen on val."""
-    from dinoprobe.baselines import knn_scores
     from dinoprobe.device import resolve_device
-    from dinoprobe.metrics import classification_metrics
-    from dinoprobe.runs import save_run
-    from dinoprobe.tensors import load_feature_splits
+    from dinoprobe.estimators import KNN
+    from dinoprobe.runs import check_run_dir, evaluate, run_directory, write_run_files
+    from dinoprobe.tensors import load_cache
 
-    data = load_feature_splits(cache_dir, feature, resolve_device(device))
-    scores = {split: knn_scores(data.x["train"], data.y["train"], data.x[split], data.num_classes, ks, temperature)
-              for split in ("val", "test") if split in data.x}
-    per_k = {split: {k: (s.argmax(1) == data.y[split].cpu()).sum().item() / len(s) for k, s in by_k.items()}
-             for split, by_k in scores.items()}
-    best_k = max(per_k["val"], key=lambda k: (per_k["val"][k], -k))
-    metrics = {split: classification_metrics(by_k[best_k], data.y[split], data.classes) for split, by_k in scores.items()}
-    metrics.update({"k": best_k, "temperature": temperature, "top1_per_k": per_k})
-    save_run(Path(out), metrics, data, {"method": "knn", "feature": feature, "k": list(ks), "temperature": temperature})
+    check_run_dir(Path(out), overwrite)
+    data = load_cache(cache_dir, feature, resolve_device(device))
+    estimator = KNN(ks=tuple(ks), temperature=temperature, device=device)
+    estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    per_k = {"val": estimator.val_score_per_k_}
+    if data.X_test is not None:
+        per_k["test"] = estimator.score_per_k(data.X_test, data.y_test)
+    metrics = {**evaluate(estimator, data), "k": estimator.best_k_, "temperature": temperature, "top1_per_k": per_k}
+    with run_directory(out, overwrite) as tmp:
+        write_run_files(tmp, metrics, data, {"method": "knn", "feature": feature, "k": list(ks),
+                                             "temperature": temperature})
     for split, accs in per_k.items():
         click.echo(f"{split}: " + ", ".join(f"k={k} {a:.4f}" for k, a in accs.items()))
-    click.echo(f"chosen k={best_k}; run saved to {out}")
+    click.echo(f"chosen k={estimator.best_k_}; run saved to {out}")
 
 
 # ------------------------------------------------------------------------------------------------------ bench
@@ -464,7 +488,8 @@ def knn(cache_dir, out, feature, ks, temperature, device):
                    "sizes, checks that the benchmark runs (its figures mean nothing)")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data", "data_root", default=None, type=click.Path(),
-              help="Folder of real JPEGs [default: ../shared/data/hymenoptera-mini if present]")
+              help="Folder of JPEGs in train/<class>/ [default: ../shared/data/hymenoptera-mini if present, else "
+                   "photograph-like JPEGs generated for the run]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--readme", default=None, type=click.Path(dir_okay=False),
               help="Also replace the table between <!-- bench:start/end --> in this README")
@@ -474,9 +499,6 @@ def bench(scale, out, data_root, device, readme):
 
     default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera-mini"
     root = Path(data_root) if data_root else (default if default.is_dir() else None)
-    if root is None:
-        _echo_err("no JPEG folder found: pipeline, original-method and transformers sections are skipped "
-                  "(pass --data FOLDER)")
     results = bench_mod.run(scale, Path(out), root, device, log=_echo_err)
     table = bench_mod.markdown(results)
     click.echo(table)

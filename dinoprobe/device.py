@@ -8,12 +8,26 @@ import torch
 from dinoprobe.errors import DinoprobeError
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device="auto") -> torch.device:
+    """auto (the first GPU when there is one), cpu, cuda, cuda:N or mps, checked against what this machine has."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DinoprobeError("--device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DinoprobeError(f"'{device}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DinoprobeError(f"--device {device} requested but no CUDA GPU is visible; use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise DinoprobeError(f"--device {device} requested but this machine has {count} CUDA GPU(s): "
+                                 f"cuda:0..cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DinoprobeError("--device mps requested but Metal is not available; use --device cpu or auto")
+    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -354,8 +354,14 @@ class LogReg(_Classifier):
         self.n_iter_per_C_ = list(iterations)
         return self
 
-    def _scores(self, X):
-        return self.normalizer_(X) @ self.coef_.t() + self.intercept_
+    def _scores(self, X, selection: bool = False):
+        w, b = (self.selection_coef_, self.selection_intercept_) if selection else (self.coef_, self.intercept_)
+        return self.normalizer_(X) @ w.t() + b
+
+    def selection_predict_proba(self, X) -> np.ndarray:
+        """Probabilities from the train-only model at best_C_: honest validation scores, since the final model
+        (predict_proba) was refit on the validation data too."""
+        return torch.softmax(self._scores(self._features(X), selection=True).double(), dim=1).numpy()
 
     def head(self):
         """The fitted model as a linear head (build_head's layout), for run directories and head files."""
@@ -406,11 +412,17 @@ class KNN(_Classifier):
         self.best_k_ = max(self.val_score_per_k_, key=lambda k: (self.val_score_per_k_[k], -k))
         return self
 
-    def _scores(self, X):
+    def _scores(self, X, ks=None):
         from dinoprobe.baselines import knn_scores
 
-        return knn_scores(self.bank_x_, self.bank_y_, X.to(self.device_), len(self.classes_), [self.best_k_],
-                          self.temperature)[self.best_k_]
+        scores = knn_scores(self.bank_x_, self.bank_y_, X.to(self.device_), len(self.classes_),
+                            ks or [self.best_k_], self.temperature)
+        return scores if ks else scores[min(self.best_k_, len(self.bank_y_))]
+
+    def score_per_k(self, X, y) -> dict[int, float]:
+        """Accuracy on (X, y) for every k in ks (capped at the number of training rows)."""
+        X, y = self._features(X), self._encode(as_labels(y, len(X)))
+        return {k: float((s.argmax(1).numpy() == y).mean()) for k, s in self._scores(X, sorted(self.ks)).items()}
 
     def predict_proba(self, X) -> np.ndarray:
         votes = self._scores(self._features(X)).double()

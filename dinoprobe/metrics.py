@@ -1,4 +1,4 @@
-"""Evaluation numbers (scikit-learn) and the plots a run leaves behind (matplotlib)."""
+"""Evaluation numbers (scikit-learn) and the plots a run leaves behind (matplotlib, imported when drawing)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,16 +29,20 @@ def classification_metrics(logits: torch.Tensor | np.ndarray, labels, class_name
     return out
 
 
+def figure(width: float, height: float, columns: int = 1):
+    """A matplotlib Figure drawn without pyplot: no global backend or figure registry is touched."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(1, columns)
+    return fig, axes
+
+
 def plot_confusion(matrix, class_names: list[str], path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     matrix = np.asarray(matrix)
     n = len(class_names)
     size = min(4 + 0.35 * n, 30)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    fig, ax = figure(size, size * 0.85)
     normed = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     image = ax.imshow(normed, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
@@ -54,17 +58,11 @@ def plot_confusion(matrix, class_names: list[str], path: Path, title: str = "") 
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = figure(10, 4, columns=2)
     left.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     left.set_xlabel("epoch")
     left.set_ylabel("loss")
@@ -79,4 +77,3 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

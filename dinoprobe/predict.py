@@ -13,7 +13,7 @@ from dinoprobe.data import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageFileDatas
                             worker_transform)
 from dinoprobe.decode import TorchvisionDecode
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.device import autocast, resolve_device, resolve_precision
+from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
 from dinoprobe.heads import HeadSpec, Normalizer, build_head
 from dinoprobe.runs import HeadFile
 from dinoprobe.tensors import feature_parts, select_tensor
@@ -25,6 +25,9 @@ def backbone_for_head(head_file: HeadFile, weights: str | None = None, allow_wei
                       log=print) -> Backbone:
     """The backbone the head was trained on: same model, same weights (checked by sha256), same transform."""
     fp = head_file.fingerprint
+    if not fp:
+        raise DinoprobeError("this head was saved from features without a dinoprobe cache, so it records no backbone "
+                             "or transform; save it with `estimator.save(path, cache=load_cache(...))` to predict")
     if weights is None:
         source = fp["weights"]["source"]
         weights = source if source in ("hub", "random") else head_file.weights_location
@@ -70,11 +73,13 @@ def prediction_dataset(head_file: HeadFile, files: list[str], config: DataConfig
     return ImageFileDataset([(f, -1) for f in files], config, max_pixels, decode=decode)
 
 
-def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch_size: int = 32, workers: int = 0,
-            device: str = "auto", precision: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Returns ([{path, labels, probabilities}], [(path, reason)]) in input order."""
+def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch_size: int = 32,
+            workers: int | None = None, device: str = "auto", precision: str = "auto",
+            max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Returns ([{path, labels, probabilities}], [(path, reason)]) in input order. workers: as `features`."""
     files, errors = expand_inputs(paths)
     dev = resolve_device(device)
+    workers = default_workers(dev) if workers is None else workers
     precision = resolve_precision(precision, dev)
     model, preprocess = backbone.to(dev), Preprocess(backbone.data_config).to(dev)
     head, normalizer = head_file.head.to(dev), head_file.normalizer.to(dev)

@@ -1,25 +1,32 @@
-"""Run directories: head.pt (weights_only-loadable), metrics.json, run.json, history.csv and plots."""
+"""Run directories and head files.
+
+A run directory holds head.pt (weights_only-loadable), metrics.json, run.json, history.csv and plots. It is
+written into a temporary sibling and renamed into place when complete, so a crash or Ctrl-C leaves the previous
+run whole or the new one whole, never a mix; an existing run is replaced only when asked (--overwrite).
+"""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from dinoprobe import __version__
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.heads import HeadSpec, Normalizer, build_head
-from dinoprobe.metrics import classification_metrics, plot_confusion, plot_curves
-from dinoprobe.train import TrainResult, predict_logits
-from dinoprobe.tensors import FeatureSplits
 
 HEAD_FORMAT = "dinoprobe-head/1"
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc")
 
 
+# ----------------------------------------------------------------------------------------------- head files
 @dataclass
 class HeadFile:
     """A trained head plus everything needed to rebuild its backbone, transform and normalisation."""
@@ -33,30 +40,43 @@ class HeadFile:
     weights_location: str
     raw: dict
 
+    @torch.no_grad()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return predict_logits(self.head, self.normalizer, features)
+        return self.head(self.normalizer(features))
 
 
-def head_payload(head: nn.Module, spec: HeadSpec, normalizer: Normalizer, data: FeatureSplits,
-                 train_config: dict) -> dict:
-    fingerprint = data.manifest["fingerprint"]
+def head_payload(head: nn.Module, spec: HeadSpec, normalizer: Normalizer, class_names: list[str], cache=None,
+                 train_config: dict | None = None) -> dict:
+    """The head file's content. `cache` (a FeatureSplits from load_cache) supplies the backbone fingerprint and
+    feature that predict and export rebuild; without it the head serves Python use only."""
+    fingerprint = cache.manifest["fingerprint"] if cache is not None else {}
     return {
         "format": HEAD_FORMAT,
         # the original script's keys, with the real class count
         "classifier_state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
         "num_classes": spec.num_classes,
         "feature_dim": spec.in_dim,
-        "training_config": {"model_name": fingerprint["model"],
-                            "input_size": fingerprint["transform"]["image_size"], **train_config},
+        "training_config": {"model_name": fingerprint.get("model"),
+                            "input_size": fingerprint.get("transform", {}).get("image_size"), **(train_config or {})},
         # what predict/export need to rebuild exactly the same pipeline
-        "class_names": list(data.classes),
+        "class_names": list(class_names),
         "head": spec.to_dict(),
-        "feature": data.feature,
+        "feature": cache.feature if cache is not None else "",
         "normalization": normalizer.to_dict(),
         "fingerprint": fingerprint,
-        "weights_location": data.manifest.get("weights_location", ""),
+        "weights_location": cache.manifest.get("weights_location", "") if cache is not None else "",
         "dinoprobe_version": __version__,
     }
+
+
+def save_head(path, head, spec, normalizer, class_names, cache=None, train_config=None) -> Path:
+    """Write a head file atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(head_payload(head, spec, normalizer, class_names, cache, train_config), tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def load_head_file(path: str | Path) -> HeadFile:
@@ -86,39 +106,70 @@ def load_head_file(path: str | Path) -> HeadFile:
                     raw["feature"], raw["fingerprint"], raw.get("weights_location", ""), raw)
 
 
-def evaluate_splits(head: nn.Module, normalizer: Normalizer, data: FeatureSplits,
-                    splits=("val", "test")) -> dict[str, dict]:
-    return {split: classification_metrics(predict_logits(head, normalizer, data.x[split]), data.y[split], data.classes)
-            for split in splits if split in data.x}
+# ------------------------------------------------------------------------------------------ run directories
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace an existing run unless asked."""
+    if out.exists() and not overwrite:
+        raise DinoprobeError(f"'{out}' already exists; pass --overwrite to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise DinoprobeError(f"'{out}' exists and is not a folder; choose another --out")
 
 
-def write_run(out: Path, head: nn.Module, spec: HeadSpec, normalizer: Normalizer, data: FeatureSplits,
-              result: TrainResult, train_config: dict, extra_run_info: dict | None = None) -> dict:
-    """Evaluate the chosen head and leave every artefact of the run in `out`; returns metrics.json's content."""
-    metrics = evaluate_splits(head, normalizer, data)
-    # deterministic for a given seed on CPU (wall time lives in run.json), so runs can be diffed
-    metrics.update({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
-    save_run(out, metrics, data, train_config, head_payload(head, spec, normalizer, data, train_config),
-             {"train_seconds": round(result.seconds, 3), **(extra_run_info or {})})
-    write_history(out / "history.csv", result.history)
-    if result.history:
-        plot_curves(result.history, out / "curves.png", result.best_epoch)
-    return metrics
+@contextlib.contextmanager
+def run_directory(out: str | Path, overwrite: bool = False):
+    """Yields a temporary folder to write the run into; on success it replaces `out` in one rename (the old run,
+    if any and if overwrite, is removed only after the new one is in place). On any error nothing changes."""
+    out = Path(out)
+    check_run_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_run_dir(out, overwrite)  # another process may have written it meanwhile
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def save_run(out: Path, metrics: dict, data: FeatureSplits, config: dict, head: dict | None = None,
-             run_info: dict | None = None) -> None:
-    """metrics.json, run.json, confusion.png, and head.pt when there is a head (k-NN has none)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if head is not None:
-        torch.save(head, out / "head.pt")
+def full_scores(estimator, X, num_classes: int) -> np.ndarray:
+    """predict_proba's columns (estimator.classes_, cache label ids) placed in a (rows, num_classes) matrix, so
+    metrics cover every class of the cache, including any the training split lacked."""
+    out = np.zeros((len(X), num_classes))
+    out[:, np.asarray(estimator.classes_, dtype=np.int64)] = estimator.predict_proba(X)
+    return out
+
+
+def evaluate(estimator, data, splits=("val", "test")) -> dict[str, dict]:
+    from dinoprobe.metrics import classification_metrics
+
+    return {split: classification_metrics(full_scores(estimator, data.x[split], data.num_classes), data.y[split],
+                                          data.classes)
+            for split in splits if data.x.get(split) is not None}
+
+
+def write_run_files(out: Path, metrics: dict, data, config: dict, run_info: dict | None = None,
+                    history: list[dict] | None = None, best_epoch: int | None = None) -> None:
+    """metrics.json, run.json, confusion.png, and history.csv + curves.png when there is a history."""
+    from dinoprobe.metrics import plot_confusion, plot_curves
+
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    info = {"config": config, "cache_fingerprint": data.manifest["fingerprint"], "dinoprobe_version": __version__,
-            **(run_info or {})}
+    info = {"config": config, "cache": data.cache_dir, "cache_fingerprint": data.manifest["fingerprint"],
+            "dinoprobe_version": __version__, **(run_info or {})}
     (out / "run.json").write_text(json.dumps(info, indent=1))
     split = "test" if "test" in metrics else "val"
-    plot_confusion(metrics[split]["confusion_matrix"], data.classes, out / "confusion.png",
-                   f"{split} confusion (top-1 {metrics[split]['top1']:.3f})")
+    if split in metrics:
+        plot_confusion(metrics[split]["confusion_matrix"], data.classes, out / "confusion.png",
+                       f"{split} confusion (top-1 {metrics[split]['top1']:.3f})")
+    if history:
+        write_history(out / "history.csv", history)
+        plot_curves(history, out / "curves.png", best_epoch)
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -127,3 +178,15 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer.writeheader()
         for row in history:
             writer.writerow({k: row[k] for k in HISTORY_FIELDS})
+
+
+def write_probe_run(out: Path, probe, data, run_info: dict | None = None) -> dict:
+    """A fitted Probe (or a Sweep's best_estimator_) on a cache -> the files of a run directory; returns metrics."""
+    metrics = evaluate(probe, data)
+    # deterministic for a given seed on CPU (wall time lives in run.json), so runs can be diffed
+    metrics.update({"best_epoch": probe.best_epoch_, "epochs_run": len(probe.history_)})
+    config = {"feature": data.feature, **probe.config_.to_dict()}
+    probe.save(out / "head.pt", data, data.classes)
+    write_run_files(out, metrics, data, config, {"train_seconds": round(probe.train_seconds_, 3), **(run_info or {})},
+                    probe.history_, probe.best_epoch_)
+    return metrics

@@ -14,7 +14,6 @@ from PIL import Image
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
-HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera-mini"
 MODEL = "vit_small_patch16_dinov3.lvd1689m"
 SIZE = 32  # RoPE: any multiple of 16 works; 32 px keeps the real architecture fast on 2 cores
 
@@ -27,10 +26,12 @@ def backbone():
 
 
 @pytest.fixture(scope="session")
-def hymenoptera() -> Path:
-    if not HYMENOPTERA.is_dir():
-        pytest.skip(f"{HYMENOPTERA} not present")
-    return HYMENOPTERA
+def photos(tmp_path_factory) -> Path:
+    """An ImageFolder of photograph-like JPEGs shaped like hymenoptera-mini (ants/bees, 25 train and 10 val per
+    class), generated here so the suite needs nothing beside the repository; small sizes keep it fast."""
+    from dinoprobe.sample_images import make_jpeg_folder
+
+    return make_jpeg_folder(tmp_path_factory.mktemp("photos") / "hymenoptera", sizes=(40, 90))
 
 
 def write_image(path: Path, seed: int, size=(40, 30), mode="RGB") -> Path:

@@ -8,8 +8,8 @@ import math
 from dinoprobe import bench
 
 
-def test_smoke_bench_runs_every_section_and_updates_the_readme(hymenoptera, tmp_path):
-    results = bench.run("smoke", tmp_path / "out", hymenoptera, device="cpu", log=lambda *_: None)
+def test_smoke_bench_runs_every_section_and_updates_the_readme(photos, tmp_path):
+    results = bench.run("smoke", tmp_path / "out", photos, device="cpu", log=lambda *_: None)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["scale"] == "smoke" and set(saved["section_seconds"]) == {
         "roofline_forward", "pipeline", "original_vs_dinoprobe", "heads", "transformers"}

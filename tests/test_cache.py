@@ -25,8 +25,8 @@ def _extract(backbone, root, cache_dir, **kw):
     return extract(backbone, open_source(str(root)), cache_dir, **kw)
 
 
-def test_cached_features_equal_an_independent_timm_reference(backbone, hymenoptera, tmp_path):
-    summary = _extract(backbone, hymenoptera, tmp_path / "c", shard_size=16, batch_size=8)
+def test_cached_features_equal_an_independent_timm_reference(backbone, photos, tmp_path):
+    summary = _extract(backbone, photos, tmp_path / "c", shard_size=16, batch_size=8)
     assert summary.rows == {"train": 50, "val": 20}
     val = cache.load(tmp_path / "c", "val", features=("cls", "patch_mean"))
     reference_model = timm.create_model(MODEL, pretrained=False, num_classes=0, global_pool="token", img_size=SIZE)
@@ -192,8 +192,8 @@ def test_resume_after_sigkill_gives_exactly_the_uninterrupted_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_features_end_to_end_on_real_jpegs(hymenoptera, tmp_path):
-    proc = run_cli("features", "--data", hymenoptera, "--weights", "random", "--image-size", SIZE,
+def test_features_end_to_end_on_real_jpegs(photos, tmp_path):
+    proc = run_cli("features", "--data", photos, "--weights", "random", "--image-size", SIZE,
                    "--cache", tmp_path / "c", "--batch-size", 8, check=True, in_process=False)
     assert "train 50, val 20 rows; 0 skipped" in proc.stdout
     assert "RANDOM weights" in proc.stderr

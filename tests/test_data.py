@@ -11,11 +11,11 @@ from dinoprobe.data import (ImageFileDataset, Preprocess, SkippedInput, carve_va
 from dinoprobe.errors import DinoprobeError
 
 
-def test_transform_equals_timms_eval_transform(backbone, hymenoptera):
+def test_transform_equals_timms_eval_transform(backbone, photos):
     cfg = backbone.data_config
     reference = timm.data.create_transform(input_size=(3, cfg.image_size, cfg.image_size), interpolation=cfg.interpolation,
                                            mean=cfg.mean, std=cfg.std, crop_pct=cfg.crop_pct, is_training=False)
-    path = sorted((hymenoptera / "train" / "ants").iterdir())[0]
+    path = sorted((photos / "train" / "ants").iterdir())[0]
     ours = Preprocess(cfg)(worker_transform(cfg)(load_rgb(str(path)))[None])[0]
     torch.testing.assert_close(ours, reference(Image.open(path).convert("RGB")), atol=1e-5, rtol=0)
 

@@ -16,8 +16,8 @@ from dinoprobe.extract import extract
 
 
 @pytest.fixture(scope="module")
-def jpegs(hymenoptera):
-    return sorted(str(p) for p in hymenoptera.rglob("*.jpg"))[:24]
+def jpegs(photos):
+    return sorted(str(p) for p in photos.rglob("*.jpg"))[:24]
 
 
 def test_torchvision_pixels_match_pils_reference_transform(backbone, jpegs):
@@ -114,12 +114,12 @@ def test_extract_with_the_torchvision_decoder(backbone, jpegs, tmp_path, on_devi
         assert cosine.min() > 0.9999, cosine  # a resize a level or two apart: the same features, nearly
 
 
-def test_decoder_is_part_of_the_fingerprint_and_refused_for_arrays(backbone, hymenoptera, tmp_path):
-    args = ["features", "--data", str(hymenoptera), "--weights", "random", "--image-size", str(SIZE),
+def test_decoder_is_part_of_the_fingerprint_and_refused_for_arrays(backbone, photos, tmp_path):
+    args = ["features", "--data", str(photos), "--weights", "random", "--image-size", str(SIZE),
             "--cache", str(tmp_path / "c"), "--batch-size", "16"]
     assert run_cli(*args).returncode == 0
     assert_clean_error(run_cli(*args, "--decoder", "torchvision"), "decoder", "--overwrite")
-    source = open_source(str(hymenoptera))
+    source = open_source(str(photos))
     source.kind = "cifar10"
     with pytest.raises(DinoprobeError, match="leave --decoder at pil"):
         extract(backbone, source, tmp_path / "arrays", decoder="torchvision", progress=False)

@@ -157,34 +157,34 @@ def test_head_files_that_do_not_fit_are_refused(synthetic, tmp_path, backbone):
 
 
 @pytest.mark.slow
-def test_probe_predict_export_end_to_end(hymenoptera, backbone, tmp_path):
-    extract(backbone, open_source(str(hymenoptera)), tmp_path / "c", batch_size=10, workers=0, progress=False)
+def test_probe_predict_export_end_to_end(photos, backbone, tmp_path):
+    extract(backbone, open_source(str(photos)), tmp_path / "c", batch_size=10, workers=0, progress=False)
     proc = run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run", "--epochs", 20, check=True)
     assert "val: top-1" in proc.stdout
     (tmp_path / "bad.jpg").write_bytes(b"")
     proc = run_cli("predict", "--head", tmp_path / "run" / "head.pt", "--format", "json", "--topk", 2,
-                   hymenoptera / "val", tmp_path / "bad.jpg", check=True)
+                   photos / "val", tmp_path / "bad.jpg", check=True)
     results = json.loads(proc.stdout)
     assert len(results) == 20 and all(r["labels"][0] in ("ants", "bees") for r in results)
     assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 for r in results)
     assert "skipped" in proc.stderr and "bad.jpg" in proc.stderr
-    table = run_cli("predict", "--head", tmp_path / "run", "--format", "csv", hymenoptera / "val" / "ants", check=True)
+    table = run_cli("predict", "--head", tmp_path / "run", "--format", "csv", photos / "val" / "ants", check=True)
     assert table.stdout.splitlines()[0] == "path,label_1,probability_1,label_2,probability_2"
     # weights the head was not trained on are refused unless explicitly allowed
     from safetensors.torch import save_file
 
     other = {k: v + 0.01 for k, v in backbone.model.state_dict().items()}
     save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "other.safetensors")
-    proc = run_cli("predict", "--head", tmp_path / "run", "--weights", tmp_path / "other.safetensors", hymenoptera)
+    proc = run_cli("predict", "--head", tmp_path / "run", "--weights", tmp_path / "other.safetensors", photos)
     assert_clean_error(proc, "--allow-weights-mismatch")
     run_cli("predict", "--head", tmp_path / "run", "--weights", tmp_path / "other.safetensors",
-            "--allow-weights-mismatch", hymenoptera / "val" / "ants", check=True)
+            "--allow-weights-mismatch", photos / "val" / "ants", check=True)
     # export: one file, weights_only, same logits as backbone + head
     run_cli("export", "--head", tmp_path / "run", "--out", tmp_path / "model.pt", check=True)
     from dinoprobe.predict import load_exported
 
     model = load_exported(tmp_path / "model.pt")
-    image = sorted((hymenoptera / "val" / "bees").iterdir())[0]
+    image = sorted((photos / "val" / "bees").iterdir())[0]
     probs = model(model.preprocess(image)[None]).softmax(-1)[0]
     expected = next(r for r in results if r["path"].endswith(image.name))
     assert model.class_names[int(probs.argmax())] == expected["labels"][0]

@@ -1,0 +1,141 @@
+"""The head-training engine against plain PyTorch: the loop, the update rules, the schedule, the loss."""
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinoprobe.engine import HeadwiseOptimizer, StackedHeads, TrainConfig, lr_factors, plan_groups, train_heads
+from dinoprobe.losses import smoothed_eye, soft_targets, softmax_cross_entropy
+from dinoprobe.reference import torch_optimizer, torch_scheduler, train_on_tensors
+
+
+def clusters(n=700, dim=24, classes=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    x = torch.randn(n, dim, generator=gen) + 2 * torch.randn(classes, dim, generator=gen)[y]
+    return x[:500], y[:500], x[500:], y[500:]
+
+
+DATA = clusters()
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+@pytest.mark.parametrize("optimizer,nesterov", [("adam", False), ("adamw", False), ("sgd", False), ("sgd", True)])
+def test_engine_follows_the_plain_pytorch_loop_step_by_step(head, optimizer, nesterov):
+    """nn.Linear + torch.optim + F.cross_entropy + backward, same seed and batch order: per-step losses within
+    1e-4, identical val accuracies and best epoch, the same final head."""
+    cfg = TrainConfig(head=head, optimizer=optimizer, nesterov=nesterov, lr=0.05 if optimizer == "sgd" else 3e-3,
+                      weight_decay=1e-3, batch_size=64, epochs=4, warmup_epochs=1, label_smoothing=0.1,
+                      dropout=0.2, hidden=16)
+    ours, = train_heads([cfg], *DATA, 5)
+    _, plain = train_on_tensors(cfg, *DATA, 5)
+    assert len(ours.step_losses) == len(plain.step_losses) == 4 * 8
+    np.testing.assert_allclose(ours.step_losses, plain.step_losses, atol=1e-4, rtol=0)
+    assert [h["val_acc"] for h in ours.history] == [h["val_acc"] for h in plain.history]
+    assert [h["lr"] for h in ours.history] == pytest.approx([h["lr"] for h in plain.history], rel=1e-6)
+    assert ours.best_epoch == plain.best_epoch
+    for key, value in plain.best_state.items():
+        torch.testing.assert_close(ours.best_state[key], value, atol=1e-4, rtol=0)
+    assert len(set(np.round(ours.step_losses, 5))) > 10  # the losses move, so the comparison means something
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_schedule_is_torchs_warmup_and_cosine(warmup):
+    cfg = TrainConfig(epochs=5, warmup_epochs=warmup, lr=1.0)
+    opt = torch_optimizer([torch.zeros(1, requires_grad=True)], cfg)
+    sched = torch_scheduler(opt, cfg, steps_per_epoch=7)
+    expected = []
+    for _ in range(35):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(lr_factors(5, warmup, 7), expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("optimizer,nesterov", [("adam", False), ("adamw", False), ("sgd", False), ("sgd", True)])
+def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov):
+    """Three stacked heads with their own lr, weight decay and momentum, 12 steps with random gradients and a
+    changing schedule factor: each head equals its own torch.optim optimiser."""
+    configs = [TrainConfig(head="mlp", hidden=5, optimizer=optimizer, nesterov=nesterov, lr=lr, weight_decay=wd,
+                           momentum=m) for lr, wd, m in ((0.1, 0.0, 0.9), (0.03, 0.01, 0.5), (0.2, 0.1, 0.8))]
+    heads = StackedHeads(configs, 6, 3, "cpu")
+    update = HeadwiseOptimizer(heads, configs)
+    params = [{k: v[i].clone().requires_grad_() for k, v in heads.layers.items()} for i in range(3)]
+    torch_opts = [torch_optimizer(p.values(), c) for p, c in zip(params, configs)]
+    gen = torch.Generator().manual_seed(2)
+    for step in range(12):
+        factor = 1.0 - step / 20
+        heads.grad.copy_(torch.randn(heads.grad.shape, generator=gen))
+        for i, (p, opt) in enumerate(zip(params, torch_opts)):
+            for name, tensor in p.items():
+                tensor.grad = heads.grads[name][i].clone()
+            for group in opt.param_groups:
+                group["lr"] = configs[i].lr * factor
+            opt.step()
+        update.step(factor)
+    for i, p in enumerate(params):
+        for name, tensor in p.items():
+            torch.testing.assert_close(heads.layers[name][i], tensor.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_heads_side_by_side_equal_heads_alone():
+    configs = [TrainConfig(head=h, optimizer=o, lr=lr, weight_decay=wd, label_smoothing=ls, dropout=dp, hidden=16,
+                           batch_size=64, epochs=4, warmup_epochs=1, patience=2, normalize="standardize")
+               for h, o in (("linear", "sgd"), ("mlp", "adamw")) for lr in (1e-3, 3e-2) for wd in (0, 1e-2)
+               for ls in (0, 0.1) for dp in (0.0, 0.3)]
+    together = train_heads(configs, *DATA, 5)
+    assert {r.group for r in together} == {0, 1} and {r.group_size for r in together} == {16}  # two stacks
+    for cfg, batched in zip(configs, together):
+        alone, = train_heads([cfg], *DATA, 5)
+        assert [h["val_acc"] for h in batched.history] == [h["val_acc"] for h in alone.history], cfg
+        assert batched.best_epoch == alone.best_epoch
+        np.testing.assert_allclose(batched.step_losses, alone.step_losses, atol=1e-5)
+        for key, value in alone.best_state.items():
+            torch.testing.assert_close(batched.best_state[key], value, atol=1e-5, rtol=1e-5)
+
+
+def test_grouping_by_stream_shape_and_memory():
+    configs = [TrainConfig(head=h, lr=lr, hidden=hid, batch_size=bs) for h in ("linear", "mlp") for lr in (1e-3, 1e-2)
+               for hid in (64, 128) for bs in (32, 64)]
+    groups = plan_groups(configs, dim=32, num_classes=5)
+    for group in groups:
+        assert len({(configs[i].stream_key, configs[i].shape_key) for i in group}) == 1
+    assert len(groups) == 6  # batch size x (linear, mlp64, mlp128); linear ignores hidden
+    assert len(plan_groups(configs, 32, 5, max_memory=1)) == len(configs)  # tiny budget: one head at a time
+
+
+def test_patience_stops_each_head_on_its_own():
+    configs = [TrainConfig(head="linear", lr=lr, epochs=60, patience=3, batch_size=64) for lr in (0.5, 1e-5)]
+    results = train_heads(configs, *DATA, 5)
+    for r in results:
+        assert r.epochs_run - r.best_epoch == 3 or r.epochs_run == 60
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2, [0.0, 0.1, 0.3]])
+def test_closed_form_cross_entropy_equals_autograd(smoothing):
+    gen = torch.Generator().manual_seed(0)
+    heads = 3 if isinstance(smoothing, list) else 1
+    logits = torch.randn(16, heads, 7, generator=gen, requires_grad=True)
+    target = torch.randint(0, 7, (16,), generator=gen)
+    s = smoothing if isinstance(smoothing, list) else [smoothing]
+    expected = torch.stack([F.cross_entropy(logits[:, i], target, label_smoothing=s[i]) for i in range(heads)])
+    expected.sum().backward()
+    neg_loss, grad = softmax_cross_entropy(logits.detach(), soft_targets(smoothed_eye(7, smoothing), target), 0)
+    torch.testing.assert_close(-neg_loss / 16, expected.detach())
+    torch.testing.assert_close(grad, logits.grad)
+
+
+def test_training_leaves_global_random_state_alone():
+    from dinoprobe import Probe
+
+    def train():
+        train_heads([TrainConfig(head="mlp", hidden=8, epochs=2, batch_size=64)], *DATA, 5)
+        Probe(hidden=8, epochs=2).fit(DATA[0].numpy(), DATA[1].numpy())
+
+    train()  # a third-party module imported on first use draws from `random` once; our code must not
+    torch_state, py_state, np_state = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1]
+    train()
+    assert torch.equal(torch.random.get_rng_state(), torch_state) and random.getstate() == py_state
+    assert (np.random.get_state()[1] == np_state).all()
