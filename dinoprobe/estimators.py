@@ -28,6 +28,11 @@ TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
 # DINOv3's linear evaluation: 13 learning rates, SGD with momentum 0.9, cosine schedule, lr scaled by batch/256
 DINOV3_LINEAR_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 PRESETS = ("dinov3-linear",)
+# scikit-learn checks deliberately not passed (check_estimator(..., expected_failed_checks=...)), and why
+EXPECTED_FAILED_CHECKS = {
+    "KNN": {"check_methods_subset_invariance": "similarities are float32 matrix products, whose blocking (so the "
+                                               "last bits of each vote) depends on the batch size"},
+}
 
 
 # ------------------------------------------------------------------------------------------ input checks

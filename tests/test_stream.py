@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import make_synthetic_cache, run_cli
+from dinoprobe import Sweep
+from dinoprobe.engine import TrainConfig, train_heads
 from dinoprobe.stream import streaming_order
-from dinoprobe.sweep import expand_grid, run_sweep
-from dinoprobe.tensors import load_feature_splits
-from dinoprobe.train import TrainConfig, train_head
+from dinoprobe.tensors import load_cache
 
 ROW_BYTES = 32 * 4
 
@@ -20,10 +20,10 @@ def sharded(tmp_path_factory):
 
 
 def test_a_small_budget_streams_instead_of_loading(sharded):
-    data = load_feature_splits(sharded, "cls", max_memory=150 * ROW_BYTES)
+    data = load_cache(sharded, "cls", max_memory=150 * ROW_BYTES)
     assert data.x["train"] is None and data.stream is not None and len(data.stream) == 600
     assert data.stream.buffer_shards == 2  # two 70-row shards fit a 150-row budget
-    assert load_feature_splits(sharded, "cls", max_memory=10**9).stream is None
+    assert load_cache(sharded, "cls", max_memory=10**9).stream is None
 
 
 def test_streaming_order_visits_every_row_once_buffer_by_buffer():
@@ -39,20 +39,25 @@ def test_streaming_order_visits_every_row_once_buffer_by_buffer():
 @pytest.mark.parametrize("normalize,head", [("none", "linear"), ("standardize", "mlp")])
 def test_streamed_training_equals_in_memory_training_in_the_same_order(sharded, normalize, head):
     cfg = TrainConfig(head=head, normalize=normalize, epochs=3, batch_size=64, lr=1e-2)
-    streamed = load_feature_splits(sharded, "cls", max_memory=150 * ROW_BYTES)
-    in_memory = load_feature_splits(sharded, "cls")
-    _, _, a = train_head(streamed, cfg, progress=False)
-    _, _, b = train_head(in_memory, cfg, progress=False, order_fn=streamed.stream.order)
+    streamed = load_cache(sharded, "cls", max_memory=150 * ROW_BYTES)
+    in_memory = load_cache(sharded, "cls")
+    a, = train_heads([cfg], streamed.X_train, streamed.y_train, streamed.X_val, streamed.y_val, 6)
+    b, = train_heads([cfg], in_memory.X_train, in_memory.y_train, in_memory.X_val, in_memory.y_val, 6,
+                     order_fn=streamed.stream.order)
     np.testing.assert_allclose(a.step_losses, b.step_losses, atol=1e-5)
     assert [h["val_acc"] for h in a.history] == [h["val_acc"] for h in b.history]
 
 
-def test_sweep_streams_too(sharded):
-    data = load_feature_splits(sharded, "cls", max_memory=150 * ROW_BYTES)
-    configs = expand_grid({"head": ["linear"], "lr": [1e-3, 1e-2]}, TrainConfig(epochs=2, batch_size=64))
-    outcomes = run_sweep(configs, lambda feature: data, progress=False)
-    _, _, alone = train_head(data, configs[1], progress=False)
-    np.testing.assert_allclose(outcomes[1].result.step_losses, alone.step_losses, atol=1e-4)
+def test_heads_side_by_side_stream_too(sharded):
+    data = load_cache(sharded, "cls", max_memory=150 * ROW_BYTES)
+    configs = [TrainConfig(head="linear", lr=lr, epochs=2, batch_size=64) for lr in (1e-3, 1e-2)]
+    together = train_heads(configs, data.X_train, data.y_train, data.X_val, data.y_val, 6)
+    alone, = train_heads(configs[1:], data.X_train, data.y_train, data.X_val, data.y_val, 6)
+    assert together[1].group_size == 2
+    np.testing.assert_allclose(together[1].step_losses, alone.step_losses, atol=1e-4)
+    search = Sweep(param_grid={"lr": [1e-3, 1e-2]}, head="linear", epochs=2, batch_size=64)
+    search.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    assert search.best_score_ == max(r.best_val_acc for r in together)
 
 
 def test_probe_cli_with_a_tiny_budget(sharded, tmp_path):

@@ -8,9 +8,9 @@ from dinoprobe import cache
 from dinoprobe.data import open_source
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract import extract
-from dinoprobe.sweep import expand_grid, run_sweep
-from dinoprobe.tensors import load_feature_splits, sample_views
-from dinoprobe.train import TrainConfig, train_head
+from dinoprobe.batches import sample_views
+from dinoprobe.engine import TrainConfig, train_heads
+from dinoprobe.tensors import load_cache
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +63,16 @@ def test_training_samples_one_view_per_image_uniformly():
 
 def test_probe_and_sweep_with_views_agree_and_need_a_view_cache(view_cache, tmp_path):
     _, a, _, _ = view_cache
-    data = load_feature_splits(a, "cls", views=True)
-    configs = expand_grid({"head": ["linear"], "lr": [1e-3, 1e-2]}, TrainConfig(epochs=3, batch_size=4, views=True))
-    outcomes = run_sweep(configs, lambda feature: data, progress=False)
-    for cfg, outcome in zip(configs, outcomes):
-        _, _, alone = train_head(data, cfg, progress=False)
-        np.testing.assert_allclose(outcome.result.step_losses, alone.step_losses, atol=1e-4)
-    _, _, plain = train_head(data, TrainConfig(head="linear", epochs=3, batch_size=4), progress=False)
-    assert not np.allclose(plain.step_losses, outcomes[0].result.step_losses)  # views really were used
+    data = load_cache(a, "cls", views=True)
+    configs = [TrainConfig(head="linear", lr=lr, epochs=3, batch_size=4) for lr in (1e-3, 1e-2)]
+    together = train_heads(configs, data.X_train, data.y_train, data.X_val, data.y_val, 2)
+    assert together[0].group_size == 2
+    for cfg, batched in zip(configs, together):
+        alone, = train_heads([cfg], data.X_train, data.y_train, data.X_val, data.y_val, 2)
+        np.testing.assert_allclose(batched.step_losses, alone.step_losses, atol=1e-4)
+    plain, = train_heads(configs[:1], data.x["train"], data.y_train, data.X_val, data.y_val, 2)
+    assert not np.allclose(plain.step_losses, together[0].step_losses)  # views really were used
     from conftest import make_synthetic_cache
 
     with pytest.raises(DinoprobeError, match="features --views K"):
-        load_feature_splits(make_synthetic_cache(tmp_path / "plain"), "cls", views=True)
+        load_cache(make_synthetic_cache(tmp_path / "plain"), "cls", views=True)
