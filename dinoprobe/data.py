@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, PILToTensor, Resize
 
 from dinoprobe.backbone import DataConfig
@@ -26,7 +27,6 @@ SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 9459 x 9459)
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never silently half-grey
 
 
 @dataclass
@@ -135,16 +135,18 @@ def _cifar_source(name: str, data_dir: str, val_fraction: float, seed: int) -> D
 
 
 def _download_cifar(cls, name: str, data_dir: str, train: bool):
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(20)  # urllib has no timeout of its own: never hang on a dead network
+    hint = (f"on an offline machine copy the python-version archive (e.g. cifar-10-python.tar.gz) into "
+            f"'{data_dir}' or pass --data-dir")
+    host = urllib.parse.urlparse(cls.url).hostname
+    try:  # torchvision's download has no timeout: a 5 s probe makes an offline failure immediate
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        raise DinoprobeError(f"{name} is not in '{data_dir}' and {host} cannot be reached ({err}); {hint}") from None
     try:
         return cls(data_dir, train=train, download=True)
     except Exception as err:
         raise DinoprobeError(f"{name} is not in '{data_dir}' and downloading it failed ({type(err).__name__}: "
-                             f"{str(err)[:120]}); on an offline machine copy the python-version archive "
-                             f"(e.g. cifar-10-python.tar.gz) into '{data_dir}' or pass --data-dir") from None
-    finally:
-        socket.setdefaulttimeout(previous)
+                             f"{str(err)[:120]}); {hint}") from None
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -159,11 +161,10 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             raise SkippedInput("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own, clearer limit
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
                 image = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+            except Image.DecompressionBombError as err:  # over twice PIL's own limit: PIL refuses to open it
+                raise SkippedInput(f"PIL refuses to open it ({err}); exceeds the --max-pixels guard too") from None
             width, height = image.size
             if width * height > max_pixels:
                 raise SkippedInput(f"{width}x{height} image exceeds the {max_pixels:,}-pixel guard "
@@ -228,12 +229,18 @@ class Views:
     def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
         import random
 
-        views = []
-        for view in range(self.count):
-            view_seed = (self.seed * 1_000_003 + index) * 1009 + view
-            random.seed(view_seed)  # timm's crop draws from `random`, torchvision's from torch
-            torch.manual_seed(view_seed)
-            views.append(self.transform(image))
+        # timm's crop draws from `random`, torchvision's from torch: seed both per view for reproducible views,
+        # and put both generators back afterwards, as a library should
+        views, state = [], random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for view in range(self.count):
+                    view_seed = (self.seed * 1_000_003 + index) * 1009 + view
+                    random.seed(view_seed)
+                    torch.manual_seed(view_seed)
+                    views.append(self.transform(image))
+        finally:
+            random.setstate(state)
         return torch.stack(views)
 
 

@@ -57,7 +57,7 @@ def test_missing_val_is_carved_stratified_and_reproducibly(tmp_path):
 
 
 def test_val_carving_refuses_impossible_fractions():
-    with pytest.raises(DinoprobeError, match="val-fraction"):
+    with pytest.raises(DinoprobeError, match="validation fraction must be in"):
         carve_val([("a", 0)] * 4, 1.5, 0)
 
 
