@@ -225,3 +225,17 @@ def test_probe_predict_export_end_to_end(photos, backbone, tmp_path):
     expected = next(r for r in results if r["path"] == str(image))
     assert model.class_names[int(probs.argmax())] == expected["labels"][0]
     assert float(probs.max()) == pytest.approx(expected["probabilities"][0], abs=1e-4)
+
+
+def test_probe_does_not_import_the_backbone_stack(synthetic, tmp_path):
+    """Training on a cache needs torch, h5py and scikit-learn, not timm, torchvision or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dinoprobe.cli import main; "
+            f"main(['probe', '--cache', {str(synthetic)!r}, '--out', {str(tmp_path / 'r')!r}, '--epochs', '1'], "
+            "standalone_mode=False); "
+            "print(sorted(m for m in ('timm', 'torchvision', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
