@@ -34,9 +34,14 @@ class WeightsInfo:
     sha256: str
 
 
+TRANSFORMS = ("timm", "dinov3")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """The deterministic evaluation transform: resize shorter side, centre crop, normalise."""
+    """The deterministic evaluation transform: resize shorter side, centre crop, normalise. `name`: timm (the
+    model's timm data config, PIL resize) or dinov3 (DINOv3's classification eval transform, tensor resize)."""
 
     image_size: int
     resize_size: int
@@ -44,15 +49,35 @@ class DataConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_pct: float
+    name: str = "timm"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class Backbone(nn.Module):
-    """A frozen timm ViT that returns the normed CLS token and the mean of patch tokens (registers excluded)."""
+def token_features(model: nn.Module, pixels: torch.Tensor, num_prefix_tokens: int, last_blocks: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    """{'cls': (B, D) normed CLS token, 'patch_mean': (B, D) mean of the patch tokens (registers excluded)}, and
+    with last_blocks = N > 0 'cls_blocks': (B, N, D), the CLS token of each of the last N blocks after the final
+    norm, earliest first (timm's forward_intermediates(norm=True); DINOv3's get_intermediate_layers)."""
+    if last_blocks:
+        tokens, per_block = model.forward_intermediates(pixels, indices=last_blocks, return_prefix_tokens=True,
+                                                        norm=True, output_fmt="NLC")
+        blocks = torch.stack([prefix[:, 0] for _, prefix in per_block], dim=1)
+    else:
+        tokens = model.forward_features(pixels)  # (B, T, D), final norm applied
+    out = {"cls": tokens[:, 0], "patch_mean": tokens[:, num_prefix_tokens:].mean(dim=1)}
+    if last_blocks:
+        out["cls_blocks"] = blocks
+    return out
 
-    def __init__(self, model: nn.Module, model_name: str, weights: WeightsInfo, data_config: DataConfig):
+
+class Backbone(nn.Module):
+    """A frozen timm ViT that returns the normed CLS token and the mean of patch tokens (registers excluded), and
+    the CLS tokens of the last `last_blocks` blocks when asked (see token_features)."""
+
+    def __init__(self, model: nn.Module, model_name: str, weights: WeightsInfo, data_config: DataConfig,
+                 last_blocks: int = 0):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.model_name = model_name
@@ -60,16 +85,14 @@ class Backbone(nn.Module):
         self.data_config = data_config
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         self.feature_dim = int(model.num_features)
+        self.depth = len(getattr(model, "blocks", ()))
+        self.last_blocks = last_blocks
 
     def train(self, mode: bool = True):  # the backbone is frozen: never let a caller flip it to train mode
         return super().train(False)
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.model.forward_features(pixels)  # (B, T, D), final norm applied
-        return {
-            "cls": tokens[:, 0],
-            "patch_mean": tokens[:, self.num_prefix_tokens :].mean(dim=1),
-        }
+        return token_features(self.model, pixels, self.num_prefix_tokens, self.last_blocks)
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -90,8 +113,19 @@ def create_model(model_name: str, image_size: int | None = None) -> nn.Module:
     return model
 
 
-def resolve_data_config(model: nn.Module, image_size: int | None = None) -> DataConfig:
+def dinov3_data_config(image_size: int) -> DataConfig:
+    """DINOv3's evaluation transform (dinov3/data/transforms.py): shorter side to round(size * 256 / 224),
+    bicubic and antialiased, centre crop to size, ImageNet mean and std. At 224 px: 256 -> 224."""
+    resize = round(image_size * 256 / 224)
+    return DataConfig(image_size, resize, "bicubic", IMAGENET_MEAN, IMAGENET_STD, image_size / resize, "dinov3")
+
+
+def resolve_data_config(model: nn.Module, image_size: int | None = None, transform: str = "timm") -> DataConfig:
     cfg = timm.data.resolve_model_data_config(model)
+    if transform not in TRANSFORMS:
+        raise DinoprobeError(f"unknown transform '{transform}'; choose one of {', '.join(TRANSFORMS)}")
+    if transform == "dinov3":
+        return dinov3_data_config(int(image_size or 224))
     size = int(image_size or cfg["input_size"][-1])
     crop_pct = float(cfg.get("crop_pct") or 1.0)
     return DataConfig(
@@ -105,7 +139,7 @@ def resolve_data_config(model: nn.Module, image_size: int | None = None) -> Data
 
 
 def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_size: int | None = None,
-                   log=print) -> Backbone:
+                   log=print, transform: str = "timm") -> Backbone:
     """The one factory: model + weights + data config, frozen."""
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
@@ -118,7 +152,7 @@ def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_
     else:
         model = create_model(model_name, image_size)
         info = load_hub_weights(model, model_name) if weights == "hub" else load_weights_from_path(model, weights)
-    return Backbone(model, model_name, info, resolve_data_config(model, image_size))
+    return Backbone(model, model_name, info, resolve_data_config(model, image_size, transform))
 
 
 def _unit_layer_scale(model: nn.Module) -> None:

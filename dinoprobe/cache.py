@@ -27,6 +27,7 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 FORMAT_VERSION = 1
 FEATURE_KINDS = ("cls", "patch_mean")
+BLOCK_KINDS = ("cls_blocks",)  # (N, B, D): the CLS token of each of the last B blocks (--last-blocks B)
 VIEW_KINDS = ("cls_views", "patch_mean_views")  # (N, K, D): K augmented views per train image (--views K)
 
 
@@ -123,7 +124,7 @@ def write_shard(cache_dir: Path, split: str, number: int, start: int, stop: int,
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     n = len(rows["index"])
     with h5py.File(tmp, "w") as fh:
-        for kind in (*FEATURE_KINDS, *VIEW_KINDS):
+        for kind in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS):
             if kind in rows:
                 fh.create_dataset(kind, data=rows[kind].astype(dtype, copy=False))
         fh.create_dataset("label", data=rows["label"].astype(np.int64, copy=False))
@@ -236,7 +237,7 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
                 continue
             try:
                 with h5py.File(path, "r") as fh:
-                    lengths = {k: len(fh[k]) for k in (*FEATURE_KINDS, *VIEW_KINDS, "label", "index", "path")
+                    lengths = {k: len(fh[k]) for k in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS, "label", "index", "path")
                                if k in fh}
                     index = fh["index"][...]
             except Exception as err:
@@ -285,9 +286,12 @@ def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FE
     manifest = manifest or open_manifest(cache_dir, verify_cache)
     if split not in manifest["splits"]:
         raise DinoprobeError(f"cache {cache_dir} has no '{split}' split (has {sorted(manifest['splits'])})")
-    unknown = [f for f in features if f not in FEATURE_KINDS + VIEW_KINDS]
+    unknown = [f for f in features if f not in FEATURE_KINDS + BLOCK_KINDS + VIEW_KINDS]
     if unknown:
-        raise DinoprobeError(f"unknown feature {unknown}; the cache holds {list(FEATURE_KINDS)}")
+        raise DinoprobeError(f"unknown feature {unknown}; caches hold {list(FEATURE_KINDS + BLOCK_KINDS)}")
+    if "cls_blocks" in features and not manifest.get("last_blocks"):
+        raise DinoprobeError(f"cache {cache_dir} holds no per-block CLS tokens; build it with `dinoprobe features "
+                             "--last-blocks N`")
     if any(f in VIEW_KINDS for f in features) and not manifest["fingerprint"].get("views", {}).get("count") \
             or (any(f in VIEW_KINDS for f in features) and split != "train"):
         raise DinoprobeError(f"cache {cache_dir} has no augmented views for '{split}'; build it with "

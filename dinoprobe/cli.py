@@ -14,8 +14,27 @@ from dinoprobe.errors import DinoprobeError
 DEFAULT_MODEL = "vit_small_patch16_dinov3.lvd1689m"
 POSITIVE_INT = click.IntRange(min=1)
 PROBABILITY = click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True)
-FEATURES = ("cls", "patch_mean", "cls+patch_mean")  # = tensors.FEATURE_CHOICES, without importing torch
+# DINOv3's linear evaluation searches n in {1, 4} last blocks x patch mean off/on
+DINOV3_FEATURES = ["cls", "cls4", "cls+patch_mean", "cls4+patch_mean"]
 WORKERS_HELP = "DataLoader decoding processes [default: 0 on a CPU with <= 4 cores, else cores/8; GPU: cores-1, max 8]"
+
+
+class FeatureType(click.ParamType):
+    """A `+`-joined feature spec (dinoprobe.features): cls, patch_mean, clsN."""
+
+    name = "feature"
+
+    def convert(self, value, param, ctx):
+        from dinoprobe.features import parse_feature
+
+        try:
+            parse_feature(value)
+        except DinoprobeError as err:
+            self.fail(str(err), param, ctx)
+        return str(value)
+
+
+FEATURE_HELP = "cls, patch_mean, clsN (CLS of the last N blocks) joined by '+', e.g. cls4+patch_mean"
 
 
 class DeviceType(click.ParamType):
@@ -128,11 +147,17 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
               help="Views: timm's training transform (crop, flip, colour jitter) or light (crop + flip)")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the backbone: ~1 min of compiling for a few % more images/s (long runs only)")
+@click.option("--last-blocks", type=click.IntRange(0), default=4, show_default=True,
+              help="Also store the CLS token of each of the last N blocks (for --feature clsN, DINOv3's linear eval)")
+@click.option("--transform", type=click.Choice(["timm", "dinov3"]), default="timm", show_default=True,
+              help="timm: the model's timm data config; dinov3: DINOv3's eval transform (resize to size*256/224 "
+                   "bicubic on uint8 tensors, centre crop, ImageNet mean/std)")
 @click.option("--decoder", type=click.Choice(["pil", "torchvision"]), default="pil", show_default=True,
               help="JPEG decoding: pil = timm's reference transform; torchvision = decode_jpeg + tensor resize "
                    "(faster; on the GPU with nvJPEG when extracting on CUDA)")
 def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, workers, device, precision, dtype,
-             shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_, decoder):
+             shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_, last_blocks, transform,
+             decoder):
     """Run the frozen backbone once over every split and cache the features (resumable)."""
     from dinoprobe.backbone import build_backbone
     from dinoprobe.data import open_source
@@ -144,14 +169,17 @@ def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, 
     say = _echo_err if main_process else (lambda *_: None)
     cache_dir = cache_dir or default_cache_dir(data, model, image_size, weights)
     source = open_source(data, data_dir, val_fraction)
-    backbone = build_backbone(model, weights, image_size, log=say)
+    if precision == "fp16" and "dinov3" in model:
+        say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
+            "(or auto: bf16 on CUDA)")
+    backbone = build_backbone(model, weights, image_size, log=say, transform=transform)
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
     say(f"{source.kind} {source.root}: {len(source.classes)} classes; {counts} inputs -> {cache_dir}")
     try:
         summary = extract(backbone, source, cache_dir, batch_size=batch_size, workers=workers, device=device,
                           precision=precision, dtype=dtype, shard_size=shard_size, strict=strict,
                           overwrite=overwrite, max_pixels=max_pixels, compile=compile_, views=views,
-                          augment=augment, decoder=decoder)
+                          augment=augment, decoder=decoder, last_blocks=last_blocks)
     except KeyboardInterrupt:
         _echo_err(f"\nInterrupted. Complete shards in {cache_dir} are kept; the shard in progress was discarded. "
                   "Rerun the same command to resume.")
@@ -222,7 +250,7 @@ def _run_options(command):
 
 @main.command()
 @_run_options
-@click.option("--feature", type=click.Choice(FEATURES), default="cls", show_default=True)
+@click.option("--feature", type=FeatureType(), default="cls", show_default=True, help=FEATURE_HELP)
 @click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default="none", show_default=True,
               help="Feature normalisation (statistics from train, stored with the head)")
 @click.option("--head", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)
@@ -318,6 +346,16 @@ def export(head_path, out, weights, allow_weights_mismatch):
 
 
 # ------------------------------------------------------------------------------------------------------ sweep
+def _is_feature(value: str) -> bool:
+    from dinoprobe.features import parse_feature
+
+    try:
+        parse_feature(value)
+        return True
+    except DinoprobeError:
+        return False
+
+
 def _comma_list(kind, choices=None, check=None, what=""):
     """A click callback parsing `a,b,c` into a validated list (usage error, exit 2, on a bad value)."""
     def callback(ctx, param, value):
@@ -343,7 +381,9 @@ def _comma_list(kind, choices=None, check=None, what=""):
 @_run_options
 @click.option("--preset", type=click.Choice(["dinov3-linear"]), default=None,
               help="DINOv3 linear eval: 13 lrs 1e-5..0.1 x batch/256, SGD momentum 0.9, cosine, linear head")
-@click.option("--feature", callback=_comma_list(str, FEATURES), help="e.g. cls,cls+patch_mean [default: cls]")
+@click.option("--feature", callback=_comma_list(str, check=_is_feature, what=FEATURE_HELP),
+              help="e.g. cls,cls4+patch_mean [default: cls; with --preset dinov3-linear: " + ",".join(DINOV3_FEATURES)
+                   + "]")
 @click.option("--head", callback=_comma_list(str, ("linear", "mlp")), help="e.g. linear,mlp")
 @click.option("--lr", callback=_comma_list(float, check=lambda v: v > 0, what="> 0"), help="e.g. 1e-4,1e-3,1e-2")
 @click.option("--weight-decay", callback=_comma_list(float, check=lambda v: v >= 0, what=">= 0"))
@@ -377,10 +417,11 @@ def sweep(cache_dir, out, overwrite, preset, feature, patience, views, max_memor
     base = {k: v[0] for k, v in lists.items() if v is not None and len(v) == 1}
     grid = {k: v for k, v in lists.items() if v is not None and len(v) > 1}
     budget = _size(max_memory)
+    feature = feature or (DINOV3_FEATURES if preset == "dinov3-linear" else ["cls"])
     searches = [Sweep(param_grid=grid, preset=preset, **base, patience=patience, device=device, max_memory=budget,
-                      progress=True) for _ in feature or ["cls"]]
+                      progress=True) for _ in feature]
     searches[0].configurations()  # a bad grid fails here, before the cache is read
-    loaded = load_features(cache_dir, feature or ["cls"], resolve_device(device), views=views, max_memory=budget)
+    loaded = load_features(cache_dir, feature, resolve_device(device), views=views, max_memory=budget)
     rows, best = [], None
     for search, (name, data) in zip(searches, loaded.items()):
         search.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
@@ -407,7 +448,7 @@ def sweep(cache_dir, out, overwrite, preset, feature, patience, views, max_memor
 # -------------------------------------------------------------------------------------------------- baselines
 @main.command()
 @_run_options
-@click.option("--feature", type=click.Choice(FEATURES), default="cls", show_default=True)
+@click.option("--feature", type=FeatureType(), default="cls", show_default=True, help=FEATURE_HELP)
 @click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default="standardize",
               show_default=True)
 @click.option("--c-grid", callback=_comma_list(float, check=lambda v: v > 0, what="> 0"), default=None,
@@ -453,7 +494,7 @@ def logreg(cache_dir, out, overwrite, feature, normalize, c_grid, solver, max_it
 
 @main.command()
 @_run_options
-@click.option("--feature", type=click.Choice(FEATURES), default="cls", show_default=True)
+@click.option("--feature", type=FeatureType(), default="cls", show_default=True, help=FEATURE_HELP)
 @click.option("--k", "ks", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"), default="10,20,100,200",
               show_default=True, help="Neighbour counts to choose from on val")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.07, show_default=True)

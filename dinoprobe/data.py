@@ -188,8 +188,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def resize_crop(image: torch.Tensor, config: DataConfig) -> torch.Tensor:
+    """The eval transform's geometry on a uint8 (3, H, W) tensor: shorter side to resize_size (antialiased),
+    centre crop to image_size, with torchvision's tensor kernels (transforms.v2)."""
+    import torchvision.transforms.v2.functional as TF
+
+    image = TF.resize(image, [config.resize_size], interpolation=InterpolationMode(config.interpolation),
+                      antialias=True)
+    return TF.center_crop(image, [config.image_size])
+
+
+class TensorResizeCrop:
+    """resize_crop as a transform step (a class, so loader workers can pickle it)."""
+
+    def __init__(self, config: DataConfig):
+        self.config = config
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return resize_crop(image, self.config)
+
+
 def worker_transform(config: DataConfig):
-    """timm's eval transform up to (not including) ToTensor+Normalize, producing uint8 CHW."""
+    """The eval transform up to (not including) normalisation, producing uint8 CHW: timm's (PIL resize) for
+    `transform timm`, or DINOv3's (the resize on uint8 tensors, as torchvision's v2.Resize does) for `dinov3`."""
+    if config.name == "dinov3":
+        return Compose([PILToTensor(), TensorResizeCrop(config)])
     return Compose([
         Resize(config.resize_size, interpolation=InterpolationMode(config.interpolation), antialias=True),
         CenterCrop(config.image_size),

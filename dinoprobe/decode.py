@@ -15,23 +15,13 @@ import os
 import warnings
 
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
 
 from dinoprobe.backbone import DataConfig
-from dinoprobe.data import DEFAULT_MAX_PIXELS, SkippedInput, load_rgb, worker_transform
+from dinoprobe.data import DEFAULT_MAX_PIXELS, SkippedInput, load_rgb, resize_crop, worker_transform
 
 DECODERS = ("pil", "torchvision")
-
-
-def resize_crop(image: torch.Tensor, config: DataConfig) -> torch.Tensor:
-    """The eval transform on a uint8 (3, H, W) tensor: shorter side to resize_size, centre crop to image_size
-    (torchvision's tensor kernels; the same geometry as `worker_transform`'s PIL ones)."""
-    image = TF.resize(image, [config.resize_size], interpolation=InterpolationMode(config.interpolation),
-                      antialias=True)
-    return TF.center_crop(image, [config.image_size])
 
 
 def jpeg_orientation(path: str, max_pixels: int) -> int | None:

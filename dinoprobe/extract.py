@@ -26,7 +26,8 @@ from dinoprobe.errors import DinoprobeError
 
 
 def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precision: str, views: int = 0,
-                     augment: str | None = None, decoder: str = "pil", decode_device: str | None = None) -> dict:
+                     augment: str | None = None, decoder: str = "pil", decode_device: str | None = None,
+                     last_blocks: int = 0) -> dict:
     """Everything that changes the stored numbers. A cache is reused only when all of it matches."""
     fingerprint = {
         "model": backbone.model_name,
@@ -39,6 +40,7 @@ def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precisi
         "data": {"kind": source.kind, "root": source.root, "file_list_sha256": source.file_list_sha256(),
                  "val_split": source.val_split},
         "views": {"count": views, "augment": augment if views else None, "split": "train" if views else None},
+        "last_blocks": last_blocks,
         "dinoprobe_version": __version__,
     }
     return json.loads(json.dumps(fingerprint))  # compare like with like: what the manifest will hold
@@ -106,8 +108,10 @@ def prepare_manifest(cache_dir: Path, fingerprint: dict, source: DataSource, sha
                      extra: dict) -> dict:
     existing = read_manifest(cache_dir) if not overwrite else None
     if existing is not None:
-        # caches written before the decoder was recorded were all decoded by PIL
+        # caches written before these were recorded: PIL decoding, timm's transform, no per-block CLS tokens
         existing["fingerprint"].setdefault("decoder", {"name": "pil", "device": None})
+        existing["fingerprint"].setdefault("last_blocks", 0)
+        existing["fingerprint"]["transform"].setdefault("name", "timm")
         diffs = fingerprint_differences(existing["fingerprint"], fingerprint)
         if diffs:
             raise DinoprobeError(f"cache {cache_dir} was built from a different request ({'; '.join(diffs[:4])}); "
@@ -128,10 +132,16 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
             workers: int | None = None, device: str = "auto", precision: str = "auto", dtype: str = "float16",
             shard_size: int = 4096, strict: bool = False, overwrite: bool = False,
             max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, compile: bool = False, views: int = 0,
-            augment: str = "light", decoder: str = "pil", decode_on_device: bool | None = None) -> ExtractionSummary:
+            augment: str = "light", decoder: str = "pil", decode_on_device: bool | None = None,
+            last_blocks: int = 0) -> ExtractionSummary:
     """decoder: "pil" (timm's reference transform) or "torchvision" (decode.py); with torchvision, JPEGs are
-    decoded on the extraction device when `decode_on_device` (default: on CUDA), else in the loader workers."""
+    decoded on the extraction device when `decode_on_device` (default: on CUDA), else in the loader workers.
+    last_blocks: also store the CLS token of each of the last N blocks (`cls_blocks`)."""
     cache_dir = Path(cache_dir)
+    if not 0 <= last_blocks <= backbone.depth:
+        raise DinoprobeError(f"--last-blocks must be in [0, {backbone.depth}] for {backbone.model_name} "
+                             f"({backbone.depth} blocks), got {last_blocks}")
+    backbone.last_blocks = last_blocks
     dev = resolve_device(device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -146,9 +156,10 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
     on_device = decoder != "pil" and (dev.type == "cuda" if decode_on_device is None else decode_on_device)
     decode = TorchvisionDecode(backbone.data_config, max_pixels, encoded=on_device) if decoder != "pil" else None
     fingerprint = make_fingerprint(backbone, source, dtype, precision, views, augment, decoder,
-                                   dev.type if on_device else "cpu")
+                                   dev.type if on_device else "cpu", last_blocks)
     view_maker = Views(backbone.data_config, views, augment) if views else None
-    extra = {"feature_dim": backbone.feature_dim, "dtype": dtype, "features": ["cls", "patch_mean"],
+    extra = {"feature_dim": backbone.feature_dim, "dtype": dtype, "last_blocks": last_blocks,
+             "features": ["cls", "patch_mean"] + (["cls_blocks"] if last_blocks else []),
              "weights_location": backbone.weights.location, "val_split": source.val_split}
     summary = ExtractionSummary()
     rank, world = distributed_context(dev)
@@ -307,7 +318,8 @@ def _extract_split(split, source, model, forward, preprocess, writer, manifest, 
                 for start in [s for s, acc in open_shards.items() if acc["seen"] == by_start[s][1] - s]:
                     acc = open_shards.pop(start)
                     number, stop = by_start[start]
-                    writer.submit(split, number, start, stop, _finish(acc, model.feature_dim, views), acc["skipped"])
+                    writer.submit(split, number, start, stop, _finish(acc, model.feature_dim, views, model.last_blocks),
+                                  acc["skipped"])
                 bar.update(len(idx) + len(skipped))
     finally:
         bar.close()
@@ -318,12 +330,14 @@ def _new_acc() -> dict:
     return {"cls": [], "patch_mean": [], "label": [], "index": [], "path": [], "skipped": [], "seen": 0}
 
 
-def _finish(acc: dict, dim: int, views=None) -> dict:
+def _finish(acc: dict, dim: int, views=None, last_blocks: int = 0) -> dict:
     def cat(parts, shape, dtype):
         return np.concatenate(parts) if parts else np.zeros(shape, dtype)
     rows = {"cls": cat(acc["cls"], (0, dim), np.float32), "patch_mean": cat(acc["patch_mean"], (0, dim), np.float32),
             "label": cat(acc["label"], (0,), np.int64), "index": cat(acc["index"], (0,), np.int64),
             "path": acc["path"]}
+    if last_blocks:
+        rows["cls_blocks"] = cat(acc.get("cls_blocks", []), (0, last_blocks, dim), np.float32)
     if views is not None:
         for kind in ("cls_views", "patch_mean_views"):
             rows[kind] = cat(acc.get(kind, []), (0, views.count, dim), np.float32)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dinoprobe.backbone import Backbone, DataConfig, build_backbone, create_model, load_strict
+from dinoprobe.backbone import Backbone, DataConfig, build_backbone, create_model, load_strict, token_features
 from dinoprobe.data import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageFileDataset, Preprocess, collate, load_rgb,
                             worker_transform)
 from dinoprobe.decode import TorchvisionDecode
@@ -16,7 +16,7 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
 from dinoprobe.heads import HeadSpec, Normalizer, build_head
 from dinoprobe.runs import HeadFile
-from dinoprobe.tensors import feature_parts, select_tensor
+from dinoprobe.features import blocks_needed, parse_feature, select, width
 
 EXPORT_FORMAT = "dinoprobe-export/1"
 
@@ -39,10 +39,11 @@ def backbone_for_head(head_file: HeadFile, weights: str | None = None, allow_wei
         raise DinoprobeError(f"weights '{weights}' (sha256 {backbone.weights.sha256[:12]}…) differ from those the head "
                              f"was trained on (sha256 {fp['weights']['sha256'][:12]}…); pass the same checkpoint, or "
                              "--allow-weights-mismatch to use them anyway")
-    width = backbone.feature_dim * len(feature_parts(head_file.feature))
-    if width != head_file.spec.in_dim:
+    parts = parse_feature(head_file.feature)
+    if width(parts, backbone.feature_dim) != head_file.spec.in_dim:
         raise DinoprobeError(f"the head expects {head_file.spec.in_dim}-wide '{head_file.feature}' features but "
-                             f"{fp['model']} gives {width}")
+                             f"{fp['model']} gives {width(parts, backbone.feature_dim)}")
+    backbone.last_blocks = blocks_needed(parts)
     transform = dict(fp["transform"])
     backbone.data_config = DataConfig(**{**transform, "mean": tuple(transform["mean"]), "std": tuple(transform["std"])})
     return backbone
@@ -94,7 +95,7 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
                 continue
             with autocast(dev, precision):
                 feats = model(preprocess(pixels.to(dev)))
-            probs = head(normalizer(select_tensor(feats, head_file.feature))).float().softmax(-1)
+            probs = head(normalizer(select(feats, parse_feature(head_file.feature)))).float().softmax(-1)
             top_p, top_i = probs.topk(k, dim=1)
             for row, i in enumerate(idx.tolist()):
                 results[i] = {"path": files[i], "labels": [head_file.class_names[j] for j in top_i[row].tolist()],
@@ -114,9 +115,9 @@ class ExportedClassifier(nn.Module):
         self.class_names, self.data_config = class_names, data_config
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.forward_features(pixels)
-        feats = {"cls": tokens[:, 0], "patch_mean": tokens[:, self.num_prefix_tokens:].mean(1)}
-        return self.head(self.normalizer(select_tensor(feats, self.feature)))
+        parts = parse_feature(self.feature)
+        feats = token_features(self.backbone, pixels, self.num_prefix_tokens, blocks_needed(parts))
+        return self.head(self.normalizer(select(feats, parts)))
 
     def preprocess(self, image) -> torch.Tensor:
         """A PIL image or a path -> the (3,S,S) normalised tensor forward() expects."""

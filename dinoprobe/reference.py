@@ -96,7 +96,7 @@ def train_backbone_in_loop(backbone, train: list[tuple[str, int]], val: list[tup
                            cfg: TrainConfig, feature: str = "cls", workers: int = 0):
     """The original method: every batch's images decoded and run through the frozen backbone, every epoch."""
     from dinoprobe.data import ImageFileDataset, Preprocess, collate
-    from dinoprobe.tensors import select_tensor
+    from dinoprobe.features import parse_feature, select, width
 
     preprocess = Preprocess(backbone.data_config)
     train_set = ImageFileDataset(train, backbone.data_config)
@@ -104,7 +104,7 @@ def train_backbone_in_loop(backbone, train: list[tuple[str, int]], val: list[tup
 
     @torch.no_grad()
     def features(pixels):
-        return select_tensor(backbone(preprocess(pixels)), feature)
+        return select(backbone(preprocess(pixels)), parse_feature(feature))
 
     def batches(dataset, batch_sampler):
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate,
@@ -121,5 +121,5 @@ def train_backbone_in_loop(backbone, train: list[tuple[str, int]], val: list[tup
         return batches(val_set, [list(range(i, min(i + cfg.batch_size, len(val))))
                                  for i in range(0, len(val), cfg.batch_size)])
 
-    dim = backbone.feature_dim * len(feature.split("+"))
+    dim = width(parse_feature(feature), backbone.feature_dim)
     return plain_torch_training(cfg, dim, num_classes, len(train), train_batches, val_batches)

@@ -51,3 +51,12 @@ def make_jpeg_folder(root, classes=("ants", "bees"), counts=None, sizes=(300, 50
                 image = photo(seed + 100_000 * s + 1000 * c + i, size, TINTS[c % len(TINTS)])
                 image.save(folder / f"{i:05d}.jpg", quality=quality)
     return root
+
+
+if __name__ == "__main__":  # python -m dinoprobe.sample_images FOLDER: demo photos when you have none at hand
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m dinoprobe.sample_images FOLDER")
+    folder = make_jpeg_folder(sys.argv[1])
+    print(f"wrote 70 JPEGs to {folder}/train and {folder}/val (classes ants, bees)")

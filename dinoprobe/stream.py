@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.features import columns, select, width
 
 
 def streaming_plan(rows_per_shard: list[int], buffer_shards: int, generator: torch.Generator):
@@ -36,10 +37,11 @@ class StreamedTrainSplit:
     def __init__(self, reader, manifest: dict, parts: tuple[str, ...], labels: torch.Tensor, max_bytes: int,
                  device):
         self.reader, self.parts, self.device = reader, tuple(parts), device  # reader: a cache.ShardReader
+        self.columns = columns(self.parts)
         shards = sorted(manifest["splits"]["train"]["shards"], key=lambda s: s["start"])
         self.entries = [s for s in shards if s["rows"]]
         self.rows = [s["rows"] for s in shards if s["rows"]]
-        self.dim = manifest["feature_dim"] * len(self.parts)
+        self.dim = width(self.parts, manifest["feature_dim"])
         self.labels = labels.to(device)
         shard_bytes = max(self.rows) * self.dim * 4
         self.buffer_shards = max(1, int(max_bytes // shard_bytes))  # at least one shard, whatever the budget
@@ -57,8 +59,7 @@ class StreamedTrainSplit:
         return streaming_order(self.rows, self.buffer_shards, generator)
 
     def _read(self, shard: int) -> torch.Tensor:
-        rows = self.reader.read(self.entries[shard], self.parts)
-        return torch.from_numpy(np.concatenate([rows[p].astype(np.float32) for p in self.parts], axis=1))
+        return torch.from_numpy(select(self.reader.read(self.entries[shard], self.columns), self.parts))
 
     def iterate_batches(self, batch_size: int, generator: torch.Generator):
         """The batches of `streaming_order`, holding only the current buffer's shards in memory."""

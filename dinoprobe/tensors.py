@@ -16,10 +16,10 @@ import torch
 
 from dinoprobe import cache
 from dinoprobe.batches import AugmentedViews, TrainSource
+from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.features import blocks_needed, columns, parse_feature, select, width
 from dinoprobe.stream import StreamedTrainSplit
-
-FEATURE_CHOICES = ("cls", "patch_mean", "cls+patch_mean")
 
 
 @dataclass
@@ -68,21 +68,6 @@ class FeatureSplits:
         return len(self.classes)
 
 
-def feature_parts(feature: str) -> tuple[str, ...]:
-    if feature not in FEATURE_CHOICES:
-        raise DinoprobeError(f"unknown --feature '{feature}'; choose one of {', '.join(FEATURE_CHOICES)}")
-    return tuple(feature.split("+"))
-
-
-def select_features(rows: dict[str, np.ndarray], feature: str) -> np.ndarray:
-    return np.concatenate([rows[p].astype(np.float32) for p in feature_parts(feature)], axis=1)
-
-
-def select_tensor(feats: dict[str, torch.Tensor], feature: str) -> torch.Tensor:
-    """The same selection on a backbone's output: {'cls': (B,D), 'patch_mean': (B,D)} -> (B, D or 2D) float."""
-    return torch.cat([feats[p].float() for p in feature_parts(feature)], dim=1)
-
-
 def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True, views: bool = False,
                max_memory: int | None = None) -> FeatureSplits:
     """Read and validate a cache for training: a train split with >= 2 classes, a non-empty val split."""
@@ -92,23 +77,30 @@ def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool 
 def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
                   max_memory: int | None = None) -> dict[str, FeatureSplits]:
     """`load_cache` for several feature choices at once (a sweep's): every shard is read and verified once."""
-    device = torch.device(device)
-    wanted = {f: feature_parts(f) for f in features}
+    device = resolve_device(device)
+    wanted = {f: parse_feature(f) for f in features}
     parts = tuple(dict.fromkeys(p for ps in wanted.values() for p in ps))
     manifest = cache.open_manifest(cache_dir)
     stored = manifest.get("features", list(cache.FEATURE_KINDS))
-    lacking = [p for p in parts if p not in stored]
+    lacking = [c for c in columns(parts) if c not in stored and c != "cls_blocks"]
     if lacking:
         raise DinoprobeError(f"cache {cache_dir} has no {lacking} features (it has {stored}); pick another --feature")
+    have_blocks = int(manifest.get("last_blocks", 0))
+    if blocks_needed(parts) > have_blocks:
+        raise DinoprobeError(f"--feature {'/'.join(features)} needs the CLS tokens of the last {blocks_needed(parts)} "
+                             f"blocks, and cache {cache_dir} holds {have_blocks}; rebuild it with `dinoprobe features "
+                             f"--last-blocks {blocks_needed(parts)}` (into another --cache, or with --overwrite)")
+    if views and "cls_blocks" in columns(parts):
+        raise DinoprobeError("augmented views hold cls and patch_mean only; use --views with those features")
     reader = cache.ShardReader(cache_dir)
     train_rows = sum(s["rows"] for s in manifest["splits"].get("train", {}).get("shards", []))
-    widest = max(len(ps) for ps in wanted.values())
-    streamed = bool(max_memory) and train_rows * manifest.get("feature_dim", 0) * widest * 4 > max_memory
+    widest = max(width(ps, manifest.get("feature_dim", 0)) for ps in wanted.values())
+    streamed = bool(max_memory) and train_rows * widest * 4 > max_memory
     if streamed and views:
         raise DinoprobeError("--views needs the train views in memory; raise --max-memory or drop --views")
     rows, y = {}, {}
     for split in manifest["splits"]:
-        rows[split] = cache.load(cache_dir, split, () if split == "train" and streamed else parts,
+        rows[split] = cache.load(cache_dir, split, () if split == "train" and streamed else columns(parts),
                                  manifest=manifest, reader=reader)
         y[split] = torch.from_numpy(rows[split]["label"].astype(np.int64))
     classes = manifest["classes"]
@@ -123,11 +115,11 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     splits = [s for s in y if len(y[s])]  # e.g. an empty test split: simply not evaluated
     view_rows = None
     if views:
-        view_rows = cache.load(cache_dir, "train", tuple(f"{p}_views" for p in parts), manifest=manifest,
+        view_rows = cache.load(cache_dir, "train", tuple(f"{c}_views" for c in columns(parts)), manifest=manifest,
                                reader=reader)
     out = {}
     for feature, feature_part in wanted.items():
-        x = {s: None if s == "train" and streamed else torch.from_numpy(select_features(rows[s], feature)).to(device)
+        x = {s: None if s == "train" and streamed else torch.from_numpy(select(rows[s], feature_part)).to(device)
              for s in splits}
         train_views = None
         if view_rows is not None:
