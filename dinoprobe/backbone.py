@@ -233,14 +233,71 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# Checkpoint entries no inference path reads, each dropped only after the check that makes dropping it exact.
+# Every other tensor must land in the model (load_strict), or loading is refused.
+INERT_ENTRIES = {
+    "mask_token": "the masked-patch embedding of pretraining; no forward pass without masks reads it",
+    "rope periods": "RoPE periods: the model computes its own from its config; refused unless they are equal",
+    "qkv.bias_mask": "which entries of qkv.bias DINOv3 applies; the bias is loaded multiplied by it",
+    "k part of qkv.bias": "adds the same amount to every attention score of a query, which softmax cancels",
+    "projectors.*, local_cls_norm.*": "distillation heads and the 7B model's local-crop norm, used only in training",
+}
+
+
+def audit_checkpoint(state: dict[str, torch.Tensor], model: nn.Module, source) -> dict[str, torch.Tensor]:
+    """The checkpoint minus its INERT_ENTRIES, each checked first; qkv biases enter multiplied by their mask.
+    A tensor the model cannot hold (a non-zero q/v bias on a model without q/v biases, RoPE periods other than
+    the model's) refuses the load with the tensor's name and the fix."""
+    has_qv_bias = any(k.endswith("attn.q_bias") for k in model.state_dict())
+    out = {}
+    for key, value in state.items():
+        if key.endswith("mask_token") or key.startswith(("projectors.", "local_cls_norm")) \
+                or key.endswith("qkv.bias_mask"):
+            continue
+        if "rope" in key and not key.endswith("freqs"):
+            _check_rope(key, value, model, source)
+            continue
+        if key.endswith("attn.qkv.bias"):
+            mask = state.get(key + "_mask")
+            value = value * mask if mask is not None else value
+            dim = value.shape[0] // 3
+            if not has_qv_bias:
+                if value[:dim].abs().max() > 0 or value[2 * dim:].abs().max() > 0:
+                    raise DinoprobeError(f"weights '{source}': {key} has non-zero q/v biases, which "
+                                         f"{type(model).__name__} without q/v biases cannot hold; use the '_qkvb' "
+                                         "variant of the model name (e.g. vit_small_patch16_dinov3_qkvb)")
+                continue  # zero q/v parts, and a k part softmax cancels
+        out[key] = value
+    return out
+
+
+def _check_rope(key: str, value: torch.Tensor, model: nn.Module, source) -> None:
+    buffers = {name: b for name, b in model.named_buffers() if name.endswith("periods")}
+    if key.endswith("periods") and len(buffers) == 1:
+        mine = next(iter(buffers.values()))
+        if value.shape == mine.shape and torch.allclose(value.float(), mine.float(), rtol=1e-5, atol=0):
+            return
+        raise DinoprobeError(f"weights '{source}': {key} differs from the RoPE periods {type(model).__name__} "
+                             "computes (another rope base or dimension); pick the --model the checkpoint was trained as")
+    raise DinoprobeError(f"weights '{source}': {key} is a RoPE tensor this model cannot check or hold; pick the "
+                         "--model the checkpoint was trained as")
+
+
 def _load_file_into(model: nn.Module, path: Path, source: str | None = None, location: str | None = None) -> WeightsInfo:
     state = read_state_dict(path)
     if any(k.startswith("embeddings.") for k in state):
-        kind, state = "hf", hf_to_timm(state, model)
-    elif "storage_tokens" in state or any(".ls1.gamma" in k for k in state):
-        kind, state = "meta", _timm_filter(state, model)
+        kind, state = "hf", hf_to_timm(state, model, path)
     else:
-        kind, state = "timm", _timm_filter(state, model)
+        kind = "meta" if "storage_tokens" in state or any(".ls1.gamma" in k for k in state) else "timm"
+        state = audit_checkpoint(state, model, path)
+        converted = _timm_filter(state, model)
+        # timm's converter renames, and splits qkv.bias into q_bias + v_bias; it must drop nothing else
+        splits = sum(k.endswith("attn.qkv.bias") for k in state) if kind == "meta" else 0
+        if len(converted) != len(state) + splits:
+            raise DinoprobeError(f"weights '{path}': timm's converter for {type(model).__name__} kept "
+                                 f"{len(converted)} of {len(state) + splits} tensors; pick the --model the checkpoint "
+                                 "was trained as")
+        state = converted
     load_strict(model, state, path)
     return WeightsInfo(source or kind, location or str(path.resolve()), file_sha256(path))
 
@@ -268,8 +325,9 @@ def _timm_filter(state: dict, model: nn.Module) -> dict:
     return filter_fn(state, model) if filter_fn else state
 
 
-def hf_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """transformers' DINOv3ViTModel names -> timm Eva names (q/k/v concatenated into attn.qkv)."""
+def hf_to_timm(state: dict[str, torch.Tensor], model: nn.Module, source="") -> dict[str, torch.Tensor]:
+    """transformers' DINOv3ViTModel names -> timm Eva names (q/k/v concatenated into attn.qkv); the same
+    INERT_ENTRIES rule as audit_checkpoint (a k bias, if any, is the softmax-cancelled k part)."""
     renames = [("embeddings.patch_embeddings.", "patch_embed.proj."), ("embeddings.cls_token", "cls_token"),
                ("embeddings.register_tokens", "reg_token"),
                ("attention.o_proj.", "attn.proj."), ("layer_scale1.lambda1", "gamma_1"),
@@ -279,8 +337,11 @@ def hf_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, to
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         key = re.sub(r"^(model\.)?layer\.", "blocks.", key)  # transformers saves with or without `model.`
-        if key == "embeddings.mask_token" or "rope" in key:
-            continue  # pretraining-only / recomputed buffers
+        if key == "embeddings.mask_token":
+            continue  # pretraining only
+        if "rope" in key:
+            _check_rope(key, value, model, source)
+            continue
         if ".attention." in key and key.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
             block = key.split(".attention.")[0]
             qkv.setdefault(block, {})[key.split(".")[-2][0] + "_" + key.split(".")[-1]] = value

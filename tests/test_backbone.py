@@ -69,7 +69,7 @@ def test_hugging_face_folder_of_another_size_is_refused(tmp_path):
         build_backbone(MODEL, str(tmp_path / "hf"), SIZE, log=lambda *_: None)
 
 
-def _to_meta_names(state):
+def _to_meta_names(state, periods):
     """timm names -> Meta's released DINOv3 checkpoint names (storage_tokens, ls1.gamma, fused qkv bias)."""
     meta = {}
     for key, value in state.items():
@@ -79,7 +79,7 @@ def _to_meta_names(state):
             meta[key.replace("weight", "bias")] = torch.zeros(value.shape[0])
             meta[key.replace("qkv.weight", "qkv.bias_mask")] = torch.ones(value.shape[0])
     meta["mask_token"] = torch.zeros(1, 384)
-    meta["rope_embed.periods"] = torch.arange(16, dtype=torch.float32)
+    meta["rope_embed.periods"] = periods.clone()
     return meta
 
 
@@ -87,7 +87,7 @@ def test_meta_pth_gives_the_same_features_as_timm_native_weights(tmp_path, backb
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
-    torch.save(_to_meta_names(state), tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
+    torch.save(_to_meta_names(state, backbone.model.rope.periods), tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
     save_file(state, tmp_path / "timm.safetensors")
     meta = build_backbone(MODEL, str(tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"), SIZE)
     native = build_backbone(MODEL, str(tmp_path / "timm.safetensors"), SIZE)
@@ -98,6 +98,71 @@ def test_meta_pth_gives_the_same_features_as_timm_native_weights(tmp_path, backb
     for kind in ("cls", "patch_mean"):
         assert (a[kind] - ref[kind]).abs().max() == 0
         assert (b[kind] - ref[kind]).abs().max() == 0
+
+
+def test_meta_checkpoint_tensors_either_land_or_are_checked_inert(tmp_path, backbone):
+    """Every Meta tensor lands in the model or is on INERT_ENTRIES and checked: a masked-out bias loads as zero,
+    the k part of qkv.bias is ignored (softmax cancels it), and what the model cannot hold is refused by name."""
+    state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
+    path = tmp_path / "meta.pth"
+
+    def load(meta):
+        torch.save(meta, path)
+        return build_backbone(MODEL, str(path), SIZE, log=lambda *_: None)
+
+    meta = _to_meta_names(state, backbone.model.rope.periods)
+    dim = 384
+    meta["blocks.0.attn.qkv.bias"][dim:2 * dim] = 5.0  # a k bias: inert
+    meta["blocks.1.attn.qkv.bias"][:dim] = 3.0  # a q bias the mask switches off: inert
+    meta["blocks.1.attn.qkv.bias_mask"][:dim] = 0.0
+    meta["mask_token"] = torch.randn(1, 384)  # pretraining only
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        assert (load(meta)(pixels)["cls"] - backbone(pixels)["cls"]).abs().max() < 1e-5
+    bad_bias = _to_meta_names(state, backbone.model.rope.periods)
+    bad_bias["blocks.2.attn.qkv.bias"][2 * dim:] = 0.5  # a real v bias: this model has no place for it
+    with pytest.raises(DinoprobeError, match="blocks.2.attn.qkv.bias.*vit_small_patch16_dinov3_qkvb"):
+        load(bad_bias)
+    bad_rope = _to_meta_names(state, backbone.model.rope.periods * 2)
+    with pytest.raises(DinoprobeError, match="rope_embed.periods differs"):
+        load(bad_rope)
+    extra = _to_meta_names(state, backbone.model.rope.periods)
+    extra["head.weight"] = torch.zeros(10, 384)
+    with pytest.raises(DinoprobeError, match="unexpected keys: head.weight"):
+        load(extra)
+
+
+def test_timm_file_and_hub_copy_follow_the_same_rule(tmp_path, backbone, monkeypatch):
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
+    save_file({**state, "rope.periods": backbone.model.rope.periods * 3}, tmp_path / "rope.safetensors")
+    with pytest.raises(DinoprobeError, match="rope.periods differs"):
+        build_backbone(MODEL, str(tmp_path / "rope.safetensors"), SIZE, log=lambda *_: None)
+    save_file({**state, "fc_norm.weight": torch.ones(384)}, tmp_path / "extra.safetensors")
+    with pytest.raises(DinoprobeError, match="unexpected keys: fc_norm.weight"):
+        build_backbone(MODEL, str(tmp_path / "extra.safetensors"), SIZE, log=lambda *_: None)
+    # a hub download takes the same path as a local timm file
+    from dinoprobe import backbone as bb
+
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: str(tmp_path / "extra.safetensors"))
+    with pytest.raises(DinoprobeError, match="unexpected keys: fc_norm.weight"):
+        bb.build_backbone(MODEL, "hub", SIZE, log=lambda *_: None)
+
+
+def test_hugging_face_tensors_the_model_cannot_hold_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_reference_model()
+    hf.save_pretrained(tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({**weights, "model.layer.0.attention.extra.weight": torch.zeros(3)}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(DinoprobeError, match="unexpected keys"):
+        build_backbone(MODEL, str(tmp_path / "hf"), SIZE, log=lambda *_: None)
+    weights[next(k for k in weights if k.endswith("attention.v_proj.bias"))] += 1.0
+    save_file(weights, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(DinoprobeError, match="non-zero v biases.*_qkvb"):
+        build_backbone(MODEL, str(tmp_path / "hf"), SIZE, log=lambda *_: None)
 
 
 def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path, backbone):
