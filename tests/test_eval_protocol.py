@@ -1,0 +1,121 @@
+"""DINOv3's evaluation protocol: last-block CLS features, its transform, the linear-eval preset, fp16 advice."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MODEL, SIZE, assert_clean_error, make_folder, make_synthetic_cache, run_cli
+from dinoprobe import cache, load_cache
+from dinoprobe.backbone import build_backbone
+from dinoprobe.data import open_source
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract import extract
+from dinoprobe.features import parse_feature
+from test_backbone import _hf_reference_model
+
+
+def test_cls_blocks_equal_transformers_hidden_states_after_the_final_norm(tmp_path):
+    hf = _hf_reference_model()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = build_backbone(MODEL, str(tmp_path / "hf"), 48, log=lambda *_: None)
+    ours.last_blocks = 4
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.inference_mode():
+        out = hf(pixel_values=pixels, output_hidden_states=True)
+        expected = torch.stack([hf.norm(h)[:, 0] for h in out.hidden_states[-4:]], dim=1)  # earliest first
+        got = ours(pixels)
+    assert got["cls_blocks"].shape == (2, 4, 384)
+    assert (got["cls_blocks"] - expected).abs().max().item() <= 1e-4
+    assert torch.equal(got["cls_blocks"][:, -1], got["cls"])
+    assert (got["cls_blocks"][:, 0] - got["cls_blocks"][:, -1]).abs().max() > 1e-2  # blocks really differ
+
+
+@pytest.fixture(scope="module")
+def block_cache(tmp_path_factory, backbone):
+    root = make_folder(tmp_path_factory.mktemp("blocks") / "data", per_class=5)
+    cache_dir = root.parent / "cache"
+    extract(backbone, open_source(str(root)), cache_dir, batch_size=4, workers=0, dtype="float32", progress=False,
+            last_blocks=4)
+    backbone.last_blocks = 0
+    return cache_dir
+
+
+def test_features_store_the_last_blocks_and_feature_specs_read_them(block_cache):
+    train = cache.load(block_cache, "train", ("cls", "patch_mean", "cls_blocks"))
+    assert train["cls_blocks"].shape == (10, 4, 384)
+    np.testing.assert_array_equal(train["cls_blocks"][:, -1], train["cls"])
+    manifest = cache.read_manifest(block_cache)
+    assert manifest["fingerprint"]["last_blocks"] == 4 and manifest["last_blocks"] == 4
+    data = load_cache(block_cache, "cls4+patch_mean")
+    expected = np.concatenate([train["cls_blocks"].reshape(10, -1), train["patch_mean"]], axis=1)
+    np.testing.assert_array_equal(data.X_train.numpy(), expected)
+    assert load_cache(block_cache, "cls2").X_train.shape == (10, 768)
+    torch.testing.assert_close(load_cache(block_cache, "cls1").X_train, load_cache(block_cache, "cls").X_train)
+
+
+def test_a_part_the_cache_lacks_is_refused_with_the_option_that_adds_it(tmp_path, block_cache):
+    old = make_synthetic_cache(tmp_path / "old")  # a cache from before --last-blocks: still loads
+    assert load_cache(old, "cls+patch_mean").X_train.shape[1] == 64
+    with pytest.raises(DinoprobeError, match="--last-blocks 4"):
+        load_cache(old, "cls4+patch_mean")
+    with pytest.raises(DinoprobeError, match="--last-blocks 8"):
+        load_cache(block_cache, "cls8")
+    for bad in ("cls0", "tokens", "cls+cls1", "patch_mean+"):
+        with pytest.raises(DinoprobeError):
+            parse_feature(bad)
+    proc = run_cli("probe", "--cache", old, "--out", tmp_path / "r", "--feature", "cls4+mean")
+    assert proc.returncode == 2 and "clsN" in proc.stderr
+    assert_clean_error(run_cli("probe", "--cache", old, "--out", tmp_path / "r", "--feature", "cls4"),
+                       "--last-blocks 4")
+
+
+def test_dinov3_preset_searches_blocks_patch_mean_and_13_learning_rates(block_cache, tmp_path):
+    run_cli("sweep", "--cache", block_cache, "--out", tmp_path / "p", "--preset", "dinov3-linear", "--epochs", 2,
+            "--batch-size", 4, check=True)
+    rows = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert len(rows) == 4 * 13
+    assert {r["feature"] for r in rows} == {"cls", "cls4", "cls+patch_mean", "cls4+patch_mean"}
+    assert {r["optimizer"] for r in rows} == {"sgd"} and len({r["lr"] for r in rows}) == 13
+    assert {r["group_size"] for r in rows} == {13}  # each feature's 13 heads trained side by side
+    head = torch.load(tmp_path / "p" / "best" / "head.pt", weights_only=True)
+    assert head["feature"] == rows[0]["feature"]
+
+
+def test_dinov3_transform_gives_torchvision_v2_pixels(photos):
+    from torchvision.transforms import v2
+
+    from dinoprobe.data import load_rgb, worker_transform
+
+    backbone = build_backbone(MODEL, "random", 224, log=lambda *_: None, transform="dinov3")
+    config = backbone.data_config
+    assert (config.name, config.resize_size, config.image_size, config.interpolation) == ("dinov3", 256, 224, "bicubic")
+    assert config.mean == (0.485, 0.456, 0.406) and config.std == (0.229, 0.224, 0.225)
+    reference = v2.Compose([v2.PILToTensor(), v2.Resize(256, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                            v2.CenterCrop(224)])
+    for path in sorted(photos.rglob("*.jpg"))[:4]:
+        image = load_rgb(str(path))
+        assert torch.equal(worker_transform(config)(image), reference(image))
+    small = build_backbone(MODEL, "random", 64, log=lambda *_: None, transform="dinov3").data_config
+    assert (small.resize_size, small.image_size) == (73, 64)  # round(64 * 256 / 224)
+
+
+def test_transform_is_fingerprinted_and_rebuilt_by_predict(tmp_path, photos):
+    common = ["features", "--data", photos, "--weights", "random", "--image-size", SIZE, "--last-blocks", 0]
+    run_cli(*common, "--cache", tmp_path / "c", "--transform", "dinov3", check=True)
+    assert cache.read_manifest(tmp_path / "c")["fingerprint"]["transform"]["name"] == "dinov3"
+    proc = run_cli(*common, "--cache", tmp_path / "c")  # the same cache with timm's transform: refused
+    assert_clean_error(proc, "transform.name")
+    run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "r", "--epochs", 2, check=True)
+    from dinoprobe.predict import backbone_for_head
+    from dinoprobe.runs import load_head_file
+
+    rebuilt = backbone_for_head(load_head_file(tmp_path / "r"), log=lambda *_: None)
+    assert rebuilt.data_config.name == "dinov3" and rebuilt.data_config.resize_size == round(SIZE * 256 / 224)
+
+
+def test_fp16_on_dinov3_warns_and_advises_bf16(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=2)
+    proc = run_cli("features", "--data", root, "--weights", "random", "--image-size", SIZE, "--precision", "fp16",
+                   "--cache", tmp_path / "c", "--device", "cpu")
+    assert "does not support fp16" in proc.stderr and "bf16" in proc.stderr
