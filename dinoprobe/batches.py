@@ -50,8 +50,9 @@ class BatchStream:
     the batch order from `seed`, the view choice from `seed + 1`, so adding views leaves the order unchanged."""
 
     def __init__(self, train: TrainSource, labels: torch.Tensor, normalizer, batch_size: int, seed: int,
-                 order_fn=None):
+                 order_fn=None, rows: torch.Tensor | None = None):
         self.train, self.labels, self.normalizer, self.batch_size = train, labels, normalizer, batch_size
+        self.rows = rows  # (N, n): each head its own training rows (few-shot tries), one shared order
         self.order_generator = torch.Generator().manual_seed(seed)
         self.view_generator = torch.Generator().manual_seed(seed + 1)
         self.order_fn = order_fn
@@ -66,6 +67,12 @@ class BatchStream:
         x = self.features
         if isinstance(self.train, AugmentedViews):
             x = self.normalizer(sample_views(self.train.views, self.view_generator))
+        if self.rows is not None:  # batch positions drawn as for train[rows] alone, mapped through each head's rows
+            order = torch.randperm(self.rows.shape[1], generator=self.order_generator).to(x.device)
+            for idx in order.split(self.batch_size):
+                picked = self.rows[:, idx]  # (N, B)
+                yield x[picked], self.labels[picked].t()  # (N, B, D), (B, N)
+            return
         n = len(x)
         order = self.order_fn(n, self.order_generator) if self.order_fn \
             else torch.randperm(n, generator=self.order_generator)

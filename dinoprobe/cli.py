@@ -217,6 +217,16 @@ def cache_verify(cache_dir):
 
 # ------------------------------------------------------------------------------------------------------ probe
 def _print_metrics(metrics: dict, out) -> None:
+    few = metrics.get("few_shot")
+    if few:
+        click.echo(f"few-shot: {few['shots']} per class, {few['tries']} tries; the run's head and the metrics "
+                   "below are try 0's")
+        if few.get("short_classes"):
+            click.echo(f"  classes with fewer training images keep all of them: {few['short_classes']}")
+        for split in ("val", "test"):
+            if split in few:
+                click.echo(f"  {split}: top-1 {few[split]['top1_mean']:.4f} ± {few[split]['top1_std']:.4f} "
+                           f"(mean ± std over tries)")
     for split in ("val", "test"):
         if split in metrics:
             m = metrics[split]
@@ -239,8 +249,26 @@ def _size(value: str | None) -> int | None:
         raise click.BadParameter(f"{value!r} is not a size like 512MB or 4GB") from None
 
 
+def _check_shots(ctx, param, value):
+    if value is None:
+        return None
+    from dinoprobe.fewshot import parse_shots
+
+    try:
+        parse_shots(value)
+    except DinoprobeError as err:
+        raise click.BadParameter(str(err)) from None
+    return value
+
+
 def _run_options(command):
-    """--cache, --out and --overwrite: every training command reads a cache and writes a run directory."""
+    """--cache, --out, --overwrite, --shots and --tries: every training command reads a cache, can train on few
+    images per class, and writes a run directory."""
+    command = click.option("--tries", type=POSITIVE_INT, default=5, show_default=True,
+                           help="With --shots: draws of the training images (try t is seeded by t)")(command)
+    command = click.option("--shots", callback=_check_shots, default=None,
+                           help="Few-shot: train on K images per class (e.g. 5) or a percentage of each class "
+                                "(e.g. 1%); val and test stay whole")(command)
     command = click.option("--overwrite", is_flag=True, help="Replace an existing run directory")(command)
     command = click.option("--out", required=True, type=click.Path(file_okay=False),
                            help="Run directory to write (refused if it exists, unless --overwrite)")(command)
@@ -271,7 +299,7 @@ def _run_options(command):
 @click.option("--max-memory", default=None,
               help="Memory budget for train features, e.g. 8GB; a larger cache is streamed from disk")
 @DEVICE_OPTION
-def probe(cache_dir, out, overwrite, feature, views, max_memory, device, **params):
+def probe(cache_dir, out, overwrite, shots, tries, feature, views, max_memory, device, **params):
     """Train a linear or MLP head on cached features, keep the best on val, report test."""
     from dinoprobe.device import resolve_device
     from dinoprobe.estimators import Probe
@@ -279,7 +307,7 @@ def probe(cache_dir, out, overwrite, feature, views, max_memory, device, **param
     from dinoprobe.tensors import load_cache
 
     check_run_dir(Path(out), overwrite)
-    estimator = Probe(**params, device=device, progress=True)
+    estimator = Probe(**params, shots=shots, tries=tries, device=device, progress=True)
     estimator.train_config()  # bad combinations fail here, before the cache is read
     data = load_cache(cache_dir, feature, resolve_device(device), views=views, max_memory=_size(max_memory))
     estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
@@ -403,7 +431,8 @@ def _comma_list(kind, choices=None, check=None, what=""):
               help="Memory budget, e.g. 2GB: groups are split to fit it, and train features above it stream from disk")
 @DEVICE_OPTION
 @click.option("--show", type=POSITIVE_INT, default=10, show_default=True, help="Rows of the table printed at the end")
-def sweep(cache_dir, out, overwrite, preset, feature, patience, views, max_memory, device, show, **lists):
+def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, patience, views, max_memory, device, show,
+          **lists):
     """Train a grid of heads side by side (one batched model per group) and keep the best on val.
 
     Every option takes a comma-separated list; options with several values form the grid."""
@@ -418,14 +447,14 @@ def sweep(cache_dir, out, overwrite, preset, feature, patience, views, max_memor
     grid = {k: v for k, v in lists.items() if v is not None and len(v) > 1}
     budget = _size(max_memory)
     feature = feature or (DINOV3_FEATURES if preset == "dinov3-linear" else ["cls"])
-    searches = [Sweep(param_grid=grid, preset=preset, **base, patience=patience, device=device, max_memory=budget,
-                      progress=True) for _ in feature]
+    searches = [Sweep(param_grid=grid, preset=preset, **base, patience=patience, shots=shots, tries=tries,
+                      device=device, max_memory=budget, progress=True) for _ in feature]
     searches[0].configurations()  # a bad grid fails here, before the cache is read
     loaded = load_features(cache_dir, feature, resolve_device(device), views=views, max_memory=budget)
     rows, best = [], None
     for search, (name, data) in zip(searches, loaded.items()):
         search.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
-        rows += [{"feature": name, **cfg.to_dict(), **{k: r[k] for k in RESULT_FIELDS}}
+        rows += [{"feature": name, **cfg.to_dict(), **{k: r[k] for k in RESULT_FIELDS if k in r}}
                  for cfg, r in zip(search.configs_, search.results_)]
         if best is None or search.best_score_ > best[0].best_score_:
             best = (search, data)
@@ -457,7 +486,7 @@ def sweep(cache_dir, out, overwrite, preset, feature, patience, views, max_memor
               help="torch: batched L-BFGS over all C at once; sklearn: the reference, one fit per C")
 @click.option("--max-iter", type=POSITIVE_INT, default=1000, show_default=True)
 @DEVICE_OPTION
-def logreg(cache_dir, out, overwrite, feature, normalize, c_grid, solver, max_iter, device):
+def logreg(cache_dir, out, overwrite, shots, tries, feature, normalize, c_grid, solver, max_iter, device):
     """DINOv3's logistic-regression protocol: C chosen on val, refit on train+val, scored on test."""
     import time
 
@@ -466,20 +495,27 @@ def logreg(cache_dir, out, overwrite, feature, normalize, c_grid, solver, max_it
     from dinoprobe.device import resolve_device
     from dinoprobe.estimators import LogReg
     from dinoprobe.metrics import classification_metrics
-    from dinoprobe.runs import check_run_dir, evaluate, run_directory, write_run_files
+    from dinoprobe.runs import check_run_dir, evaluate, few_shot_metrics, run_directory, write_run_files
     from dinoprobe.tensors import load_cache
 
     check_run_dir(Path(out), overwrite)
     data = load_cache(cache_dir, feature, resolve_device(device), require_val=False)
     start = time.perf_counter()
-    estimator = LogReg(Cs=c_grid, normalize=normalize, max_iter=max_iter, solver=solver, device=device)
+    estimator = LogReg(Cs=c_grid, normalize=normalize, max_iter=max_iter, solver=solver, shots=shots, tries=tries,
+                       device=device)
     estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
     seconds = time.perf_counter() - start
+    def selection_scores(fitted, d):  # the train-only model at the chosen C (the refit has seen val)
+        scores = np.zeros((len(d.X_val), d.num_classes))
+        scores[:, fitted.classes_] = fitted.selection_predict_proba(d.X_val)
+        return scores
+
     metrics = evaluate(estimator, data, ("test",))
-    if data.X_val is not None:  # the train-only model at the chosen C (the refit has seen val)
-        scores = np.zeros((len(data.X_val), data.num_classes))
-        scores[:, estimator.classes_] = estimator.selection_predict_proba(data.X_val)
-        metrics["val"] = classification_metrics(scores, data.y_val, data.classes)
+    if data.X_val is not None:
+        metrics["val"] = classification_metrics(selection_scores(estimator, data), data.y_val, data.classes)
+    few_shot = few_shot_metrics(estimator, data, selection_scores if data.X_val is not None else None)
+    if few_shot:
+        metrics["few_shot"] = few_shot
     best = estimator.val_score_per_C_[estimator.Cs_.index(estimator.best_C_)]
     metrics.update({"best_c": estimator.best_C_, "c_grid": estimator.Cs_,
                     "val_accuracy_per_c": estimator.val_score_per_C_})
@@ -499,27 +535,31 @@ def logreg(cache_dir, out, overwrite, feature, normalize, c_grid, solver, max_it
               show_default=True, help="Neighbour counts to choose from on val")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.07, show_default=True)
 @DEVICE_OPTION
-def knn(cache_dir, out, overwrite, feature, ks, temperature, device):
+def knn(cache_dir, out, overwrite, shots, tries, feature, ks, temperature, device):
     """Weighted k-NN on L2-normalised features (DINO's protocol); k chosen on val."""
     from dinoprobe.device import resolve_device
     from dinoprobe.estimators import KNN
-    from dinoprobe.runs import check_run_dir, evaluate, run_directory, write_run_files
+    from dinoprobe.runs import check_run_dir, evaluate, few_shot_metrics, run_directory, write_run_files
     from dinoprobe.tensors import load_cache
 
     check_run_dir(Path(out), overwrite)
     data = load_cache(cache_dir, feature, resolve_device(device))
-    estimator = KNN(ks=tuple(ks), temperature=temperature, device=device)
+    estimator = KNN(ks=tuple(ks), temperature=temperature, shots=shots, tries=tries, device=device)
     estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
     per_k = {"val": estimator.val_score_per_k_}
     if data.X_test is not None:
         per_k["test"] = estimator.score_per_k(data.X_test, data.y_test)
     metrics = {**evaluate(estimator, data), "k": estimator.best_k_, "temperature": temperature, "top1_per_k": per_k}
+    few_shot = few_shot_metrics(estimator, data)
+    if few_shot:
+        metrics["few_shot"] = few_shot
     with run_directory(out, overwrite) as tmp:
         write_run_files(tmp, metrics, data, {"method": "knn", "feature": feature, "k": list(ks),
                                              "temperature": temperature})
     for split, accs in per_k.items():
         click.echo(f"{split}: " + ", ".join(f"k={k} {a:.4f}" for k, a in accs.items()))
-    click.echo(f"chosen k={estimator.best_k_}; run saved to {out}")
+    click.echo(f"chosen k={estimator.best_k_}")
+    _print_metrics(metrics, out)
 
 
 # ------------------------------------------------------------------------------------------------------ bench

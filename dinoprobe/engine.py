@@ -165,58 +165,80 @@ class StackedHeads:
         return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]
 
     def logits(self, x: torch.Tensor, train: bool = False):
-        """Forward of every head; (logits, what the backward pass needs)."""
-        b, n = x.shape[0], self.n
+        """Forward of every head; (logits, what the backward pass needs).
+
+        x: (B, D), one batch for all heads (batch-first: one GEMM for every head's first layer), or (N, B, D),
+        each head its own rows (few-shot tries; head-first, `bmm`)."""
+        n = self.n
         w1, b1 = self.layers["0.weight"], self.layers["0.bias"]
         out = w1.shape[1]
-        h = torch.addmm(b1.reshape(-1), x, w1.reshape(n * out, -1).t()).view(b, n, out)  # (B, N, out)
+        if x.dim() == 2:
+            h = torch.addmm(b1.reshape(-1), x, w1.reshape(n * out, -1).t()).view(x.shape[0], n, out)  # (B, N, out)
+        else:
+            h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2))  # (N, B, out)
         if self.kind == "linear":
             return h, None
         gate = h > 0  # ReLU's derivative
         h = h.relu_()
         if train and self.dropout:
-            r = torch.rand((b, out), generator=self.mask_generator, device=x.device).unsqueeze(1)
-            mask = (r >= self.p) * self.keep_scale
+            batch = x.shape[-2]
+            r = torch.rand((batch, out), generator=self.mask_generator, device=x.device)
+            p, scale = (self.p, self.keep_scale) if x.dim() == 2 else (self.p.view(-1, 1, 1), self.keep_scale.view(-1, 1, 1))
+            mask = ((r.unsqueeze(1) if x.dim() == 2 else r) >= p) * scale
             h, gate = h * mask, gate * mask
+        if x.dim() == 2:
+            h, gate = h.transpose(0, 1), gate.transpose(0, 1)  # head-first for the second layer
         w2, b2 = self.layers["3.weight"], self.layers["3.bias"]
-        logits = torch.baddbmm(b2.unsqueeze(1), h.transpose(0, 1), w2.transpose(1, 2))  # (N, B, C)
+        logits = torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2))  # (N, B, C)
         return logits, (h, gate)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, soft: torch.Tensor):
         """One forward and backward of every head: gradients into self.grad; returns the negative loss summed
-        over the batch per head, (N,) (or a scalar for one head), and the batch-first predictions (B, N).
+        over the batch per head, (N,) (or a scalar for one head), and the predictions (B, N).
 
-        soft: soft targets, batch-first (B, N or 1, C). Each torch call costs microseconds of dispatch, about what
-        a head this small costs in arithmetic, so the step makes as few calls as it can."""
-        b, n = x.shape[0], self.n
+        x: (B, D) shared by all heads, with soft targets (B, N or 1, C); or (N, B, D), each head its own rows, with
+        soft targets (N, B, C). Each torch call costs microseconds of dispatch, about what a head this small costs
+        in arithmetic, so the step makes as few calls as it can."""
+        n, shared = self.n, x.dim() == 2
+        b = x.shape[-2]
         logits, saved = self.logits(x, train=True)
-        if self.kind == "mlp":
-            soft = soft.transpose(0, 1).expand_as(logits)  # head-first, like the MLP's logits
+        head_first = not shared or self.kind == "mlp"  # logits (N, B, C), else batch-first (B, N, C)
+        if head_first and shared:
+            soft = soft.transpose(0, 1).expand_as(logits)
         pred = logits.argmax(-1)
-        batch_dim = 0 if self.kind == "linear" else 1
+        batch_dim = 1 if head_first else 0
         if n == 1:  # drop the head dimension: softmax_cross_entropy's single-dot-product path
             logits, soft, batch_dim = logits.reshape(b, -1), soft.reshape(b, -1), 0
         neg_loss, g = softmax_cross_entropy(logits, soft, batch_dim)
-        if self.kind == "linear":
+        if not head_first:
             torch.mm(g.view(b, -1).t(), x, out=self.grads["0.weight"].view(-1, x.shape[1]))
             torch.sum(g.view(b, n, -1), 0, out=self.grads["0.bias"])
             return neg_loss, pred.view(b, n)
-        h, gate = saved
         g = g.view(n, b, -1)
-        torch.bmm(g.transpose(1, 2), h.transpose(0, 1), out=self.grads["3.weight"])
+        if self.kind == "linear":  # each head its own rows
+            torch.bmm(g.transpose(1, 2), x, out=self.grads["0.weight"])
+            torch.sum(g, 1, out=self.grads["0.bias"])
+            return neg_loss, pred.view(n, b).t()
+        h, gate = saved
+        torch.bmm(g.transpose(1, 2), h, out=self.grads["3.weight"])
         torch.sum(g, 1, out=self.grads["3.bias"])
-        dh = torch.bmm(g, self.layers["3.weight"]).transpose(0, 1).mul_(gate)  # (B, N, H)
-        torch.mm(dh.reshape(b, -1).t(), x, out=self.grads["0.weight"].view(-1, x.shape[1]))
-        torch.sum(dh, 0, out=self.grads["0.bias"])
-        return neg_loss, pred.t()
+        dh = torch.bmm(g, self.layers["3.weight"]).mul_(gate)  # (N, B, H)
+        if shared:
+            dh = dh.transpose(0, 1)  # (B, N, H): the first layer's GEMM covers every head at once
+            torch.mm(dh.reshape(b, -1).t(), x, out=self.grads["0.weight"].view(-1, x.shape[1]))
+            torch.sum(dh, 0, out=self.grads["0.bias"])
+        else:
+            torch.bmm(dh.transpose(1, 2), x, out=self.grads["0.weight"])
+            torch.sum(dh, 1, out=self.grads["0.bias"])
+        return neg_loss, pred.view(n, b).t()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
         """Eval-mode predictions of every head, (rows, N)."""
         preds = []
         for part in x.split(chunk):
-            logits, _ = self.logits(part)
+            logits, _ = self.logits(part)  # shared rows: batch-first for linear heads, head-first for MLPs
             preds.append(logits.argmax(-1) if self.kind == "linear" else logits.argmax(-1).t())
         return torch.cat(preds) if preds else torch.zeros(0, self.n, dtype=torch.long, device=x.device)
 
@@ -275,12 +297,16 @@ class HeadwiseOptimizer:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def plan_groups(configs: list[TrainConfig], dim: int, num_classes: int, max_memory: int | None = None
-                ) -> list[list[int]]:
-    """Indices of configs trained together: same stream and shape, split to fit the memory budget."""
+def plan_groups(configs: list[TrainConfig], dim: int, num_classes: int, max_memory: int | None = None,
+                rows: list | None = None) -> list[list[int]]:
+    """Indices of configs trained together: same stream and shape, split to fit the memory budget. With training
+    rows per config (few-shot tries), heads side by side also need as many rows, and, when they standardise
+    features with their own rows' statistics, the same rows."""
     buckets: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(configs):
-        buckets.setdefault((cfg.stream_key, cfg.shape_key), []).append(i)
+        subset = () if rows is None else (len(rows[i]),) + (
+            (tuple(rows[i].tolist()),) if cfg.normalize == "standardize" else ())
+        buckets.setdefault((cfg.stream_key, cfg.shape_key, subset), []).append(i)
     groups = []
     for members in buckets.values():
         chunk, used = [], 0
@@ -306,25 +332,30 @@ def head_bytes(cfg: TrainConfig, dim: int, num_classes: int) -> int:
 
 def train_heads(configs: list[TrainConfig], train: TrainSource, y_train: torch.Tensor, x_val: torch.Tensor,
                 y_val: torch.Tensor, num_classes: int, max_memory: int | None = None, progress: bool = False,
-                desc: str = "train", order_fn=None) -> list[TrainResult]:
+                desc: str = "train", order_fn=None, rows: list | None = None) -> list[TrainResult]:
     """Train every config, side by side where they share a stream and a shape; one TrainResult per config.
 
     `train` is an (N, D) tensor, augmented views or a streamed split (batches.py). `order_fn(n, generator)`
     replaces the epoch's random permutation of in-memory features (tests follow a streamed run's order with it).
+    `rows`, one index tensor per config, trains each head on its own rows of an in-memory `train` (few-shot
+    tries): each head then sees exactly the batches it would see trained alone on train[rows].
     """
     if not configs:
         raise DinoprobeError("no configurations to train")
     if len(x_val) == 0:
         raise DinoprobeError("the best epoch is chosen on validation data, and the validation set is empty")
+    if rows is not None and (len(rows) != len(configs) or not isinstance(train, torch.Tensor)):
+        raise DinoprobeError("training rows per head need one index tensor per config and in-memory features")
     dim = train.shape[-1]
-    groups = plan_groups(configs, dim, num_classes, max_memory)
+    groups = plan_groups(configs, dim, num_classes, max_memory, rows)
     results: list[TrainResult | None] = [None] * len(configs)
     total = sum(configs[g[0]].epochs for g in groups)
     label = desc if len(configs) == 1 else f"{desc}: {len(configs)} heads in {len(groups)} group(s)"
     with tqdm(total=total, desc=label, unit="epoch", disable=not progress, dynamic_ncols=True) as bar:
         for number, members in enumerate(groups):
+            group_rows = None if rows is None else torch.stack([torch.as_tensor(rows[i]) for i in members])
             group_results = _train_group([configs[i] for i in members], train, y_train, x_val, y_val, num_classes,
-                                         bar, order_fn)
+                                         bar, order_fn, group_rows)
             for i, res in zip(members, group_results):
                 res.group, res.group_size = number, len(members)
                 results[i] = res
@@ -332,18 +363,20 @@ def train_heads(configs: list[TrainConfig], train: TrainSource, y_train: torch.T
 
 
 def _train_group(configs: list[TrainConfig], train: TrainSource, y_train: torch.Tensor, x_val: torch.Tensor,
-                 y_val: torch.Tensor, num_classes: int, bar: tqdm, order_fn) -> list[TrainResult]:
+                 y_val: torch.Tensor, num_classes: int, bar: tqdm, order_fn, rows=None) -> list[TrainResult]:
     first = configs[0]
     device = y_train.device
-    normalizer = Normalizer.fit(first.normalize, train).to(device)  # train statistics, clean features
+    rows = None if rows is None else rows.to(device)
+    # train statistics, from clean features (and from the head's own rows, which plan_groups made one set)
+    normalizer = Normalizer.fit(first.normalize, train if rows is None else train[rows[0]]).to(device)
     heads = StackedHeads(configs, train.shape[-1], num_classes, device)
     optimizer = HeadwiseOptimizer(heads, configs)
-    n_train, n = len(y_train), len(configs)
+    n_train, n = len(y_train) if rows is None else rows.shape[1], len(configs)
     factors = lr_factors(first.epochs, first.warmup_epochs, -(-n_train // first.batch_size))
     base_lrs = [c.lr for c in configs]
     smoothing = [c.label_smoothing for c in configs]
     eye = smoothed_eye(num_classes, smoothing if len(set(smoothing)) > 1 else smoothing[0], device)
-    batches = BatchStream(train, y_train, normalizer, first.batch_size, first.seed, order_fn)
+    batches = BatchStream(train, y_train, normalizer, first.batch_size, first.seed, order_fn, rows)
     x_val = normalizer(x_val)
     results = [TrainResult(c, heads.head_state(i), normalizer) for i, c in enumerate(configs)]
     best = heads.theta.clone()
@@ -353,7 +386,7 @@ def _train_group(configs: list[TrainConfig], train: TrainSource, y_train: torch.
         epoch_lrs = [lr * factors[step] for lr in base_lrs]
         neg_losses, sizes, preds, targets = [], [], [], []
         for features, target in batches.epoch():
-            neg_loss, pred = heads.step(features, soft_targets(eye, target))
+            neg_loss, pred = heads.step(features, soft_targets(eye, target))  # target (B,) or (B, N)
             optimizer.step(factors[step])
             step += 1
             neg_losses.append(neg_loss)
@@ -363,7 +396,8 @@ def _train_group(configs: list[TrainConfig], train: TrainSource, y_train: torch.
         # the epoch's bookkeeping in a few calls rather than a few per step
         step_losses = -torch.stack(neg_losses).reshape(len(sizes), n).cpu().double() \
             / torch.tensor(sizes, dtype=torch.float64)[:, None]  # (steps, N)
-        hits = (torch.cat(preds) == torch.cat(targets)[:, None]).sum(0).tolist()
+        seen = torch.cat(targets)  # (rows,) shared by every head, or (rows, N) with rows per head
+        hits = (torch.cat(preds) == (seen[:, None] if seen.dim() == 1 else seen)).sum(0).tolist()
         train_acc = [h / n_train for h in hits]
         val_acc = [h / len(y_val) for h in (heads.predict(x_val) == y_val[:, None]).sum(0).tolist()]
         improved = torch.tensor([a > r.best_val_acc for a, r in zip(val_acc, results)]) & active

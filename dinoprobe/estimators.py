@@ -8,6 +8,7 @@ are these estimators plus a cache loader and a run directory.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import fields
 
 import numpy as np
@@ -20,6 +21,7 @@ from dinoprobe.batches import AugmentedViews
 from dinoprobe.device import resolve_device
 from dinoprobe.engine import TrainConfig, train_heads
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.fewshot import sample_shots
 from dinoprobe.heads import Normalizer, build_head
 from dinoprobe.splitting import carve_indices
 from dinoprobe.stream import StreamedTrainSplit
@@ -70,8 +72,53 @@ class _Classifier(ClassifierMixin, BaseEstimator):
     """Validation, label encoding and the validation split shared by the four estimators; `predict_proba`
     comes from each one's `_scores` (logits or votes, (N, classes))."""
 
+    def fit(self, X, y, *, X_val=None, y_val=None):
+        """Fit on (X, y), choosing the model on (X_val, y_val) or on a split carved from X; returns self.
+
+        With `shots`, fits `tries` models, each on K training images per class drawn with the try number as
+        seed, and evaluated on the untouched validation data; the estimator then predicts with try 0, and
+        tries_ / try_estimators_ hold every try (see `few_shot`)."""
+        x_tr, y_tr, x_val, y_val, positions = self._train_and_val(X, y, X_val, y_val, self.val_fraction, self.seed)
+        rows = self._shot_rows(y_tr, x_tr)
+        if rows is None:
+            return self._fit_encoded(x_tr, y_tr, x_val, y_val)
+        fitted = self._fit_tries(x_tr, y_tr, x_val, y_val, rows)
+        self.try_estimators_ = fitted
+        self.tries_ = [{"seed": t, "train_index": positions[r.numpy()], "val_score": est.best_score_}
+                       for t, (r, est) in enumerate(zip(rows, fitted))]
+        self.__dict__.update({k: v for k, v in fitted[0].__dict__.items()
+                              if k.endswith("_") and not k.startswith("_")})  # predict with try 0
+        return self
+
+    def _fit_tries(self, x_tr, y_tr, x_val, y_val, rows) -> list:
+        """One fitted copy per try (Probe overrides this to train the tries side by side)."""
+        return [self._fitted_copy()._fit_encoded(x_tr[r], y_tr[r], x_val, y_val) for r in rows]
+
+    def _fitted_copy(self):
+        """A new estimator with these parameters (shots off) and this fit's classes and width."""
+        copy = type(self)(**{**self.get_params(), "shots": None, "tries": 1})
+        copy.classes_, copy.n_features_in_ = self.classes_, self.n_features_in_
+        return copy
+
+    def _shot_rows(self, y_tr: torch.Tensor, x_tr) -> list[torch.Tensor] | None:
+        """Each try's training rows (positions in x_tr) when `shots` is set, else None."""
+        if self.shots is None:
+            return None
+        if not isinstance(x_tr, torch.Tensor):
+            raise DinoprobeError("few-shot training samples rows of in-memory features; drop --views/--max-memory")
+        if not (isinstance(self.tries, (int, np.integer)) and self.tries >= 1):
+            raise DinoprobeError(f"tries must be an integer >= 1, got {self.tries!r}")
+        draws = [sample_shots(y_tr.numpy(), self.shots, seed=t) for t in range(self.tries)]
+        short = {str(self.classes_[c]): n for _, s in draws for c, n in s.items()}
+        self.few_shot_ = {"shots": str(self.shots), "tries": int(self.tries), "short_classes": short}
+        if short:
+            warnings.warn(f"few-shot: {len(short)} class(es) have fewer than {self.shots} training images and keep "
+                          f"all of them: {dict(list(short.items())[:5])}", stacklevel=3)
+        return [torch.from_numpy(rows) for rows, _ in draws]
+
     def _train_and_val(self, X, y, X_val, y_val, fraction: float, seed: int):
-        """(train features or source, encoded train labels, val features, encoded val labels); sets classes_."""
+        """(train features or source, encoded train labels, val features, encoded val labels, positions of the
+        train rows in X); sets classes_ and n_features_in_."""
         if (X_val is None) != (y_val is None):
             raise DinoprobeError("pass both X_val and y_val, or neither (a validation split is then carved from X)")
         source = X if isinstance(X, (AugmentedViews, StreamedTrainSplit)) else None
@@ -85,12 +132,13 @@ class _Classifier(ClassifierMixin, BaseEstimator):
             if source is not None:
                 raise DinoprobeError("augmented views and streamed features need X_val and y_val")
             train_pos, val_pos = carve_indices(y_enc, fraction, seed)
-            return X[train_pos], torch.from_numpy(y_enc[train_pos]), X[val_pos], torch.from_numpy(y_enc[val_pos])
+            return (X[train_pos], torch.from_numpy(y_enc[train_pos]), X[val_pos], torch.from_numpy(y_enc[val_pos]),
+                    train_pos)
         X_val = self._check_width(as_features(X_val, "X_val"))
         y_val = as_labels(y_val, len(X_val), "y_val")
         if len(X_val) == 0:
             raise DinoprobeError("X_val is empty; pass validation rows or leave X_val out to carve them from X")
-        return X, torch.from_numpy(y_enc), X_val, torch.from_numpy(self._encode(y_val))
+        return X, torch.from_numpy(y_enc), X_val, torch.from_numpy(self._encode(y_val)), np.arange(len(y_enc))
 
     def _encode(self, labels: np.ndarray) -> np.ndarray:
         """Positions in classes_; labels never seen in training become -1 (never predicted, always wrong)."""
@@ -135,7 +183,8 @@ class Probe(_Classifier):
 
     def __init__(self, head="mlp", hidden=256, dropout=0.1, optimizer="adam", lr=1e-3, weight_decay=0.0,
                  momentum=0.9, nesterov=False, batch_size=256, epochs=100, warmup_epochs=0, label_smoothing=0.0,
-                 patience=None, normalize="none", val_fraction=0.1, seed=0, device="auto", progress=False):
+                 patience=None, normalize="none", val_fraction=0.1, seed=0, shots=None, tries=1, device="auto",
+                 progress=False):
         self.head = head
         self.hidden = hidden
         self.dropout = dropout
@@ -152,21 +201,29 @@ class Probe(_Classifier):
         self.normalize = normalize
         self.val_fraction = val_fraction
         self.seed = seed
+        self.shots = shots
+        self.tries = tries
         self.device = device
         self.progress = progress
 
     def train_config(self, **overrides) -> TrainConfig:
+        """This estimator's parameters as the engine's per-head config."""
         params = {k: v for k, v in self.get_params().items() if k in TRAIN_FIELDS}
         return TrainConfig(**{**params, **overrides})
 
-    def fit(self, X, y, *, X_val=None, y_val=None):
-        """Train on (X, y), choose the epoch on (X_val, y_val) or on a split carved from X; returns self."""
-        cfg = self.train_config()
+    def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
         device = resolve_device(self.device)
-        x_tr, y_tr, x_val, y_val = self._train_and_val(X, y, X_val, y_val, self.val_fraction, self.seed)
-        result, = train_heads([cfg], _to(x_tr, device), y_tr.to(device), x_val.to(device), y_val.to(device),
-                              len(self.classes_), progress=self.progress, desc="probe")
+        result, = train_heads([self.train_config()], _to(x_tr, device), y_tr.to(device), x_val.to(device),
+                              y_val.to(device), len(self.classes_), progress=self.progress, desc="probe")
         return self._set_result(result)
+
+    def _fit_tries(self, x_tr, y_tr, x_val, y_val, rows) -> list:
+        """Every try side by side in the engine (each head on its own rows)."""
+        device = resolve_device(self.device)
+        results = train_heads([self.train_config()] * len(rows), x_tr.to(device), y_tr.to(device), x_val.to(device),
+                              y_val.to(device), len(self.classes_), progress=self.progress, desc="probe tries",
+                              rows=rows)
+        return [self._fitted_copy()._set_result(r) for r in results]
 
     def _set_result(self, result):
         self.config_ = result.config
@@ -222,8 +279,8 @@ class Sweep(_Classifier):
 
     def __init__(self, param_grid=None, preset=None, head="mlp", hidden=256, dropout=0.1, optimizer="adam", lr=1e-3,
                  weight_decay=0.0, momentum=0.9, nesterov=False, batch_size=256, epochs=100, warmup_epochs=0,
-                 label_smoothing=0.0, patience=None, normalize="none", val_fraction=0.1, seed=0, device="auto",
-                 max_memory=None, progress=False):
+                 label_smoothing=0.0, patience=None, normalize="none", val_fraction=0.1, seed=0, shots=None,
+                 tries=1, device="auto", max_memory=None, progress=False):
         self.param_grid = param_grid
         self.preset = preset
         self.head = head
@@ -242,6 +299,8 @@ class Sweep(_Classifier):
         self.normalize = normalize
         self.val_fraction = val_fraction
         self.seed = seed
+        self.shots = shots
+        self.tries = tries
         self.device = device
         self.max_memory = max_memory
         self.progress = progress
@@ -285,22 +344,40 @@ class Sweep(_Classifier):
         return out
 
     def fit(self, X, y, *, X_val=None, y_val=None):
+        """Train every configuration (and, with `shots`, every try of each) side by side; keep the best
+        configuration on validation accuracy (the mean over tries); returns self."""
         combos = self.configurations()
         device = resolve_device(self.device)
-        x_tr, y_tr, x_val, y_val = self._train_and_val(X, y, X_val, y_val, self.val_fraction, self.seed)
+        x_tr, y_tr, x_val, y_val, positions = self._train_and_val(X, y, X_val, y_val, self.val_fraction, self.seed)
+        tries = self._shot_rows(y_tr, x_tr)
         configs = [cfg for _, cfg in combos]
-        results = train_heads(configs, _to(x_tr, device), y_tr.to(device), x_val.to(device), y_val.to(device),
-                              len(self.classes_), self.max_memory, progress=self.progress, desc="sweep")
-        self.results_ = [{**params, "val_top1": r.best_val_acc, "best_epoch": r.best_epoch,
-                          "epochs_run": r.epochs_run, "group": r.group, "group_size": r.group_size,
-                          "group_seconds": round(r.seconds, 3)} for (params, _), r in zip(combos, results)]
+        per = 1 if tries is None else len(tries)
+        results = train_heads([cfg for cfg in configs for _ in range(per)], _to(x_tr, device), y_tr.to(device),
+                              x_val.to(device), y_val.to(device), len(self.classes_), self.max_memory,
+                              progress=self.progress, desc="sweep",
+                              rows=None if tries is None else [r for _ in configs for r in tries])
+        by_config = [results[i * per:(i + 1) * per] for i in range(len(configs))]
+        scores = [float(np.mean([r.best_val_acc for r in rs])) for rs in by_config]
+        self.results_ = []
+        for (params, _), rs, score in zip(combos, by_config, scores):
+            row = {**params, "val_top1": score, "best_epoch": rs[0].best_epoch, "epochs_run": rs[0].epochs_run,
+                   "group": rs[0].group, "group_size": rs[0].group_size, "group_seconds": round(rs[0].seconds, 3)}
+            if tries is not None:
+                row.update({"val_top1_std": float(np.std([r.best_val_acc for r in rs])), "tries": per})
+            self.results_.append(row)
         self.configs_ = configs
-        self.best_index_ = max(range(len(results)), key=lambda i: (results[i].best_val_acc, -i))  # ties: earliest
+        self.best_index_ = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the earliest
         self.best_params_ = combos[self.best_index_][0]
-        self.best_score_ = results[self.best_index_].best_val_acc
+        self.best_score_ = scores[self.best_index_]
         best = Probe(**{**self._probe_params(), **self.best_params_})
         best.classes_, best.n_features_in_ = self.classes_, self.n_features_in_
-        self.best_estimator_ = best._set_result(results[self.best_index_])
+        fitted = [best._fitted_copy()._set_result(r) for r in by_config[self.best_index_]]
+        best._set_result(by_config[self.best_index_][0])
+        if tries is not None:
+            best.few_shot_, best.try_estimators_ = self.few_shot_, fitted
+            best.tries_ = [{"seed": t, "train_index": positions[r.numpy()], "val_score": est.best_score_}
+                           for t, (r, est) in enumerate(zip(tries, fitted))]
+        self.best_estimator_ = best
         return self
 
     def _scores(self, X):
@@ -323,7 +400,7 @@ class LogReg(_Classifier):
     """
 
     def __init__(self, Cs=None, normalize="standardize", max_iter=1000, tol=1e-4, solver="torch", val_fraction=0.1,
-                 seed=0, device="auto"):
+                 seed=0, shots=None, tries=1, device="auto"):
         self.Cs = Cs
         self.normalize = normalize
         self.max_iter = max_iter
@@ -331,9 +408,11 @@ class LogReg(_Classifier):
         self.solver = solver
         self.val_fraction = val_fraction
         self.seed = seed
+        self.shots = shots
+        self.tries = tries
         self.device = device
 
-    def fit(self, X, y, *, X_val=None, y_val=None):
+    def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
         from dinoprobe.baselines import DEFAULT_C_GRID, fit_logreg
 
         cs = [float(c) for c in (DEFAULT_C_GRID if self.Cs is None else self.Cs)]
@@ -342,7 +421,6 @@ class LogReg(_Classifier):
         if self.solver not in ("torch", "sklearn"):
             raise DinoprobeError(f"solver must be 'torch' or 'sklearn', got {self.solver!r}")
         device = resolve_device(self.device)
-        x_tr, y_tr, x_val, y_val = self._train_and_val(X, y, X_val, y_val, self.val_fraction, self.seed)
         k = len(self.classes_)
         self.normalizer_ = Normalizer.fit(self.normalize, x_tr)
         x_tr, x_val = self.normalizer_(x_tr).to(device), self.normalizer_(x_val).to(device)
@@ -350,7 +428,7 @@ class LogReg(_Classifier):
         val_pred = (torch.einsum("nd,kcd->knc", x_val, w) + b[:, None]).argmax(-1).cpu()
         self.val_score_per_C_ = ((val_pred == y_val).sum(1) / len(y_val)).tolist()
         best = int(np.argmax(self.val_score_per_C_))
-        self.best_C_, self.Cs_ = cs[best], cs
+        self.best_C_, self.Cs_, self.best_score_ = cs[best], cs, self.val_score_per_C_[best]
         self.selection_coef_, self.selection_intercept_ = w[best].cpu(), b[best].cpu()
         w, b, refit_iterations = fit_logreg(torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val]).to(device), k,
                                             [cs[best]], self.solver, self.max_iter, self.tol)
@@ -393,14 +471,17 @@ class KNN(_Classifier):
     Fitted attributes: best_k_, val_score_per_k_ ({k: accuracy}), classes_, n_features_in_.
     """
 
-    def __init__(self, ks=(10, 20, 100, 200), temperature=0.07, val_fraction=0.1, seed=0, device="auto"):
+    def __init__(self, ks=(10, 20, 100, 200), temperature=0.07, val_fraction=0.1, seed=0, shots=None, tries=1,
+                 device="auto"):
         self.ks = ks
         self.temperature = temperature
         self.val_fraction = val_fraction
         self.seed = seed
+        self.shots = shots
+        self.tries = tries
         self.device = device
 
-    def fit(self, X, y, *, X_val=None, y_val=None):
+    def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
         from dinoprobe.baselines import knn_scores
 
         ks = sorted({int(k) for k in (self.ks if hasattr(self.ks, "__iter__") else [self.ks])})
@@ -408,13 +489,13 @@ class KNN(_Classifier):
             raise DinoprobeError(f"ks must be positive integers, got {self.ks}")
         if not self.temperature > 0:
             raise DinoprobeError(f"temperature must be > 0, got {self.temperature}")
-        x_tr, y_tr, x_val, y_val = self._train_and_val(X, y, X_val, y_val, self.val_fraction, self.seed)
         self.device_ = resolve_device(self.device)
         self.bank_x_, self.bank_y_ = x_tr.to(self.device_), y_tr.to(self.device_)
         scores = knn_scores(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
                             self.temperature)
         self.val_score_per_k_ = {k: (s.argmax(1) == y_val).sum().item() / len(y_val) for k, s in scores.items()}
         self.best_k_ = max(self.val_score_per_k_, key=lambda k: (self.val_score_per_k_[k], -k))
+        self.best_score_ = self.val_score_per_k_[self.best_k_]
         return self
 
     def _scores(self, X, ks=None):

@@ -14,7 +14,12 @@ def smoothed_eye(classes: int, smoothing, device=None, dtype=torch.float32) -> t
 
 
 def soft_targets(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Batch-first soft targets (B, N or 1, C) from a (C, C) or (N, C, C) smoothed_eye."""
+    """Soft targets from a (C, C) or (N, C, C) smoothed_eye: batch-first (B, N or 1, C) for targets (B,) shared by
+    the heads; head-first (N, B, C) for targets (B, N), each head its own rows."""
+    if target.dim() == 2:
+        if eye.dim() == 2:
+            return eye[target.t()]
+        return eye[torch.arange(eye.shape[0], device=eye.device)[:, None], target.t()]
     rows = eye.index_select(-2, target)
     return rows[:, None] if eye.dim() == 2 else rows.transpose(0, 1)
 

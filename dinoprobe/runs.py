@@ -154,6 +154,30 @@ def evaluate(estimator, data, splits=("val", "test")) -> dict[str, dict]:
             for split in splits if data.x.get(split) is not None}
 
 
+def few_shot_metrics(estimator, data, val_scores=None) -> dict | None:
+    """metrics.json's `few_shot`: per try its seed, the cache `index` of its training rows and its val/test
+    metrics, and mean and standard deviation over tries; None for an estimator fitted without shots.
+    val_scores(try_estimator, X) overrides the val scores (LogReg's train-only selection model)."""
+    if getattr(estimator, "tries_", None) is None:
+        return None
+    per_try, summary = [], {}
+    for record, fitted in zip(estimator.tries_, estimator.try_estimators_):
+        metrics = evaluate(fitted, data)
+        if val_scores is not None and "val" in metrics:
+            from dinoprobe.metrics import classification_metrics
+
+            metrics["val"] = classification_metrics(val_scores(fitted, data), data.y["val"], data.classes)
+        entry = {"seed": record["seed"], "train_index": data.index["train"][record["train_index"]].tolist()}
+        for split, m in metrics.items():
+            entry[split] = {k: m[k] for k in ("top1", "top5", "balanced_accuracy", "n") if k in m}
+        per_try.append(entry)
+    for split in ("val", "test"):
+        top1 = [t[split]["top1"] for t in per_try if split in t]
+        if top1:
+            summary[split] = {"top1_mean": float(np.mean(top1)), "top1_std": float(np.std(top1))}
+    return {**estimator.few_shot_, **summary, "per_try": per_try}
+
+
 def write_run_files(out: Path, metrics: dict, data, config: dict, run_info: dict | None = None,
                     history: list[dict] | None = None, best_epoch: int | None = None) -> None:
     """metrics.json, run.json, confusion.png, and history.csv + curves.png when there is a history."""
@@ -185,6 +209,9 @@ def write_probe_run(out: Path, probe, data, run_info: dict | None = None) -> dic
     metrics = evaluate(probe, data)
     # deterministic for a given seed on CPU (wall time lives in run.json), so runs can be diffed
     metrics.update({"best_epoch": probe.best_epoch_, "epochs_run": len(probe.history_)})
+    few_shot = few_shot_metrics(probe, data)
+    if few_shot:
+        metrics["few_shot"] = few_shot
     config = {"feature": data.feature, **probe.config_.to_dict()}
     probe.save(out / "head.pt", data, data.classes)
     write_run_files(out, metrics, data, config, {"train_seconds": round(probe.train_seconds_, 3), **(run_info or {})},

@@ -37,6 +37,7 @@ class FeatureSplits:
     train_views: torch.Tensor | None = None  # (N, K, D) augmented views of the train split, when loaded
     stream: StreamedTrainSplit | None = None  # when the train features exceed the memory budget
     cache_dir: str = ""
+    index: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # each row's `index` in the cache
 
     @property
     def X_train(self) -> TrainSource:
@@ -127,7 +128,7 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
                 [view_rows[f"{p}_views"].astype(np.float32) for p in feature_part], axis=2)).to(device)
         stream = StreamedTrainSplit(reader, manifest, feature_part, y["train"], max_memory, device) if streamed else None
         out[feature] = FeatureSplits(x, {s: y[s].to(device) for s in splits}, classes, feature, manifest,
-                                     train_views, stream, str(cache_dir))
+                                     train_views, stream, str(cache_dir), {s: rows[s]["index"] for s in splits})
     return out
 
 

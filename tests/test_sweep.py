@@ -48,10 +48,14 @@ def test_dinov3_preset_is_13_lrs_scaled_by_batch():
 
 
 def test_preset_from_the_cli(synthetic, tmp_path):
+    """On a cache without per-block CLS tokens: the preset's 13 learning rates on the features asked for, and
+    the preset's own feature grid refused with the option that adds what it needs."""
     run_cli("sweep", "--cache", synthetic, "--out", tmp_path / "p", "--preset", "dinov3-linear", "--epochs", 2,
-            check=True)
+            "--feature", "cls", check=True)
     rows = json.loads((tmp_path / "p" / "results.json").read_text())
     assert len(rows) == 13 and {r["optimizer"] for r in rows} == {"sgd"} and {r["group"] for r in rows} == {0}
+    assert_clean_error(run_cli("sweep", "--cache", synthetic, "--out", tmp_path / "q", "--preset", "dinov3-linear"),
+                       "--last-blocks 4")
 
 
 def test_unknown_grid_option_and_bad_values():
