@@ -26,7 +26,7 @@ EPOCHS      ?= 100
 HEAD        ?= mlp
 BENCH_SCALE ?= small
 
-.PHONY: install test features probe sweep bench clean
+.PHONY: install test test-gpu features probe sweep bench clean
 
 $(BIN)/dinoprobe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ install: $(BIN)/dinoprobe
 
 test: $(BIN)/dinoprobe
 	$(BIN)/python -m pytest -q tests
+
+test-gpu: $(BIN)/dinoprobe
+	$(BIN)/python -m pytest -q -m gpu tests
 
 features: $(BIN)/dinoprobe
 	$(BIN)/dinoprobe features --data $(DATA) --model $(MODEL) --weights $(WEIGHTS) --cache $(CACHE) \

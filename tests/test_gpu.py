@@ -1,0 +1,125 @@
+"""The CUDA paths (`make test-gpu`, or `bash bench/gpu.sh` for the whole GPU run). Skipped without a GPU; their
+CPU counterparts run everywhere else in the suite."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, make_synthetic_cache, run_cli
+from dinoprobe import KNN, LogReg, Probe, Sweep, cache, load_cache
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")]
+
+
+def features(data, out, *args):
+    run_cli("features", "--data", data, "--weights", "random", "--image-size", 64, "--cache", out, "--dtype",
+            "float32", "--last-blocks", 2, *args, check=True)
+    return {s: cache.load(out, s, ("cls", "patch_mean", "cls_blocks")) for s in ("train", "val")}
+
+
+def cosine(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min().item()
+
+
+def test_features_on_jpegs_every_decoder_and_bf16_against_fp32(photos, tmp_path):
+    reference = features(photos, tmp_path / "cpu", "--device", "cpu", "--precision", "fp32")
+    runs = {"fp32": ("--precision", "fp32"), "bf16": ("--precision", "bf16"),
+            "nvjpeg": ("--precision", "bf16", "--decoder", "torchvision")}
+    for name, args in runs.items():
+        got = features(photos, tmp_path / name, "--device", "cuda", *args)
+        fingerprint = cache.read_manifest(tmp_path / name)["fingerprint"]
+        if name == "nvjpeg":
+            assert fingerprint["decoder"] == {"name": "torchvision", "device": "cuda"}
+        for split in reference:
+            np.testing.assert_array_equal(got[split]["index"], reference[split]["index"])
+            for kind in ("cls", "patch_mean", "cls_blocks"):
+                assert cosine(got[split][kind], reference[split][kind]) >= (0.9999 if name == "fp32" else 0.999), \
+                    (name, split, kind)
+
+
+def test_features_on_cifar_format_arrays(tmp_path):
+    from dinoprobe.backbone import build_backbone
+    from dinoprobe.bench import array_source
+    from dinoprobe.extract import extract
+
+    backbone = build_backbone(weights="random", image_size=64, log=lambda *_: None)
+    source = array_source(40)
+    extract(backbone, source, tmp_path / "cpu", device="cpu", precision="fp32", dtype="float32", progress=False)
+    extract(backbone, source, tmp_path / "gpu", device="cuda", precision="bf16", dtype="float32", progress=False)
+    a, b = cache.load(tmp_path / "cpu", "train", "cls"), cache.load(tmp_path / "gpu", "train", "cls")
+    assert cosine(a["cls"], b["cls"]) >= 0.999
+
+
+def test_compiled_extraction_matches_eager(photos, tmp_path):
+    eager = features(photos, tmp_path / "eager", "--device", "cuda", "--precision", "bf16")
+    compiled = features(photos, tmp_path / "compiled", "--device", "cuda", "--precision", "bf16", "--compile")
+    for split in eager:
+        assert cosine(eager[split]["cls"], compiled[split]["cls"]) >= 0.999
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic_cache(tmp_path_factory.mktemp("gpu") / "cache", n=(2000, 400, 400), dim=64)
+
+
+@pytest.mark.parametrize("estimator", [Probe(head="linear", epochs=10), Probe(epochs=10, hidden=32),
+                                       Sweep(param_grid={"lr": [1e-3, 1e-2], "head": ["linear", "mlp"]}, epochs=5),
+                                       LogReg(Cs=[0.01, 1.0]), KNN(ks=(5, 20))], ids=lambda e: type(e).__name__)
+def test_heads_on_cuda_give_the_cpu_results(synthetic, estimator):
+    from sklearn.base import clone
+
+    results = {}
+    for device in ("cpu", "cuda"):
+        d = load_cache(synthetic, device=device)
+        fitted = clone(estimator).set_params(device=device).fit(d.X_train, d.y_train, X_val=d.X_val, y_val=d.y_val)
+        results[device] = (fitted.predict_proba(d.X_test.cpu()), getattr(fitted, "best_score_", None))
+    np.testing.assert_allclose(results["cuda"][0], results["cpu"][0], atol=2e-3)
+    assert results["cuda"][1] == pytest.approx(results["cpu"][1], abs=0.01)
+
+
+def test_streaming_on_cuda(synthetic, tmp_path):
+    run_cli("probe", "--cache", synthetic, "--out", tmp_path / "s", "--device", "cuda", "--max-memory", "100KB",
+            "--epochs", 3, check=True)
+    run_cli("probe", "--cache", synthetic, "--out", tmp_path / "m", "--device", "cuda", "--epochs", 3, check=True)
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["test"]["n"] == 400
+
+
+def test_probe_predict_export_on_cuda(photos, tmp_path):
+    features(photos, tmp_path / "c", "--device", "cuda")
+    run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run", "--device", "cuda", "--epochs", 5,
+            "--feature", "cls2+patch_mean", check=True)
+    on_gpu = json.loads(run_cli("predict", "--run", tmp_path / "run", "--device", "cuda", "--format", "json",
+                                photos / "val", check=True).stdout)
+    on_cpu = json.loads(run_cli("predict", "--run", tmp_path / "run", "--device", "cpu", "--format", "json",
+                                photos / "val", check=True).stdout)
+    assert [r["labels"][0] for r in on_gpu] == [r["labels"][0] for r in on_cpu]
+    run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "model.pt", check=True)
+    from dinoprobe.predict import load_exported
+
+    model = load_exported(tmp_path / "model.pt").cuda()
+    image = sorted((photos / "val" / "ants").iterdir())[0]
+    with torch.inference_mode():
+        probs = model(model.preprocess(image)[None].cuda()).softmax(-1)[0].cpu()
+    expected = next(r for r in on_cpu if r["path"] == str(image))
+    assert float(probs.max()) == pytest.approx(expected["probabilities"][0], abs=2e-3)
+
+
+def test_torchrun_nccl_and_resume_across_world_sizes(photos, tmp_path):
+    from test_cache import _features_cmd, _rows, kill_during_extraction
+
+    subprocess.run(_features_cmd(photos, tmp_path / "one"), check=True, capture_output=True, cwd=REPO)
+    reference = _rows(tmp_path / "one")
+    assert kill_during_extraction(photos, tmp_path / "c", after_shards=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "dinoprobe",
+           *_features_cmd(photos, tmp_path / "c")[3:]]  # device auto = cuda, as the run it resumes
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = _rows(tmp_path / "c")
+    for split in reference:
+        np.testing.assert_array_equal(got[split]["index"], reference[split]["index"])
+        assert cosine(got[split]["cls"], reference[split]["cls"]) >= 0.9999
