@@ -133,15 +133,25 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, *, ba
             shard_size: int = 4096, strict: bool = False, overwrite: bool = False,
             max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, compile: bool = False, views: int = 0,
             augment: str = "light", decoder: str = "pil", decode_on_device: bool | None = None,
-            last_blocks: int = 0) -> ExtractionSummary:
+            last_blocks: int = 4) -> ExtractionSummary:
     """decoder: "pil" (timm's reference transform) or "torchvision" (decode.py); with torchvision, JPEGs are
     decoded on the extraction device when `decode_on_device` (default: on CUDA), else in the loader workers.
-    last_blocks: also store the CLS token of each of the last N blocks (`cls_blocks`)."""
-    cache_dir = Path(cache_dir)
+    last_blocks: also store the CLS token of each of the last N blocks (`cls_blocks`; 4 covers DINOv3's linear
+    evaluation, 0 stores none)."""
     if not 0 <= last_blocks <= backbone.depth:
         raise DinoprobeError(f"--last-blocks must be in [0, {backbone.depth}] for {backbone.model_name} "
                              f"({backbone.depth} blocks), got {last_blocks}")
-    backbone.last_blocks = last_blocks
+    previous, backbone.last_blocks = backbone.last_blocks, last_blocks
+    try:
+        return _extract(backbone, source, Path(cache_dir), batch_size, workers, device, precision, dtype, shard_size,
+                        strict, overwrite, max_pixels, progress, compile, views, augment, decoder, decode_on_device,
+                        last_blocks)
+    finally:
+        backbone.last_blocks = previous  # the caller's backbone is left as it was
+
+
+def _extract(backbone, source, cache_dir, batch_size, workers, device, precision, dtype, shard_size, strict, overwrite,
+             max_pixels, progress, compile, views, augment, decoder, decode_on_device, last_blocks):
     dev = resolve_device(device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

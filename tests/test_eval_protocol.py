@@ -37,7 +37,7 @@ def block_cache(tmp_path_factory, backbone):
     cache_dir = root.parent / "cache"
     extract(backbone, open_source(str(root)), cache_dir, batch_size=4, workers=0, dtype="float32", progress=False,
             last_blocks=4)
-    backbone.last_blocks = 0
+    assert backbone.last_blocks == 0  # extraction leaves the caller's backbone as it was
     return cache_dir
 
 
