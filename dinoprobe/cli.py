@@ -114,13 +114,22 @@ def info(model, weights, image_size, as_json):
 
 # --------------------------------------------------------------------------------------------------- features
 def default_cache_dir(data: str, model: str, image_size: int | None, weights: str) -> str:
-    name = Path(data.rstrip("/")).name or data
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(data.rstrip("/")).name or data).strip("_") or "data"
     tag = weights if weights in ("hub", "random") else "local"
     return f"cache/{name}-{model}-{image_size or 'default'}px-{tag}"
 
 
 @main.command()
-@click.option("--data", required=True, help="Image folder (ROOT/train/<class>/*, optional val/ test/) or cifar10/cifar100")
+@click.option("--data", required=True,
+              help="Image folder (ROOT/train/<class>/*, optional val/ test/), cifar10/cifar100, a .csv/.tsv file list "
+                   "(path,label[,split]), a Hugging Face dataset (save_to_disk or Parquet folder, hf:OWNER/NAME"
+                   "[:CONFIG]), or WebDataset shards (a folder with train/*.tar..., or 'train=a-{000..009}.tar;val=...')")
+@click.option("--image-column", default=None, help="Hugging Face datasets: the image column [default: detected]")
+@click.option("--label-column", default=None,
+              help="Hugging Face datasets: the label column; tar shards: the label field of .json members "
+                   "[default: detected; 'label' in json]")
 @click.option("--data-dir", default="data", show_default=True, help="Where CIFAR lives / is downloaded")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="timm model name")
 @click.option("--weights", default="hub", show_default=True,
@@ -155,7 +164,7 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--decoder", type=click.Choice(["pil", "torchvision"]), default="pil", show_default=True,
               help="JPEG decoding: pil = timm's reference transform; torchvision = decode_jpeg + tensor resize "
                    "(faster; on the GPU with nvJPEG when extracting on CUDA)")
-def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, workers, device, precision, dtype,
+def features(data, image_column, label_column, data_dir, model, weights, cache_dir, image_size, batch_size, workers, device, precision, dtype,
              shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_, last_blocks, transform,
              decoder):
     """Run the frozen backbone once over every split and cache the features (resumable)."""
@@ -168,7 +177,7 @@ def features(data, data_dir, model, weights, cache_dir, image_size, batch_size, 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
     say = _echo_err if main_process else (lambda *_: None)
     cache_dir = cache_dir or default_cache_dir(data, model, image_size, weights)
-    source = open_source(data, data_dir, val_fraction)
+    source = open_source(data, data_dir, val_fraction, image_column=image_column, label_column=label_column)
     if precision == "fp16" and "dinov3" in model:
         say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
             "(or auto: bf16 on CUDA)")

@@ -6,6 +6,7 @@ runs batched on the extraction device (`Preprocess`), which moves 4x fewer bytes
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import socket
 import urllib.parse
@@ -33,33 +34,58 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 945
 class DataSource:
     """What to extract: per split, an ordered list of (path, label). The position in the list is `index`."""
 
-    kind: str  # folder | cifar10 | cifar100
+    kind: str  # folder | csv | hf | webdataset | cifar10 | cifar100
     root: str
     classes: list[str]
-    splits: dict[str, list[tuple[str, int]]]
+    splits: dict[str, list[tuple[str, int]]]  # (key: a file path, or a source's key such as tar#name), label
     val_split: dict | None = None  # how val was carved from train, when it was
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # CIFAR pixels per split
+    reader: object | None = field(default=None, repr=False)  # key -> encoded bytes, for keys that are not files
+    content_id: str = ""  # what identifies the content beyond the keys (sources.py)
 
     def file_list_sha256(self) -> str:
-        """Identifies the inputs: every split's paths, labels and (for files) sizes, in order."""
-        digest = hashlib.sha256()
+        """Identifies the inputs: every split's keys, labels and sizes (of files, or of their encoded bytes as
+        the reader knows them), in order."""
+        digest = hashlib.sha256(self.content_id.encode())
         for split in sorted(self.splits):
             for path, label in self.splits[split]:
-                size = os.path.getsize(path) if self.kind == "folder" and os.path.exists(path) else -1
+                if self.reader is not None:
+                    size = self.reader.size(path)
+                else:
+                    size = os.path.getsize(path) if self.kind in ("folder", "csv") and os.path.exists(path) else -1
                 digest.update(f"{split}\t{label}\t{path}\t{size}\n".encode())
         return digest.hexdigest()
 
+    @property
+    def encoded(self) -> bool:
+        """Whether the inputs are encoded images (files or bytes) rather than decoded arrays."""
+        return not self.arrays
+
     def dataset(self, split: str, config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS, views=None, decode=None):
-        """decode: path -> uint8 tensor, replacing PIL for image files (see decode.py); arrays need none."""
-        if self.kind == "folder":
-            return ImageFileDataset(self.splits[split], config, max_pixels, views, decode)
+        """decode: encoded image -> uint8 tensor, replacing PIL (see decode.py); arrays need none."""
+        if self.encoded:
+            return ImageFileDataset(self.splits[split], config, max_pixels, views, decode, self.reader)
         return ArrayDataset(self.arrays[split], self.splits[split], views)
 
 
-def open_source(data: str, data_dir: str = "data", val_fraction: float = 0.1, seed: int = 0) -> DataSource:
+def open_source(data: str, data_dir: str = "data", val_fraction: float = 0.1, seed: int = 0,
+                image_column: str | None = None, label_column: str | None = None) -> DataSource:
+    """--data: an ImageFolder tree, cifar10/cifar100, a .csv/.tsv file list, a Hugging Face dataset (save_to_disk
+    folder, Parquet folder, hf:OWNER/NAME[:CONFIG]) or WebDataset tar shards (sources.py)."""
+    from dinoprobe import sources
+
     if data.lower() in CIFAR:
         return _cifar_source(data.lower(), data_dir, val_fraction, seed)
-    return _folder_source(Path(data), val_fraction, seed)
+    path = Path(data)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        if not path.is_file():
+            raise DinoprobeError(f"--data '{data}': no such file list")
+        return sources.csv_source(path, val_fraction, seed)
+    if data.startswith("hf:") or sources.is_hf_folder(path):
+        return sources.hf_source(data, val_fraction, seed, image_column, label_column)
+    if sources.is_webdataset(data):
+        return sources.webdataset_source(data, val_fraction, seed, label_column)
+    return _folder_source(path, val_fraction, seed)
 
 
 # ------------------------------------------------------------------------------------------- image folders
@@ -79,8 +105,8 @@ def _classes_of(split_dir: Path) -> list[str]:
 
 def _folder_source(root: Path, val_fraction: float, seed: int) -> DataSource:
     if not root.is_dir():
-        raise DinoprobeError(f"--data '{root}' is not a folder (expected ROOT/train/<class>/*.jpg) "
-                             "nor one of: cifar10, cifar100")
+        raise DinoprobeError(f"--data '{root}' is not a folder (expected ROOT/train/<class>/*.jpg), a .csv/.tsv "
+                             "file list, hf:OWNER/NAME, tar shards, nor one of: cifar10, cifar100")
     if not (root / "train").is_dir():
         raise DinoprobeError(f"'{root}' has no train/ folder; expected ROOT/train/<class>/*, optional ROOT/val/ "
                              "and ROOT/test/")
@@ -154,15 +180,16 @@ class SkippedInput(Exception):
     """An input that cannot be used; its message is the reason recorded in the manifest."""
 
 
-def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open any common image as 8-bit RGB, EXIF rotation applied; raise SkippedInput with a reason otherwise."""
+def load_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open any common image, a file path or its encoded bytes, as 8-bit RGB, EXIF rotation applied; raise
+    SkippedInput with a reason otherwise."""
     try:
-        if os.path.getsize(path) == 0:
+        if len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0:
             raise SkippedInput("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own, clearer limit
             try:
-                image = Image.open(path)
+                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             except Image.DecompressionBombError as err:  # over twice PIL's own limit: PIL refuses to open it
                 raise SkippedInput(f"PIL refuses to open it ({err}); exceeds the --max-pixels guard too") from None
             width, height = image.size
@@ -272,9 +299,9 @@ class ImageFileDataset(torch.utils.data.Dataset):
     or whatever `decode(path)` returns (decode.py: the same from torchvision, or a JPEG's bytes)."""
 
     def __init__(self, samples: list[tuple[str, int]], config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 views: Views | None = None, decode=None):
+                 views: Views | None = None, decode=None, reader=None):
         self.samples, self.transform, self.max_pixels, self.views = samples, worker_transform(config), max_pixels, views
-        self.decode = decode
+        self.decode, self.reader = decode, reader  # reader: key -> bytes, for sources whose keys are not files
 
     def __len__(self):
         return len(self.samples)
@@ -282,12 +309,13 @@ class ImageFileDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
+            source = path if self.reader is None else self.reader.read(path)
             if self.decode is None:
-                image = load_rgb(path, self.max_pixels)
+                image = load_rgb(source, self.max_pixels)
                 pixels = self.transform(image)
             else:
-                pixels = self.decode(path)
-                image = load_rgb(path, self.max_pixels) if self.views else None  # augmentations work on PIL images
+                pixels = self.decode(source)
+                image = load_rgb(source, self.max_pixels) if self.views else None  # augmentations work on PIL images
         except SkippedInput as err:
             return None, label, index, str(err), None
         return pixels, label, index, None, self.views(image, index) if self.views else None

@@ -11,6 +11,7 @@ then fails (and is skipped) with PIL's reason.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -24,16 +25,16 @@ from dinoprobe.data import DEFAULT_MAX_PIXELS, SkippedInput, load_rgb, resize_cr
 DECODERS = ("pil", "torchvision")
 
 
-def jpeg_orientation(path: str, max_pixels: int) -> int | None:
+def jpeg_orientation(source, max_pixels: int) -> int | None:
     """The EXIF orientation (1 = upright) of a file torchvision can take — a baseline/progressive JPEG in RGB or
     greyscale, within the pixel guard — else None. Reads the header only; problems are left to PIL's path,
     which reports them."""
     try:
-        if os.path.getsize(path) == 0:
+        if len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0:
             return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 width, height = image.size
                 if image.format != "JPEG" or image.mode not in ("RGB", "L") or width * height > max_pixels:
                     return None
@@ -43,28 +44,31 @@ def jpeg_orientation(path: str, max_pixels: int) -> int | None:
 
 
 class TorchvisionDecode:
-    """Worker side: path -> uint8 (3, S, S) at the model's size, or (encoded=True) the JPEG's bytes as a 1-D
-    uint8 tensor for the device to decode. Other files, and JPEGs torchvision refuses, go through PIL."""
+    """Worker side: a file path or encoded bytes -> uint8 (3, S, S) at the model's size, or (encoded=True) the
+    JPEG's bytes as a 1-D uint8 tensor for the device to decode. Other images, and JPEGs torchvision refuses, go
+    through PIL."""
 
     def __init__(self, config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS, encoded: bool = False):
         self.config, self.max_pixels, self.encoded = config, max_pixels, encoded
         self.pil_transform = worker_transform(config)
 
-    def pil(self, path: str) -> torch.Tensor:
-        return self.pil_transform(load_rgb(path, self.max_pixels))  # raises SkippedInput with the reason
+    def pil(self, source) -> torch.Tensor:
+        return self.pil_transform(load_rgb(source, self.max_pixels))  # raises SkippedInput with the reason
 
-    def __call__(self, path: str) -> torch.Tensor:
-        orientation = jpeg_orientation(path, self.max_pixels)
+    def __call__(self, source) -> torch.Tensor:
+        orientation = jpeg_orientation(source, self.max_pixels)
         if orientation is None:
-            return self.pil(path)
-        with open(path, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            return self.pil(source)
+        if not isinstance(source, bytes):
+            with open(source, "rb") as f:
+                source = f.read()
+        data = torch.frombuffer(bytearray(source), dtype=torch.uint8)
         if self.encoded and orientation == 1:  # nvJPEG ignores EXIF orientation: rotated photos decode here
             return data
         try:
             image = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
         except RuntimeError:
-            return self.pil(path)
+            return self.pil(source)
         return resize_crop(image, self.config)
 
 
@@ -75,28 +79,28 @@ class DeviceDecoder:
     def __init__(self, config: DataConfig, device: torch.device, fallback: TorchvisionDecode):
         self.config, self.device, self.fallback = config, device, fallback
 
-    def _decode(self, encoded: list[torch.Tensor], paths: list[str]) -> list:
+    def _decode(self, encoded: list[torch.Tensor]) -> list:
         try:
             return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
         except RuntimeError:  # one bad file fails the batch call: decode one at a time
             images = []
-            for data, path in zip(encoded, paths):
+            for data in encoded:
                 try:
                     images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device,
                                               apply_exif_orientation=True))
                 except RuntimeError:
-                    images.append(path)  # decoded by PIL below, or skipped with PIL's reason
+                    images.append(data.numpy().tobytes())  # decoded by PIL below, or skipped with PIL's reason
             return images
 
-    def __call__(self, items: list[torch.Tensor], paths: list[str]):
+    def __call__(self, items: list[torch.Tensor]):
         """-> (uint8 (B', 3, S, S) on the device or None, positions kept, [(position, reason)] skipped)."""
         jpeg = [i for i, t in enumerate(items) if t.dim() == 1]
-        decoded = dict(zip(jpeg, self._decode([items[i] for i in jpeg], [paths[i] for i in jpeg]))) if jpeg else {}
+        decoded = dict(zip(jpeg, self._decode([items[i] for i in jpeg]))) if jpeg else {}
         out, kept, skipped = [], [], []
         for i, item in enumerate(items):
             image = decoded.get(i, item)
             try:
-                if isinstance(image, str):
+                if isinstance(image, bytes):
                     image = self.fallback.pil(image)
                 elif i in decoded:
                     image = resize_crop(image, self.config)

@@ -160,8 +160,8 @@ def _extract(backbone, source, cache_dir, batch_size, workers, device, precision
     workers = default_workers(dev) if workers is None else workers
     if decoder not in DECODERS:
         raise DinoprobeError(f"unknown decoder '{decoder}'; choose one of {', '.join(DECODERS)}")
-    if decoder != "pil" and source.kind != "folder":
-        raise DinoprobeError(f"--decoder {decoder} decodes image files; {source.kind} comes as decoded arrays, "
+    if decoder != "pil" and not source.encoded:
+        raise DinoprobeError(f"--decoder {decoder} decodes encoded images; {source.kind} comes as decoded arrays, "
                              "so leave --decoder at pil")
     on_device = decoder != "pil" and (dev.type == "cuda" if decode_on_device is None else decode_on_device)
     decode = TorchvisionDecode(backbone.data_config, max_pixels, encoded=on_device) if decoder != "pil" else None
@@ -292,7 +292,7 @@ def _extract_split(split, source, model, forward, preprocess, writer, manifest, 
         with torch.inference_mode():
             for pixels, labels, idx, skipped, view_pixels in loader:
                 if isinstance(pixels, list):  # JPEG bytes: decode on the device (decode.py)
-                    pixels, kept, failed = device_decoder(pixels, [samples[i][0] for i in idx.tolist()])
+                    pixels, kept, failed = device_decoder(pixels)
                     skipped = skipped + [(int(idx[i]), reason) for i, reason in failed]
                     keep = torch.tensor(kept, dtype=torch.long)
                     labels, idx = labels[keep], idx[keep]

@@ -40,7 +40,7 @@ def test_device_decoding_equals_worker_decoding(backbone, jpegs, tmp_path):
     assert [t.dim() for t in items] == [1] * 5 + [3]  # JPEG bytes; the PNG decoded by PIL in the worker
     pixels, labels, index, skipped, _ = collate([(t, 0, i, None, None) for i, t in enumerate(items)])
     assert isinstance(pixels, list) and not skipped
-    decoded, kept, failed = DeviceDecoder(config, torch.device("cpu"), encoded)(pixels, paths)
+    decoded, kept, failed = DeviceDecoder(config, torch.device("cpu"), encoded)(pixels)
     assert kept == list(range(6)) and failed == []
     reference = TorchvisionDecode(config)
     torch.testing.assert_close(decoded, torch.stack([reference(p) for p in paths]), atol=0, rtol=0)
@@ -71,8 +71,7 @@ def test_broken_and_unusual_files_fall_back_or_are_skipped(backbone, jpegs, tmp_
     assert mean_diff(encoded(str(rotated)), upright_pixels) > 5
     assert encoded(str(truncated)).dim() == 1  # the header is fine; the device finds out
     paths = [str(truncated), jpegs[2]]
-    decoded, kept, failed = DeviceDecoder(config, torch.device("cpu"), encoded)(
-        [encoded(p) for p in paths], paths)
+    decoded, kept, failed = DeviceDecoder(config, torch.device("cpu"), encoded)([encoded(p) for p in paths])
     assert kept == [1] and decoded.shape == (1, 3, SIZE, SIZE)
     assert failed[0][0] == 0 and "truncated" in failed[0][1].lower()  # PIL's reason, as with --decoder pil
     with pytest.raises(SkippedInput, match="0 bytes"):  # what the worker hands on as a skip reason
@@ -119,8 +118,9 @@ def test_decoder_is_part_of_the_fingerprint_and_refused_for_arrays(backbone, pho
             "--cache", str(tmp_path / "c"), "--batch-size", "16"]
     assert run_cli(*args).returncode == 0
     assert_clean_error(run_cli(*args, "--decoder", "torchvision"), "decoder", "--overwrite")
-    source = open_source(str(photos))
-    source.kind = "cifar10"
+    from dinoprobe.bench import array_source
+
+    source = array_source(8)  # CIFAR-format arrays, as `--data cifar10` gives
     with pytest.raises(DinoprobeError, match="leave --decoder at pil"):
         extract(backbone, source, tmp_path / "arrays", decoder="torchvision", progress=False)
 

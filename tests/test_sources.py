@@ -1,0 +1,190 @@
+"""Data where users keep it: CSV file lists, Hugging Face datasets (save_to_disk, Parquet) and WebDataset tar
+shards give the features and labels of the same images in an ImageFolder, skip bad images, and resume."""
+import io
+import json
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SIZE, assert_clean_error, make_folder, run_cli
+from dinoprobe import cache
+from dinoprobe.data import open_source
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract import extract
+from dinoprobe.sources import expand_braces
+from test_cache import kill_during_extraction
+
+datasets = pytest.importorskip("datasets")  # a dev extra: CI installs it
+
+
+def _samples(root):
+    source = open_source(str(root))
+    return {split: [(path, source.classes[label]) for path, label in rows] for split, rows in source.splits.items()}
+
+
+def write_csv(root, samples, out):
+    lines = ["path,label,split"]
+    for split, rows in samples.items():
+        lines += [f"{'../' + str(p.relative_to(root.parent)) if p.is_relative_to(root.parent) else p},{name},{split}"
+                  for p, name in ((__import__('pathlib').Path(p), name) for p, name in rows)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def hf_splits(samples, classes, corrupt=None):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    out = {}
+    for split, rows in samples.items():
+        images = [{"bytes": open(p, "rb").read(), "path": None} for p, _ in rows]
+        if corrupt and split == "train":
+            images[corrupt]["bytes"] = b"not an image at all"
+        out["validation" if split == "val" else split] = datasets.Dataset.from_dict(
+            {"image": images, "label": [classes.index(n) for _, n in rows]}, features=features)
+    return datasets.DatasetDict(out)
+
+
+def write_tars(samples, folder, corrupt=None, per_shard=5):
+    for split, rows in samples.items():
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for start in range(0, len(rows), per_shard):
+            with tarfile.open(folder / split / f"shard-{start // per_shard:03d}.tar", "w") as tar:
+                for i, (path, name) in enumerate(rows[start:start + per_shard], start):
+                    data = b"garbage" if (split == "train" and i == corrupt) else open(path, "rb").read()
+                    for member, payload in ((f"{i:05d}.png", data), (f"{i:05d}.json", json.dumps({"label": name}).encode())):
+                        info = tarfile.TarInfo(member)
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sources")
+    root = make_folder(base / "folder", per_class=6)
+    samples = _samples(root)
+    classes = sorted({name for rows in samples.values() for _, name in rows})
+    made = {"folder": root, "csv": write_csv(root, samples, base / "lists" / "files.csv")}
+    hf_splits(samples, classes).save_to_disk(str(base / "saved"))
+    made["saved"] = base / "saved"
+    parquet = base / "parquet" / "data"
+    parquet.mkdir(parents=True)
+    for split, table in hf_splits(samples, classes).items():
+        table.to_parquet(str(parquet / f"{split}-00000-of-00001.parquet"))
+    made["parquet"] = base / "parquet"
+    made["tars"] = write_tars(samples, base / "tars")
+    return base, samples, classes, made
+
+
+def test_every_source_gives_the_features_and_labels_of_the_image_folder(sources, backbone):
+    base, _, classes, made = sources
+    kw = dict(batch_size=4, workers=0, dtype="float32", progress=False, last_blocks=0)
+    extract(backbone, open_source(str(made["folder"])), base / "c-folder", **kw)
+    reference = {s: cache.load(base / "c-folder", s, "cls") for s in ("train", "val")}
+    for kind in ("csv", "saved", "parquet", "tars"):
+        source = open_source(str(made[kind]))
+        assert source.classes == classes, kind
+        extract(backbone, source, base / f"c-{kind}", **kw)
+        for split in ("train", "val"):
+            got = cache.load(base / f"c-{kind}", split, "cls")
+            np.testing.assert_array_equal(got["cls"], reference[split]["cls"], err_msg=kind)
+            np.testing.assert_array_equal(got["label"], reference[split]["label"], err_msg=kind)
+        proc = run_cli("probe", "--cache", base / f"c-{kind}", "--out", base / f"run-{kind}", "--epochs", 2)
+        assert proc.returncode == 0, proc.stderr
+    keys = cache.load(base / "c-tars", "train", "cls")["path"]
+    assert keys[0].endswith("shard-000.tar#00000")
+
+
+def test_the_fingerprint_follows_the_content(sources, tmp_path):
+    _, samples, classes, made = sources
+    first = open_source(str(made["tars"])).file_list_sha256()
+    assert open_source(str(made["tars"])).file_list_sha256() == first  # the same shards: the same fingerprint
+    changed = write_tars(samples, tmp_path / "tars", corrupt=0)
+    assert open_source(str(changed)).file_list_sha256() != first  # not the same: a different member size
+    assert open_source(str(made["saved"])).file_list_sha256() != open_source(str(made["parquet"])).file_list_sha256()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "tars"])
+def test_a_corrupt_image_inside_the_source_is_skipped_and_listed(sources, backbone, tmp_path, kind):
+    _, samples, classes, _ = sources
+    if kind == "tars":
+        data = write_tars(samples, tmp_path / "tars", corrupt=3)
+    else:
+        data = tmp_path / "pq"
+        (data / "data").mkdir(parents=True)
+        for split, table in hf_splits(samples, classes, corrupt=3).items():
+            table.to_parquet(str(data / "data" / f"{split}-00000-of-00001.parquet"))
+    summary = extract(backbone, open_source(str(data)), tmp_path / "c", batch_size=4, workers=0, progress=False,
+                      last_blocks=0)
+    assert summary.skipped["train"] == 1 and summary.rows["train"] == 11
+    skipped = cache.skipped_inputs(cache.read_manifest(tmp_path / "c"))
+    assert len(skipped) == 1 and skipped[0]["index"] == 3
+    assert skipped[0]["path"].endswith("#00003" if kind == "tars" else ":train:3") and skipped[0]["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["parquet", "tars"])
+def test_a_killed_run_resumes_with_exactly_the_uninterrupted_rows(sources, tmp_path, kind):
+    base, _, _, made = sources
+    data = made[kind]
+    run_cli("features", "--data", data, "--weights", "random", "--image-size", SIZE, "--cache", tmp_path / "whole",
+            "--batch-size", 2, "--workers", 0, "--shard-size", 4, "--dtype", "float32", check=True)
+    assert kill_during_extraction(data, tmp_path / "c", after_shards=2)
+    run_cli("features", "--data", data, "--weights", "random", "--image-size", SIZE, "--cache", tmp_path / "c",
+            "--batch-size", 2, "--workers", 0, "--shard-size", 4, "--dtype", "float32", check=True)
+    for split in ("train", "val"):
+        a, b = cache.load(tmp_path / "whole", split), cache.load(tmp_path / "c", split)
+        np.testing.assert_array_equal(a["index"], b["index"])
+        np.testing.assert_array_equal(a["cls"], b["cls"])
+
+
+def test_csv_details_and_errors(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=5, splits=("train",))
+    files = sorted(root.rglob("*.png"))
+    (tmp_path / "list.tsv").write_text("path\tlabel\n" + "".join(f"{p}\t{p.parent.name}\n" for p in files))
+    source = open_source(str(tmp_path / "list.tsv"))  # no split column: val carved from train
+    assert source.val_split["from"] == "train" and len(source.splits["val"]) == 2
+    (tmp_path / "bad.csv").write_text("file,class\na.png,cat\n")
+    with pytest.raises(DinoprobeError, match="path,label"):
+        open_source(str(tmp_path / "bad.csv"))
+    (tmp_path / "missing.csv").write_text("path,label,split\nnope.png,cat,train\nalso.png,dog,train\n"
+                                          f"{files[0]},cat,val\n{files[-1]},dog,val\n")
+    summary = extract_quiet(open_source(str(tmp_path / "missing.csv")), tmp_path / "c")
+    assert summary.skipped["train"] == 2  # missing files are listed with their reason, not fatal
+
+
+def extract_quiet(source, cache_dir):
+    from dinoprobe.backbone import build_backbone
+
+    backbone = build_backbone(weights="random", image_size=SIZE, log=lambda *_: None)
+    return extract(backbone, source, cache_dir, batch_size=2, workers=0, progress=False, last_blocks=0)
+
+
+def test_brace_patterns_and_shards_elsewhere(sources):
+    _, _, classes, made = sources
+    assert expand_braces("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
+    assert expand_braces("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+    tars = made["tars"]
+    spec = f"train={tars}/train/shard-{{000..002}}.tar;val={tars}/val/shard-{{000..002}}.tar"
+    source = open_source(spec)
+    assert source.classes == classes and len(source.splits["train"]) == 12 and len(source.splits["val"]) == 12
+
+
+def test_hub_and_missing_extra_fail_fast_with_advice(monkeypatch, tmp_path):
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.perf_counter()
+    proc = run_cli("features", "--data", "hf:uoft-cs/cifar10", "--weights", "random", "--cache", tmp_path / "c")
+    assert_clean_error(proc, "cannot reach the Hugging Face Hub", "save_to_disk")
+    assert time.perf_counter() - start < 10
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
+    with pytest.raises(DinoprobeError, match=r"pip install 'dinoprobe\[hf\]'"):
+        open_source(str(tmp_path / "saved"))
