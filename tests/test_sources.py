@@ -16,7 +16,7 @@ from dinoprobe.extract import extract
 from dinoprobe.sources import expand_braces
 from test_cache import kill_during_extraction
 
-datasets = pytest.importorskip("datasets")  # a dev extra: CI installs it
+import datasets  # noqa: E402  (the `hf` extra; the dev extras include it)
 
 
 def _samples(root):
@@ -138,6 +138,33 @@ def test_a_killed_run_resumes_with_exactly_the_uninterrupted_rows(sources, tmp_p
         a, b = cache.load(tmp_path / "whole", split), cache.load(tmp_path / "c", split)
         np.testing.assert_array_equal(a["index"], b["index"])
         np.testing.assert_array_equal(a["cls"], b["cls"])
+
+
+def test_torchvision_decoder_and_torchrun_on_tar_shards(sources, backbone, tmp_path):
+    """The batch-on-the-device decode path (run on the CPU) reads tar members, and two gloo ranks split them."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import REPO
+
+    _, _, _, made = sources
+    kw = dict(batch_size=4, workers=0, dtype="float32", progress=False, last_blocks=0)
+    extract(backbone, open_source(str(made["tars"])), tmp_path / "pil", **kw)
+    extract(backbone, open_source(str(made["tars"])), tmp_path / "tv", decoder="torchvision", decode_on_device=True,
+            **kw)
+    a, b = (torch.as_tensor(cache.load(tmp_path / n, "train", "cls")["cls"]) for n in ("pil", "tv"))
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999  # PNGs: PIL on both paths
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dinoprobe",
+           "features", "--data", str(made["tars"]), "--weights", "random", "--image-size", str(SIZE), "--cache",
+           str(tmp_path / "ranks"), "--batch-size", "2", "--workers", "0", "--shard-size", "4", "--dtype", "float32",
+           "--last-blocks", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = cache.load(tmp_path / "ranks", "train", "cls")
+    order = np.argsort(ranks["index"])
+    np.testing.assert_allclose(ranks["cls"][order], a.numpy(), atol=1e-5)
 
 
 def test_csv_details_and_errors(tmp_path):
