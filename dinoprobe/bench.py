@@ -132,12 +132,13 @@ def array_source(count: int, seed: int = 0):
     return DataSource("cifar10", "bench-arrays", [str(i) for i in range(10)], splits, None, arrays)
 
 
-def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device: str, decoder: str = "pil") -> float:
+def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device: str, decoder: str = "pil",
+                  last_blocks: int = 4) -> float:
     from dinoprobe.extract import extract
 
     cache_dir = tmp / f"cache-{time.perf_counter_ns()}"
     summary = extract(backbone, source, cache_dir, batch_size=batch, workers=workers, device=device,
-                      progress=False, decoder=decoder)
+                      progress=False, decoder=decoder, last_blocks=last_blocks)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return summary.images_per_second
 
@@ -363,7 +364,7 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             from dinoprobe.device import default_workers
 
             workers = default_workers(dev)
-            runs = {"jpeg": [], "jpeg_torchvision": [], "arrays": [], "bare": []}
+            runs = {"jpeg": [], "jpeg_torchvision": [], "arrays": [], "arrays_no_blocks": [], "bare": []}
             if cfg["worker_processes"]:
                 runs["jpeg_2_workers"] = []
             for _ in range(max(2, reps - 1)):
@@ -374,6 +375,8 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
                 if cfg["worker_processes"]:
                     runs["jpeg_2_workers"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
                 runs["arrays"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device))
+                runs["arrays_no_blocks"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device,
+                                                              last_blocks=0))
             bare = statistics.median(runs["bare"])
             pipeline = {"batch_size": batch, "workers": workers, "bare_forward_images_per_s": bare,
                         **{f"{name}_images_per_s": statistics.median(v) for name, v in runs.items() if name != "bare"}}
@@ -448,6 +451,11 @@ def markdown(r: dict) -> str:
                          f"1 process {pr['1']:.1f} images/s | {pr['2'] / pr['1']:.2f} |")
         lines.append(f"| `features` on CIFAR-format arrays (batched tensor resize) | {p['arrays_images_per_s']:.1f} "
                      f"images/s | bare forward | {p['arrays_fraction_of_forward']:.2f} |")
+        if "arrays_no_blocks_images_per_s" in p:
+            lines.append(f"| `features --last-blocks 4` (the default: 4 more CLS tokens per image), arrays | "
+                         f"{p['arrays_images_per_s']:.1f} images/s | `--last-blocks 0` "
+                         f"{p['arrays_no_blocks_images_per_s']:.1f} images/s | "
+                         f"{p['arrays_images_per_s'] / p['arrays_no_blocks_images_per_s']:.2f} |")
     for row in r.get("original_vs_dinoprobe", []):
         lines.append(f"| original method, {row['epochs']} epochs ({row['images']} images, {row['image_size']} px, "
                      f"{row.get('workers', 2)} loader workers) | "

@@ -25,7 +25,7 @@ def test_smoke_bench_runs_every_section_and_updates_the_readme(tmp_path):
     table = (tmp_path / "out" / "results.md").read_text()
     assert table == bench.markdown(results)
     for row in ("bare backbone forward", "--decoder torchvision", "torchrun", "original method, 2 epochs",
-                "plain PyTorch loop", "`Sweep`", "separate `Probe` fits", "logreg", "transformers"):
+                "plain PyTorch loop", "--last-blocks 0", "`Sweep`", "separate `Probe` fits", "logreg", "transformers"):
         assert row in table, row
     readme = tmp_path / "README.md"
     readme.write_text("# title\n<!-- bench:start -->\nold table\n<!-- bench:end -->\nafter\n")

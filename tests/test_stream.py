@@ -63,3 +63,34 @@ def test_heads_side_by_side_stream_too(sharded):
 def test_probe_cli_with_a_tiny_budget(sharded, tmp_path):
     run_cli("probe", "--cache", sharded, "--out", tmp_path / "r", "--max-memory", "10KB", "--epochs", 2, check=True)
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["test"]["n"] == 200
+
+
+def test_each_shard_is_hashed_once_while_read(sharded, monkeypatch):
+    """No separate hashing pass: loading two features and streaming three epochs hashes each shard once."""
+    import hashlib
+
+    from dinoprobe import cache as cache_module
+    from dinoprobe.tensors import load_features
+
+    hashed = []
+
+    class CountingHashlib:
+        @staticmethod
+        def sha256(data=b""):
+            hashed.append(len(data))
+            return hashlib.sha256(data)
+
+    monkeypatch.setattr(cache_module, "hashlib", CountingHashlib)
+    monkeypatch.setattr(cache_module, "sha256_file", lambda *a: pytest.fail("a separate full-file hashing pass"))
+    loaded = load_features(sharded, ["cls", "cls+patch_mean"], max_memory=150 * ROW_BYTES)
+    entries = [e for s in cache_module.read_manifest(sharded)["splits"].values() for e in s["shards"]]
+    shard_sizes = {e["bytes"] for e in entries}
+
+    def shard_hashes():  # the manifest's own fingerprint is hashed too: count hashes of shard-sized data
+        return sum(size in shard_sizes for size in hashed)
+
+    assert shard_hashes() == len(entries)
+    data = loaded["cls"]
+    train_heads([TrainConfig(head="linear", epochs=3, batch_size=64)], data.X_train, data.y_train, data.X_val,
+                data.y_val, 6)
+    assert shard_hashes() == len(entries)  # streamed epochs re-read columns, not hashes
