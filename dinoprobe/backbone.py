@@ -278,12 +278,14 @@ def _check_rope(key: str, value: torch.Tensor, model: nn.Module, source) -> None
         if value.shape == mine.shape and torch.allclose(value.float(), mine.float(), rtol=1e-5, atol=0):
             return
         raise DinoprobeError(f"weights '{source}': {key} differs from the RoPE periods {type(model).__name__} "
-                             "computes (another rope base or dimension); pick the --model the checkpoint was trained as")
+                             "computes (another rope base or dimension); pick the --model the checkpoint was "
+                             "trained as")
     raise DinoprobeError(f"weights '{source}': {key} is a RoPE tensor this model cannot check or hold; pick the "
                          "--model the checkpoint was trained as")
 
 
-def _load_file_into(model: nn.Module, path: Path, source: str | None = None, location: str | None = None) -> WeightsInfo:
+def _load_file_into(model: nn.Module, path: Path, source: str | None = None,
+                    location: str | None = None) -> WeightsInfo:
     state = read_state_dict(path)
     if any(k.startswith("embeddings.") for k in state):
         kind, state = "hf", hf_to_timm(state, model, path)

@@ -183,7 +183,9 @@ class StackedHeads:
         if train and self.dropout:
             batch = x.shape[-2]
             r = torch.rand((batch, out), generator=self.mask_generator, device=x.device)
-            p, scale = (self.p, self.keep_scale) if x.dim() == 2 else (self.p.view(-1, 1, 1), self.keep_scale.view(-1, 1, 1))
+            p, scale = self.p, self.keep_scale  # (1, N, 1): batch-first
+            if x.dim() == 3:
+                p, scale = p.view(-1, 1, 1), scale.view(-1, 1, 1)  # (N, 1, 1): head-first
             mask = ((r.unsqueeze(1) if x.dim() == 2 else r) >= p) * scale
             h, gate = h * mask, gate * mask
         if x.dim() == 2:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from dinoprobe.metrics import figure
 
-RESULT_FIELDS = ("val_top1", "val_top1_std", "tries", "best_epoch", "epochs_run", "group", "group_size", "group_seconds")
+RESULT_FIELDS = ("val_top1", "val_top1_std", "tries", "best_epoch", "epochs_run", "group", "group_size",
+                 "group_seconds")
 
 
 def ranked(rows: list[dict]) -> list[dict]:

@@ -126,7 +126,8 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
         if view_rows is not None:
             train_views = torch.from_numpy(np.concatenate(
                 [view_rows[f"{p}_views"].astype(np.float32) for p in feature_part], axis=2)).to(device)
-        stream = StreamedTrainSplit(reader, manifest, feature_part, y["train"], max_memory, device) if streamed else None
+        stream = (StreamedTrainSplit(reader, manifest, feature_part, y["train"], max_memory, device) if streamed
+                  else None)
         out[feature] = FeatureSplits(x, {s: y[s].to(device) for s in splits}, classes, feature, manifest,
                                      train_views, stream, str(cache_dir), {s: rows[s]["index"] for s in splits})
     return out

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_synthetic_cache, run_cli
 from dinoprobe import KNN, LogReg, Probe, Sweep, load_cache
