@@ -578,8 +578,7 @@ def knn(cache_dir, out, overwrite, shots, tries, feature, ks, temperature, devic
                    "sizes, checks that the benchmark runs (its figures mean nothing)")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data", "data_root", default=None, type=click.Path(),
-              help="Folder of JPEGs in train/<class>/ [default: ../shared/data/hymenoptera-mini if present, else "
-                   "photograph-like JPEGs generated for the run]")
+              help="Folder of JPEGs in train/<class>/ [default: 70 photograph-like JPEGs generated for the run]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--readme", default=None, type=click.Path(dir_okay=False),
               help="Also replace the table between <!-- bench:start/end --> in this README")
@@ -587,9 +586,7 @@ def bench(scale, out, data_root, device, readme):
     """Measure this machine and dinoprobe on it: bench/results.json + a Markdown table."""
     from dinoprobe import bench as bench_mod
 
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hymenoptera-mini"
-    root = Path(data_root) if data_root else (default if default.is_dir() else None)
-    results = bench_mod.run(scale, Path(out), root, device, log=_echo_err)
+    results = bench_mod.run(scale, Path(out), Path(data_root) if data_root else None, device, log=_echo_err)
     table = bench_mod.markdown(results)
     click.echo(table)
     if readme:

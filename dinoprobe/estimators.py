@@ -7,13 +7,13 @@ are these estimators plus a cache loader and a run directory.
 """
 from __future__ import annotations
 
-import itertools
 import warnings
 from dataclasses import fields
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import ParameterGrid
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 
@@ -328,13 +328,12 @@ class Sweep(_Classifier):
                 raise DinoprobeError(f"param_grid[{key!r}] must be a non-empty list of values")
         return {k: list(v) for k, v in grid.items()}
 
-    def configurations(self) -> list[dict]:
-        """The grid's combinations in order, each as Probe parameters; a linear head ignores hidden and
-        dropout, so combinations differing only there collapse into one."""
-        grid, base = self.grid(), Probe(**self._probe_params())
+    def configurations(self) -> list[tuple[dict, TrainConfig]]:
+        """The grid's combinations (scikit-learn's ParameterGrid order), each as Probe parameters with its
+        engine config; a linear head ignores hidden and dropout, so combinations differing only there collapse."""
+        base = Probe(**self._probe_params())
         out, seen = [], set()
-        for values in itertools.product(*grid.values()):
-            params = dict(zip(grid, values))
+        for params in ParameterGrid(self.grid()):
             cfg = base.train_config(**params)
             if cfg.head == "linear":
                 cfg = base.train_config(**{**params, "hidden": base.hidden, "dropout": base.dropout})

@@ -70,9 +70,13 @@ def test_cli_writes_few_shot_metrics(synthetic, tmp_path, command, extra):
     metrics = json.loads((run / "metrics.json").read_text())
     few = metrics["few_shot"]
     assert few["shots"] == "2" and few["tries"] == 3 and len(few["per_try"]) == 3
-    index = {p: i for i, p in enumerate(np.arange(600))}  # the synthetic cache's train index is 0..599
-    for t, entry in enumerate(few["per_try"]):
-        assert entry["seed"] == t and len(entry["train_index"]) == 12 and set(entry["train_index"]) <= set(index)
+    from dinoprobe import cache
+
+    train = cache.load(synthetic, "train", "cls")
+    label_of = dict(zip(train["index"].tolist(), train["label"].tolist()))
+    for t, entry in enumerate(few["per_try"]):  # train_index: cache indices holding 2 images of each of 6 classes
+        assert entry["seed"] == t
+        assert np.bincount([label_of[i] for i in entry["train_index"]], minlength=6).tolist() == [2] * 6
         assert set(entry) >= {"val", "test"} and 0 <= entry["test"]["top1"] <= 1
     tops = [e["test"]["top1"] for e in few["per_try"]]
     assert few["test"]["top1_mean"] == pytest.approx(np.mean(tops))

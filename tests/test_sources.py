@@ -2,6 +2,7 @@
 shards give the features and labels of the same images in an ImageFolder, skip bad images, and resume."""
 import io
 import json
+import os
 import tarfile
 import time
 
@@ -46,14 +47,18 @@ def hf_splits(samples, classes, corrupt=None):
     return datasets.DatasetDict(out)
 
 
-def write_tars(samples, folder, corrupt=None, per_shard=5):
+def write_tars(samples, folder, corrupt=None, per_shard=5, labels="json"):
+    """Shards of `{key}.{png|jpg}` + `{key}.json` ({"label": class name}) or `{key}.cls` (the class index)."""
+    classes = sorted({name for rows in samples.values() for _, name in rows})
     for split, rows in samples.items():
         (folder / split).mkdir(parents=True, exist_ok=True)
         for start in range(0, len(rows), per_shard):
             with tarfile.open(folder / split / f"shard-{start // per_shard:03d}.tar", "w") as tar:
                 for i, (path, name) in enumerate(rows[start:start + per_shard], start):
                     data = b"garbage" if (split == "train" and i == corrupt) else open(path, "rb").read()
-                    for member, payload in ((f"{i:05d}.png", data), (f"{i:05d}.json", json.dumps({"label": name}).encode())):
+                    label = ((f"{i:05d}.json", json.dumps({"label": name}).encode()) if labels == "json"
+                             else (f"{i:05d}.cls", str(classes.index(name)).encode()))
+                    for member, payload in ((f"{i:05d}{os.path.splitext(path)[1]}", data), label):
                         info = tarfile.TarInfo(member)
                         info.size = len(payload)
                         tar.addfile(info, io.BytesIO(payload))
@@ -103,14 +108,21 @@ def test_the_fingerprint_follows_the_content(sources, tmp_path):
     assert open_source(str(made["tars"])).file_list_sha256() == first  # the same shards: the same fingerprint
     changed = write_tars(samples, tmp_path / "tars", corrupt=0)
     assert open_source(str(changed)).file_list_sha256() != first  # not the same: a different member size
-    assert open_source(str(made["saved"])).file_list_sha256() != open_source(str(made["parquet"])).file_list_sha256()
+    saved = open_source(str(made["saved"])).file_list_sha256()
+    hf_splits(samples, classes).save_to_disk(str(tmp_path / "same"))
+    hf_splits(samples, classes, corrupt=2).save_to_disk(str(tmp_path / "other"))
+    assert open_source(str(tmp_path / "same")).file_list_sha256() != saved  # another folder: another source
+    again = open_source(str(tmp_path / "same")).file_list_sha256()
+    assert open_source(str(tmp_path / "same")).file_list_sha256() == again
+    assert open_source(str(tmp_path / "other")).file_list_sha256() != again  # one image changed: its data file
 
 
 @pytest.mark.parametrize("kind", ["parquet", "tars"])
 def test_a_corrupt_image_inside_the_source_is_skipped_and_listed(sources, backbone, tmp_path, kind):
     _, samples, classes, _ = sources
-    if kind == "tars":
-        data = write_tars(samples, tmp_path / "tars", corrupt=3)
+    if kind == "tars":  # labels from .cls members here (json elsewhere)
+        data = write_tars(samples, tmp_path / "tars", corrupt=3, labels="cls")
+        assert open_source(str(data)).classes == [str(i) for i in range(len(classes))]
     else:
         data = tmp_path / "pq"
         (data / "data").mkdir(parents=True)
@@ -140,22 +152,33 @@ def test_a_killed_run_resumes_with_exactly_the_uninterrupted_rows(sources, tmp_p
         np.testing.assert_array_equal(a["cls"], b["cls"])
 
 
-def test_torchvision_decoder_and_torchrun_on_tar_shards(sources, backbone, tmp_path):
-    """The batch-on-the-device decode path (run on the CPU) reads tar members, and two gloo ranks split them."""
+def test_torchvision_decoder_and_torchrun_on_tar_shards(sources, backbone, photos, tmp_path, monkeypatch):
+    """JPEG members decoded by the batch-on-the-device path (run on the CPU), and two gloo ranks splitting the
+    shards, give the features of the PIL path and of one process."""
     import subprocess
     import sys
 
     import torch
 
     from conftest import REPO
+    from dinoprobe.decode import DeviceDecoder
 
     _, _, _, made = sources
+    jpeg_tars = write_tars(_samples(photos), tmp_path / "jpeg-tars", per_shard=20)
     kw = dict(batch_size=4, workers=0, dtype="float32", progress=False, last_blocks=0)
-    extract(backbone, open_source(str(made["tars"])), tmp_path / "pil", **kw)
-    extract(backbone, open_source(str(made["tars"])), tmp_path / "tv", decoder="torchvision", decode_on_device=True,
+    extract(backbone, open_source(str(jpeg_tars)), tmp_path / "pil", **kw)
+    decoded = []
+    decode_batch = DeviceDecoder.__call__
+    monkeypatch.setattr(DeviceDecoder, "__call__", lambda self, items: decoded.append(
+        sum(t.dim() == 1 for t in items)) or decode_batch(self, items))
+    extract(backbone, open_source(str(jpeg_tars)), tmp_path / "tv", decoder="torchvision", decode_on_device=True,
             **kw)
-    a, b = (torch.as_tensor(cache.load(tmp_path / n, "train", "cls")["cls"]) for n in ("pil", "tv"))
-    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999  # PNGs: PIL on both paths
+    assert sum(decoded) == 70  # every JPEG member reached the device decoder as bytes
+    for split in ("train", "val"):
+        a, b = (torch.as_tensor(cache.load(tmp_path / n, split, "cls")["cls"]) for n in ("pil", "tv"))
+        assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
+    extract(backbone, open_source(str(made["tars"])), tmp_path / "one", **kw)
+    a = cache.load(tmp_path / "one", "train", "cls")["cls"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dinoprobe",
            "features", "--data", str(made["tars"]), "--weights", "random", "--image-size", str(SIZE), "--cache",
            str(tmp_path / "ranks"), "--batch-size", "2", "--workers", "0", "--shard-size", "4", "--dtype", "float32",
@@ -164,7 +187,7 @@ def test_torchvision_decoder_and_torchrun_on_tar_shards(sources, backbone, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     ranks = cache.load(tmp_path / "ranks", "train", "cls")
     order = np.argsort(ranks["index"])
-    np.testing.assert_allclose(ranks["cls"][order], a.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ranks["cls"][order], a, atol=1e-5)
 
 
 def test_csv_details_and_errors(tmp_path):
