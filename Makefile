@@ -26,7 +26,7 @@ EPOCHS      ?= 100
 HEAD        ?= mlp
 BENCH_SCALE ?= small
 
-.PHONY: install test test-gpu features probe sweep bench clean
+.PHONY: install test lint test-gpu features probe sweep bench clean
 
 $(BIN)/dinoprobe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,11 @@ $(BIN)/dinoprobe: pyproject.toml
 install: $(BIN)/dinoprobe
 
 test: $(BIN)/dinoprobe
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+lint: $(BIN)/dinoprobe
+	$(BIN)/ruff check .
 
 test-gpu: $(BIN)/dinoprobe
 	$(BIN)/python -m pytest -q -m gpu tests
@@ -56,7 +60,7 @@ sweep: $(BIN)/dinoprobe
 	  --lr 1e-4,3e-4,1e-3,3e-3,1e-2 --weight-decay 0,1e-4 --epochs $(EPOCHS)
 
 bench: $(BIN)/dinoprobe
-	$(BIN)/dinoprobe bench --scale $(BENCH_SCALE) --out bench --readme README.md
+	$(BIN)/python -m bench.benchmark --scale $(BENCH_SCALE) --out bench --readme README.md
 
 clean:
 	rm -rf $(VENV) *.egg-info

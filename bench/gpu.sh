@@ -3,7 +3,7 @@
 # has torch, torchvision, timm, h5py, scikit-learn...; nothing is downloaded, test images are generated):
 #   1. install dinoprobe itself (no dependencies: the machine's own torch stays),
 #   2. the `gpu` tests (make test-gpu),
-#   3. `dinoprobe bench` at GPU scale (256 px, batch 256, thousands of generated JPEGs),
+#   3. the benchmark (python -m bench.benchmark) at GPU scale (256 px, batch 256, thousands of generated JPEGs),
 # writing bench/results-gpu.json (the schema of bench/results.json), bench/results-gpu.md and bench/gpu.log.
 # Usage: bash bench/gpu.sh            (PYTHON=python3.12 bash bench/gpu.sh to pick the interpreter)
 set -uo pipefail
@@ -20,7 +20,7 @@ print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0))" || exit 
   echo "== gpu tests"
   "$PY" -m pytest -q -m gpu tests -p no:cacheprovider; tests=$?
   echo "== bench (GPU scale)"
-  "$PY" -m dinoprobe bench --scale small --device cuda --out bench/gpu-run; bench=$?
+  "$PY" -m bench.benchmark --scale small --device cuda --out bench/gpu-run; bench=$?
   if [ -f bench/gpu-run/results.json ]; then
     cp bench/gpu-run/results.json bench/results-gpu.json
     cp bench/gpu-run/results.md bench/results-gpu.md

@@ -1,14 +1,17 @@
 """dinoprobe: run a frozen DINOv3 backbone once, cache its features in HDF5, train heads on the cache.
 
-The estimators (`Probe`, `Sweep`, `LogReg`, `KNN`) and the cache loader are imported on first use, so
-`import dinoprobe` and the command line stay fast."""
+The estimators (`Probe`, `Sweep`, `LogReg`, `KNN`), the cache loader and the functions that write run directories
+(`run_probe`, `run_sweep`, `run_logreg`, `run_knn`) are imported on first use, so `import dinoprobe` and the
+command line stay fast."""
 
 __version__ = "0.2.0"
 
 from dinoprobe.errors import DinoprobeError  # noqa: E402,F401
 
-_LAZY = {"Probe": "estimators", "Sweep": "estimators", "LogReg": "estimators", "KNN": "estimators",
-         "load_cache": "tensors", "TrainConfig": "engine", "train_heads": "engine"}
+_LAZY = {"Probe": "estimators.probe", "Sweep": "estimators.sweep", "LogReg": "estimators.logreg",
+         "KNN": "estimators.knn", "load_cache": "cache.arrays", "TrainConfig": "train.config",
+         "train_heads": "train.loop", "run_probe": "runs.experiments", "run_sweep": "runs.experiments",
+         "run_logreg": "runs.experiments", "run_knn": "runs.experiments"}
 __all__ = ["DinoprobeError", *_LAZY]
 
 

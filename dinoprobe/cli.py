@@ -9,13 +9,19 @@ import click
 
 from dinoprobe import __version__
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.settings import (
+    DEFAULT_C_GRID,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MODEL,
+    DINOV3_FEATURES,
+    KNN_KS,
+    KNN_TEMPERATURE,
+    PRESETS,
+)
+from dinoprobe.train.config import SETTINGS, check_number, check_value, describe_range, value_type
 
-# = backbone.DEFAULT_MODEL, repeated so `--help` and usage errors answer without importing torch and timm
-DEFAULT_MODEL = "vit_small_patch16_dinov3.lvd1689m"
 POSITIVE_INT = click.IntRange(min=1)
 PROBABILITY = click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True)
-# DINOv3's linear evaluation searches n in {1, 4} last blocks x patch mean off/on
-DINOV3_FEATURES = ["cls", "cls4", "cls+patch_mean", "cls4+patch_mean"]
 WORKERS_HELP = "DataLoader decoding processes [default: 0 on a CPU with <= 4 cores, else cores/8; GPU: cores-1, max 8]"
 
 
@@ -25,7 +31,7 @@ class FeatureType(click.ParamType):
     name = "feature"
 
     def convert(self, value, param, ctx):
-        from dinoprobe.features import parse_feature
+        from dinoprobe.cache.specs import parse_feature
 
         try:
             parse_feature(value)
@@ -48,6 +54,75 @@ class DeviceType(click.ParamType):
         if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(value)):
             return str(value)
         self.fail(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps", param, ctx)
+
+
+class Number(click.ParamType):
+    """A finite int or float within a range, checked by the same function as TrainConfig's settings."""
+
+    def __init__(self, kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+        self.kind, self.name = kind, kind.__name__
+        self.meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = self.kind(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}", param, ctx)
+        problem = check_number(param.name if param else "value", number, self.meta, self.kind)
+        if problem:
+            self.fail(problem, param, ctx)
+        return number
+
+
+class Setting(click.ParamType):
+    """One value of a TrainConfig setting: converted by its type, checked by its own range or choices."""
+
+    def __init__(self, name: str):
+        self.field = SETTINGS[name]
+        self.kind = value_type(self.field)
+        self.name = "/".join(self.field.metadata["choices"]) if self.field.metadata["choices"] else self.kind.__name__
+
+    def convert(self, value, param, ctx):
+        try:
+            value = value if isinstance(value, self.kind) else self.kind(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}", param, ctx)
+        problem = check_value(self.field, value)
+        if problem:
+            self.fail(problem, param, ctx)
+        return value
+
+
+def _setting_help(name: str) -> str:
+    meta = SETTINGS[name].metadata
+    rng = "" if meta["choices"] or meta["low"] is None else f" {describe_range(meta)}"
+    return meta["help"] + rng
+
+
+def _train_options(many: bool):
+    """One option per TrainConfig setting, with its help, type, range and default from its declaration. many: each
+    takes a comma-separated list (sweep's grid); flags and betas take one value."""
+    def decorate(command):
+        for name in reversed(list(SETTINGS)):
+            f, flag = SETTINGS[name], "--" + name.replace("_", "-")
+            if value_type(f) is bool:
+                command = click.option(flag, is_flag=True, default=None if many else f.default,
+                                       help=_setting_help(name))(command)
+            elif name == "betas":
+                command = click.option(flag, nargs=2, type=Number(float, low=0.0, high=1.0, high_open=True),
+                                       default=None if many else f.default, show_default=not many,
+                                       help=_setting_help(name))(command)
+            elif many:
+                command = click.option(flag, callback=_comma_list(Setting(name)), help=_setting_help(name)
+                                       + (f" [default: {f.default}]" if f.default is not None else ""))(command)
+            else:
+                command = click.option(flag, type=Setting(name), default=f.default, show_default=f.default is not None,
+                                       help=_setting_help(name))(command)
+        return command
+    return decorate
 
 
 DEVICE_OPTION = click.option("--device", type=DeviceType(), default="auto", show_default=True,
@@ -78,11 +153,12 @@ def main():
 @main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="timm model name")
 @click.option("--weights", default=None, help="Optional: hub, random or PATH, to load and fingerprint them too")
-@click.option("--image-size", type=POSITIVE_INT, default=224, show_default=True, help="Image size for token/FLOP counts")
+@click.option("--image-size", type=click.IntRange(min=16, max=4096), default=DEFAULT_IMAGE_SIZE, show_default=True,
+              help="Image size for token/FLOP counts")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table")
 def info(model, weights, image_size, as_json):
     """Model facts: parameters, width, depth, heads, tokens, data config and measured FLOPs per image."""
-    from dinoprobe.backbone import build_backbone, model_facts
+    from dinoprobe.extract.backbone import build_backbone, model_facts
 
     backbone = build_backbone(model, weights or "random", image_size, log=_echo_err if weights else (lambda *_: None))
     facts = model_facts(backbone)
@@ -135,7 +211,8 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--weights", default="hub", show_default=True,
               help="hub | random | PATH (Meta .pth, timm .safetensors/.pth, or Hugging Face folder)")
 @click.option("--cache", "cache_dir", default=None, help="Cache folder [default: cache/<data>-<model>-<size>px-<weights>]")
-@click.option("--image-size", type=click.IntRange(min=16), default=None, help="Override the model's input size")
+@click.option("--image-size", type=click.IntRange(min=16, max=4096), default=DEFAULT_IMAGE_SIZE, show_default=True,
+              help="Input size in pixels, a multiple of the patch size (16)")
 @click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help=WORKERS_HELP)
 @DEVICE_OPTION
@@ -164,15 +241,17 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--decoder", type=click.Choice(["pil", "torchvision"]), default="pil", show_default=True,
               help="JPEG decoding: pil = timm's reference transform; torchvision = decode_jpeg + tensor resize "
                    "(faster; on the GPU with nvJPEG when extracting on CUDA)")
-def features(data, image_column, label_column, data_dir, model, weights, cache_dir, image_size, batch_size, workers, device, precision, dtype,
+def features(data, image_column, label_column, data_dir, model, weights, cache_dir, image_size, batch_size, workers, device,
+             precision, dtype,
              shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_, last_blocks, transform,
              decoder):
     """Run the frozen backbone once over every split and cache the features (resumable)."""
-    from dinoprobe.backbone import build_backbone
-    from dinoprobe.data import open_source
-    from dinoprobe.extract import extract
-
     import os
+
+    from dinoprobe.device import resolve_device
+    from dinoprobe.extract.backbone import build_backbone
+    from dinoprobe.extract.run import distributed_context, end_distributed, extract
+    from dinoprobe.extract.sources import open_source
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
     say = _echo_err if main_process else (lambda *_: None)
@@ -182,17 +261,22 @@ def features(data, image_column, label_column, data_dir, model, weights, cache_d
         say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
             "(or auto: bf16 on CUDA)")
     backbone = build_backbone(model, weights, image_size, log=say, transform=transform)
+    cfg = backbone.data_config
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
     say(f"{source.kind} {source.root}: {len(source.classes)} classes; {counts} inputs -> {cache_dir}")
+    say(f"transform {cfg.name}: resize {cfg.resize_size} ({cfg.interpolation}), centre crop {cfg.image_size} px")
+    rank, world = distributed_context(resolve_device(device))  # torchrun: the process group lives here
     try:
         summary = extract(backbone, source, cache_dir, batch_size=batch_size, workers=workers, device=device,
                           precision=precision, dtype=dtype, shard_size=shard_size, strict=strict,
                           overwrite=overwrite, max_pixels=max_pixels, compile=compile_, views=views,
-                          augment=augment, decoder=decoder, last_blocks=last_blocks)
+                          augment=augment, decoder=decoder, last_blocks=last_blocks, rank=rank, world=world)
     except KeyboardInterrupt:
         _echo_err(f"\nInterrupted. Complete shards in {cache_dir} are kept; the shard in progress was discarded. "
                   "Rerun the same command to resume.")
         sys.exit(130)
+    finally:
+        end_distributed()
     if not main_process:
         return
     rows = ", ".join(f"{s} {n}" for s, n in summary.rows.items())
@@ -212,7 +296,7 @@ def cache():
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 def cache_verify(cache_dir):
     """Re-check row counts and sha256 of every shard; exit 1 if anything is wrong."""
-    from dinoprobe.cache import read_manifest, verify
+    from dinoprobe.cache.store import read_manifest, verify
 
     problems = verify(cache_dir)
     if problems:
@@ -246,22 +330,26 @@ def _print_metrics(metrics: dict, out) -> None:
     click.echo(f"run saved to {out}")
 
 
-def _size(value: str | None) -> int | None:
+def _size(ctx, param, value: str | None) -> int | None:
+    """A --max-memory size such as 512MB or 4GB, in bytes (> 0)."""
     if value is None:
         return None
     units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
     text = value.strip().lower()
     number = text.rstrip("kmgb")
     try:
-        return int(float(number) * units[text[len(number):]])
-    except (ValueError, KeyError):
-        raise click.BadParameter(f"{value!r} is not a size like 512MB or 4GB") from None
+        size = int(float(number) * units[text[len(number):]])
+    except (ValueError, KeyError, OverflowError):
+        size = 0
+    if size <= 0:
+        raise click.BadParameter(f"{value!r} is not a positive size like 512MB or 4GB")
+    return size
 
 
 def _check_shots(ctx, param, value):
     if value is None:
         return None
-    from dinoprobe.fewshot import parse_shots
+    from dinoprobe.splits import parse_shots
 
     try:
         parse_shots(value)
@@ -288,40 +376,19 @@ def _run_options(command):
 @main.command()
 @_run_options
 @click.option("--feature", type=FeatureType(), default="cls", show_default=True, help=FEATURE_HELP)
-@click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default="none", show_default=True,
-              help="Feature normalisation (statistics from train, stored with the head)")
-@click.option("--head", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)
-@click.option("--hidden", type=POSITIVE_INT, default=256, show_default=True, help="MLP hidden width")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default="adam", show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
-@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True, help="SGD only")
-@click.option("--nesterov", is_flag=True, help="SGD only: Nesterov momentum")
-@click.option("--batch-size", type=POSITIVE_INT, default=256, show_default=True)
-@click.option("--epochs", type=POSITIVE_INT, default=100, show_default=True)
-@click.option("--warmup-epochs", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--patience", type=POSITIVE_INT, default=None, help="Stop after this many epochs without a better val accuracy")
+@_train_options(many=False)
 @click.option("--views", is_flag=True, help="Train on one cached augmented view per image per epoch (features --views K)")
-@click.option("--max-memory", default=None,
+@click.option("--max-memory", callback=_size, default=None,
               help="Memory budget for train features, e.g. 8GB; a larger cache is streamed from disk")
 @DEVICE_OPTION
 def probe(cache_dir, out, overwrite, shots, tries, feature, views, max_memory, device, **params):
     """Train a linear or MLP head on cached features, keep the best on val, report test."""
-    from dinoprobe.device import resolve_device
-    from dinoprobe.estimators import Probe
-    from dinoprobe.runs import check_run_dir, run_directory, write_probe_run
-    from dinoprobe.tensors import load_cache
+    from dinoprobe.estimators.probe import Probe
+    from dinoprobe.runs.experiments import run_probe
 
-    check_run_dir(Path(out), overwrite)
     estimator = Probe(**params, shots=shots, tries=tries, device=device, progress=True)
-    estimator.train_config()  # bad combinations fail here, before the cache is read
-    data = load_cache(cache_dir, feature, resolve_device(device), views=views, max_memory=_size(max_memory))
-    estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
-    with run_directory(out, overwrite) as tmp:
-        metrics = write_probe_run(tmp, estimator, data)
+    metrics = run_probe(cache_dir, out, estimator, feature=feature, views=views, max_memory=max_memory,
+                        overwrite=overwrite)
     _print_metrics(metrics, out)
 
 
@@ -338,8 +405,9 @@ def probe(cache_dir, out, overwrite, shots, tries, feature, views, max_memory, d
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 def predict(head_path, weights, allow_weights_mismatch, topk, batch_size, workers, device, fmt, paths):
     """Top-k labels for image files and folders (recursively) with a trained head."""
-    from dinoprobe.predict import backbone_for_head, predict as run_predict
-    from dinoprobe.runs import load_head_file
+    from dinoprobe.runs.predict import backbone_for_head
+    from dinoprobe.runs.predict import predict as run_predict
+    from dinoprobe.train.headfile import load_head_file
 
     head_file = load_head_file(head_path)
     backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
@@ -372,8 +440,9 @@ def predict(head_path, weights, allow_weights_mismatch, topk, batch_size, worker
 @click.option("--allow-weights-mismatch", is_flag=True)
 def export(head_path, out, weights, allow_weights_mismatch):
     """Write backbone + head as one self-contained file (weights_only-loadable)."""
-    from dinoprobe.predict import backbone_for_head, export as run_export
-    from dinoprobe.runs import load_head_file
+    from dinoprobe.runs.predict import backbone_for_head
+    from dinoprobe.runs.predict import export as run_export
+    from dinoprobe.train.headfile import load_head_file
 
     head_file = load_head_file(head_path)
     backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
@@ -383,96 +452,49 @@ def export(head_path, out, weights, allow_weights_mismatch):
 
 
 # ------------------------------------------------------------------------------------------------------ sweep
-def _is_feature(value: str) -> bool:
-    from dinoprobe.features import parse_feature
-
-    try:
-        parse_feature(value)
-        return True
-    except DinoprobeError:
-        return False
-
-
-def _comma_list(kind, choices=None, check=None, what=""):
-    """A click callback parsing `a,b,c` into a validated list (usage error, exit 2, on a bad value)."""
+def _comma_list(item_type: click.ParamType):
+    """A click callback parsing `a,b,c` into a list, each item converted and checked by `item_type` (a usage
+    error, exit 2, on a bad value)."""
     def callback(ctx, param, value):
         if value is None:
             return None
         items = [v.strip() for v in str(value).split(",") if v.strip()]
         if not items:
             raise click.BadParameter("empty list")
-        try:
-            parsed = [kind(v) for v in items]
-        except ValueError:
-            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}s") from None
-        for v in parsed:
-            if choices and v not in choices:
-                raise click.BadParameter(f"{v!r} is not one of {', '.join(choices)}")
-            if check and not check(v):
-                raise click.BadParameter(f"{v!r} is out of range ({what})")
-        return parsed
+        return [item_type.convert(v, param, ctx) for v in items]
     return callback
 
 
 @main.command()
 @_run_options
-@click.option("--preset", type=click.Choice(["dinov3-linear"]), default=None,
+@click.option("--preset", type=click.Choice(PRESETS), default=None,
               help="DINOv3 linear eval: 13 lrs 1e-5..0.1 x batch/256, SGD momentum 0.9, cosine, linear head")
-@click.option("--feature", callback=_comma_list(str, check=_is_feature, what=FEATURE_HELP),
+@click.option("--feature", callback=_comma_list(FeatureType()),
               help="e.g. cls,cls4+patch_mean [default: cls; with --preset dinov3-linear: " + ",".join(DINOV3_FEATURES)
                    + "]")
-@click.option("--head", callback=_comma_list(str, ("linear", "mlp")), help="e.g. linear,mlp")
-@click.option("--lr", callback=_comma_list(float, check=lambda v: v > 0, what="> 0"), help="e.g. 1e-4,1e-3,1e-2")
-@click.option("--weight-decay", callback=_comma_list(float, check=lambda v: v >= 0, what=">= 0"))
-@click.option("--hidden", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"))
-@click.option("--dropout", callback=_comma_list(float, check=lambda v: 0 <= v < 1, what="[0, 1)"))
-@click.option("--optimizer", callback=_comma_list(str, ("adam", "adamw", "sgd")))
-@click.option("--momentum", callback=_comma_list(float, check=lambda v: 0 <= v < 1, what="[0, 1)"))
-@click.option("--label-smoothing", callback=_comma_list(float, check=lambda v: 0 <= v < 1, what="[0, 1)"))
-@click.option("--normalize", callback=_comma_list(str, ("none", "standardize", "l2")))
-@click.option("--epochs", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"))
-@click.option("--batch-size", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"))
-@click.option("--seed", callback=_comma_list(int, check=lambda v: v >= 0, what=">= 0"))
-@click.option("--warmup-epochs", callback=_comma_list(int, check=lambda v: v >= 0, what=">= 0"))
-@click.option("--patience", type=POSITIVE_INT, default=None)
+@_train_options(many=True)
 @click.option("--views", is_flag=True, help="Sample one cached augmented view per image per epoch")
-@click.option("--max-memory", default=None,
+@click.option("--max-memory", callback=_size, default=None,
               help="Memory budget, e.g. 2GB: groups are split to fit it, and train features above it stream from disk")
 @DEVICE_OPTION
 @click.option("--show", type=POSITIVE_INT, default=10, show_default=True, help="Rows of the table printed at the end")
-def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, patience, views, max_memory, device, show,
-          **lists):
+def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, views, max_memory, device, show, **lists):
     """Train a grid of heads side by side (one batched model per group) and keep the best on val.
 
-    Every option takes a comma-separated list; options with several values form the grid."""
-    from dinoprobe.device import resolve_device
-    from dinoprobe.estimators import Sweep
-    from dinoprobe.report import RESULT_FIELDS, plot_sweep, ranked, varying_params, write_results
-    from dinoprobe.runs import check_run_dir, run_directory, write_probe_run
-    from dinoprobe.tensors import load_features
+    Every training option takes a comma-separated list; options with several values form the grid."""
+    from dinoprobe.estimators.probe import Probe
+    from dinoprobe.estimators.sweep import Sweep
+    from dinoprobe.runs.experiments import run_sweep
+    from dinoprobe.runs.report import varying_params
 
-    check_run_dir(Path(out), overwrite)
-    base = {k: v[0] for k, v in lists.items() if v is not None and len(v) == 1}
-    grid = {k: v for k, v in lists.items() if v is not None and len(v) > 1}
-    budget = _size(max_memory)
-    feature = feature or (DINOV3_FEATURES if preset == "dinov3-linear" else ["cls"])
-    searches = [Sweep(param_grid=grid, preset=preset, **base, patience=patience, shots=shots, tries=tries,
-                      device=device, max_memory=budget, progress=True) for _ in feature]
-    searches[0].configurations()  # a bad grid fails here, before the cache is read
-    loaded = load_features(cache_dir, feature, resolve_device(device), views=views, max_memory=budget)
-    rows, best = [], None
-    for search, (name, data) in zip(searches, loaded.items()):
-        search.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
-        rows += [{"feature": name, **cfg.to_dict(), **{k: r[k] for k in RESULT_FIELDS if k in r}}
-                 for cfg, r in zip(search.configs_, search.results_)]
-        if best is None or search.best_score_ > best[0].best_score_:
-            best = (search, data)
-    rows = ranked(rows)
-    with run_directory(out, overwrite) as tmp:
-        write_results(tmp, rows)
-        plot_sweep(rows, tmp / "sweep.png")
-        (tmp / "best").mkdir()
-        metrics = write_probe_run(tmp / "best", best[0].best_estimator_, best[1], {"sweep": str(out)})
+    base = {k: v[0] if isinstance(v, list) else v for k, v in lists.items()
+            if v is not None and (not isinstance(v, list) or len(v) == 1)}
+    grid = {k: v for k, v in lists.items() if isinstance(v, list) and len(v) > 1}
+    estimator = Probe(**base, shots=shots, tries=tries, device=device, progress=True)
+    search = Sweep(estimator, param_grid=grid, preset=preset, max_memory=max_memory)
+    features = feature or (DINOV3_FEATURES if preset == "dinov3-linear" else ["cls"])
+    rows, metrics = run_sweep(cache_dir, out, search, features=features, views=views, max_memory=max_memory,
+                              overwrite=overwrite)
     columns = varying_params(rows) + ["best_epoch", "val_top1"]
     click.echo("  ".join(f"{c:>12}" for c in columns))
     for row in rows[:show]:
@@ -489,109 +511,44 @@ def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, patience, vi
 @click.option("--feature", type=FeatureType(), default="cls", show_default=True, help=FEATURE_HELP)
 @click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default="standardize",
               show_default=True)
-@click.option("--c-grid", callback=_comma_list(float, check=lambda v: v > 0, what="> 0"), default=None,
-              help="Comma list of C values [default: 10**linspace(-6, 5, 45)]")
+@click.option("--c-grid", callback=_comma_list(Number(float, low=0.0, low_open=True)), default=None,
+              help=f"Comma list of C values [default: 10**linspace(-6, 5, {len(DEFAULT_C_GRID)})]")
 @click.option("--solver", type=click.Choice(["torch", "sklearn"]), default="torch", show_default=True,
               help="torch: batched L-BFGS over all C at once; sklearn: the reference, one fit per C")
 @click.option("--max-iter", type=POSITIVE_INT, default=1000, show_default=True)
 @DEVICE_OPTION
 def logreg(cache_dir, out, overwrite, shots, tries, feature, normalize, c_grid, solver, max_iter, device):
     """DINOv3's logistic-regression protocol: C chosen on val, refit on train+val, scored on test."""
-    import time
+    from dinoprobe.estimators.logreg import LogReg
+    from dinoprobe.runs.experiments import run_logreg
 
-    import numpy as np
-
-    from dinoprobe.device import resolve_device
-    from dinoprobe.estimators import LogReg
-    from dinoprobe.metrics import classification_metrics
-    from dinoprobe.runs import check_run_dir, evaluate, few_shot_metrics, run_directory, write_run_files
-    from dinoprobe.tensors import load_cache
-
-    check_run_dir(Path(out), overwrite)
-    data = load_cache(cache_dir, feature, resolve_device(device), require_val=False)
-    start = time.perf_counter()
     estimator = LogReg(Cs=c_grid, normalize=normalize, max_iter=max_iter, solver=solver, shots=shots, tries=tries,
                        device=device)
-    estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
-    seconds = time.perf_counter() - start
-    def selection_scores(fitted, d):  # the train-only model at the chosen C (the refit has seen val)
-        scores = np.zeros((len(d.X_val), d.num_classes))
-        scores[:, fitted.classes_] = fitted.selection_predict_proba(d.X_val)
-        return scores
-
-    metrics = evaluate(estimator, data, ("test",))
-    if data.X_val is not None:
-        metrics["val"] = classification_metrics(selection_scores(estimator, data), data.y_val, data.classes)
-    few_shot = few_shot_metrics(estimator, data, selection_scores if data.X_val is not None else None)
-    if few_shot:
-        metrics["few_shot"] = few_shot
+    metrics = run_logreg(cache_dir, out, estimator, feature=feature, overwrite=overwrite)
     best = estimator.val_score_per_C_[estimator.Cs_.index(estimator.best_C_)]
-    metrics.update({"best_c": estimator.best_C_, "c_grid": estimator.Cs_,
-                    "val_accuracy_per_c": estimator.val_score_per_C_})
-    config = {"method": "logreg", "feature": feature, "normalize": normalize, "solver": solver, "max_iter": max_iter}
-    with run_directory(out, overwrite) as tmp:
-        estimator.save(tmp / "head.pt", data, data.classes)
-        write_run_files(tmp, metrics, data, config, {"fit_seconds": round(seconds, 3)})
-    click.echo(f"best C {estimator.best_C_:.3g} (val top-1 {best:.4f} of {len(estimator.Cs_)} values) in "
-               f"{seconds:.1f} s")
+    click.echo(f"best C {estimator.best_C_:.3g} (val top-1 {best:.4f} of {len(estimator.Cs_)} values)")
     _print_metrics(metrics, f"{out} (head.pt is a linear head usable by predict)")
 
 
 @main.command()
 @_run_options
 @click.option("--feature", type=FeatureType(), default="cls", show_default=True, help=FEATURE_HELP)
-@click.option("--k", "ks", callback=_comma_list(int, check=lambda v: v >= 1, what=">= 1"), default="10,20,100,200",
+@click.option("--k", "ks", callback=_comma_list(Number(int, low=1)), default=",".join(map(str, KNN_KS)),
               show_default=True, help="Neighbour counts to choose from on val")
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.07, show_default=True)
+@click.option("--temperature", type=Number(float, low=0.0, low_open=True), default=KNN_TEMPERATURE,
+              show_default=True)
 @DEVICE_OPTION
 def knn(cache_dir, out, overwrite, shots, tries, feature, ks, temperature, device):
-    """Weighted k-NN on L2-normalised features (DINO's protocol); k chosen on val."""
-    from dinoprobe.device import resolve_device
-    from dinoprobe.estimators import KNN
-    from dinoprobe.runs import check_run_dir, evaluate, few_shot_metrics, run_directory, write_run_files
-    from dinoprobe.tensors import load_cache
+    """Weighted k-NN on L2-normalised features (DINO's protocol); k chosen on val. Writes no head.pt."""
+    from dinoprobe.estimators.knn import KNN
+    from dinoprobe.runs.experiments import run_knn
 
-    check_run_dir(Path(out), overwrite)
-    data = load_cache(cache_dir, feature, resolve_device(device))
     estimator = KNN(ks=tuple(ks), temperature=temperature, shots=shots, tries=tries, device=device)
-    estimator.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
-    per_k = {"val": estimator.val_score_per_k_}
-    if data.X_test is not None:
-        per_k["test"] = estimator.score_per_k(data.X_test, data.y_test)
-    metrics = {**evaluate(estimator, data), "k": estimator.best_k_, "temperature": temperature, "top1_per_k": per_k}
-    few_shot = few_shot_metrics(estimator, data)
-    if few_shot:
-        metrics["few_shot"] = few_shot
-    with run_directory(out, overwrite) as tmp:
-        write_run_files(tmp, metrics, data, {"method": "knn", "feature": feature, "k": list(ks),
-                                             "temperature": temperature})
-    for split, accs in per_k.items():
+    metrics = run_knn(cache_dir, out, estimator, feature=feature, overwrite=overwrite)
+    for split, accs in metrics["top1_per_k"].items():
         click.echo(f"{split}: " + ", ".join(f"k={k} {a:.4f}" for k, a in accs.items()))
     click.echo(f"chosen k={estimator.best_k_}")
     _print_metrics(metrics, out)
-
-
-# ------------------------------------------------------------------------------------------------------ bench
-@main.command()
-@click.option("--scale", type=click.Choice(["small", "full", "smoke"]), default="small", show_default=True,
-              help="small: under ~3 minutes on 2 CPU cores; full: the long measurements; smoke: seconds, toy "
-                   "sizes, checks that the benchmark runs (its figures mean nothing)")
-@click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False))
-@click.option("--data", "data_root", default=None, type=click.Path(),
-              help="Folder of JPEGs in train/<class>/ [default: 70 photograph-like JPEGs generated for the run]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--readme", default=None, type=click.Path(dir_okay=False),
-              help="Also replace the table between <!-- bench:start/end --> in this README")
-def bench(scale, out, data_root, device, readme):
-    """Measure this machine and dinoprobe on it: bench/results.json + a Markdown table."""
-    from dinoprobe import bench as bench_mod
-
-    results = bench_mod.run(scale, Path(out), Path(data_root) if data_root else None, device, log=_echo_err)
-    table = bench_mod.markdown(results)
-    click.echo(table)
-    if readme:
-        bench_mod.update_readme(Path(readme), table)
-    click.echo(f"wrote {out}/results.json and {out}/results.md")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Shared fixtures: the real ViT-S/16 DINOv3 architecture with random weights, tiny images, tiny folders."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ SIZE = 32  # RoPE: any multiple of 16 works; 32 px keeps the real architecture f
 
 @pytest.fixture(scope="session")
 def backbone():
-    from dinoprobe.backbone import build_backbone
+    from dinoprobe.extract.backbone import build_backbone
 
     return build_backbone(MODEL, "random", SIZE, log=lambda *_: None)
 
@@ -29,7 +32,7 @@ def backbone():
 def photos(tmp_path_factory) -> Path:
     """An ImageFolder of photograph-like JPEGs shaped like hymenoptera-mini (ants/bees, 25 train and 10 val per
     class), generated here so the suite needs nothing beside the repository; small sizes keep it fast."""
-    from dinoprobe.sample_images import make_jpeg_folder
+    from bench.sample_images import make_jpeg_folder
 
     return make_jpeg_folder(tmp_path_factory.mktemp("photos") / "hymenoptera", sizes=(40, 90))
 
@@ -95,7 +98,7 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
                          splits=("train", "val", "test"), shard_rows: int | None = None) -> Path:
     """A cache of Gaussian class clusters: separable but not trivially (a few % of errors), written through
     the real shard writer so readers see exactly what `features` produces."""
-    from dinoprobe import cache
+    from dinoprobe.cache import store as cache
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, separation, (num_classes, dim))
@@ -117,5 +120,64 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
             entry = cache.write_shard(cache_dir, split, number, start, stop, part, "float32", [])
             manifest["splits"][split]["shards"].append(entry)
         manifest["splits"][split]["complete"] = True
-    cache.write_json_atomic(cache_dir / "manifest.json", manifest)
+    cache.write_json(cache_dir / "manifest.json", manifest)
     return cache_dir
+
+
+# ------------------------------------------------------------------------- helpers shared by test modules
+def features_cmd(root, cache_dir):
+    return [sys.executable, "-m", "dinoprobe", "features", "--data", str(root), "--weights", "random",
+            "--image-size", str(SIZE), "--cache", str(cache_dir), "--batch-size", "2", "--workers", "0",
+            "--shard-size", "4", "--dtype", "float32"]
+
+
+def cache_rows(cache_dir):
+    from dinoprobe.cache import store
+
+    out = {}
+    for split in ("train", "val"):
+        data = store.load(cache_dir, split, features=("cls", "patch_mean"))
+        order = np.argsort(data["index"])
+        out[split] = {k: data[k][order] for k in ("cls", "patch_mean", "index", "label")}
+    return out
+
+
+def kill_during_extraction(root, cache_dir, after_shards: int, timeout=120, jitter: float = 0.0) -> bool:
+    """Start `features`, SIGKILL it once `after_shards` shards are recorded (0: during start-up, after
+    `jitter` seconds); True if it was killed before finishing."""
+    proc = subprocess.Popen(features_cmd(root, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO)
+    deadline = time.time() + timeout
+    manifest_path = cache_dir / "manifest.json"
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if after_shards == 0 or sum(len(s["shards"]) for s in
+                                        json.loads(manifest_path.read_text())["splits"].values()) >= after_shards:
+                time.sleep(jitter)
+                if proc.poll() is not None:
+                    break
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    proc.wait()
+    return False
+
+
+def hf_reference_model(register_tokens=4):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                          intermediate_size=1536, patch_size=16, num_register_tokens=register_tokens,
+                                          layerscale_value=1e-5, rope_theta=100.0, image_size=224)
+    torch.manual_seed(1)
+    model = transformers.DINOv3ViTModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random init leaves layer scale tiny; make every block matter
+            if p.dim() == 1 and p.shape[0] == 384:
+                p.add_(torch.randn_like(p) * 0.1)
+        for layer in model.model.layer:  # the released ViT-S/16 has q and v biases of zero
+            layer.attention.q_proj.bias.zero_()
+            layer.attention.v_proj.bias.zero_()
+    return model

@@ -5,9 +5,10 @@ import time
 import pytest
 import torch
 
-from conftest import MODEL, SIZE, assert_clean_error, run_cli
-from dinoprobe.backbone import build_backbone, load_strict, model_facts
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract.backbone import build_backbone, load_strict, model_facts
+
+from conftest import MODEL, SIZE, assert_clean_error, hf_reference_model, run_cli
 
 
 def test_cls_is_the_normed_cls_token_not_timms_default_patch_mean(backbone):
@@ -33,25 +34,8 @@ def test_random_weights_are_the_same_on_every_build(backbone):
     torch.testing.assert_close(again.model.state_dict(), backbone.model.state_dict())
 
 
-def _hf_reference_model(register_tokens=4):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                                          intermediate_size=1536, patch_size=16, num_register_tokens=register_tokens,
-                                          layerscale_value=1e-5, rope_theta=100.0, image_size=224)
-    torch.manual_seed(1)
-    model = transformers.DINOv3ViTModel(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # random init leaves layer scale tiny; make every block matter
-            if p.dim() == 1 and p.shape[0] == 384:
-                p.add_(torch.randn_like(p) * 0.1)
-        for layer in model.model.layer:  # the released ViT-S/16 has q and v biases of zero
-            layer.attention.q_proj.bias.zero_()
-            layer.attention.v_proj.bias.zero_()
-    return model
-
-
 def test_hugging_face_folder_matches_transformers_pooler_output(tmp_path):
-    hf = _hf_reference_model()
+    hf = hf_reference_model()
     hf.save_pretrained(tmp_path / "dinov3-vits16-pretrain-lvd1689m")
     ours = build_backbone(MODEL, str(tmp_path / "dinov3-vits16-pretrain-lvd1689m"), 48, log=lambda *_: None)
     assert ours.weights.source == "hf"
@@ -63,7 +47,7 @@ def test_hugging_face_folder_matches_transformers_pooler_output(tmp_path):
 
 
 def test_hugging_face_folder_of_another_size_is_refused(tmp_path):
-    hf = _hf_reference_model(register_tokens=0)
+    hf = hf_reference_model(register_tokens=0)
     hf.save_pretrained(tmp_path / "hf")
     with pytest.raises(DinoprobeError, match="num_register_tokens"):
         build_backbone(MODEL, str(tmp_path / "hf"), SIZE, log=lambda *_: None)
@@ -143,7 +127,7 @@ def test_timm_file_and_hub_copy_follow_the_same_rule(tmp_path, backbone, monkeyp
     with pytest.raises(DinoprobeError, match="unexpected keys: fc_norm.weight"):
         build_backbone(MODEL, str(tmp_path / "extra.safetensors"), SIZE, log=lambda *_: None)
     # a hub download takes the same path as a local timm file
-    from dinoprobe import backbone as bb
+    from dinoprobe.extract import backbone as bb
 
     monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: str(tmp_path / "extra.safetensors"))
     with pytest.raises(DinoprobeError, match="unexpected keys: fc_norm.weight"):
@@ -153,7 +137,7 @@ def test_timm_file_and_hub_copy_follow_the_same_rule(tmp_path, backbone, monkeyp
 def test_hugging_face_tensors_the_model_cannot_hold_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    hf = _hf_reference_model()
+    hf = hf_reference_model()
     hf.save_pretrained(tmp_path / "hf")
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     save_file({**weights, "model.layer.0.attention.extra.weight": torch.zeros(3)}, tmp_path / "hf" / "model.safetensors")
@@ -200,9 +184,12 @@ def test_load_strict_rejects_shape_mismatch(backbone):
 
 
 def test_hub_offline_fails_fast_with_advice(monkeypatch):
-    from dinoprobe import backbone as bb
+    import socket
 
-    monkeypatch.setattr(bb, "_hub_reachable", lambda timeout=3.0: False)
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
     monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)
     start = time.perf_counter()
     with pytest.raises(DinoprobeError, match="--weights PATH"):
@@ -233,6 +220,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_cli_default_model_is_the_backbone_default():
-    from dinoprobe import backbone, cli
+    from dinoprobe import cli
+    from dinoprobe.extract import backbone
 
     assert cli.DEFAULT_MODEL == backbone.DEFAULT_MODEL

@@ -5,7 +5,7 @@ CI never runs `make bench` (it takes minutes); this keeps the benchmark from rot
 import json
 import math
 
-from dinoprobe import bench
+from bench import benchmark as bench
 
 
 def test_smoke_bench_runs_every_section_and_updates_the_readme(tmp_path):

@@ -1,10 +1,8 @@
 """The feature cache: values against a reference, round trip, resume after SIGKILL, fingerprints, verify."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -13,11 +11,13 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import MODEL, REPO, SIZE, assert_clean_error, make_folder, run_cli
-from dinoprobe import cache
-from dinoprobe.data import open_source
+from dinoprobe.cache import store as cache
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract import extract
+from dinoprobe.extract.backbone import build_backbone
+from dinoprobe.extract.run import extract
+from dinoprobe.extract.sources import open_source
+
+from conftest import MODEL, REPO, SIZE, assert_clean_error, cache_rows, features_cmd, kill_during_extraction, make_folder, run_cli
 
 
 def _extract(backbone, root, cache_dir, **kw):
@@ -60,8 +60,8 @@ def test_shard_and_manifest_round_trip(backbone, tmp_path):
 
 def test_float16_storage_is_the_default_and_close(backbone, tmp_path):
     root = make_folder(tmp_path / "d", per_class=2)
-    _extract(backbone, root, tmp_path / "c32")
-    _extract(backbone, root, tmp_path / "c16", dtype="float16")
+    _extract(backbone, root, tmp_path / "c32")  # this module's helper asks for float32
+    extract(backbone, open_source(str(root)), tmp_path / "c16", batch_size=4, workers=0, progress=False)  # default
     a, b = cache.load(tmp_path / "c32", "train"), cache.load(tmp_path / "c16", "train")
     assert b["cls"].dtype == np.float16
     assert np.abs(a["cls"] - b["cls"].astype(np.float32)).max() < 1e-2
@@ -71,7 +71,7 @@ def test_rerun_resumes_and_another_request_is_refused(backbone, tmp_path):
     root = make_folder(tmp_path / "d", per_class=4)
     _extract(backbone, root, tmp_path / "c")
     assert _extract(backbone, root, tmp_path / "c").computed == 0  # everything was already there
-    other = __import__("dinoprobe.backbone", fromlist=["x"]).build_backbone(MODEL, "random", 48, log=lambda *_: None)
+    other = build_backbone(MODEL, "random", 48, log=lambda *_: None)
     with pytest.raises(DinoprobeError, match="image_size: cache has 32, requested 48"):
         _extract(other, root, tmp_path / "c")
     assert _extract(other, root, tmp_path / "c", overwrite=True).rows["train"] == 8
@@ -118,7 +118,7 @@ def test_manifest_edited_to_another_row_count_is_caught(backbone, tmp_path):
     _extract(backbone, root, tmp_path / "c")
     manifest = cache.read_manifest(tmp_path / "c")
     manifest["splits"]["train"]["shards"][0]["rows"] = 4
-    cache.write_json_atomic(tmp_path / "c" / "manifest.json", manifest)
+    cache.write_json(tmp_path / "c" / "manifest.json", manifest)
     assert any("row counts" in p for p in cache.verify(tmp_path / "c"))
 
 
@@ -127,7 +127,7 @@ def test_second_writer_is_refused_and_stale_lock_recovered(tmp_path):
     with cache.CacheLock(tmp_path / "c"):
         lock = (tmp_path / "c" / ".lock").read_text()
         assert lock == str(os.getpid())
-        child = subprocess.run([sys.executable, "-c", "import sys; from dinoprobe.cache import CacheLock\n"
+        child = subprocess.run([sys.executable, "-c", "import sys; from dinoprobe.cache.store import CacheLock\n"
                                 f"with CacheLock({str(tmp_path / 'c')!r}): pass"], capture_output=True, text=True)
         assert child.returncode != 0 and f"pid {os.getpid()}" in child.stderr
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -138,54 +138,15 @@ def test_second_writer_is_refused_and_stale_lock_recovered(tmp_path):
     assert not (tmp_path / "c" / ".lock").exists()
 
 
-def _features_cmd(root, cache_dir):
-    return [sys.executable, "-m", "dinoprobe", "features", "--data", str(root), "--weights", "random",
-            "--image-size", str(SIZE), "--cache", str(cache_dir), "--batch-size", "2", "--workers", "0",
-            "--shard-size", "4", "--dtype", "float32"]
-
-
-def _rows(cache_dir):
-    out = {}
-    for split in ("train", "val"):
-        data = cache.load(cache_dir, split, features=("cls", "patch_mean"))
-        order = np.argsort(data["index"])
-        out[split] = {k: data[k][order] for k in ("cls", "patch_mean", "index", "label")}
-    return out
-
-
-def kill_during_extraction(root, cache_dir, after_shards: int, timeout=120, jitter: float = 0.0) -> bool:
-    """Start `features`, SIGKILL it once `after_shards` shards are recorded (0: during start-up, after
-    `jitter` seconds); True if it was killed before finishing."""
-    proc = subprocess.Popen(_features_cmd(root, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=REPO)
-    deadline = time.time() + timeout
-    manifest_path = cache_dir / "manifest.json"
-    while proc.poll() is None and time.time() < deadline:
-        try:
-            if after_shards == 0 or sum(len(s["shards"]) for s in
-                                        json.loads(manifest_path.read_text())["splits"].values()) >= after_shards:
-                time.sleep(jitter)
-                if proc.poll() is not None:
-                    break
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return True
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    proc.wait()
-    return False
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_exactly_the_uninterrupted_rows(tmp_path):
     root = make_folder(tmp_path / "d", per_class=12)
-    subprocess.run(_features_cmd(root, tmp_path / "clean"), check=True, capture_output=True, cwd=REPO)
+    subprocess.run(features_cmd(root, tmp_path / "clean"), check=True, capture_output=True, cwd=REPO)
     assert kill_during_extraction(root, tmp_path / "crash", after_shards=2)
     assert cache.verify(tmp_path / "crash") != []  # incomplete, and says so
-    subprocess.run(_features_cmd(root, tmp_path / "crash"), check=True, capture_output=True, cwd=REPO)
+    subprocess.run(features_cmd(root, tmp_path / "crash"), check=True, capture_output=True, cwd=REPO)
     assert cache.verify(tmp_path / "crash") == []
-    clean, resumed = _rows(tmp_path / "clean"), _rows(tmp_path / "crash")
+    clean, resumed = cache_rows(tmp_path / "clean"), cache_rows(tmp_path / "crash")
     for split in clean:
         for key in clean[split]:
             np.testing.assert_array_equal(clean[split][key], resumed[split][key])
@@ -217,7 +178,7 @@ def test_features_cli_errors(tmp_path):
 
 def test_compiled_forward_sees_one_batch_shape_and_gives_the_eager_features(backbone):
     """--compile: the last short batch and B x K view batches are chunked/padded, never a new shape."""
-    from dinoprobe.extract import FixedBatchForward
+    from dinoprobe.extract.run import FixedBatchForward
 
     shapes = []
 

@@ -5,10 +5,14 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import make_folder, write_image
-from dinoprobe.data import (ImageFileDataset, Preprocess, SkippedInput, carve_val, load_rgb, open_source,
-                            worker_transform)
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract.datasets import ImageFileDataset
+from dinoprobe.extract.decode import SkippedInput, load_rgb
+from dinoprobe.extract.sources import open_source
+from dinoprobe.extract.transforms import Preprocess, worker_transform
+from dinoprobe.splits import carve_val
+
+from conftest import make_folder, write_image
 
 
 def test_transform_equals_timms_eval_transform(backbone, photos):
@@ -43,6 +47,17 @@ def test_classes_must_agree_across_splits(tmp_path):
     root = make_folder(tmp_path / "d", per_class=2)
     write_image(root / "val" / "bird" / "x.png", 1)
     with pytest.raises(DinoprobeError, match=r"only in val/: \['bird'\]"):
+        open_source(str(root))
+
+
+@pytest.mark.parametrize("name", ["val", "valid", "validation", "Validation"])
+def test_every_validation_folder_name_is_used_and_unknown_folders_are_refused(tmp_path, name):
+    root = make_folder(tmp_path / "d", per_class=3, splits=("train", name))
+    source = open_source(str(root))
+    assert source.val_split is None and len(source.splits["val"]) == 6  # the folder's images, nothing carved
+    assert all(f"/{name}/" in path for path, _ in source.splits["val"])
+    make_folder(root, per_class=1, splits=("extra",))
+    with pytest.raises(DinoprobeError, match="'extra'"):
         open_source(str(root))
 
 
@@ -144,9 +159,9 @@ def _fake_cifar10(root, per_batch=20, n_test=30, seed=0):
 def test_cifar_source_end_to_end(tmp_path, backbone, monkeypatch):
     import torchvision
 
-    from dinoprobe import cache
-    from dinoprobe.data import Preprocess
-    from dinoprobe.extract import extract
+    from dinoprobe.cache import store as cache
+    from dinoprobe.extract.run import extract
+    from dinoprobe.extract.transforms import Preprocess
 
     _fake_cifar10(tmp_path / "data")
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)

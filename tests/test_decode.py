@@ -7,12 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SIZE, assert_clean_error, run_cli, write_image
-from dinoprobe import cache
-from dinoprobe.data import SkippedInput, collate, load_rgb, open_source, worker_transform
-from dinoprobe.decode import DeviceDecoder, TorchvisionDecode
+from dinoprobe.cache import store as cache
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract import extract
+from dinoprobe.extract.datasets import collate
+from dinoprobe.extract.decode import DeviceDecoder, SkippedInput, TorchvisionDecode, load_rgb
+from dinoprobe.extract.run import extract
+from dinoprobe.extract.sources import open_source
+from dinoprobe.extract.transforms import worker_transform
+
+from conftest import SIZE, assert_clean_error, run_cli, write_image
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +121,7 @@ def test_decoder_is_part_of_the_fingerprint_and_refused_for_arrays(backbone, pho
             "--cache", str(tmp_path / "c"), "--batch-size", "16"]
     assert run_cli(*args).returncode == 0
     assert_clean_error(run_cli(*args, "--decoder", "torchvision"), "decoder", "--overwrite")
-    from dinoprobe.bench import array_source
+    from bench.benchmark import array_source
 
     source = array_source(8)  # CIFAR-format arrays, as `--data cifar10` gives
     with pytest.raises(DinoprobeError, match="leave --decoder at pil"):
@@ -128,7 +131,7 @@ def test_decoder_is_part_of_the_fingerprint_and_refused_for_arrays(backbone, pho
 def test_predict_decodes_new_images_the_way_the_cache_was_built(backbone, jpegs):
     from types import SimpleNamespace
 
-    from dinoprobe.predict import prediction_dataset
+    from dinoprobe.runs.predict import prediction_dataset
 
     config = backbone.data_config
     for decoder, reference in (({"name": "torchvision", "device": "cpu"}, TorchvisionDecode(config)),

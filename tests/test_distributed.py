@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, make_folder
-from dinoprobe import cache
-from test_cache import _features_cmd, _rows, kill_during_extraction
+from dinoprobe.cache import store as cache
+
+from conftest import REPO, cache_rows, features_cmd, kill_during_extraction, make_folder
 
 
 def _torchrun(args, nproc=2):
@@ -18,12 +18,12 @@ def _torchrun(args, nproc=2):
 @pytest.fixture(scope="module")
 def folder_and_reference(tmp_path_factory):
     root = make_folder(tmp_path_factory.mktemp("dist") / "data", per_class=9)
-    subprocess.run(_features_cmd(root, root.parent / "single"), check=True, capture_output=True, cwd=REPO)
-    return root, _rows(root.parent / "single")
+    subprocess.run(features_cmd(root, root.parent / "single"), check=True, capture_output=True, cwd=REPO)
+    return root, cache_rows(root.parent / "single")
 
 
 def _assert_same(expected, cache_dir):
-    got = _rows(cache_dir)  # sorted by index: independent of which rank wrote what
+    got = cache_rows(cache_dir)  # sorted by index: independent of which rank wrote what
     for split in expected:
         for key in expected[split]:
             np.testing.assert_array_equal(expected[split][key], got[split][key], err_msg=f"{split}/{key}")
@@ -32,7 +32,7 @@ def _assert_same(expected, cache_dir):
 @pytest.mark.slow
 def test_two_gloo_processes_give_exactly_the_rows_of_one(folder_and_reference, tmp_path):
     root, reference = folder_and_reference
-    cmd = _features_cmd(root, tmp_path / "c")
+    cmd = features_cmd(root, tmp_path / "c")
     proc = _torchrun(["python", "-m", *cmd[2:]])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("cache ") == 1  # only rank 0 reports
@@ -44,7 +44,7 @@ def test_two_gloo_processes_give_exactly_the_rows_of_one(folder_and_reference, t
 def test_a_run_killed_with_one_process_resumes_with_two(folder_and_reference, tmp_path):
     root, reference = folder_and_reference
     assert kill_during_extraction(root, tmp_path / "c", after_shards=2)
-    proc = _torchrun(["python", "-m", *_features_cmd(root, tmp_path / "c")[2:]])
+    proc = _torchrun(["python", "-m", *features_cmd(root, tmp_path / "c")[2:]])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert cache.verify(tmp_path / "c") == []
     _assert_same(reference, tmp_path / "c")

@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinoprobe.engine import HeadwiseOptimizer, StackedHeads, TrainConfig, lr_factors, plan_groups, train_heads
-from dinoprobe.losses import smoothed_eye, soft_targets, softmax_cross_entropy
-from dinoprobe.reference import torch_optimizer, torch_scheduler, train_on_tensors
+from bench.reference import torch_optimizer, torch_scheduler, train_on_tensors
+from dinoprobe.train.config import TrainConfig
+from dinoprobe.train.loop import plan_groups, train_heads
+from dinoprobe.train.losses import smoothed_eye, soft_targets, softmax_cross_entropy
+from dinoprobe.train.stacked import StackedHeads
+from dinoprobe.train.update import HeadwiseOptimizer, lr_factors
 
 
 def clusters(n=700, dim=24, classes=5, seed=0):
@@ -36,8 +39,8 @@ def test_engine_follows_the_plain_pytorch_loop_step_by_step(head, optimizer, nes
     assert [h["val_acc"] for h in ours.history] == [h["val_acc"] for h in plain.history]
     assert [h["lr"] for h in ours.history] == pytest.approx([h["lr"] for h in plain.history], rel=1e-6)
     assert ours.best_epoch == plain.best_epoch
-    for key, value in plain.best_state.items():
-        torch.testing.assert_close(ours.best_state[key], value, atol=1e-4, rtol=0)
+    for mine, theirs in zip(ours.best_layers, plain.best_layers, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
     assert len(set(np.round(ours.step_losses, 5))) > 10  # the losses move, so the comparison means something
 
 
@@ -62,7 +65,10 @@ def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov):
                            momentum=m) for lr, wd, m in ((0.1, 0.0, 0.9), (0.03, 0.01, 0.5), (0.2, 0.1, 0.8))]
     heads = StackedHeads(configs, 6, 3, "cpu")
     update = HeadwiseOptimizer(heads, configs)
-    params = [{k: v[i].clone().requires_grad_() for k, v in heads.layers.items()} for i in range(3)]
+    def named(layers):
+        return {f"{n}.{kind}": t for n, pair in enumerate(layers) for kind, t in zip(("weight", "bias"), pair)}
+
+    params = [{k: v[i].clone().requires_grad_() for k, v in named(heads.layers).items()} for i in range(3)]
     torch_opts = [torch_optimizer(p.values(), c) for p, c in zip(params, configs)]
     gen = torch.Generator().manual_seed(2)
     for step in range(12):
@@ -70,14 +76,14 @@ def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov):
         heads.grad.copy_(torch.randn(heads.grad.shape, generator=gen))
         for i, (p, opt) in enumerate(zip(params, torch_opts)):
             for name, tensor in p.items():
-                tensor.grad = heads.grads[name][i].clone()
+                tensor.grad = named(heads.grads)[name][i].clone()
             for group in opt.param_groups:
                 group["lr"] = configs[i].lr * factor
             opt.step()
         update.step(factor)
     for i, p in enumerate(params):
         for name, tensor in p.items():
-            torch.testing.assert_close(heads.layers[name][i], tensor.detach(), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(named(heads.layers)[name][i], tensor.detach(), atol=1e-6, rtol=1e-5)
 
 
 def test_heads_side_by_side_equal_heads_alone():
@@ -92,8 +98,8 @@ def test_heads_side_by_side_equal_heads_alone():
         assert [h["val_acc"] for h in batched.history] == [h["val_acc"] for h in alone.history], cfg
         assert batched.best_epoch == alone.best_epoch
         np.testing.assert_allclose(batched.step_losses, alone.step_losses, atol=1e-5)
-        for key, value in alone.best_state.items():
-            torch.testing.assert_close(batched.best_state[key], value, atol=1e-5, rtol=1e-5)
+        for mine, theirs in zip(batched.best_layers, alone.best_layers, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_grouping_by_stream_shape_and_memory():
@@ -107,10 +113,31 @@ def test_grouping_by_stream_shape_and_memory():
 
 
 def test_patience_stops_each_head_on_its_own():
-    configs = [TrainConfig(head="linear", lr=lr, epochs=60, patience=3, batch_size=64) for lr in (0.5, 1e-5)]
-    results = train_heads(configs, *DATA, 5)
-    for r in results:
-        assert r.epochs_run - r.best_epoch == 3 or r.epochs_run == 60
+    """A head stops `patience` epochs after its best one, whatever the others do; without patience it runs on."""
+    x, y, xv, yv = DATA
+    configs = [TrainConfig(head="linear", lr=lr, epochs=60, patience=patience, batch_size=64)
+               for lr, patience in ((0.5, 3), (0.5, 8), (0.5, None))]
+    results = train_heads(configs, x, y, xv, yv, 5)
+    stopped, longer, never = results
+    assert stopped.epochs_run < 60 and stopped.epochs_run - stopped.best_epoch == 3
+    assert longer.epochs_run - longer.best_epoch == 8 or longer.epochs_run == 60
+    assert longer.epochs_run > stopped.epochs_run and never.epochs_run == 60
+    assert stopped.history == never.history[:stopped.epochs_run]  # the same head until it stopped
+
+
+def test_engine_dropout_is_torchs_inverted_dropout():
+    """Training-mode hidden activations are those of F.dropout: each unit zero with probability p or kept and
+    scaled by 1 / (1 - p), so the mean is kept; eval mode leaves them alone."""
+    p = 0.3
+    heads = StackedHeads([TrainConfig(head="mlp", hidden=64, dropout=p)], 24, 5, "cpu")
+    x = DATA[0][:256]
+    _, (clean, _) = heads.forward(x, train=False)
+    _, (dropped, _) = heads.forward(x, train=True)
+    active = clean > 0
+    kept = dropped[active] != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.02  # fraction dropped ~ p
+    torch.testing.assert_close(dropped[active][kept], clean[active][kept] / (1 - p))
+    assert abs(dropped.mean().item() / clean.mean().item() - 1) < 0.03  # the expectation is kept
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2, [0.0, 0.1, 0.3]])
@@ -122,7 +149,8 @@ def test_closed_form_cross_entropy_equals_autograd(smoothing):
     s = smoothing if isinstance(smoothing, list) else [smoothing]
     expected = torch.stack([F.cross_entropy(logits[:, i], target, label_smoothing=s[i]) for i in range(heads)])
     expected.sum().backward()
-    neg_loss, grad = softmax_cross_entropy(logits.detach(), soft_targets(smoothed_eye(7, smoothing), target), 0)
+    neg_loss, grad = softmax_cross_entropy(logits.detach().transpose(0, 1), soft_targets(smoothed_eye(7, smoothing), target))
+    grad = grad.transpose(0, 1)
     torch.testing.assert_close(-neg_loss / 16, expected.detach())
     torch.testing.assert_close(grad, logits.grad)
 

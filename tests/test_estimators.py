@@ -8,11 +8,12 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
-from conftest import make_synthetic_cache
 from dinoprobe import KNN, LogReg, Probe, Sweep, load_cache
-from dinoprobe.data import open_source
-from dinoprobe.estimators import EXPECTED_FAILED_CHECKS
-from dinoprobe.extract import extract
+from dinoprobe.estimators.base import EXPECTED_FAILED_CHECKS
+from dinoprobe.extract.run import extract
+from dinoprobe.extract.sources import open_source
+
+from conftest import make_synthetic_cache
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def real_features(tmp_path_factory, backbone, photos):
 SMALL = dict(hidden=16, epochs=20, batch_size=32)
 
 
-@pytest.mark.parametrize("estimator", [Probe(epochs=40), Sweep(param_grid={"lr": [1e-3, 1e-2]}, epochs=40), LogReg(),
+@pytest.mark.parametrize("estimator", [Probe(epochs=40), Sweep(Probe(epochs=40), param_grid={"lr": [1e-3, 1e-2]}), LogReg(),
                                        KNN()], ids=lambda e: type(e).__name__)
 def test_scikit_learn_estimator_checks(estimator):
     """scikit-learn's own suite; the deliberate exceptions are listed, with reasons, in EXPECTED_FAILED_CHECKS."""
@@ -91,8 +92,9 @@ def test_bad_input_is_refused_with_a_message_naming_it(bad, message):
 
 def test_each_sweep_configuration_equals_its_own_probe(synthetic):
     d = synthetic
-    search = Sweep(param_grid={"lr": [1e-3, 3e-2], "head": ["linear", "mlp"], "label_smoothing": [0.0, 0.1]},
-                   **SMALL).fit(d.X_train, d.y_train, X_val=d.X_val, y_val=d.y_val)
+    search = Sweep(Probe(**SMALL), param_grid={"lr": [1e-3, 3e-2], "head": ["linear", "mlp"],
+                                               "label_smoothing": [0.0, 0.1]}).fit(d.X_train, d.y_train,
+                                                                                   X_val=d.X_val, y_val=d.y_val)
     assert max(r["group_size"] for r in search.results_) == 4 and len(search.results_) == 8
     for row in search.results_:
         params = {k: row[k] for k in ("lr", "head", "label_smoothing")}
@@ -132,8 +134,8 @@ def test_knn_agrees_with_scikit_learns_weighted_neighbours(synthetic):
 
 
 def test_a_fitted_estimator_saves_a_head_file_predict_reads(synthetic, tmp_path):
-    from dinoprobe.predict import backbone_for_head
-    from dinoprobe.runs import load_head_file
+    from dinoprobe.runs.predict import backbone_for_head
+    from dinoprobe.train.headfile import load_head_file
 
     d = synthetic
     probe = Probe(**SMALL).fit(d.X_train, d.y_train, X_val=d.X_val, y_val=d.y_val)

@@ -5,18 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MODEL, SIZE, assert_clean_error, make_folder, make_synthetic_cache, run_cli
-from dinoprobe import cache, load_cache
-from dinoprobe.backbone import build_backbone
-from dinoprobe.data import open_source
+from dinoprobe import load_cache
+from dinoprobe.cache import store as cache
+from dinoprobe.cache.specs import parse_feature
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract import extract
-from dinoprobe.features import parse_feature
-from test_backbone import _hf_reference_model
+from dinoprobe.extract.backbone import build_backbone
+from dinoprobe.extract.run import extract
+from dinoprobe.extract.sources import open_source
+
+from conftest import MODEL, SIZE, assert_clean_error, hf_reference_model, make_folder, make_synthetic_cache, run_cli
 
 
 def test_cls_blocks_equal_transformers_hidden_states_after_the_final_norm(tmp_path):
-    hf = _hf_reference_model()
+    hf = hf_reference_model()
     hf.save_pretrained(tmp_path / "hf")
     ours = build_backbone(MODEL, str(tmp_path / "hf"), 48, log=lambda *_: None)
     ours.last_blocks = 4
@@ -85,7 +86,8 @@ def test_dinov3_preset_searches_blocks_patch_mean_and_13_learning_rates(block_ca
 def test_dinov3_transform_gives_torchvision_v2_pixels(photos):
     from torchvision.transforms import v2
 
-    from dinoprobe.data import load_rgb, worker_transform
+    from dinoprobe.extract.decode import load_rgb
+    from dinoprobe.extract.transforms import worker_transform
 
     backbone = build_backbone(MODEL, "random", 224, log=lambda *_: None, transform="dinov3")
     config = backbone.data_config
@@ -107,8 +109,8 @@ def test_transform_is_fingerprinted_and_rebuilt_by_predict(tmp_path, photos):
     proc = run_cli(*common, "--cache", tmp_path / "c")  # the same cache with timm's transform: refused
     assert_clean_error(proc, "transform.name")
     run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "r", "--epochs", 2, check=True)
-    from dinoprobe.predict import backbone_for_head
-    from dinoprobe.runs import load_head_file
+    from dinoprobe.runs.predict import backbone_for_head
+    from dinoprobe.train.headfile import load_head_file
 
     rebuilt = backbone_for_head(load_head_file(tmp_path / "r"), log=lambda *_: None)
     assert rebuilt.data_config.name == "dinov3" and rebuilt.data_config.resize_size == round(SIZE * 256 / 224)

@@ -14,13 +14,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, make_folder, write_image
-from dinoprobe import cache
+from dinoprobe.cache import store as cache
 from dinoprobe.cli import main
-from dinoprobe.data import open_source
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract import extract
-from test_cache import _features_cmd, _rows
+from dinoprobe.extract.run import extract
+from dinoprobe.extract.sources import open_source
+
+from conftest import REPO, cache_rows, features_cmd, make_folder, write_image
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,12 @@ def small_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(small_folder):
     clean = small_folder.parent / "clean"
-    subprocess.run(_features_cmd(small_folder, clean), check=True, capture_output=True, cwd=REPO)
-    return _rows(clean)
+    subprocess.run(features_cmd(small_folder, clean), check=True, capture_output=True, cwd=REPO)
+    return cache_rows(clean)
 
 
 def _assert_same_rows(expected, cache_dir):
-    got = _rows(cache_dir)
+    got = cache_rows(cache_dir)
     for split in ("train", "val"):
         for key in expected[split]:
             np.testing.assert_array_equal(expected[split][key], got[split][key], err_msg=f"{split}/{key}")
@@ -46,7 +46,7 @@ def _assert_same_rows(expected, cache_dir):
 def test_sigkill_at_random_moments_never_loses_or_doubles_rows(small_folder, reference, tmp_path, backbone):
     """10 seeded trials: kill -9 at a random point of the run (start-up included), resume, compare with a
     clean run. The resume runs in-process: the same code path and fingerprint, one interpreter start less."""
-    from test_cache import kill_during_extraction
+    from conftest import kill_during_extraction
 
     rng = random.Random(1234)
     total_shards = 2 * 5  # 20 train + 20 val inputs in shards of 4
@@ -65,7 +65,7 @@ def test_sigkill_at_random_moments_never_loses_or_doubles_rows(small_folder, ref
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(small_folder, reference, tmp_path):
     cache_dir = tmp_path / "c"
-    proc = subprocess.Popen(_features_cmd(small_folder, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(features_cmd(small_folder, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -83,12 +83,12 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(small_folder, reference, tm
     assert not (cache_dir / ".lock").exists()
     problems = cache.verify(cache_dir)
     assert problems and all("incomplete" in p for p in problems)  # partial, never corrupt
-    subprocess.run(_features_cmd(small_folder, cache_dir), check=True, capture_output=True, cwd=REPO)
+    subprocess.run(features_cmd(small_folder, cache_dir), check=True, capture_output=True, cwd=REPO)
     _assert_same_rows(reference, cache_dir)
 
 
 def test_a_failing_write_is_a_clear_error_and_the_cache_stays_valid(backbone, small_folder, tmp_path, monkeypatch):
-    import dinoprobe.extract as extract_module
+    import dinoprobe.extract.run as extract_module
 
     real_write, calls = extract_module.write_shard, []
 
@@ -112,16 +112,16 @@ def test_a_failing_write_is_a_clear_error_and_the_cache_stays_valid(backbone, sm
 
 @pytest.mark.slow
 def test_a_second_writer_on_the_same_cache_is_refused_until_the_first_dies(small_folder, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dinoprobe.cache import CacheLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dinoprobe.cache.store import CacheLock\n"
                                f"with CacheLock({str(tmp_path / 'c')!r}):\n    print('locked', flush=True)\n"
                                "    time.sleep(300)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert holder.stdout.readline().strip() == "locked"
-    second = subprocess.run(_features_cmd(small_folder, tmp_path / "c"), capture_output=True, text=True, cwd=REPO)
+    second = subprocess.run(features_cmd(small_folder, tmp_path / "c"), capture_output=True, text=True, cwd=REPO)
     assert second.returncode == 1 and f"pid {holder.pid}" in second.stderr and "Traceback" not in second.stderr
     holder.kill()  # its lock file stays behind, naming a dead pid
     holder.wait()
     assert (tmp_path / "c" / ".lock").exists()
-    subprocess.run(_features_cmd(small_folder, tmp_path / "c"), check=True, capture_output=True, cwd=REPO)
+    subprocess.run(features_cmd(small_folder, tmp_path / "c"), check=True, capture_output=True, cwd=REPO)
     assert cache.verify(tmp_path / "c") == []
 
 
@@ -163,7 +163,7 @@ def test_flipped_bytes_and_a_manifest_from_another_cache_are_caught(backbone, tm
     root = make_folder(tmp_path / "d", per_class=3)
     kw = dict(batch_size=4, workers=0, progress=False, shard_size=4)
     extract(backbone, open_source(str(root)), tmp_path / "a", **kw)
-    from dinoprobe.backbone import build_backbone
+    from dinoprobe.extract.backbone import build_backbone
 
     other = build_backbone(backbone.model_name, "random", 48, log=lambda *_: None)
     extract(other, open_source(str(root)), tmp_path / "b", **kw)
@@ -185,7 +185,7 @@ def test_a_head_file_that_would_run_code_is_refused(tmp_path):
             return (os.system, ("touch /tmp/dinoprobe-head-pwned",))
 
     torch.save({"format": "dinoprobe-head/1", "x": Evil()}, tmp_path / "head.pt")
-    from dinoprobe.runs import load_head_file
+    from dinoprobe.train.headfile import load_head_file
 
     with pytest.raises(DinoprobeError, match="weights_only"):
         load_head_file(tmp_path / "head.pt")
@@ -207,14 +207,16 @@ def test_a_head_file_that_would_run_code_is_refused(tmp_path):
     ["sweep", "--cache", "c", "--out", "o", "--batch-size", "0"],
     ["knn", "--cache", "c", "--out", "o", "--k", "0"],
     ["logreg", "--cache", "c", "--out", "o", "--c-grid", "-1"],
-    ["predict", "--head", "h", "--topk", "0", "x.jpg"],
+    ["predict", "--run", "h", "--top-k", "0", "x.jpg"],
+    ["predict", "--run", "h", "--batch-size", "0", "x.jpg"],
 ])
 def test_every_numeric_and_choice_option_is_validated(args):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output  # click's usage error, raised before any work starts
+    assert "No such option" not in result.output and "Invalid value" in result.output  # the range check said no
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
 
 
 def test_unknown_choices_list_the_valid_ones():
     result = CliRunner().invoke(main, ["probe", "--cache", "c", "--out", "o", "--normalize", "zscore"])
-    assert result.exit_code == 2 and "'none', 'standardize', 'l2'" in result.output
+    assert result.exit_code == 2 and "none, standardize, l2" in result.output

@@ -4,10 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_synthetic_cache, run_cli
 from dinoprobe import KNN, LogReg, Probe, Sweep, load_cache
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.fewshot import parse_shots, sample_shots
+from dinoprobe.splits import parse_shots, sample_shots
+
+from conftest import make_synthetic_cache, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def test_probe_tries_train_side_by_side_and_equal_each_try_alone(synthetic):
 
 
 @pytest.mark.parametrize("estimator", [LogReg(Cs=[0.1, 1.0], shots=3, tries=2), KNN(ks=(1, 3), shots=3, tries=2),
-                                       Sweep(param_grid={"lr": [1e-3, 1e-2]}, head="linear", epochs=3, shots=3,
-                                             tries=2)],
+                                       Sweep(Probe(head="linear", epochs=3, shots=3, tries=2),
+                                             param_grid={"lr": [1e-3, 1e-2]})],
                          ids=lambda e: type(e).__name__)
 def test_every_estimator_takes_shots_and_tries(synthetic, estimator):
     d = load_cache(synthetic)
@@ -59,6 +60,16 @@ def test_every_estimator_takes_shots_and_tries(synthetic, estimator):
     if isinstance(estimator, Sweep):
         assert {r["tries"] for r in estimator.results_} == {2} and "val_top1_std" in estimator.results_[0]
         assert estimator.results_[0]["group_size"] == 4  # 2 configurations x 2 tries side by side
+        return
+    for record, fitted in zip(tries, estimator.try_estimators_):  # each try is the estimator fitted on its rows alone
+        index = record["train_index"]
+        alone = type(estimator)(**{**estimator.get_params(), "shots": None, "tries": 1}).fit(
+            d.X_train[index], d.y_train[index], X_val=d.X_val, y_val=d.y_val)
+        if isinstance(estimator, LogReg):
+            np.testing.assert_allclose(fitted.selection_coef_, alone.selection_coef_, atol=1e-6)
+            assert fitted.val_score_per_C_ == alone.val_score_per_C_
+        else:
+            assert len(fitted.bank_y_) == len(index) and fitted.val_score_per_k_ == alone.val_score_per_k_
 
 
 @pytest.mark.parametrize("command,extra", [("probe", ["--head", "linear", "--epochs", 3]), ("logreg", ["--c-grid", "1"]),
@@ -70,7 +81,7 @@ def test_cli_writes_few_shot_metrics(synthetic, tmp_path, command, extra):
     metrics = json.loads((run / "metrics.json").read_text())
     few = metrics["few_shot"]
     assert few["shots"] == "2" and few["tries"] == 3 and len(few["per_try"]) == 3
-    from dinoprobe import cache
+    from dinoprobe.cache import store as cache
 
     train = cache.load(synthetic, "train", "cls")
     label_of = dict(zip(train["index"].tolist(), train["label"].tolist()))

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from dinoprobe import KNN, LogReg, Probe, Sweep, load_cache
+from dinoprobe.cache import store as cache
+
 from conftest import REPO, make_synthetic_cache, run_cli
-from dinoprobe import KNN, LogReg, Probe, Sweep, cache, load_cache
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")]
@@ -43,9 +45,9 @@ def test_features_on_jpegs_every_decoder_and_bf16_against_fp32(photos, tmp_path)
 
 
 def test_features_on_cifar_format_arrays(tmp_path):
-    from dinoprobe.backbone import build_backbone
-    from dinoprobe.bench import array_source
-    from dinoprobe.extract import extract
+    from bench.benchmark import array_source
+    from dinoprobe.extract.backbone import build_backbone
+    from dinoprobe.extract.run import extract
 
     backbone = build_backbone(weights="random", image_size=64, log=lambda *_: None)
     source = array_source(40)
@@ -68,7 +70,7 @@ def synthetic(tmp_path_factory):
 
 
 @pytest.mark.parametrize("estimator", [Probe(head="linear", epochs=10), Probe(epochs=10, hidden=32),
-                                       Sweep(param_grid={"lr": [1e-3, 1e-2], "head": ["linear", "mlp"]}, epochs=5),
+                                       Sweep(Probe(epochs=5), param_grid={"lr": [1e-3, 1e-2], "head": ["linear", "mlp"]}),
                                        LogReg(Cs=[0.01, 1.0]), KNN(ks=(5, 20))], ids=lambda e: type(e).__name__)
 def test_heads_on_cuda_give_the_cpu_results(synthetic, estimator):
     from sklearn.base import clone
@@ -99,7 +101,7 @@ def test_probe_predict_export_on_cuda(photos, tmp_path):
                                 photos / "val", check=True).stdout)
     assert [r["labels"][0] for r in on_gpu] == [r["labels"][0] for r in on_cpu]
     run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "model.pt", check=True)
-    from dinoprobe.predict import load_exported
+    from dinoprobe.runs.predict import load_exported
 
     model = load_exported(tmp_path / "model.pt").cuda()
     image = sorted((photos / "val" / "ants").iterdir())[0]
@@ -110,16 +112,16 @@ def test_probe_predict_export_on_cuda(photos, tmp_path):
 
 
 def test_torchrun_nccl_and_resume_across_world_sizes(photos, tmp_path):
-    from test_cache import _features_cmd, _rows, kill_during_extraction
+    from conftest import cache_rows, features_cmd, kill_during_extraction
 
-    subprocess.run(_features_cmd(photos, tmp_path / "one"), check=True, capture_output=True, cwd=REPO)
-    reference = _rows(tmp_path / "one")
+    subprocess.run(features_cmd(photos, tmp_path / "one"), check=True, capture_output=True, cwd=REPO)
+    reference = cache_rows(tmp_path / "one")
     assert kill_during_extraction(photos, tmp_path / "c", after_shards=2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "dinoprobe",
-           *_features_cmd(photos, tmp_path / "c")[3:]]  # device auto = cuda, as the run it resumes
+           *features_cmd(photos, tmp_path / "c")[3:]]  # device auto = cuda, as the run it resumes
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = _rows(tmp_path / "c")
+    got = cache_rows(tmp_path / "c")
     for split in reference:
         np.testing.assert_array_equal(got[split]["index"], reference[split]["index"])
         assert cosine(got[split]["cls"], reference[split]["cls"]) >= 0.9999

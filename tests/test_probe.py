@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MODEL, SIZE, assert_clean_error, make_folder, make_synthetic_cache, run_cli
-from dinoprobe import cache
+from bench.reference import train_backbone_in_loop
 from dinoprobe import Probe
-from dinoprobe.data import open_source
-from dinoprobe.engine import TrainConfig
+from dinoprobe.cache import store as cache
+from dinoprobe.cache.arrays import load_cache
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract import extract
-from dinoprobe.reference import train_backbone_in_loop
-from dinoprobe.runs import load_head_file
-from dinoprobe.tensors import load_cache
+from dinoprobe.extract.run import extract
+from dinoprobe.extract.sources import open_source
+from dinoprobe.train.headfile import load_head_file
+from dinoprobe.train.loop import TrainConfig
+
+from conftest import MODEL, SIZE, assert_clean_error, make_folder, make_synthetic_cache, run_cli
 
 
 def run_probe(cache_dir, out, *args, overwrite=False, **options):
@@ -122,7 +123,7 @@ def test_an_existing_run_is_never_silently_replaced(synthetic, tmp_path, monkeyp
     assert_clean_error(proc, "already exists", "--overwrite")
     assert (run / "head.pt").read_bytes() == head_bytes
     # a crash while the new run is written leaves the previous run whole, and no partial folder
-    from dinoprobe import runs
+    from dinoprobe.runs import reports as runs
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -159,7 +160,7 @@ def test_bad_caches_are_refused_with_clear_errors(tmp_path):
     lacking = make_synthetic_cache(tmp_path / "lacking")
     manifest = cache.read_manifest(lacking)
     manifest["features"] = ["cls"]
-    cache.write_json_atomic(lacking / "manifest.json", manifest)
+    cache.write_json(lacking / "manifest.json", manifest)
     with pytest.raises(DinoprobeError, match="no \\['patch_mean'\\] features"):
         load_cache(lacking, "patch_mean")
     broken = make_synthetic_cache(tmp_path / "broken")
@@ -173,7 +174,7 @@ def test_bad_caches_are_refused_with_clear_errors(tmp_path):
 
 
 def test_head_files_that_do_not_fit_are_refused(synthetic, tmp_path, backbone):
-    from dinoprobe.predict import backbone_for_head
+    from dinoprobe.runs.predict import backbone_for_head
 
     run_probe(synthetic, tmp_path / "r", head="linear", epochs=1)
     head_file = load_head_file(tmp_path / "r")
@@ -217,7 +218,7 @@ def test_probe_predict_export_end_to_end(photos, backbone, tmp_path):
             "--allow-weights-mismatch", photos / "val" / "ants", check=True)
     # export: one file, weights_only, same logits as backbone + head
     run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "model.pt", check=True)
-    from dinoprobe.predict import load_exported
+    from dinoprobe.runs.predict import load_exported
 
     model = load_exported(tmp_path / "model.pt")
     image = sorted((photos / "val" / "bees").iterdir())[0]

@@ -9,15 +9,15 @@ import time
 import numpy as np
 import pytest
 
-from conftest import SIZE, assert_clean_error, make_folder, run_cli
-from dinoprobe import cache
-from dinoprobe.data import open_source
+from dinoprobe.cache import store as cache
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract import extract
-from dinoprobe.sources import expand_braces
-from test_cache import kill_during_extraction
+from dinoprobe.extract.filelists import expand_braces
+from dinoprobe.extract.run import extract
+from dinoprobe.extract.sources import open_source
 
-import datasets  # noqa: E402  (the `hf` extra; the dev extras include it)
+from conftest import SIZE, assert_clean_error, kill_during_extraction, make_folder, run_cli
+
+datasets = pytest.importorskip("datasets")  # the `hf` extra; the dev extras include it
 
 
 def _samples(root):
@@ -160,8 +160,9 @@ def test_torchvision_decoder_and_torchrun_on_tar_shards(sources, backbone, photo
 
     import torch
 
+    from dinoprobe.extract.decode import DeviceDecoder
+
     from conftest import REPO
-    from dinoprobe.decode import DeviceDecoder
 
     _, _, _, made = sources
     jpeg_tars = write_tars(_samples(photos), tmp_path / "jpeg-tars", per_shard=20)
@@ -197,7 +198,7 @@ def test_csv_details_and_errors(tmp_path):
     source = open_source(str(tmp_path / "list.tsv"))  # no split column: val carved from train
     assert source.val_split["from"] == "train" and len(source.splits["val"]) == 2
     (tmp_path / "bad.csv").write_text("file,class\na.png,cat\n")
-    with pytest.raises(DinoprobeError, match="path,label"):
+    with pytest.raises(DinoprobeError, match="columns path and label"):
         open_source(str(tmp_path / "bad.csv"))
     (tmp_path / "missing.csv").write_text("path,label,split\nnope.png,cat,train\nalso.png,dog,train\n"
                                           f"{files[0]},cat,val\n{files[-1]},dog,val\n")
@@ -205,8 +206,35 @@ def test_csv_details_and_errors(tmp_path):
     assert summary.skipped["train"] == 2  # missing files are listed with their reason, not fatal
 
 
+def test_csv_files_from_spreadsheets(tmp_path):
+    """Capitalised headers, ';' separators, a UTF-8 byte-order mark, Latin-1 names: read as the same list."""
+    root = make_folder(tmp_path / "imgs", per_class=5, splits=("train",))
+    files = sorted(root.rglob("*.png"))
+    plain = tmp_path / "plain.csv"
+    plain.write_text("path,label\n" + "".join(f"{f},{f.parent.name}\n" for f in files))
+    reference = open_source(str(plain)).splits
+    spreadsheet = tmp_path / "excel.csv"
+    spreadsheet.write_bytes(b"\xef\xbb\xbfPath;Label\r\n" + "".join(f"{f};{f.parent.name}\r\n" for f in files).encode())
+    assert open_source(str(spreadsheet)).splits == reference
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(("PATH,LABEL\n" + "".join(f"{f},{f.parent.name}\u00e9\n" for f in files)).encode("latin-1"))
+    source = open_source(str(latin))
+    assert source.classes == ["cat\u00e9", "dog\u00e9"] and source.splits == reference
+
+
+@pytest.mark.parametrize("text,message", [("path,label\n", "no rows under it"),
+                                          ("path,label\na.png,cat\nb.png\n", ":3: 1 cell"),
+                                          ("path,label\na.png,cat\nb.png,\n", ":3: a row without a label"),
+                                          ("path,label\na.png,cat\nb.png,cat\n", "only \\['cat'\\]"),
+                                          ("", "an empty file")])
+def test_malformed_csv_files_name_the_line_to_fix(tmp_path, text, message):
+    (tmp_path / "list.csv").write_text(text)
+    with pytest.raises(DinoprobeError, match=message):
+        open_source(str(tmp_path / "list.csv"))
+
+
 def extract_quiet(source, cache_dir):
-    from dinoprobe.backbone import build_backbone
+    from dinoprobe.extract.backbone import build_backbone
 
     backbone = build_backbone(weights="random", image_size=SIZE, log=lambda *_: None)
     return extract(backbone, source, cache_dir, batch_size=2, workers=0, progress=False, last_blocks=0)

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from dinoprobe import Probe, Sweep
+from dinoprobe.cache.arrays import load_cache
+from dinoprobe.cache.stream import streaming_order
+from dinoprobe.train.loop import TrainConfig, train_heads
+from dinoprobe.train.sources import InMemory
+
 from conftest import make_synthetic_cache, run_cli
-from dinoprobe import Sweep
-from dinoprobe.engine import TrainConfig, train_heads
-from dinoprobe.stream import streaming_order
-from dinoprobe.tensors import load_cache
 
 ROW_BYTES = 32 * 4
 
@@ -42,8 +44,12 @@ def test_streamed_training_equals_in_memory_training_in_the_same_order(sharded, 
     streamed = load_cache(sharded, "cls", max_memory=150 * ROW_BYTES)
     in_memory = load_cache(sharded, "cls")
     a, = train_heads([cfg], streamed.X_train, streamed.y_train, streamed.X_val, streamed.y_val, 6)
-    b, = train_heads([cfg], in_memory.X_train, in_memory.y_train, in_memory.X_val, in_memory.y_val, 6,
-                     order_fn=streamed.stream.order)
+    class InStreamOrder(InMemory):  # the in-memory source, visiting rows in the streamed split's order
+        def order(self, n, generator):
+            return streamed.stream.order(n, generator)
+
+    b, = train_heads([cfg], InStreamOrder(in_memory.X_train), in_memory.y_train, in_memory.X_val,
+                     in_memory.y_val, 6)
     np.testing.assert_allclose(a.step_losses, b.step_losses, atol=1e-5)
     assert [h["val_acc"] for h in a.history] == [h["val_acc"] for h in b.history]
 
@@ -55,7 +61,7 @@ def test_heads_side_by_side_stream_too(sharded):
     alone, = train_heads(configs[1:], data.X_train, data.y_train, data.X_val, data.y_val, 6)
     assert together[1].group_size == 2
     np.testing.assert_allclose(together[1].step_losses, alone.step_losses, atol=1e-4)
-    search = Sweep(param_grid={"lr": [1e-3, 1e-2]}, head="linear", epochs=2, batch_size=64)
+    search = Sweep(Probe(head="linear", epochs=2, batch_size=64), param_grid={"lr": [1e-3, 1e-2]})
     search.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
     assert search.best_score_ == max(r.best_val_acc for r in together)
 
@@ -69,8 +75,8 @@ def test_each_shard_is_hashed_once_while_read(sharded, monkeypatch):
     """No separate hashing pass: loading two features and streaming three epochs hashes each shard once."""
     import hashlib
 
-    from dinoprobe import cache as cache_module
-    from dinoprobe.tensors import load_features
+    from dinoprobe.cache import store as cache_module
+    from dinoprobe.cache.arrays import load_features
 
     hashed = []
 

@@ -5,12 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+
+from dinoprobe import Probe, Sweep
+from dinoprobe.cache import store as cache
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.estimators.knn import knn_scores
+from dinoprobe.estimators.logreg import fit_logreg_batched, fit_logreg_sklearn
+from dinoprobe.settings import DINOV3_LINEAR_LRS
 
 from conftest import assert_clean_error, make_synthetic_cache, run_cli
-from dinoprobe import Sweep, cache
-from dinoprobe.baselines import fit_logreg_batched, fit_logreg_sklearn, knn_scores
-from dinoprobe.estimators import DINOV3_LINEAR_LRS
-from dinoprobe.errors import DinoprobeError
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,7 @@ def test_sweep_cli_writes_table_plot_and_a_best_run(synthetic, tmp_path):
 
 
 def test_dinov3_preset_is_13_lrs_scaled_by_batch():
-    search = Sweep(preset="dinov3-linear", batch_size=1024, param_grid={"weight_decay": [0, 1e-4]})
+    search = Sweep(Probe(batch_size=1024), preset="dinov3-linear", param_grid={"weight_decay": [0, 1e-4]})
     grid = search.grid()
     assert grid["head"] == ["linear"] and grid["optimizer"] == ["sgd"] and grid["momentum"] == [0.9]
     assert len(grid["lr"]) == 13 and grid["lr"][0] == pytest.approx(DINOV3_LINEAR_LRS[0] * 4)
@@ -83,6 +87,18 @@ def test_batched_logreg_agrees_with_sklearn(synthetic):
     ours = ((xt @ w.transpose(1, 2) + b[:, None]).argmax(-1) == yt).float().mean(1)
     reference = ((xt @ ws.transpose(1, 2) + bs[:, None]).argmax(-1) == yt).float().mean(1)
     assert (ours - reference).abs().max() <= 0.002  # within 0.2 accuracy points, every C
+    # the same solution, not just the same accuracy: scikit-learn's objective, C * sum CE + ||W||^2 / 2, and the
+    # model's probabilities (softmax is blind to a shift of all intercepts, so compare what it gives)
+    x, y = torch.tensor(x_tr, dtype=torch.float64), torch.tensor(train["label"])
+
+    def objective(w, b, c):
+        logits = x @ w.double().t() + b.double()
+        return c * F.cross_entropy(logits, y, reduction="sum").item() + 0.5 * (w.double() ** 2).sum().item()
+
+    for i, c in enumerate(cs):
+        assert objective(w[i], b[i], c) == pytest.approx(objective(ws[i], bs[i], c), rel=1e-4)
+        torch.testing.assert_close((xt @ w[i].t() + b[i]).softmax(1), (xt @ ws[i].t() + bs[i]).softmax(1),
+                                   atol=2e-3, rtol=0)
 
 
 def test_logreg_cli_gives_a_head_that_predict_format_accepts(synthetic, tmp_path):
@@ -91,7 +107,7 @@ def test_logreg_cli_gives_a_head_that_predict_format_accepts(synthetic, tmp_path
     metrics = json.loads((tmp_path / "l" / "metrics.json").read_text())
     assert {"val", "test", "best_c", "val_accuracy_per_c"} <= set(metrics) and 0 < metrics["test"]["top1"] <= 1
     assert metrics["best_c"] == [1e-6, 0.01, 1][int(np.argmax(metrics["val_accuracy_per_c"]))] != 1e-6
-    from dinoprobe.runs import load_head_file
+    from dinoprobe.train.headfile import load_head_file
 
     assert load_head_file(tmp_path / "l").spec.kind == "linear"
 

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_folder
-from dinoprobe import cache
-from dinoprobe.data import open_source
+from dinoprobe.cache import store as cache
+from dinoprobe.cache.arrays import AugmentedViews, load_cache
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract import extract
-from dinoprobe.batches import sample_views
-from dinoprobe.engine import TrainConfig, train_heads
-from dinoprobe.tensors import load_cache
+from dinoprobe.extract.run import extract
+from dinoprobe.extract.sources import open_source
+from dinoprobe.train.loop import TrainConfig, train_heads
+
+from conftest import make_folder
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_training_samples_one_view_per_image_uniformly():
     generator = torch.Generator().manual_seed(0)
     counts = torch.zeros(4)
     for _ in range(20):
-        picked = sample_views(views, generator)[:, 0].long()
+        picked = AugmentedViews(views, views[:, 0]).sample(generator)[:, 0].long()
         assert torch.equal(picked // 4, torch.arange(1000))  # exactly one view of every image
         counts += torch.bincount(picked % 4, minlength=4)
     expected = 20 * 1000 / 4

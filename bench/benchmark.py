@@ -1,0 +1,527 @@
+"""`make bench` (`python -m bench.benchmark`): what this machine can do and how close dinoprobe gets, every
+comparison a ratio from one run.
+
+Sections: (1) roofline — matmul throughput and FLOPs/image; (2) bare backbone forward; (3) the `features`
+pipeline on JPEGs and on CIFAR-style arrays, interleaved with bare forwards for a same-moment ratio; (4) the
+original method (backbone every epoch) vs features + probe; (5) heads on 50k cached features, the sweep
+side by side vs one after another, the 45-C logistic regression vs scikit-learn; (6) the transformers route of
+the original second script. Each figure is a median over repeats after a warm-up.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+SCALES = {
+    # small: the whole run in under ~3 minutes on 2 CPU cores
+    "small": dict(image_size=224, batch_size=8, batch_sizes=(8,), repeats=3, pipeline_images=40, array_images=40,
+                  worker_processes=False, process_images=16,
+                  original_size=64, original_images=4, original_epochs=(5, 100), original_workers=0,
+                  head_rows=50_000, head_epochs=100, reference_epochs=10, mlp_epochs=5, large_batch=True,
+                  sweep_configs=32, sweep_rows=5_000, sweep_epochs=10, logreg_rows=1_500,
+                  transformers_images=8),
+    "full": dict(image_size=224, batch_size=8, batch_sizes=(1, 8, 16, 32, 64), repeats=5, pipeline_images=256,
+                 array_images=256, worker_processes=True, process_images=256,
+                 original_size=224, original_images=70, original_epochs=(5, 100), original_workers=2,
+                 head_rows=50_000, head_epochs=100, reference_epochs=100, mlp_epochs=100, large_batch=True,
+                 sweep_configs=32, sweep_rows=50_000, sweep_epochs=100, logreg_rows=50_000, transformers_images=32),
+    # smoke: every section at toy sizes in well under a minute; checks that the benchmark runs (tests use it),
+    # its figures mean nothing
+    "smoke": dict(image_size=32, batch_size=4, batch_sizes=(4,), repeats=1, pipeline_images=8, array_images=8,
+                  worker_processes=False, process_images=4,
+                  original_size=32, original_images=4, original_epochs=(1, 2), original_workers=0,
+                  head_rows=1_000, head_epochs=2, reference_epochs=1, mlp_epochs=1, large_batch=True,
+                  sweep_configs=4, sweep_rows=500, sweep_epochs=2, logreg_rows=300, transformers_images=2),
+}
+# On CUDA the CPU sizes would measure launch overhead: issue 4's GPU goal is at 256 px with large batches, and
+# enough images that a pipeline run lasts seconds. (Not yet run on a GPU: none was available in development.)
+GPU_OVERRIDES = {
+    "small": dict(image_size=256, batch_size=256, batch_sizes=(256,), pipeline_images=4096, array_images=4096,
+                  process_images=2048),
+    "full": dict(image_size=256, batch_size=256, batch_sizes=(64, 128, 256, 512), pipeline_images=16384,
+                 array_images=16384, process_images=8192),
+}
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_info() -> dict:
+    import timm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+
+
+# --------------------------------------------------------------------------------------------- 1. roofline
+def gemm_flops(device: torch.device, repeats: int) -> float:
+    n = 4096 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def run():
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n**3 / median_time(run, repeats)
+
+
+# ------------------------------------------------------------------------------------------------ 2. forward
+def forward_rate(backbone, batch: int, size: int, device, precision: str, repeats: int) -> float:
+    from dinoprobe.device import autocast
+
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def run():
+        with torch.inference_mode(), autocast(device, precision):
+            backbone(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return batch / median_time(run, repeats)
+
+
+# ----------------------------------------------------------------------------------------------- 3. pipeline
+def jpeg_folder(root: Path, sources: list[Path], count: int) -> Path:
+    """`count` real JPEGs (the given ones, cycled) in ROOT/train/<class>/ + a small val split."""
+    for i in range(count):
+        src = sources[i % len(sources)]
+        dst = root / "train" / f"class{i % 2}" / f"{i:05d}{src.suffix}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    for c in range(2):
+        (root / "val" / f"class{c}").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sources[c], root / "val" / f"class{c}" / f"v{c}{sources[c].suffix}")
+    return root
+
+
+def array_source(count: int, seed: int = 0):
+    """CIFAR-format data (uint8 32x32x3 arrays) through the same path `--data cifar10` takes."""
+    from dinoprobe.extract.datasource import DataSource
+
+    rng = np.random.default_rng(seed)
+    arrays = {"train": rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+              "val": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)}
+    splits = {s: [(f"bench:{s}:{i}", i % 10) for i in range(len(a))] for s, a in arrays.items()}
+    return DataSource("cifar10", "bench-arrays", [str(i) for i in range(10)], splits, None, arrays)
+
+
+def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device: str, decoder: str = "pil",
+                  last_blocks: int = 4) -> float:
+    from dinoprobe.extract.run import extract
+
+    cache_dir = tmp / f"cache-{time.perf_counter_ns()}"
+    summary = extract(backbone, source, cache_dir, batch_size=batch, workers=workers, device=device,
+                      progress=False, decoder=decoder, last_blocks=last_blocks)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return summary.images_per_second
+
+
+def decode_rates(paths: list[str], config, repeats: int) -> dict:
+    """Decode + resize + crop alone (no backbone), images/s: PIL's reference path vs --decoder torchvision."""
+    from dinoprobe.extract.decode import TorchvisionDecode, load_rgb
+    from dinoprobe.extract.transforms import worker_transform
+
+    pil, tv = worker_transform(config), TorchvisionDecode(config)
+    decoders = {"pil": lambda p: pil(load_rgb(p)), "torchvision": tv}
+    times = {name: [] for name in decoders}
+    for _ in range(repeats):  # interleaved
+        for name, decode in decoders.items():
+            start = time.perf_counter()
+            for path in paths:
+                decode(path)
+            times[name].append(time.perf_counter() - start)
+    return {f"{name}_images_per_s": len(paths) / statistics.median(t) for name, t in times.items()}
+
+
+def processes_section(folder: Path, size: int, batch: int) -> dict:
+    """`features` images/s as reported by the CLI, one process vs `torchrun` with 2 (gloo on CPU)."""
+    import re
+    import subprocess
+    import sys
+
+    rates = {}
+    for n in (1, 2):
+        cache_dir = folder.parent / f"procs-{n}"
+        args = ["-m", "dinoprobe", "features", "--data", str(folder), "--weights", "random", "--image-size",
+                str(size), "--batch-size", str(batch), "--cache", str(cache_dir)]
+        cmd = [sys.executable, *args] if n == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800).stdout
+        found = re.search(r"\(([0-9.]+) images/s\)", out)
+        rates[str(n)] = float(found.group(1)) if found else float("nan")
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return rates
+
+
+# ----------------------------------------------------------------------------------- 4. original vs cached
+def original_vs_cached(data_root: Path, size: int, epochs_list, tmp: Path, device: str, workers: int) -> list[dict]:
+    from bench.reference import train_backbone_in_loop
+    from dinoprobe import Probe
+    from dinoprobe.cache.arrays import load_cache
+    from dinoprobe.extract.backbone import build_backbone
+    from dinoprobe.extract.run import extract
+    from dinoprobe.extract.sources import open_source
+    from dinoprobe.train.loop import TrainConfig
+
+    backbone = build_backbone(weights="random", image_size=size, log=lambda *_: None)
+    source = open_source(str(data_root))
+    rows = []
+    for epochs in epochs_list:
+        # the original script: MLP head, Adam 1e-3, backbone over every image every epoch
+        cfg = TrainConfig(head="mlp", optimizer="adam", lr=1e-3, batch_size=32, epochs=epochs)
+        _, original = train_backbone_in_loop(backbone, source.splits["train"], source.splits["val"],
+                                             len(source.classes), cfg, workers=workers)
+        start = time.perf_counter()
+        cache_dir = tmp / f"orig-cache-{epochs}"
+        extract(backbone, source, cache_dir, batch_size=8, device=device, progress=False)
+        extract_s = time.perf_counter() - start
+        data = load_cache(cache_dir, "cls", device)
+        probe = Probe(head="mlp", batch_size=32, epochs=epochs, device=device)
+        probe.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+        total = time.perf_counter() - start
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        rows.append({"epochs": epochs, "images": len(source.splits["train"]) + len(source.splits["val"]), "workers": workers,
+                     "image_size": size, "original_s": original.seconds, "features_s": extract_s,
+                     "probe_s": probe.train_seconds_, "dinoprobe_s": total, "speedup": original.seconds / total})
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- 5. heads
+def synthetic_features(rows: int, dim: int = 384, classes: int = 10, seed: int = 0, device="cpu"):
+    """(x_train, y_train, x_val, y_val): Gaussian class clusters, separable but not trivially."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=gen) * 0.15
+
+    def split(n):
+        y = torch.randint(0, classes, (n,), generator=gen)
+        return (centres[y] + torch.randn(n, dim, generator=gen)).to(device), y.to(device)
+    return (*split(rows), *split(max(1000, rows // 10)))
+
+
+def heads_section(cfg: dict, device) -> dict:
+    from bench.reference import train_on_tensors
+    from dinoprobe import Probe, Sweep
+    from dinoprobe.estimators.logreg import fit_logreg_batched, fit_logreg_sklearn
+    from dinoprobe.settings import DEFAULT_C_GRID
+    from dinoprobe.train.loop import TrainConfig
+
+    out = {}
+    x, y, xv, yv = synthetic_features(cfg["head_rows"], device=device)
+
+    def probe_s(head, epochs, batch):
+        return Probe(head=head, epochs=epochs, batch_size=batch, device=device).fit(x, y, X_val=xv, y_val=yv) \
+            .train_seconds_
+
+    # Probe(head="linear") against the plain PyTorch loop (nn.Linear, torch.optim.Adam, F.cross_entropy,
+    # backward, a permutation per epoch, a val pass per epoch), same epochs, interleaved: the machine drifts
+    epochs = cfg["reference_epochs"]
+    reference = TrainConfig(head="linear", epochs=epochs, batch_size=256)
+    plain, ours = [], []
+    for _ in range(2):
+        plain.append(train_on_tensors(reference, x, y, xv, yv, 10)[1].seconds)
+        ours.append(probe_s("linear", epochs, 256))
+    out.update({"reference_epochs": epochs, "linear_plain_s": statistics.median(plain),
+                "linear_same_epochs_s": statistics.median(ours)})
+    out["linear_vs_plain"] = out["linear_plain_s"] / out["linear_same_epochs_s"]
+    runs = [("linear", "linear", cfg["head_epochs"], 256), ("mlp", "mlp", cfg["mlp_epochs"], 256)]
+    if cfg["large_batch"]:
+        runs.append(("linear_b1024", "linear", cfg["head_epochs"], 1024))
+    for name, head, n_epochs, batch in runs:
+        out[f"{name}_s"], out[f"{name}_epochs"], out[f"{name}_batch"] = probe_s(head, n_epochs, batch), n_epochs, batch
+    # a Sweep of linear configurations against as many separate Probe fits on the same data
+    xs, ys, xsv, ysv = synthetic_features(cfg["sweep_rows"], device=device)
+    lrs = [float(v) for v in np.logspace(-4, -1, cfg["sweep_configs"])]
+    common = dict(head="linear", epochs=cfg["sweep_epochs"], batch_size=256, device=device)
+    start = time.perf_counter()
+    Sweep(Probe(**common), param_grid={"lr": lrs}).fit(xs, ys, X_val=xsv, y_val=ysv)
+    side = time.perf_counter() - start
+    start = time.perf_counter()
+    for lr in lrs:
+        Probe(lr=lr, **common).fit(xs, ys, X_val=xsv, y_val=ysv)
+    sequential = time.perf_counter() - start
+    out.update({"sweep_configs": len(lrs), "sweep_rows": cfg["sweep_rows"], "sweep_epochs": cfg["sweep_epochs"],
+                "sweep_side_by_side_s": side, "sweep_one_after_another_s": sequential,
+                "sweep_speedup": sequential / side})
+    lx, ly, _, _ = synthetic_features(cfg["logreg_rows"], device=device)
+    lx = (lx - lx.mean(0)) / lx.std(0)
+    start = time.perf_counter()
+    fit_logreg_batched(lx, ly, 10, DEFAULT_C_GRID)
+    torch_s = time.perf_counter() - start
+    start = time.perf_counter()
+    fit_logreg_sklearn(lx.cpu().numpy(), ly.cpu().numpy(), DEFAULT_C_GRID)
+    sklearn_s = time.perf_counter() - start
+    out.update({"logreg_rows": cfg["logreg_rows"], "logreg_cs": len(DEFAULT_C_GRID), "logreg_torch_s": torch_s,
+                "logreg_sklearn_s": sklearn_s, "logreg_speedup": sklearn_s / torch_s})
+    return out
+
+
+# -------------------------------------------------------------------------------------------- 6. transformers
+def transformers_route(images: list[Path], tmp: Path, batch: int) -> dict | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from PIL import Image
+
+    config = transformers.DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                          intermediate_size=1536, patch_size=16, num_register_tokens=4)
+    folder = tmp / "dinov3-vits16-pretrain-lvd1689m"
+    transformers.DINOv3ViTModel(config).save_pretrained(folder)
+    transformers.DINOv3ViTImageProcessor().save_pretrained(folder)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    pils = [Image.open(p).convert("RGB") for p in images]
+
+    def one_at_a_time():
+        with torch.inference_mode():
+            for image in pils:
+                _ = model(**processor(images=image, return_tensors="pt")).pooler_output
+
+    def batched():
+        with torch.inference_mode():
+            for i in range(0, len(pils), batch):
+                _ = model(**processor(images=pils[i:i + batch], return_tensors="pt")).pooler_output
+    return {"one_at_a_time_img_s": len(pils) / median_time(one_at_a_time, 2),
+            "batched_img_s": len(pils) / median_time(batched, 2), "images": len(pils)}
+
+
+# ------------------------------------------------------------------------------------------------------ run
+def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto", log=print) -> dict:
+    from dinoprobe.device import resolve_device, resolve_precision
+    from dinoprobe.extract.backbone import build_backbone, model_facts
+    from dinoprobe.extract.sources import open_source
+
+    dev = resolve_device(device)
+    cfg = {**SCALES[scale], **(GPU_OVERRIDES.get(scale, {}) if dev.type == "cuda" else {})}
+    precision = resolve_precision("auto", dev)
+    results: dict = {"scale": scale, "machine": machine_info(), "config": {k: list(v) if isinstance(v, tuple) else v
+                                                                          for k, v in cfg.items()}}
+    size, batch, reps = cfg["image_size"], cfg["batch_size"], cfg["repeats"]
+    tmp = Path(tempfile.mkdtemp(prefix="dinoprobe-bench-"))
+    marks: list[tuple[str, float]] = []
+
+    def begin(name: str, message: str) -> None:  # wall time per section, so a slow run shows where it went
+        marks.append((name, time.perf_counter()))
+        log(message)
+    try:
+        backbone = build_backbone(weights="random", image_size=size, log=lambda *_: None)
+        flops = model_facts(backbone)["flops_per_image"]
+        backbone = backbone.to(dev)
+        begin("roofline_forward",
+              "1/6 roofline and 2/6 bare forward (interleaved: this machine's speed drifts by tens of %)")
+        gemms, forwards = [], {b: [] for b in cfg["batch_sizes"]}
+        forward_rate(backbone, batch, size, dev, precision, 1)  # warm-up
+        for _ in range(reps):
+            gemms.append(gemm_flops(dev, 3))
+            for b in cfg["batch_sizes"]:
+                forwards[b].append(forward_rate(backbone, b, size, dev, precision, 1))
+        gemm = statistics.median(gemms)
+        forward = {b: statistics.median(v) for b, v in forwards.items()}
+        results["roofline"] = {"gemm_flops": gemm, "flops_per_image": flops, "images_per_s_limit": gemm / flops,
+                               "precision": precision}
+        results["forward"] = {"batch_size": batch, "images_per_s": forward[batch],
+                              "fraction_of_roofline": forward[batch] / (gemm / flops),
+                              "by_batch_size": {str(b): r for b, r in forward.items()}}
+        begin("pipeline", "3/6 pipeline (features on JPEGs and CIFAR-format arrays, interleaved with bare forwards)")
+        if data_root is None:  # no photos given: photograph-like JPEGs made here (sample_images.py)
+            from bench.sample_images import make_jpeg_folder
+
+            data_root = make_jpeg_folder(tmp / "generated", sizes=(300, 500))
+            results["data"] = "generated: 70 JPEGs, 300-500 px (bench.sample_images)"
+        else:
+            results["data"] = str(data_root)
+        jpegs = sorted(data_root.rglob("*.jp*g"))
+        pipeline: dict = {}
+        if jpegs:
+            source = open_source(str(jpeg_folder(tmp / "jpegs", jpegs, cfg["pipeline_images"])))
+            arrays = array_source(cfg["array_images"])
+            from dinoprobe.device import default_workers
+
+            workers = default_workers(dev)
+            runs = {"jpeg": [], "jpeg_torchvision": [], "arrays": [], "arrays_no_blocks": [], "bare": []}
+            if cfg["worker_processes"]:
+                runs["jpeg_2_workers"] = []
+            for _ in range(max(2, reps - 1)):
+                runs["bare"].append(forward_rate(backbone, batch, size, dev, precision, 2))
+                runs["jpeg"].append(pipeline_rate(backbone, source, tmp, batch, workers, device))
+                runs["jpeg_torchvision"].append(pipeline_rate(backbone, source, tmp, batch, workers, device,
+                                                              "torchvision"))
+                if cfg["worker_processes"]:
+                    runs["jpeg_2_workers"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
+                runs["arrays"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device))
+                runs["arrays_no_blocks"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device,
+                                                              last_blocks=0))
+            bare = statistics.median(runs["bare"])
+            pipeline = {"batch_size": batch, "workers": workers, "bare_forward_images_per_s": bare,
+                        **{f"{name}_images_per_s": statistics.median(v) for name, v in runs.items() if name != "bare"}}
+            pipeline["decode_only"] = decode_rates([p for p, _ in source.splits["train"]], backbone.data_config,
+                                                   reps)
+            pipeline["processes"] = processes_section(jpeg_folder(tmp / "procs", jpegs, cfg["process_images"]),
+                                                      size, batch)
+            pipeline["process_images"] = cfg["process_images"]
+            pipeline["jpeg_fraction_of_forward"] = pipeline["jpeg_images_per_s"] / bare
+            pipeline["arrays_fraction_of_forward"] = pipeline["arrays_images_per_s"] / bare
+        results["pipeline"] = pipeline
+        begin("original_vs_dinoprobe", "4/6 original method vs features + probe")
+        if data_root:
+            subset = jpeg_folder(tmp / "original", jpegs, cfg["original_images"])
+            results["original_vs_dinoprobe"] = original_vs_cached(subset, cfg["original_size"], cfg["original_epochs"],
+                                                                  tmp, device, cfg["original_workers"])
+        begin("heads", "5/6 heads, sweep, logreg")
+        results["heads"] = heads_section(cfg, dev)
+        begin("transformers", "6/6 transformers route")
+        if jpegs:
+            results["transformers"] = transformers_route(jpegs[: cfg["transformers_images"]], tmp, batch)
+            if results["transformers"] and pipeline:
+                results["transformers"]["dinoprobe_jpeg_images_per_s"] = pipeline["jpeg_images_per_s"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    marks.append(("end", time.perf_counter()))
+    results["section_seconds"] = {a[0]: round(b[1] - a[1], 1) for a, b in zip(marks, marks[1:])}
+    results["total_seconds"] = round(marks[-1][1] - marks[0][1], 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.md").write_text(markdown(results))
+    return results
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ", no GPU"
+    lines = [f"`make bench BENCH_SCALE={r['scale']}` — {m['date']}; {m['cpu']} ({m['cores']} cores{gpu}); "
+             f"Python {m['python']}, torch {m['torch']}, timm {m['timm']}."
+             + (f" The run took {r['total_seconds'] / 60:.1f} min." if "total_seconds" in r else ""), "",
+             "| measurement | result | compared with | ratio |", "|---|---|---|---|"]
+    rf, fw = r["roofline"], r["forward"]
+    size = r["config"]["image_size"]
+    lines.append(f"| matmul throughput ({rf['precision']}) | {rf['gemm_flops'] / 1e9:.0f} GFLOP/s | "
+                 f"{rf['flops_per_image'] / 1e9:.2f} GFLOP/image at {size} px | limit {rf['images_per_s_limit']:.1f} images/s |")
+    lines.append(f"| bare backbone forward, batch {fw['batch_size']} | {fw['images_per_s']:.1f} images/s | roofline "
+                 f"{rf['images_per_s_limit']:.1f} images/s | {fw['fraction_of_roofline']:.2f} |")
+    for b, rate in fw["by_batch_size"].items():
+        if int(b) != fw["batch_size"]:
+            lines.append(f"| bare forward, batch {b} | {rate:.1f} images/s | batch {fw['batch_size']} | "
+                         f"{rate / fw['images_per_s']:.2f} |")
+    p = r.get("pipeline") or {}
+    if p:
+        lines.append(f"| `features` on JPEGs ({size} px, batch {p['batch_size']}, workers auto = {p['workers']}, HDF5 "
+                     f"write) | "
+                     f"{p['jpeg_images_per_s']:.1f} images/s | bare forward {p['bare_forward_images_per_s']:.1f} images/s "
+                     f"| {p['jpeg_fraction_of_forward']:.2f} |")
+        for key, label in (("jpeg_torchvision", "`features` on JPEGs, `--decoder torchvision`"),
+                           ("jpeg_2_workers", "`features` on JPEGs, 2 worker processes")):
+            if f"{key}_images_per_s" in p:
+                rate = p[f"{key}_images_per_s"]
+                lines.append(f"| {label} | {rate:.1f} images/s | bare forward | "
+                             f"{rate / p['bare_forward_images_per_s']:.2f} |")
+        d = p.get("decode_only")
+        if d:
+            lines.append(f"| JPEG decode + resize + crop only, `--decoder torchvision` | "
+                         f"{d['torchvision_images_per_s']:.0f} images/s | PIL {d['pil_images_per_s']:.0f} images/s | "
+                         f"**{d['torchvision_images_per_s'] / d['pil_images_per_s']:.1f}x** |")
+        pr = p.get("processes")
+        if pr:
+            lines.append(f"| `torchrun` 2 CPU processes (gloo), `features` on JPEGs | {pr['2']:.1f} images/s | "
+                         f"1 process {pr['1']:.1f} images/s | {pr['2'] / pr['1']:.2f} |")
+        lines.append(f"| `features` on CIFAR-format arrays (batched tensor resize) | {p['arrays_images_per_s']:.1f} "
+                     f"images/s | bare forward | {p['arrays_fraction_of_forward']:.2f} |")
+        if "arrays_no_blocks_images_per_s" in p:
+            lines.append(f"| `features --last-blocks 4` (the default: 4 more CLS tokens per image), arrays | "
+                         f"{p['arrays_images_per_s']:.1f} images/s | `--last-blocks 0` "
+                         f"{p['arrays_no_blocks_images_per_s']:.1f} images/s | "
+                         f"{p['arrays_images_per_s'] / p['arrays_no_blocks_images_per_s']:.2f} |")
+    for row in r.get("original_vs_dinoprobe", []):
+        lines.append(f"| original method, {row['epochs']} epochs ({row['images']} images, {row['image_size']} px, "
+                     f"{row.get('workers', 2)} loader workers) | "
+                     f"{row['original_s']:.1f} s | features + probe {row['dinoprobe_s']:.1f} s "
+                     f"({row['features_s']:.1f} + {row['probe_s']:.2f}) | **{row['speedup']:.1f}x** |")
+    h = r["heads"]
+    rows = r["config"]["head_rows"]
+    lines.append(f"| `Probe(head=\"linear\")`, {h['reference_epochs']} epochs, {rows:,} x 384, 10 classes, batch 256, "
+                 f"Adam | {h['linear_same_epochs_s']:.2f} s | plain PyTorch loop {h['linear_plain_s']:.2f} s | "
+                 f"**{h['linear_vs_plain']:.1f}x** |")
+    lines.append(f"| `Probe(head=\"linear\")`, {h['linear_epochs']} epochs, batch {h['linear_batch']} | "
+                 f"{h['linear_s']:.2f} s | per epoch {h['linear_s'] / h['linear_epochs']:.3f} s | |")
+    if "linear_b1024_s" in h:
+        lines.append(f"| `Probe(head=\"linear\")`, {h['linear_b1024_epochs']} epochs, batch {h['linear_b1024_batch']} | "
+                     f"{h['linear_b1024_s']:.2f} s | batch {h['linear_batch']} | "
+                     f"{h['linear_s'] / h['linear_b1024_s']:.1f}x |")
+    lines.append(f"| `Probe()`: {h['mlp_epochs']} epochs MLP head (256 hidden), batch {h['mlp_batch']} | {h['mlp_s']:.2f} s | "
+                 f"linear head, per epoch | {h['mlp_s'] / h['mlp_epochs'] / (h['linear_s'] / h['linear_epochs']):.2f} |")
+    lines.append(f"| `Sweep`: {h['sweep_configs']} linear configs side by side ({h['sweep_rows']:,} rows, "
+                 f"{h['sweep_epochs']} epochs) | {h['sweep_side_by_side_s']:.2f} s | {h['sweep_configs']} separate "
+                 f"`Probe` fits {h['sweep_one_after_another_s']:.2f} s | **{h['sweep_speedup']:.1f}x** |")
+    lines.append(f"| logreg, {h['logreg_cs']} C values, batched torch L-BFGS ({h['logreg_rows']:,} x 384) | "
+                 f"{h['logreg_torch_s']:.1f} s | scikit-learn looping over C {h['logreg_sklearn_s']:.1f} s | "
+                 f"**{h['logreg_speedup']:.1f}x** |")
+    t = r.get("transformers")
+    if t:
+        dp = t["dinoprobe_jpeg_images_per_s"]
+        lines.append(f"| transformers AutoModel + AutoImageProcessor, one image at a time | "
+                     f"{t['one_at_a_time_img_s']:.1f} images/s | `features` on JPEGs {dp:.1f} images/s | "
+                     f"{t['one_at_a_time_img_s'] / dp:.2f} |")
+        lines.append(f"| transformers, batches of {r['forward']['batch_size']} | {t['batched_img_s']:.1f} images/s | "
+                     f"`features` on JPEGs {dp:.1f} images/s | {t['batched_img_s'] / dp:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, table: str) -> None:
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    text = readme.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + "\n" + table + end + rest.split(end, 1)[1])
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--scale", type=click.Choice(["small", "full", "smoke"]), default="small", show_default=True,
+              help="small: under ~3 minutes on 2 CPU cores; full: the long measurements; smoke: seconds, toy "
+                   "sizes, checks that the benchmark runs (its figures mean nothing)")
+@click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data", "data_root", default=None, type=click.Path(),
+              help="Folder of JPEGs in train/<class>/ [default: 70 photograph-like JPEGs generated for the run]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--readme", default=None, type=click.Path(dir_okay=False),
+              help="Also replace the table between <!-- bench:start/end --> in this README")
+def main(scale, out, data_root, device, readme):
+    """Measure this machine and dinoprobe on it: bench/results.json + a Markdown table."""
+    results = run(scale, Path(out), Path(data_root) if data_root else None, device,
+                  log=lambda message: click.echo(message, err=True))
+    table = markdown(results)
+    click.echo(table)
+    if readme:
+        update_readme(Path(readme), table)
+    click.echo(f"wrote {out}/results.json and {out}/results.md")
+
+
+if __name__ == "__main__":
+    main()

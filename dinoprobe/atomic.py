@@ -1,0 +1,77 @@
+"""One way to write a file: readers see the old content or the new, never a mix, and nothing follows a planted link.
+
+The rule, for cache shards and manifests, head files, exports and run directories alike: write into a temporary
+name created exclusively (O_EXCL, a random suffix) in the target's own folder, fsync the file, rename it over the
+target, fsync the folder. A crash leaves at most a `.NAME.tmp-*` file beside the target, never a half-written one
+under the target's name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+TMP_MARK = ".tmp-"
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename in `path` durable (a no-op where the platform cannot open folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_name(path: Path, directory: bool = False) -> Path:
+    """A new, exclusively created temporary file (or folder) beside `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yields a temporary path to write by name (h5py, torch.save); on success it replaces `path` durably, on any
+    error it is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1))

@@ -1,0 +1,176 @@
+"""Cache -> in-memory float32 tensors for head training: one verified read, then only index permutations.
+
+This is the estimators' cache loader::
+
+    from dinoprobe import Probe, load_cache
+    data = load_cache("cache/cifar10-...", feature="cls")
+    probe = Probe(head="linear").fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    probe.score(data.X_test, data.y_test)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dinoprobe.cache import store as cache
+from dinoprobe.device import resolve_device
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.cache.specs import blocks_needed, columns, parse_feature, select, width
+from dinoprobe.cache.stream import StreamedTrainSplit
+
+
+def shuffled_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int):
+    """One epoch of (x[rows], rows) batches, rows taken from `order` in turn."""
+    for idx in order.to(x.device, non_blocking=True).split(batch_size):
+        yield x.index_select(0, idx), idx
+
+
+class AugmentedViews:
+    """K cached augmented views per train image, (N, K, D), and the clean features (N, D) that normalisation
+    statistics come from. A training source (train.sources.TrainSource): each epoch samples one view per image
+    (generator seed + 1), then batches in the order an in-memory source would use (generator seed), so adding
+    views leaves the order unchanged."""
+
+    def __init__(self, views: torch.Tensor, clean: torch.Tensor):
+        if views.dim() != 3 or clean.dim() != 2 or views.shape[0] != clean.shape[0] \
+                or views.shape[2] != clean.shape[1]:
+            raise DinoprobeError(f"views {tuple(views.shape)} do not fit clean features {tuple(clean.shape)}; "
+                                 "expected (N, K, D) and (N, D)")
+        self.views, self.clean = views, clean
+        self.shape = tuple(clean.shape)
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.clean.mean(0), self.clean.std(0)
+
+    def to(self, device) -> "AugmentedViews":
+        return AugmentedViews(self.views.to(device), self.clean.to(device))
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        """One augmented view per image, uniformly at random: (N, D)."""
+        n, k = self.views.shape[:2]
+        choice = torch.randint(k, (n,), generator=generator).to(self.views.device)
+        return self.views[torch.arange(n, device=self.views.device), choice]
+
+    def epochs(self, normalizer, batch_size: int, seed: int):
+        order, pick = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+        while True:
+            x = normalizer(self.sample(pick))
+            yield shuffled_batches(x, torch.randperm(len(x), generator=order), batch_size)
+
+
+@dataclass
+class FeatureSplits:
+    """Features (N, D) and labels (N,) per split, plus what a head file needs to remember about the cache.
+
+    `X_train` is what training reads: the train features, their augmented views (views=True) or a streamed split
+    (max_memory exceeded). `x["train"]` is the plain tensor, or None when streamed."""
+
+    x: dict[str, torch.Tensor | None]
+    y: dict[str, torch.Tensor]
+    classes: list[str]
+    feature: str
+    manifest: dict = field(repr=False)
+    train_views: torch.Tensor | None = None  # (N, K, D) augmented views of the train split, when loaded
+    stream: StreamedTrainSplit | None = None  # when the train features exceed the memory budget
+    cache_dir: str = ""
+    index: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # each row's `index` in the cache
+
+    @property
+    def X_train(self):
+        if self.stream is not None:
+            return self.stream
+        if self.train_views is not None:
+            return AugmentedViews(self.train_views, self.x["train"])
+        return self.x["train"]
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self.y["train"]
+
+    X_val = property(lambda self: self.x.get("val"))
+    y_val = property(lambda self: self.y.get("val"))
+    X_test = property(lambda self: self.x.get("test"))
+    y_test = property(lambda self: self.y.get("test"))
+
+    @property
+    def dim(self) -> int:
+        return int(self.stream.dim if self.stream is not None else self.x["train"].shape[1])
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y["train"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True, views: bool = False,
+               max_memory: int | None = None) -> FeatureSplits:
+    """Read and validate a cache for training: a train split with >= 2 classes, a non-empty val split."""
+    return load_features(cache_dir, (feature,), device, require_val, views, max_memory)[feature]
+
+
+def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
+                  max_memory: int | None = None) -> dict[str, FeatureSplits]:
+    """`load_cache` for several feature choices at once (a sweep's): every shard is read and verified once."""
+    device = resolve_device(device)
+    wanted = {f: parse_feature(f) for f in features}
+    parts = tuple(dict.fromkeys(p for ps in wanted.values() for p in ps))
+    manifest = cache.open_manifest(cache_dir)
+    stored = manifest.get("features", list(cache.FEATURE_KINDS))
+    lacking = [c for c in columns(parts) if c not in stored and c != "cls_blocks"]
+    if lacking:
+        raise DinoprobeError(f"cache {cache_dir} has no {lacking} features (it has {stored}); pick another --feature")
+    have_blocks = int(manifest.get("last_blocks", 0))
+    if blocks_needed(parts) > have_blocks:
+        raise DinoprobeError(f"--feature {'/'.join(features)} needs the CLS tokens of the last {blocks_needed(parts)} "
+                             f"blocks, and cache {cache_dir} holds {have_blocks}; rebuild it with `dinoprobe features "
+                             f"--last-blocks {blocks_needed(parts)}` (into another --cache, or with --overwrite)")
+    if views and "cls_blocks" in columns(parts):
+        raise DinoprobeError("augmented views hold cls and patch_mean only; use --views with those features")
+    reader = cache.ShardReader(cache_dir)
+    train_rows = sum(s["rows"] for s in manifest["splits"].get("train", {}).get("shards", []))
+    widest = max(width(ps, manifest.get("feature_dim", 0)) for ps in wanted.values())
+    streamed = bool(max_memory) and train_rows * widest * 4 > max_memory
+    if streamed and views:
+        raise DinoprobeError("--views needs the train views in memory; raise --max-memory or drop --views")
+    rows, y = {}, {}
+    for split in manifest["splits"]:
+        rows[split] = cache.load(cache_dir, split, () if split == "train" and streamed else columns(parts),
+                                 manifest=manifest, reader=reader)
+        y[split] = torch.from_numpy(rows[split]["label"].astype(np.int64))
+    classes = manifest["classes"]
+    if "train" not in y or len(y["train"]) == 0:
+        raise DinoprobeError(f"cache {cache_dir} has an empty train split; nothing to train on")
+    present = torch.unique(y["train"]).numel()
+    if len(classes) < 2 or present < 2:
+        raise DinoprobeError(f"cache {cache_dir} has {present} class(es) in train; a classifier needs at least 2")
+    if require_val and len(y.get("val", ())) == 0:
+        raise DinoprobeError(f"cache {cache_dir} has an empty val split; the best epoch is chosen on val — rebuild "
+                             "the cache with a val/ folder or --val-fraction")
+    splits = [s for s in y if len(y[s])]  # e.g. an empty test split: simply not evaluated
+    view_rows = None
+    if views:
+        view_rows = cache.load(cache_dir, "train", tuple(f"{c}_views" for c in columns(parts)), manifest=manifest,
+                               reader=reader)
+    out = {}
+    for feature, feature_part in wanted.items():
+        x = {s: None if s == "train" and streamed else torch.from_numpy(select(rows[s], feature_part)).to(device)
+             for s in splits}
+        train_views = None
+        if view_rows is not None:
+            train_views = torch.from_numpy(np.concatenate(
+                [view_rows[f"{p}_views"].astype(np.float32) for p in feature_part], axis=2)).to(device)
+        stream = (StreamedTrainSplit(reader, manifest, feature_part, max_memory, device) if streamed
+                  else None)
+        out[feature] = FeatureSplits(x, {s: y[s].to(device) for s in splits}, classes, feature, manifest,
+                                     train_views, stream, str(cache_dir), {s: rows[s]["index"] for s in splits})
+    return out
+
+

@@ -1,0 +1,336 @@
+"""The feature cache: HDF5 shards per split plus a JSON manifest that fingerprints how they were made.
+
+Layout (the contract every later stage and users' own scripts read)::
+
+    CACHE/manifest.json            fingerprint, classes, per-split shards (rows, sha256) and skipped inputs
+    CACHE/<split>/shard-NNNNN.h5   cls (N,D), patch_mean (N,D), label (N,), index (N,), path (N,) utf-8
+
+Shard NNNNN covers inputs [NNNNN*shard_size, (NNNNN+1)*shard_size) of its split's file list, so what a shard
+holds does not depend on who computed it. A shard is written under a temporary name and renamed when complete,
+then recorded in the manifest (itself replaced atomically): a crash loses at most the shards in flight.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dinoprobe.atomic import atomic_path, write_json
+from dinoprobe.errors import DinoprobeError
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+FORMAT_VERSION = 1
+FEATURE_KINDS = ("cls", "patch_mean")
+BLOCK_KINDS = ("cls_blocks",)  # (N, B, D): the CLS token of each of the last B blocks (--last-blocks B)
+VIEW_KINDS = ("cls_views", "patch_mean_views")  # (N, K, D): K augmented views per train image (--views K)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def shard_file(split: str, number: int) -> str:
+    return f"{split}/shard-{number:05d}.h5"
+
+
+def fingerprint_sha256(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint_differences(have: dict, want: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of the fields in which two fingerprints differ."""
+    out = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            short = lambda v: (v[:12] + "…") if isinstance(v, str) and len(v) > 40 else v  # noqa: E731
+            out.append(f"{prefix}{key}: cache has {short(a)!r}, requested {short(b)!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- manifest io
+def read_manifest(cache_dir: str | Path) -> dict | None:
+    path = Path(cache_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DinoprobeError(f"{path} is unreadable ({err}); rebuild the cache with `dinoprobe features ... "
+                             "--overwrite`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "splits" not in manifest:
+        raise DinoprobeError(f"{path} is not a dinoprobe v{FORMAT_VERSION} manifest; rebuild with --overwrite")
+    return manifest
+
+
+def new_manifest(fingerprint: dict, classes: list[str], splits: dict[str, int], shard_size: int,
+                 extra: dict | None = None) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "fingerprint_sha256": fingerprint_sha256(fingerprint),
+        "classes": list(classes),
+        "shard_size": int(shard_size),
+        "splits": {name: {"num_inputs": int(n), "complete": False, "shards": []} for name, n in splits.items()},
+        "created": now(),
+        "updated": now(),
+        **(extra or {}),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- shards
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(cache_dir: Path, split: str, number: int, start: int, stop: int, rows: dict[str, np.ndarray],
+                dtype: str, skipped: list[dict]) -> dict:
+    """Write one complete shard atomically and return its manifest entry."""
+    final = Path(cache_dir) / shard_file(split, number)
+    n = len(rows["index"])
+    with atomic_path(final) as tmp:
+        with h5py.File(tmp, "w") as fh:
+            for kind in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS):
+                if kind in rows:
+                    fh.create_dataset(kind, data=rows[kind].astype(dtype, copy=False))
+            fh.create_dataset("label", data=rows["label"].astype(np.int64, copy=False))
+            fh.create_dataset("index", data=rows["index"].astype(np.int64, copy=False))
+            fh.create_dataset("path", data=np.asarray(rows["path"], dtype=object),
+                              dtype=h5py.string_dtype("utf-8"))
+            fh.attrs.update({"split": split, "start": start, "stop": stop, "format": FORMAT_VERSION})
+        entry = {"file": shard_file(split, number), "start": start, "stop": stop, "rows": n,
+                 "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), "skipped": skipped}
+    # the entry also lives beside the shard, so a shard finished by any process (another torchrun rank, or a run
+    # killed between this rename and its manifest update) can be adopted into the manifest later
+    write_json(final.with_suffix(".json"), entry)
+    return entry
+
+
+def adopt_finished_shards(cache_dir: Path, manifest: dict) -> int:
+    """Record in the manifest every finished shard (h5 + matching sidecar entry) it does not list yet."""
+    adopted = 0
+    for split, info in manifest["splits"].items():
+        known = {s["file"] for s in info["shards"]}
+        for sidecar in sorted((Path(cache_dir) / split).glob("shard-*.json")):
+            entry_file = f"{split}/{sidecar.with_suffix('.h5').name}"
+            shard = Path(cache_dir) / entry_file
+            if entry_file in known or not shard.is_file():
+                continue
+            try:
+                entry = json.loads(sidecar.read_text())
+            except (OSError, ValueError):
+                continue
+            if entry.get("file") == entry_file and shard.stat().st_size == entry.get("bytes") \
+                    and sha256_file(shard) == entry.get("sha256"):
+                info["shards"].append(entry)
+                adopted += 1
+        info["shards"].sort(key=lambda s: s["start"])
+    return adopted
+
+
+def read_shard(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as fh:
+        return _columns(fh, path, columns)
+
+
+def _columns(fh: h5py.File, path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    out = {}
+    for col in columns:
+        if col not in fh:
+            raise DinoprobeError(f"{path} has no '{col}' dataset (has {sorted(fh)})")
+        out[col] = fh[col].asstr()[...] if col == "path" else fh[col][...]
+    return out
+
+
+class ShardReader:
+    """Reads shards, checking each one's sha256 against the manifest the first time it is read, on the bytes
+    being read: one pass over the disk, no separate hashing pass. Later reads of a checked shard (a streamed
+    epoch) read only the columns they need."""
+
+    def __init__(self, cache_dir: str | Path, check_hashes: bool = True):
+        self.cache_dir, self.check_hashes, self.checked = Path(cache_dir), check_hashes, set()
+
+    def read(self, entry: dict, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+        path = self.cache_dir / entry["file"]
+        if not self.check_hashes or entry["file"] in self.checked:
+            return read_shard(path, columns)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise DinoprobeError(f"cache {self.cache_dir} failed verification: {entry['file']}: sha256 differs from "
+                                 "the manifest (edited or corrupt); delete it and rerun the same `dinoprobe "
+                                 "features` command to recompute it")
+        self.checked.add(entry["file"])
+        with h5py.File(io.BytesIO(data), "r") as fh:
+            return _columns(fh, path, columns)
+
+
+# ------------------------------------------------------------------------------------------------- verify
+def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
+    """Every problem that makes the cache untrustworthy, each with what to do; [] when it is sound."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return [f"{cache_dir} does not exist; create it with `dinoprobe features --cache {cache_dir}`"]
+    try:
+        manifest = read_manifest(cache_dir)
+    except DinoprobeError as err:
+        return [str(err)]
+    if manifest is None:
+        return [f"{cache_dir} has no {MANIFEST}; create it with `dinoprobe features --cache {cache_dir}`"]
+    fix = "rerun the same `dinoprobe features` command to recompute it"
+    problems = []
+    if manifest.get("fingerprint_sha256") != fingerprint_sha256(manifest.get("fingerprint", {})):
+        problems.append(f"{MANIFEST}: fingerprint was edited; rebuild with --overwrite")
+    known = set()
+    for split, info in manifest["splits"].items():
+        if not info.get("complete"):
+            problems.append(f"split '{split}' is incomplete ({len(info['shards'])} shards done); {fix}")
+        for shard in info["shards"]:
+            path = cache_dir / shard["file"]
+            known.add(path.resolve())
+            if not path.is_file():
+                problems.append(f"{shard['file']}: missing; {fix}")
+                continue
+            if path.stat().st_size != shard.get("bytes", path.stat().st_size):
+                problems.append(f"{shard['file']}: size {path.stat().st_size} != {shard['bytes']} recorded "
+                                f"(truncated?); delete it and {fix}")
+                continue
+            if check_hashes and sha256_file(path) != shard["sha256"]:
+                problems.append(f"{shard['file']}: sha256 differs from the manifest (edited or corrupt); delete "
+                                f"it and {fix}")
+                continue
+            try:
+                with h5py.File(path, "r") as fh:
+                    lengths = {k: len(fh[k]) for k in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS, "label", "index", "path")
+                               if k in fh}
+                    index = fh["index"][...]
+            except Exception as err:
+                problems.append(f"{shard['file']}: unreadable HDF5 ({err}); delete it and {fix}")
+                continue
+            if set(lengths.values()) != {shard["rows"]}:
+                problems.append(f"{shard['file']}: row counts {lengths} != {shard['rows']} in the manifest; {fix}")
+            elif len(index) and (index.min() < shard["start"] or index.max() >= shard["stop"]):
+                problems.append(f"{shard['file']}: indices outside [{shard['start']}, {shard['stop']}); {fix}")
+    for path in sorted(cache_dir.glob("*/shard-*.h5")):
+        if path.resolve() not in known:
+            problems.append(f"{path.relative_to(cache_dir)}: shard not in the manifest (left by another run?); "
+                            "remove it or rebuild with --overwrite")
+    return problems
+
+
+def open_manifest(cache_dir: str | Path, verify_cache: bool = True) -> dict:
+    """The manifest of a cache whose structure passed verification (complete splits, shard sizes, row counts, no
+    strays); a DinoprobeError naming the problems otherwise. Shard hashes are checked by ShardReader as the shards
+    are read, and all at once by `dinoprobe cache verify`."""
+    if verify_cache:
+        problems = verify(cache_dir, check_hashes=False)
+        if problems:
+            more = f" (+{len(problems) - 3} more; run `dinoprobe cache verify {cache_dir}`)" if len(problems) > 3 else ""
+            raise DinoprobeError(f"cache {cache_dir} failed verification: {'; '.join(problems[:3])}{more}")
+    manifest = read_manifest(cache_dir)
+    if manifest is None:
+        raise DinoprobeError(f"{cache_dir} is not a dinoprobe cache (no {MANIFEST})")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------- reader
+def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FEATURE_KINDS,
+         verify_cache: bool = True, manifest: dict | None = None, reader: ShardReader | None = None
+         ) -> dict[str, np.ndarray]:
+    """Read one split into memory: ``{feature: (N, D), 'label': (N,), 'index': (N,), 'path': (N,)}``.
+
+    Rows come in `index` order; every shard's sha256 is checked as it is read (unless verify_cache=False).
+    This is the public API for reading caches in your own code::
+
+        from dinoprobe.cache import store as cache
+        train = cache.load("cache/my-cache", "train", features="cls")
+        X, y = train["cls"], train["label"]
+    """
+    features = (features,) if isinstance(features, str) else tuple(features)
+    manifest = manifest or open_manifest(cache_dir, verify_cache)
+    if split not in manifest["splits"]:
+        raise DinoprobeError(f"cache {cache_dir} has no '{split}' split (has {sorted(manifest['splits'])})")
+    unknown = [f for f in features if f not in FEATURE_KINDS + BLOCK_KINDS + VIEW_KINDS]
+    if unknown:
+        raise DinoprobeError(f"unknown feature {unknown}; caches hold {list(FEATURE_KINDS + BLOCK_KINDS)}")
+    if "cls_blocks" in features and not manifest.get("last_blocks"):
+        raise DinoprobeError(f"cache {cache_dir} holds no per-block CLS tokens; build it with `dinoprobe features "
+                             "--last-blocks N`")
+    if any(f in VIEW_KINDS for f in features) and not manifest["fingerprint"].get("views", {}).get("count") \
+            or (any(f in VIEW_KINDS for f in features) and split != "train"):
+        raise DinoprobeError(f"cache {cache_dir} has no augmented views for '{split}'; build it with "
+                             "`dinoprobe features --views K`")
+    columns = (*features, "label", "index", "path")
+    reader = reader or ShardReader(cache_dir, check_hashes=verify_cache)
+    parts = [reader.read(s, columns)
+             for s in sorted(manifest["splits"][split]["shards"], key=lambda s: s["start"])]
+    if not parts:
+        dim = manifest.get("feature_dim", 0)
+        return {**{f: np.zeros((0, dim), np.float32) for f in features}, "label": np.zeros(0, np.int64),
+                "index": np.zeros(0, np.int64), "path": np.zeros(0, object)}
+    return {col: np.concatenate([p[col] for p in parts]) for col in columns}
+
+
+def skipped_inputs(manifest: dict, split: str | None = None) -> list[dict]:
+    splits = [split] if split else list(manifest["splits"])
+    return [dict(s, split=name) for name in splits for shard in manifest["splits"][name]["shards"]
+            for s in shard.get("skipped", [])]
+
+
+# --------------------------------------------------------------------------------------------------- lock
+class CacheLock:
+    """One writer per cache: a lock file holding the writer's pid; a lock left by a dead process is taken over."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.path = Path(cache_dir) / LOCK
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _alive(holder):
+                    raise DinoprobeError(f"another dinoprobe process (pid {holder}) is writing {self.path.parent}; "
+                                         f"wait for it, or delete {self.path} if that process is gone") from None
+                self.path.unlink(missing_ok=True)  # stale: its writer died
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return self
+        raise DinoprobeError(f"could not take the lock {self.path}")
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or -1)
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc):
+        if self._holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,100 @@
+"""Training on caches larger than memory: train features read from HDF5 one read-ahead buffer at a time.
+
+An epoch visits the shards in a shuffled order, a buffer of a few shards at a time, rows shuffled within the
+buffer (`streaming_order`). Given the same order, streamed and in-memory training see identical batches, so they
+give identical results (tested). Labels and the val/test splits stay in memory: they are small.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.cache.specs import columns, select, width
+
+
+def streaming_plan(rows_per_shard: list[int], buffer_shards: int, generator: torch.Generator):
+    """One epoch: [(shards of a read-ahead buffer, their global rows shuffled)], buffers in shuffled shard order."""
+    offsets = np.concatenate([[0], np.cumsum(rows_per_shard)]).astype(np.int64)
+    shard_order = torch.randperm(len(rows_per_shard), generator=generator).tolist()
+    plan = []
+    for i in range(0, len(shard_order), buffer_shards):
+        group = shard_order[i:i + buffer_shards]
+        rows = torch.cat([torch.arange(int(offsets[s]), int(offsets[s + 1])) for s in group])
+        plan.append((group, rows[torch.randperm(len(rows), generator=generator)]))
+    return plan
+
+
+def streaming_order(rows_per_shard: list[int], buffer_shards: int, generator: torch.Generator) -> torch.Tensor:
+    """The global row order of `streaming_plan`: what in-memory training must follow to match streaming."""
+    plan = streaming_plan(rows_per_shard, buffer_shards, generator)
+    return torch.cat([rows for _, rows in plan]) if plan else torch.zeros(0, dtype=torch.long)
+
+
+class StreamedTrainSplit:
+    """The train split's features on disk, read a buffer of shards at a time within a memory budget."""
+
+    def __init__(self, reader, manifest: dict, parts: tuple[str, ...], max_bytes: int, device):
+        self.reader, self.parts, self.device = reader, tuple(parts), device  # reader: a cache.ShardReader
+        self.columns = columns(self.parts)
+        shards = sorted(manifest["splits"]["train"]["shards"], key=lambda s: s["start"])
+        self.entries = [s for s in shards if s["rows"]]
+        self.rows = [s["rows"] for s in shards if s["rows"]]
+        self.dim = width(self.parts, manifest["feature_dim"])
+        shard_bytes = max(self.rows) * self.dim * 4
+        self.buffer_shards = max(1, int(max_bytes // shard_bytes))  # at least one shard, whatever the budget
+
+    def __len__(self) -> int:
+        return sum(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.dim)
+
+    def order(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if n != len(self):
+            raise DinoprobeError(f"streaming order for {n} rows asked of a split with {len(self)}")
+        return streaming_order(self.rows, self.buffer_shards, generator)
+
+    def _read(self, shard: int) -> torch.Tensor:
+        return torch.from_numpy(select(self.reader.read(self.entries[shard], self.columns), self.parts))
+
+    def epochs(self, normalizer, batch_size: int, seed: int):
+        """A training source (train.sources.TrainSource): every epoch the batches of `streaming_order`."""
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            yield ((normalizer(x), rows) for x, rows in self.iterate_batches(batch_size, generator))
+
+    def iterate_batches(self, batch_size: int, generator: torch.Generator):
+        """(features, rows) batches of `streaming_order`, holding only the current buffer's shards in memory."""
+        offsets = np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
+        carry_x = carry_y = None  # a partial batch carried into the next buffer, so batches match the order
+        plan = streaming_plan(self.rows, self.buffer_shards, generator)
+        for number, (group, rows) in enumerate(plan):
+            buffer = torch.cat([self._read(s) for s in group])
+            start_in_buffer = np.zeros(len(self.rows), dtype=np.int64)
+            start_in_buffer[group] = np.concatenate([[0], np.cumsum([self.rows[s] for s in group])[:-1]])
+            shard = np.searchsorted(offsets, rows.numpy(), side="right") - 1
+            local = torch.from_numpy(start_in_buffer[shard] + rows.numpy() - offsets[shard])
+            x = buffer.index_select(0, local).to(self.device, non_blocking=True)
+            y = rows.to(self.device)
+            if carry_x is not None:
+                x, y = torch.cat([carry_x, x]), torch.cat([carry_y, y])
+            last = number == len(plan) - 1
+            full = len(x) if last else len(x) - len(x) % batch_size
+            for begin in range(0, full, batch_size):
+                yield x[begin:begin + batch_size], y[begin:begin + batch_size]
+            carry_x, carry_y = x[full:], y[full:]
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (unbiased) std per dimension in one streamed pass, for --normalize standardize."""
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        squares = torch.zeros(self.dim, dtype=torch.float64)
+        for shard in range(len(self.entries)):
+            x = self._read(shard).double()
+            total += x.sum(0)
+            squares += (x * x).sum(0)
+        n = len(self)
+        mean = total / n
+        var = (squares - n * mean * mean) / max(1, n - 1)
+        return mean.float().to(self.device), var.clamp_min(0).sqrt().float().to(self.device)

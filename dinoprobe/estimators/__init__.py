@@ -1,0 +1,1 @@
+"""scikit-learn estimators over feature arrays: `Probe`, `Sweep`, `LogReg`, `KNN`."""

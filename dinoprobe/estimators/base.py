@@ -1,0 +1,168 @@
+"""What the four estimators share: input checks at the boundary, label encoding, the validation split, few-shot
+tries, and scikit-learn's classifier interface (`predict_proba` from each estimator's `_scores`)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
+
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.splits import carve_indices, sample_shots
+from dinoprobe.train.sources import TrainSource
+
+# scikit-learn checks deliberately not passed (check_estimator(..., expected_failed_checks=...)), and why
+EXPECTED_FAILED_CHECKS = {
+    "KNN": {"check_methods_subset_invariance": "similarities are float32 matrix products, whose blocking (so the "
+                                               "last bits of each vote) depends on the batch size"},
+}
+
+
+# ------------------------------------------------------------------------------------------ input checks
+def as_features(X, name: str = "X") -> torch.Tensor:
+    """An (N, D) finite float32 tensor from an array-like or tensor, or a ValueError naming the problem."""
+    if isinstance(X, torch.Tensor):
+        if X.dim() != 2:
+            raise DinoprobeError(f"{name} must be 2-D (samples, features), got shape {tuple(X.shape)}")
+        X = X.detach().float()
+        if len(X) and not torch.isfinite(X).all():
+            raise DinoprobeError(f"{name} contains NaN or infinity; remove or impute those rows first")
+        return X
+    try:
+        array = check_array(X, dtype=(np.float32, np.float64), input_name=name)
+    except ValueError as err:
+        raise DinoprobeError(str(err)) from None
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def as_labels(y, n: int, name: str = "y") -> np.ndarray:
+    if y is None:
+        raise DinoprobeError("this estimator requires y to be passed, but the target y is None")
+    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    try:
+        y = column_or_1d(y, warn=True)  # a column vector is accepted with scikit-learn's warning
+    except ValueError:
+        raise DinoprobeError(f"{name} must be 1-D (one label per sample), got shape {y.shape}") from None
+    if len(y) != n:
+        raise DinoprobeError(f"{name} has {len(y)} labels for {n} samples; they must have the same length")
+    check_classification_targets(y)
+    return y
+
+
+class _Classifier(ClassifierMixin, BaseEstimator):
+    """Validation, label encoding and the validation split shared by the four estimators; `predict_proba`
+    comes from each one's `_scores` (logits or votes, (N, classes))."""
+
+    def fit(self, X, y, *, X_val=None, y_val=None):
+        """Fit on (X, y), choosing the model on (X_val, y_val) or on a split carved from X; returns self.
+
+        With `shots`, fits `tries` models, each on K training images per class drawn with the try number as
+        seed, and evaluated on the untouched validation data; the estimator then predicts with try 0, and
+        tries_ / try_estimators_ hold every try (see `few_shot`)."""
+        x_tr, y_tr, x_val, y_val, positions = self._train_and_val(X, y, X_val, y_val, self.val_fraction, self.seed)
+        rows = self._shot_rows(y_tr, x_tr, self.shots, self.tries)
+        if rows is None:
+            return self._fit_encoded(x_tr, y_tr, x_val, y_val)
+        fitted = self._fit_tries(x_tr, y_tr, x_val, y_val, rows)
+        self.try_estimators_ = fitted
+        self.tries_ = [{"seed": t, "train_index": positions[r.numpy()], "val_score": est.best_score_}
+                       for t, (r, est) in enumerate(zip(rows, fitted))]
+        self.__dict__.update({k: v for k, v in fitted[0].__dict__.items()
+                              if k.endswith("_") and not k.startswith("_")})  # predict with try 0
+        return self
+
+    def _fit_tries(self, x_tr, y_tr, x_val, y_val, rows) -> list:
+        """One fitted copy per try (Probe overrides this to train the tries side by side)."""
+        return [self._fitted_copy()._fit_encoded(x_tr[r], y_tr[r], x_val, y_val) for r in rows]
+
+    def _fitted_copy(self):
+        """A new estimator with these parameters (shots off) and this fit's classes and width."""
+        copy = clone(self).set_params(shots=None, tries=1)
+        copy.classes_, copy.n_features_in_ = self.classes_, self.n_features_in_
+        return copy
+
+    def _shot_rows(self, y_tr: torch.Tensor, x_tr, shots, tries) -> list[torch.Tensor] | None:
+        """Each try's training rows (positions in x_tr) when `shots` is set, else None."""
+        if shots is None:
+            return None
+        if not isinstance(x_tr, torch.Tensor):
+            raise DinoprobeError("few-shot training samples rows of in-memory features; drop --views/--max-memory")
+        if not (isinstance(tries, (int, np.integer)) and tries >= 1):
+            raise DinoprobeError(f"tries must be an integer >= 1, got {tries!r}")
+        draws = [sample_shots(y_tr.numpy(), shots, seed=t) for t in range(tries)]
+        short = {str(self.classes_[c]): n for _, s in draws for c, n in s.items()}
+        self.few_shot_ = {"shots": str(shots), "tries": int(tries), "short_classes": short}
+        if short:
+            warnings.warn(f"few-shot: {len(short)} class(es) have fewer than {shots} training images and keep "
+                          f"all of them: {dict(list(short.items())[:5])}", stacklevel=3)
+        return [torch.from_numpy(rows) for rows, _ in draws]
+
+    def _train_and_val(self, X, y, X_val, y_val, fraction: float, seed: int):
+        """(train features or source, encoded train labels, val features, encoded val labels, positions of the
+        train rows in X); sets classes_ and n_features_in_."""
+        if (X_val is None) != (y_val is None):
+            raise DinoprobeError("pass both X_val and y_val, or neither (a validation split is then carved from X)")
+        source = X if isinstance(X, TrainSource) and not isinstance(X, (torch.Tensor, np.ndarray)) else None
+        X = X if source is not None else as_features(X)
+        y = as_labels(y, len(X))
+        try:
+            self.classes_, y_enc = np.unique(y, return_inverse=True)
+        except TypeError:  # e.g. a mix of strings and numbers, or None among the labels
+            raise DinoprobeError(f"y mixes label types ({sorted({type(v).__name__ for v in y})}); use one type for "
+                                 "every label, all strings or all integers") from None
+        if len(self.classes_) < 2:
+            raise DinoprobeError(f"y holds {len(self.classes_)} class; a classifier needs at least 2 classes")
+        self.n_features_in_ = int(X.shape[1])
+        if X_val is None:
+            if source is not None:
+                raise DinoprobeError("augmented views and streamed features need X_val and y_val")
+            train_pos, val_pos = carve_indices(y_enc, fraction, seed)
+            return (X[train_pos], torch.from_numpy(y_enc[train_pos]), X[val_pos], torch.from_numpy(y_enc[val_pos]),
+                    train_pos)
+        X_val = self._check_width(as_features(X_val, "X_val"))
+        y_val = as_labels(y_val, len(X_val), "y_val")
+        if len(X_val) == 0:
+            raise DinoprobeError("X_val is empty; pass validation rows or leave X_val out to carve them from X")
+        y_val_enc = self._encode(y_val)
+        if (y_val_enc < 0).any():  # model selection on a class no head can predict is silently wrong
+            unknown = sorted({str(v) for v in np.asarray(y_val)[y_val_enc < 0]})
+            raise DinoprobeError(f"y_val holds {len(unknown)} label(s) that y lacks: {unknown[:5]}; validation "
+                                 "labels must be among the training classes")
+        return X, torch.from_numpy(y_enc), X_val, torch.from_numpy(y_val_enc), np.arange(len(y_enc))
+
+    def _encode(self, labels: np.ndarray) -> np.ndarray:
+        """Positions in classes_; labels never seen in training become -1 (never predicted, always wrong)."""
+        pos = np.searchsorted(self.classes_, labels).clip(0, len(self.classes_) - 1)
+        return np.where(self.classes_[pos] == labels, pos, -1).astype(np.int64)
+
+    def _check_width(self, X: torch.Tensor) -> torch.Tensor:
+        if X.shape[1] != self.n_features_in_:
+            raise DinoprobeError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                                 f"{self.n_features_in_} features as input")
+        return X
+
+    def _features(self, X) -> torch.Tensor:
+        check_is_fitted(self)
+        return self._check_width(as_features(X))
+
+    def predict_proba(self, X) -> np.ndarray:
+        return torch.softmax(self._scores(self._features(X)).double(), dim=1).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        best = self._scores(self._features(X)).argmax(1).numpy()
+        return self.classes_[best]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
+
+
+def names_for(estimator, names=None) -> list[str]:
+    """Names for classes_: names[label] for integer labels from a cache, else str(label)."""
+    if names is not None:
+        return [names[int(c)] for c in estimator.classes_]
+    return [str(c) for c in estimator.classes_]

@@ -1,0 +1,80 @@
+"""`KNN`: DINO's weighted k-NN on L2-normalised features."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinoprobe.device import resolve_device
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.estimators.base import _Classifier, as_labels
+from dinoprobe.settings import KNN_KS, KNN_TEMPERATURE
+
+
+def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
+               max_block: int = 1 << 25) -> dict[int, torch.Tensor]:
+    """Weighted k-NN on L2-normalised features (DINO): class scores sum exp(cos / T) over the k nearest.
+
+    The similarity matrix is computed in row blocks of at most `max_block` entries, never whole.
+    """
+    train = F.normalize(train_x.float(), dim=1)
+    query = F.normalize(query_x.float(), dim=1)
+    ks = sorted({min(k, len(train)) for k in ks})
+    top = ks[-1]
+    rows = max(1, max_block // max(1, len(train)))
+    out = {k: torch.zeros(len(query), num_classes) for k in ks}
+    for start in range(0, len(query), rows):
+        sims, idx = (query[start:start + rows] @ train.t()).topk(top, dim=1)
+        labels, weights = train_y[idx], (sims / temperature).exp()
+        for k in ks:
+            votes = torch.zeros(len(idx), num_classes, device=weights.device)
+            votes.scatter_add_(1, labels[:, :k], weights[:, :k])
+            out[k][start:start + rows] = votes.cpu()
+    return out
+
+
+class KNN(_Classifier):
+    """DINO's weighted k-NN on L2-normalised features: each of the k nearest training rows (cosine similarity)
+    votes for its class with weight exp(similarity / temperature); k chosen from `ks` on validation accuracy.
+
+    Fitted attributes: best_k_, val_score_per_k_ ({k: accuracy}), classes_, n_features_in_.
+    """
+
+    def __init__(self, ks=KNN_KS, temperature=KNN_TEMPERATURE, val_fraction=0.1, seed=0, shots=None, tries=1,
+                 device="auto"):
+        self.ks = ks
+        self.temperature = temperature
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.shots = shots
+        self.tries = tries
+        self.device = device
+
+    def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
+        ks = sorted({int(k) for k in (self.ks if hasattr(self.ks, "__iter__") else [self.ks])})
+        if not ks or ks[0] < 1:
+            raise DinoprobeError(f"ks must be positive integers, got {self.ks}")
+        if not self.temperature > 0:
+            raise DinoprobeError(f"temperature must be > 0, got {self.temperature}")
+        self.device_ = resolve_device(self.device)
+        self.bank_x_, self.bank_y_ = x_tr.to(self.device_), y_tr.to(self.device_)
+        scores = knn_scores(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
+                            self.temperature)
+        self.val_score_per_k_ = {k: (s.argmax(1) == y_val).sum().item() / len(y_val) for k, s in scores.items()}
+        self.best_k_ = max(self.val_score_per_k_, key=lambda k: (self.val_score_per_k_[k], -k))
+        self.best_score_ = self.val_score_per_k_[self.best_k_]
+        return self
+
+    def _scores(self, X, ks=None):
+        scores = knn_scores(self.bank_x_, self.bank_y_, X.to(self.device_), len(self.classes_),
+                            ks or [self.best_k_], self.temperature)
+        return scores if ks else scores[min(self.best_k_, len(self.bank_y_))]
+
+    def score_per_k(self, X, y) -> dict[int, float]:
+        """Accuracy on (X, y) for every k in ks (capped at the number of training rows)."""
+        X, y = self._features(X), self._encode(as_labels(y, len(X)))
+        return {k: float((s.argmax(1).numpy() == y).mean()) for k, s in self._scores(X, sorted(self.ks)).items()}
+
+    def predict_proba(self, X) -> np.ndarray:
+        votes = self._scores(self._features(X)).double()
+        return (votes / votes.sum(1, keepdim=True).clamp_min(1e-300)).numpy()

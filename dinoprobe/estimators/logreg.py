@@ -1,0 +1,211 @@
+"""`LogReg`: DINOv3's logistic-regression protocol on feature arrays, every C of the grid solved at once.
+
+scikit-learn's `LogisticRegression(solver='lbfgs')` is the reference (`solver="sklearn"`). `fit_logreg_batched`
+solves the same problems for many C at once: one batched loss/gradient evaluation per step for all C, with each C
+keeping its own L-BFGS history and line search (no library offers independent L-BFGS problems batched together).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.utils.validation import check_is_fitted
+
+from dinoprobe.device import resolve_device
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.estimators.base import _Classifier, names_for
+from dinoprobe.settings import DEFAULT_C_GRID
+from dinoprobe.train.headfile import save_head
+from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
+from dinoprobe.train.losses import softmax_cross_entropy
+
+
+def _objective(theta, x, onehot, lam, num_classes):
+    """Per-problem mean cross-entropy + lam/2 ||W||^2 (intercept unpenalised), and its gradient. (K,), (K,P)."""
+    k, (n, d) = theta.shape[0], x.shape
+    w = theta[:, : num_classes * d].view(k, num_classes, d)
+    b = theta[:, num_classes * d:]
+    logits = (x @ w.reshape(k * num_classes, d).t()).view(n, k, num_classes).transpose(0, 1) + b[:, None, :]
+    neg_loss, dlogits = softmax_cross_entropy(logits, onehot)  # (K,), (K, n, C)
+    loss = -neg_loss / n + 0.5 * lam * w.pow(2).sum((1, 2))
+    grad_w = torch.bmm(dlogits.transpose(1, 2), x.expand(k, n, d)) + lam[:, None, None] * w
+    return loss, torch.cat([grad_w.reshape(k, -1), dlogits.sum(1)], dim=1)
+
+
+def fit_logreg_batched(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter: int = 1000, tol: float = 1e-4,
+                       memory: int = 10, dtype: torch.dtype = torch.float64
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Minimise C * sum CE + ||W||^2 / 2 (sklearn's objective, scaled by 1/(C n)) for every C in `cs`.
+
+    Stops each problem like scikit-learn's lbfgs: gradient inf-norm <= tol (same default, same objective
+    scale), or no relative decrease left at the dtype's precision. float64 by default: strongly regularised
+    problems change the loss by less than float32 can resolve. Returns W (K, C, D), b (K, C) and iterations.
+    """
+    x = x.to(dtype)
+    n, d = x.shape
+    k = len(cs)
+    ftol = 64 * torch.finfo(dtype).eps  # scipy's L-BFGS-B default in scikit-learn
+    lam = 1.0 / (torch.tensor(cs, dtype=dtype, device=x.device) * n)
+    onehot = F.one_hot(y, num_classes).to(dtype)
+    theta = torch.zeros(k, num_classes * d + num_classes, device=x.device, dtype=dtype)
+    S = torch.zeros(k, memory, theta.shape[1], device=x.device, dtype=dtype)
+    Y = torch.zeros_like(S)
+    rho = torch.zeros(k, memory, device=x.device, dtype=dtype)  # rho = 0 marks an empty history slot
+    f, g = _objective(theta, x, onehot, lam, num_classes)
+    iterations = [max_iter] * k
+    active = torch.ones(k, dtype=torch.bool, device=x.device)
+    for it in range(max_iter):
+        active &= g.abs().amax(1) > tol
+        if not active.any():
+            break
+        a = active.nonzero().squeeze(1)
+        direction = _two_loop(g[a], S[a], Y[a], rho[a])
+        slope = (direction * g[a]).sum(1)
+        bad = slope >= 0  # not a descent direction: restart that problem from steepest descent
+        if bad.any():
+            direction[bad], slope[bad] = -g[a][bad], -(g[a][bad] ** 2).sum(1)
+            rho[a[bad]] = 0
+        step = torch.ones(len(a), device=x.device, dtype=dtype)
+        fresh = rho[a].abs().sum(1) == 0
+        step[fresh] = 1.0 / g[a][fresh].abs().sum(1).clamp_min(1.0)
+        new_theta, new_f, new_g = theta[a].clone(), f[a].clone(), g[a].clone()
+        todo = torch.arange(len(a), device=x.device)
+        for _ in range(20):  # backtracking Armijo line search, all pending problems evaluated together
+            trial = theta[a[todo]] + step[todo, None] * direction[todo]
+            tf, tg = _objective(trial, x, onehot, lam[a[todo]], num_classes)
+            ok = tf <= f[a[todo]] + 1e-4 * step[todo] * slope[todo]
+            new_theta[todo[ok]], new_f[todo[ok]], new_g[todo[ok]] = trial[ok], tf[ok], tg[ok]
+            todo = todo[~ok]
+            if len(todo) == 0:
+                break
+            step[todo] *= 0.5
+        stuck = torch.zeros(len(a), dtype=torch.bool, device=x.device)
+        stuck[todo] = True  # no decrease found: at the floating-point optimum, stop that problem
+        s, yv = new_theta - theta[a], new_g - g[a]
+        sy = (s * yv).sum(1)
+        keep = (sy > 1e-12) & ~stuck
+        idx = a[keep]
+        if len(idx):
+            S[idx], Y[idx], rho[idx] = S[idx].roll(-1, 1), Y[idx].roll(-1, 1), rho[idx].roll(-1, 1)
+            S[idx, -1], Y[idx, -1], rho[idx, -1] = s[keep], yv[keep], 1.0 / sy[keep]
+        flat = (f[a] - new_f) <= ftol * torch.maximum(f[a].abs(), new_f.abs()).clamp_min(1.0)
+        stuck |= flat
+        theta[a], f[a], g[a] = new_theta, new_f, new_g
+        for j in a[stuck].tolist():
+            iterations[j] = it + 1
+        active[a[stuck]] = False
+        for j in a[(g[a].abs().amax(1) <= tol)].tolist():
+            iterations[j] = it + 1
+    w = theta[:, : num_classes * d].view(k, num_classes, d)
+    return w.float(), theta[:, num_classes * d:].float(), iterations
+
+
+def _two_loop(g, S, Y, rho):
+    """L-BFGS two-loop recursion, vectorised over problems; empty history slots (rho=0) contribute nothing."""
+    q = g.clone()
+    m = S.shape[1]
+    alpha = torch.zeros(g.shape[0], m, device=g.device, dtype=g.dtype)
+    for i in reversed(range(m)):
+        alpha[:, i] = rho[:, i] * (S[:, i] * q).sum(1)
+        q -= alpha[:, i, None] * Y[:, i]
+    sy, yy = (S[:, -1] * Y[:, -1]).sum(1), (Y[:, -1] ** 2).sum(1)
+    gamma = torch.where(rho[:, -1] > 0, sy / yy.clamp_min(1e-30), torch.ones_like(sy))
+    r = gamma[:, None] * q
+    for i in range(m):
+        beta = rho[:, i] * (Y[:, i] * r).sum(1)
+        r += S[:, i] * (alpha[:, i] - beta)[:, None]
+    return -r
+
+
+def fit_logreg_sklearn(x, y, cs, max_iter: int = 1000, tol: float = 1e-4):
+    """The reference: one scikit-learn fit per C. Returns W (K, C, D), b (K, C) as tensors, and iterations."""
+    from sklearn.linear_model import LogisticRegression
+
+    x_np, y_np = np.asarray(x, dtype=np.float64), np.asarray(y)
+    ws, bs, iterations = [], [], []
+    for c in cs:
+        model = LogisticRegression(C=c, max_iter=max_iter, tol=tol).fit(x_np, y_np)
+        iterations.append(int(model.n_iter_.max()))
+        coef, intercept = model.coef_, model.intercept_
+        if coef.shape[0] == 1:  # binary: sklearn fits one logit; as two softmax logits that is (-w/2, w/2)
+            coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+        ws.append(coef)
+        bs.append(intercept)
+    return (torch.tensor(np.stack(ws), dtype=torch.float32), torch.tensor(np.stack(bs), dtype=torch.float32),
+            iterations)
+
+
+def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, solver: str = "torch",
+               max_iter: int = 1000, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """W (K, classes, D), b (K, classes) and the iterations, for every C in `cs`, on x's device."""
+    if solver == "sklearn":
+        w, b, iterations = fit_logreg_sklearn(x.cpu().numpy(), y.cpu().numpy(), cs, max_iter, tol)
+        return w.to(x.device), b.to(x.device), iterations
+    return fit_logreg_batched(x, y, num_classes, cs, max_iter, tol)
+
+
+class LogReg(_Classifier):
+    """DINOv3's logistic-regression protocol: L2-regularised multinomial logistic regression (scikit-learn's
+    objective) for every C in `Cs`, solved together by a batched L-BFGS; C chosen on validation accuracy, then
+    refit on train + validation. solver="sklearn" runs scikit-learn's LogisticRegression once per C instead.
+
+    Fitted attributes: coef_ (classes, D), intercept_ (classes,), best_C_, val_score_per_C_, n_iter_, normalizer_,
+    selection_coef_ / selection_intercept_ (the train-only model at best_C_ that chose it), classes_.
+    """
+
+    def __init__(self, Cs=None, normalize="standardize", max_iter=1000, tol=1e-4, solver="torch", val_fraction=0.1,
+                 seed=0, shots=None, tries=1, device="auto"):
+        self.Cs = Cs
+        self.normalize = normalize
+        self.max_iter = max_iter
+        self.tol = tol
+        self.solver = solver
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.shots = shots
+        self.tries = tries
+        self.device = device
+
+    def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
+        cs = [float(c) for c in (DEFAULT_C_GRID if self.Cs is None else self.Cs)]
+        if not cs or any(c <= 0 for c in cs):
+            raise DinoprobeError(f"Cs must be positive values, got {self.Cs}")
+        if self.solver not in ("torch", "sklearn"):
+            raise DinoprobeError(f"solver must be 'torch' or 'sklearn', got {self.solver!r}")
+        device = resolve_device(self.device)
+        k = len(self.classes_)
+        self.normalizer_ = Normalizer.fit(self.normalize, x_tr)
+        x_tr, x_val = self.normalizer_(x_tr).to(device), self.normalizer_(x_val).to(device)
+        w, b, iterations = fit_logreg(x_tr, y_tr.to(device), k, cs, self.solver, self.max_iter, self.tol)
+        val_pred = (torch.einsum("nd,kcd->knc", x_val, w) + b[:, None]).argmax(-1).cpu()
+        self.val_score_per_C_ = ((val_pred == y_val).sum(1) / len(y_val)).tolist()
+        best = int(np.argmax(self.val_score_per_C_))
+        self.best_C_, self.Cs_, self.best_score_ = cs[best], cs, self.val_score_per_C_[best]
+        self.selection_coef_, self.selection_intercept_ = w[best].cpu(), b[best].cpu()
+        w, b, refit_iterations = fit_logreg(torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val]).to(device), k,
+                                            [cs[best]], self.solver, self.max_iter, self.tol)
+        self.coef_, self.intercept_ = w[0].cpu(), b[0].cpu()
+        self.n_iter_ = np.array([refit_iterations[0]])  # L-BFGS iterations of the final fit, as scikit-learn's
+        self.n_iter_per_C_ = list(iterations)
+        return self
+
+    def _scores(self, X, selection: bool = False):
+        w, b = (self.selection_coef_, self.selection_intercept_) if selection else (self.coef_, self.intercept_)
+        return self.normalizer_(X) @ w.t() + b
+
+    def selection_predict_proba(self, X) -> np.ndarray:
+        """Probabilities from the train-only model at best_C_: honest validation scores, since the final model
+        (predict_proba) was refit on the validation data too."""
+        return torch.softmax(self._scores(self._features(X), selection=True).double(), dim=1).numpy()
+
+    def head(self):
+        """The fitted model as a linear head (build_head's layout), for run directories and head files."""
+        spec = HeadSpec("linear", self.n_features_in_, len(self.classes_))
+        return build_head(spec, [(self.coef_, self.intercept_)]).eval(), spec
+
+    def save(self, path, cache=None, class_names=None):
+        """A linear head file that `dinoprobe predict` and `export` accept (see Probe.save)."""
+        check_is_fitted(self)
+        head, spec = self.head()
+        config = {"method": "logreg", "normalize": self.normalize, "solver": self.solver, "best_C": self.best_C_}
+        return save_head(path, head, spec, self.normalizer_, names_for(self, class_names), cache, config)

@@ -1,0 +1,110 @@
+"""`Probe`: one linear or MLP head trained on feature arrays by dinoprobe's engine."""
+from __future__ import annotations
+
+import torch
+from sklearn.utils.validation import check_is_fitted
+
+from dinoprobe.device import resolve_device
+from dinoprobe.estimators.base import _Classifier, names_for
+from dinoprobe.train.config import TrainConfig, default
+from dinoprobe.train.headfile import save_head
+from dinoprobe.train.heads import HeadSpec, build_head
+from dinoprobe.train.loop import train_heads
+
+# Probe's parameters beyond TrainConfig's fields (a test holds Probe's signature to exactly these two sets)
+ESTIMATOR_PARAMS = ("val_fraction", "shots", "tries", "device", "progress")
+
+
+class Probe(_Classifier):
+    """A linear or MLP head trained on features by dinoprobe's engine, keeping the epoch with the best
+    validation accuracy.
+
+    The training parameters are `TrainConfig`'s fields, with its defaults and checks (the original script's MLP
+    head, D -> 256 -> ReLU -> Dropout(0.1) -> C, with Adam 1e-3 for 100 epochs, per-step cosine schedule).
+    `val_fraction` is the stratified share of X held out for validation when fit gets no X_val; `shots`/`tries`
+    train on K images per class (see `fit`); `device` is auto, cpu, cuda[:N] or mps.
+
+    Fitted attributes: classes_, n_features_in_, config_ (the TrainConfig), head_ (an nn.Sequential), normalizer_,
+    history_ (one dict per epoch), best_epoch_, best_score_ (validation accuracy at best_epoch_), train_seconds_.
+    """
+
+    # scikit-learn reads the parameters from this signature, so each is spelled out; the defaults are TrainConfig's
+    def __init__(self, head=default("head"), hidden=default("hidden"), dropout=default("dropout"),
+                 normalize=default("normalize"), optimizer=default("optimizer"), lr=default("lr"),
+                 weight_decay=default("weight_decay"), momentum=default("momentum"), nesterov=default("nesterov"),
+                 betas=default("betas"), eps=default("eps"), batch_size=default("batch_size"),
+                 epochs=default("epochs"), warmup_epochs=default("warmup_epochs"),
+                 label_smoothing=default("label_smoothing"), seed=default("seed"), patience=default("patience"),
+                 val_fraction=0.1, shots=None, tries=1, device="auto", progress=False):
+        self.head = head
+        self.hidden = hidden
+        self.dropout = dropout
+        self.normalize = normalize
+        self.optimizer = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.betas = betas
+        self.eps = eps
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
+        self.label_smoothing = label_smoothing
+        self.seed = seed
+        self.patience = patience
+        self.val_fraction = val_fraction
+        self.shots = shots
+        self.tries = tries
+        self.device = device
+        self.progress = progress
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """This estimator's training parameters as the engine's config (checked there)."""
+        params = {k: v for k, v in self.get_params().items() if k not in ESTIMATOR_PARAMS}
+        params["betas"] = tuple(params["betas"])
+        return TrainConfig(**{**params, **overrides})
+
+    def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
+        config, device = self.train_config(), resolve_device(self.device)
+        result, = train_heads([config], _to(x_tr, device), y_tr.to(device), x_val.to(device), y_val.to(device),
+                              len(self.classes_), progress=self.progress, desc="probe")
+        return self._set_result(result)
+
+    def _fit_tries(self, x_tr, y_tr, x_val, y_val, rows) -> list:
+        """Every try side by side in the engine (each head on its own rows)."""
+        config, device = self.train_config(), resolve_device(self.device)
+        results = train_heads([config] * len(rows), x_tr.to(device), y_tr.to(device), x_val.to(device),
+                              y_val.to(device), len(self.classes_), progress=self.progress, desc="probe tries",
+                              rows=rows)
+        return [self._fitted_copy()._set_result(r) for r in results]
+
+    def _set_result(self, result):
+        self.config_ = result.config
+        spec = HeadSpec.of(result.config, self.n_features_in_, len(self.classes_))
+        self.head_ = build_head(spec, result.best_layers).eval()
+        self.normalizer_ = result.normalizer.cpu()
+        self.history_, self.step_losses_ = result.history, result.step_losses
+        self.best_epoch_, self.best_score_, self.train_seconds_ = result.best_epoch, result.best_val_acc, result.seconds
+        return self
+
+    @torch.no_grad()
+    def _scores(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.head_(self.normalizer_(part)) for part in X.split(65536)]) if len(X) \
+            else torch.zeros(0, len(self.classes_))
+
+    def save(self, path, cache=None, class_names=None):
+        """Write a head file that `dinoprobe predict` and `export` accept (read with weights_only=True).
+
+        cache: the FeatureSplits (or cache folder) the features came from, so predict can rebuild the backbone
+        and transform; without it the file records no backbone and serves Python use only. class_names: names
+        indexed by integer label (a cache's), else str(label)."""
+        check_is_fitted(self)
+        spec = HeadSpec.of(self.config_, self.n_features_in_, len(self.classes_))
+        return save_head(path, self.head_, spec, self.normalizer_, names_for(self, class_names), cache,
+                         self.config_.to_dict())
+
+
+def _to(x, device):
+    """Train features to the device; other training sources (streamed) read onto their own."""
+    return x.to(device) if hasattr(x, "to") else x

@@ -1,0 +1,126 @@
+"""`Sweep`: a grid of `Probe` configurations trained side by side by the engine, as GridSearchCV wraps an estimator."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.model_selection import ParameterGrid
+from sklearn.utils.validation import check_is_fitted
+
+from dinoprobe.device import resolve_device
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.estimators.base import _Classifier
+from dinoprobe.estimators.probe import Probe, _to
+from dinoprobe.settings import DINOV3_LINEAR_LRS, PRESETS
+from dinoprobe.train.config import SETTINGS, TrainConfig
+from dinoprobe.train.loop import train_heads
+
+
+class Sweep(_Classifier):
+    """Every combination of `param_grid` (TrainConfig fields -> lists of values) over `estimator` (a `Probe`, whose
+    other parameters apply to every configuration), trained side by side by the engine; the best on validation
+    accuracy is kept, as GridSearchCV does with cross-validation.
+
+    `preset="dinov3-linear"` searches DINOv3's linear evaluation: a linear head, SGD with momentum 0.9, 13 learning
+    rates from 1e-5 to 0.1 scaled by batch_size / 256 (param_grid entries other than lr are added to it).
+    `max_memory` (bytes) caps the heads trained at once. A grid key that is not a training setting, or a value out
+    of its range, is refused before any training starts.
+
+    Fitted attributes: results_ (one dict per configuration, in grid order, ready for pandas.DataFrame), configs_,
+    best_index_, best_params_, best_score_, best_estimator_ (a fitted Probe), classes_, n_features_in_.
+    """
+
+    def __init__(self, estimator=None, param_grid=None, preset=None, max_memory=None):
+        self.estimator = estimator
+        self.param_grid = param_grid
+        self.preset = preset
+        self.max_memory = max_memory
+
+    def base_estimator(self) -> Probe:
+        """A fresh copy of the wrapped Probe (Probe() when none was given)."""
+        if self.estimator is None:
+            return Probe()
+        if not isinstance(self.estimator, Probe):
+            raise DinoprobeError(f"Sweep wraps a Probe, got {type(self.estimator).__name__}")
+        return clone(self.estimator)
+
+    def grid(self) -> dict[str, list]:
+        """The searched grid: param_grid, with the preset's entries first."""
+        grid = dict(self.param_grid or {})
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise DinoprobeError(f"unknown preset {self.preset!r}; presets are {', '.join(PRESETS)}")
+            sizes = grid.get("batch_size", [self.base_estimator().batch_size])
+            if len(sizes) != 1:
+                raise DinoprobeError("preset dinov3-linear scales lr by one batch size; give a single batch_size")
+            grid = {"head": ["linear"], "optimizer": ["sgd"], "momentum": [0.9],
+                    "lr": [lr * sizes[0] / 256 for lr in DINOV3_LINEAR_LRS],
+                    **{k: v for k, v in grid.items() if k != "lr"}}
+        unknown = sorted(set(grid) - set(SETTINGS))
+        if unknown:
+            raise DinoprobeError(f"unknown grid parameters {unknown}; a grid searches training settings: "
+                                 f"{', '.join(SETTINGS)}")
+        for key, values in grid.items():
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or not len(list(values)):
+                raise DinoprobeError(f"param_grid[{key!r}] must be a non-empty list of values")
+        return {k: list(v) for k, v in grid.items()}
+
+    def configurations(self) -> list[tuple[dict, TrainConfig]]:
+        """The grid's combinations (scikit-learn's ParameterGrid order), each as its parameters with its engine
+        config (checked: a bad value fails here); a linear head ignores hidden and dropout, so combinations
+        differing only there collapse."""
+        base = self.base_estimator()
+        out, seen = [], set()
+        for params in ParameterGrid(self.grid()):
+            cfg = base.train_config(**params)
+            if cfg.head == "linear":
+                cfg = base.train_config(**{**params, "hidden": base.hidden, "dropout": base.dropout})
+            if cfg not in seen:
+                seen.add(cfg)
+                out.append((params, cfg))
+        return out
+
+    def fit(self, X, y, *, X_val=None, y_val=None):
+        """Train every configuration (and, with the estimator's `shots`, every try of each) side by side; keep the
+        best configuration on validation accuracy (the mean over tries); returns self."""
+        combos = self.configurations()
+        base = self.base_estimator()
+        device = resolve_device(base.device)
+        x_tr, y_tr, x_val, y_val, positions = self._train_and_val(X, y, X_val, y_val, base.val_fraction, base.seed)
+        tries = self._shot_rows(y_tr, x_tr, base.shots, base.tries)
+        configs = [cfg for _, cfg in combos]
+        per = 1 if tries is None else len(tries)
+        results = train_heads([cfg for cfg in configs for _ in range(per)], _to(x_tr, device), y_tr.to(device),
+                              x_val.to(device), y_val.to(device), len(self.classes_), self.max_memory,
+                              progress=base.progress, desc="sweep",
+                              rows=None if tries is None else [r for _ in configs for r in tries])
+        by_config = [results[i * per:(i + 1) * per] for i in range(len(configs))]
+        scores = [float(np.mean([r.best_val_acc for r in rs])) for rs in by_config]
+        self.results_ = []
+        for (params, _), rs, score in zip(combos, by_config, scores):
+            row = {**params, "val_top1": score, "best_epoch": rs[0].best_epoch, "epochs_run": rs[0].epochs_run,
+                   "group": rs[0].group, "group_size": rs[0].group_size, "group_seconds": round(rs[0].seconds, 3)}
+            if tries is not None:
+                row.update({"val_top1_std": float(np.std([r.best_val_acc for r in rs])), "tries": per})
+            self.results_.append(row)
+        self.configs_ = configs
+        self.best_index_ = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the earliest
+        self.best_params_ = combos[self.best_index_][0]
+        self.best_score_ = scores[self.best_index_]
+        best = base.set_params(**self.best_params_)
+        best.classes_, best.n_features_in_ = self.classes_, self.n_features_in_
+        fitted = [best._fitted_copy()._set_result(r) for r in by_config[self.best_index_]]
+        best._set_result(by_config[self.best_index_][0])
+        if tries is not None:
+            best.few_shot_, best.try_estimators_ = self.few_shot_, fitted
+            best.tries_ = [{"seed": t, "train_index": positions[r.numpy()], "val_score": est.best_score_}
+                           for t, (r, est) in enumerate(zip(tries, fitted))]
+        self.best_estimator_ = best
+        return self
+
+    def _scores(self, X):
+        return self.best_estimator_._scores(X)
+
+    def save(self, path, cache=None, class_names=None):
+        """The best configuration's head file (see Probe.save)."""
+        check_is_fitted(self)
+        return self.best_estimator_.save(path, cache, class_names)

@@ -1,0 +1,66 @@
+"""What the extraction's DataLoader iterates: image files or bytes (decoded and transformed in the workers) and
+CIFAR-style arrays, each item with its label, index, skip reason and augmented views; `collate` keeps the skips."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, SkippedInput, load_rgb
+from dinoprobe.extract.transforms import DataConfig, Views, worker_transform
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Items (pixels, label, index, skip reason, views): pixels uint8 (3, S, S) from PIL and the eval transform,
+    or whatever `decode(path)` returns (decode.py: the same from torchvision, or a JPEG's bytes)."""
+
+    def __init__(self, samples: list[tuple[str, int]], config: DataConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 views: Views | None = None, decode=None, reader=None):
+        self.samples, self.transform, self.max_pixels, self.views = samples, worker_transform(config), max_pixels, views
+        self.decode, self.reader = decode, reader  # reader: key -> bytes, for sources whose keys are not files
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            source = path if self.reader is None else self.reader.read(path)
+            if self.decode is None:
+                image = load_rgb(source, self.max_pixels)
+                pixels = self.transform(image)
+            else:
+                pixels = self.decode(source)
+                image = load_rgb(source, self.max_pixels) if self.views else None  # augmentations work on PIL images
+        except SkippedInput as err:
+            return None, label, index, str(err), None
+        return pixels, label, index, None, self.views(image, index) if self.views else None
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """CIFAR-style uint8 HWC arrays; resizing happens batched on the device (`Preprocess`)."""
+
+    def __init__(self, array: np.ndarray, samples: list[tuple[str, int]], views: Views | None = None):
+        self.array, self.samples, self.views = array, samples, views
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        pixels = np.ascontiguousarray(self.array[index])
+        views = self.views(Image.fromarray(pixels), index) if self.views else None
+        return torch.from_numpy(pixels).permute(2, 0, 1), self.samples[index][1], index, None, views
+
+
+def collate(batch):
+    """Stack what decoded (and its augmented views, if any); hand back what did not with its reason."""
+    good = [b for b in batch if b[3] is None]
+    skipped = [(b[2], b[3]) for b in batch if b[3] is not None]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped, None
+    views = torch.stack([b[4] for b in good]) if good[0][4] is not None else None
+    pixels = [b[0] for b in good]
+    # encoded JPEGs, left for the device to decode (decode.py), cannot be stacked: they stay a list
+    pixels = torch.stack(pixels) if all(p.dim() == 3 for p in pixels) else pixels
+    return (pixels, torch.tensor([b[1] for b in good], dtype=torch.long),
+            torch.tensor([b[2] for b in good], dtype=torch.long), skipped, views)

@@ -1,0 +1,321 @@
+"""Data sources beyond ImageFolder trees and CIFAR: CSV/TSV file lists, Hugging Face datasets (a save_to_disk
+folder, hub-layout Parquet files, or `hf:OWNER/NAME[:CONFIG]`) and WebDataset tar shards.
+
+Every source becomes a `DataSource`: per split an ordered list of (key, label), where the position is the cache's
+`index`. Keys that are not files are read through the source's reader (key -> encoded bytes), so extraction,
+resume (shards are fixed row ranges of that list), torchrun (ranks take shards) and skipping bad images work the
+same for all of them, and the keys name the rows in the cache and in the skipped-inputs list.
+
+How rows that are not files are read, in order, without loading everything into memory:
+- Hugging Face datasets are Arrow tables, memory-mapped from disk: a row's image bytes are read when that row is
+  extracted (Parquet files are first converted to Arrow by `datasets`, once, into its cache).
+- Tar shards are indexed once with the standard library's `tarfile` (member names, byte offsets and sizes; labels
+  from the small `cls`/`json` members); an image is then one seek and one read. The `webdataset` package reads
+  shards as streams, which serves neither resuming at an arbitrary row nor ranks taking arbitrary shard ranges;
+  an offset index serves both.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract.datasource import SPLIT_NAMES, DataSource, with_val
+from dinoprobe.network import hub_endpoint, reachable
+
+IMAGE_COLUMNS = ("image", "img", "picture", "photo")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "category")
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+HF_EXTRA = "pip install 'dinoprobe[hf]'  (Hugging Face's `datasets`)"
+
+
+# ----------------------------------------------------------------------------------------------------- CSV
+def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a CSV/TSV file as spreadsheets write them: UTF-8 (with or without a byte-order mark) or,
+    failing that, Latin-1; the delimiter that csv.Sniffer finds among , ; tab and | (tab for .tsv when in doubt)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # every byte is a Latin-1 character: the file reads, names may look odd
+    fallback = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        delimiter = csv.Sniffer().sniff(text[:65536], delimiters=",;\t|").delimiter
+    except csv.Error:
+        delimiter = fallback
+    table = [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if any(cell.strip() for cell in row)]
+    if not table:
+        raise DinoprobeError(f"{path}: an empty file; expected a header line naming path and label columns")
+    return [cell.strip() for cell in table[0]], table[1:]
+
+
+def csv_source(path: Path, val_fraction: float, seed: int) -> DataSource:
+    """`path,label[,split]` rows (a header line names the columns, in any case); relative paths resolve against the
+    file's folder; labels are class names; split is train, val (or valid, validation) or test, train when empty."""
+    header, table = read_table(path)
+    columns = {name.lower(): i for i, name in enumerate(header)}
+    if not {"path", "label"} <= set(columns):
+        raise DinoprobeError(f"{path}: expected a header with columns path and label (and optionally split), got "
+                             f"{header}; rename the columns in the first line")
+    if not table:
+        raise DinoprobeError(f"{path}: the header has no rows under it; list one image per line")
+    rows = []
+    for number, cells in enumerate(table, start=2):
+        if len(cells) != len(header):
+            raise DinoprobeError(f"{path}:{number}: {len(cells)} cell(s) where the header has {len(header)} "
+                                 f"({', '.join(header)}); fix that line")
+        row = {name: cells[i].strip() for name, i in columns.items()}
+        if not row["path"] or not row["label"]:
+            raise DinoprobeError(f"{path}:{number}: a row without a {'path' if not row['path'] else 'label'}; "
+                                 "every image needs both")
+        rows.append((number, row))
+    classes = sorted({row["label"] for _, row in rows})
+    if len(classes) < 2:
+        raise DinoprobeError(f"{path}: the label column holds only {classes}; a classifier needs at least 2 classes")
+    label_of = {name: i for i, name in enumerate(classes)}
+    splits: dict[str, list] = {}
+    for number, row in rows:
+        split = SPLIT_NAMES.get((row.get("split") or "train").lower())
+        if split is None:
+            raise DinoprobeError(f"{path}:{number}: split {row['split']!r} is not train, val or test")
+        file = Path(row["path"])
+        file = file if file.is_absolute() else path.parent / file
+        splits.setdefault(split, []).append((str(file.resolve()), label_of[row["label"]]))
+    return with_val("csv", str(path.resolve()), classes, splits, val_fraction, seed)
+
+
+# --------------------------------------------------------------------------------------- Hugging Face
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DinoprobeError(f"reading Hugging Face datasets needs the optional extra: {HF_EXTRA}") from None
+    return datasets
+
+
+class HFReader:
+    """hf:<name>:<split>:<row> -> the row's encoded image bytes, from memory-mapped Arrow tables."""
+
+    def __init__(self, tables: dict, image_column: str):
+        self.tables, self.image_column = tables, image_column
+
+    def _cell(self, key: str) -> dict:
+        _, split, row = key.rsplit(":", 2)
+        return self.tables[split][int(row)][self.image_column]
+
+    def read(self, key: str) -> bytes:
+        cell = self._cell(key)
+        if cell.get("bytes") is not None:
+            return cell["bytes"]
+        if cell.get("path") and os.path.isfile(cell["path"]):
+            with open(cell["path"], "rb") as fh:
+                return fh.read()
+        return b""  # skipped as an empty image
+
+    def size(self, key: str) -> int:
+        return -1  # content is identified by the tables' files (content_id), not by reading every row
+
+
+def _pick(names, wanted, preferred, what, option, available):
+    if wanted is not None:
+        if wanted not in available:
+            raise DinoprobeError(f"no column {wanted!r} for {what} (columns: {sorted(available)}); fix {option}")
+        return wanted
+    for name in [*names, *preferred]:
+        if name in available:
+            return name
+    raise DinoprobeError(f"cannot tell which column holds the {what} (columns: {sorted(available)}); "
+                         f"name it with {option}")
+
+
+def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | None = None,
+              label_column: str | None = None) -> DataSource:
+    """A save_to_disk folder, a folder of hub-layout Parquet files, or hf:OWNER/NAME[:CONFIG] from the hub."""
+    datasets = _datasets()
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        _hub_or_fail(name)
+        try:
+            loaded = datasets.load_dataset(name, config or None)
+        except Exception as err:
+            raise DinoprobeError(f"loading '{name}' from the Hugging Face Hub failed ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:200]}); for a gated dataset accept its terms and run "
+                                 "`hf auth login` (or set HF_TOKEN)") from None
+        root, files = spec, []
+    else:
+        folder = Path(spec)
+        parquet = sorted(folder.rglob("*.parquet"))
+        if parquet:
+            data_files: dict[str, list[str]] = {}
+            for file in parquet:
+                split = SPLIT_NAMES.get(re.split(r"[-_.]", file.name)[0].lower())
+                if split:
+                    data_files.setdefault({"val": "validation"}.get(split, split), []).append(str(file))
+            if not data_files:
+                raise DinoprobeError(f"{folder}: Parquet files must be named like the hub's, train-*.parquet, "
+                                     "validation-*.parquet, test-*.parquet")
+            loaded = datasets.load_dataset("parquet", data_files=data_files)
+            files = parquet
+        else:
+            loaded = datasets.load_from_disk(str(folder))
+            files = sorted(p for p in folder.rglob("*.arrow"))
+        root = str(folder.resolve())
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    tables = {}
+    for split_name, table in loaded.items():
+        split = SPLIT_NAMES.get(split_name.lower())
+        if split is None:
+            continue  # e.g. "unsupervised": not a labelled split
+        tables[split] = table
+    if "train" not in tables:
+        raise DinoprobeError(f"{spec}: no train split (splits: {sorted(loaded)})")
+    features = tables["train"].features
+    images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+    labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    image_column = _pick(images, image_column, IMAGE_COLUMNS, "images", "--image-column", features)
+    label_column = _pick(labels, label_column, LABEL_COLUMNS, "labels", "--label-column", features)
+    feature = features[label_column]
+    values = {split: table[label_column] for split, table in tables.items()}
+    if isinstance(feature, datasets.ClassLabel):
+        classes, to_index = list(feature.names), int
+    else:
+        classes = sorted({str(v) for vs in values.values() for v in vs})
+        position = {name: i for i, name in enumerate(classes)}
+        to_index = lambda v: position[str(v)]  # noqa: E731
+    splits = {split: [(f"hf:{root}:{split}:{row}", to_index(v)) for row, v in enumerate(vs)]
+              for split, vs in values.items()}
+    tables = {split: t.cast_column(image_column, datasets.Image(decode=False)).select_columns([image_column])
+              for split, t in tables.items()}
+    content = hashlib.sha256()
+    for file in files:  # the data files' names and sizes identify the content, as file sizes do for folders
+        content.update(f"{Path(file).name}\t{Path(file).stat().st_size}\n".encode())
+    content.update(f"{spec}\t{image_column}\t{label_column}\t{getattr(loaded, '_fingerprint', '')}".encode())
+    return with_val("hf", root, classes, splits, val_fraction, seed, HFReader(tables, image_column),
+                     content.hexdigest())
+
+
+def _hub_or_fail(name: str) -> None:
+    """Offline, fail within seconds with advice rather than after the hub client's retries."""
+    problem = reachable(hub_endpoint())
+    if problem:
+        raise DinoprobeError(f"cannot reach the Hugging Face Hub to download '{name}': {problem} (offline?); on a connected "
+                             f"machine run datasets.load_dataset('{name}').save_to_disk('FOLDER') and pass "
+                             "--data FOLDER") from None
+
+
+# ------------------------------------------------------------------------------------------- WebDataset
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard patterns: {000..099} (zero-padded ranges) and {a,b,c}, possibly several."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    body = match.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        width = len(rng.group(1))
+        items = [str(i).zfill(width) for i in range(int(rng.group(1)), int(rng.group(2)) + 1)]
+    else:
+        items = body.split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+class TarReader:
+    """<tar path>#<key> -> the image member's bytes, by its offset in the tar: one seek, one read."""
+
+    def __init__(self, index: dict[str, tuple[str, int, int]]):
+        self.index = index
+
+    def read(self, key: str) -> bytes:
+        tar, offset, size = self.index[key]
+        with open(tar, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
+
+    def size(self, key: str) -> int:
+        return self.index[key][2]
+
+
+def _index_tar(path: str, label_field: str) -> list[tuple[str, tuple[str, int, int], object]]:
+    """(key, (tar, offset, size) of its image, label) per sample, in the tar's order."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, base = os.path.split(member.name)
+            stem, _, ext = base.partition(".")
+            key = os.path.join(directory, stem)
+            entry = samples.setdefault(key, {})
+            ext = ext.lower()
+            if ext in TAR_IMAGE_EXTENSIONS:
+                entry["image"] = (path, member.offset_data, member.size)
+            elif ext == "cls":
+                entry["label"] = int(tar.extractfile(member).read().decode().strip())
+            elif ext == "json":
+                record = json.loads(tar.extractfile(member).read())
+                if label_field not in record:
+                    raise DinoprobeError(f"{path}: {member.name} has no field {label_field!r}; name the label field "
+                                         "with --label-column")
+                entry["label"] = record[label_field]
+    out = []
+    for key, entry in samples.items():
+        if "image" not in entry:
+            continue  # a sample without an image member (jpg|jpeg|png|webp) is not an input
+        if "label" not in entry:
+            raise DinoprobeError(f"{path}: sample {key} has no label (a .cls member, or a .json member with "
+                                 f"{label_field!r})")
+        out.append((f"{path}#{key}", entry["image"], entry["label"]))
+    return out
+
+
+def webdataset_source(spec: str, val_fraction: float, seed: int, label_field: str | None = None) -> DataSource:
+    """A folder whose train/, val/, test/ subfolders hold .tar shards, or `train=PATTERN;val=PATTERN` with
+    brace patterns for shards elsewhere."""
+    if Path(spec).is_dir():
+        shards = {split: sorted(str(p.resolve()) for p in (Path(spec) / split).glob("*.tar"))
+                  for split in ("train", "val", "test") if (Path(spec) / split).is_dir()}
+        root = str(Path(spec).resolve())
+    else:
+        shards, root = {}, spec
+        for part in spec.split(";"):
+            split, _, pattern = part.partition("=")
+            if SPLIT_NAMES.get(split.strip()) is None or not pattern:
+                raise DinoprobeError(f"--data {spec!r}: expected train=PATTERN;val=PATTERN;test=PATTERN")
+            shards[SPLIT_NAMES[split.strip()]] = [str(Path(p).resolve()) for p in expand_braces(pattern.strip())]
+    missing = [p for files in shards.values() for p in files if not os.path.isfile(p)]
+    if missing:
+        raise DinoprobeError(f"tar shards not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    field = label_field or "label"
+    indexed = {split: [s for tar in files for s in _index_tar(tar, field)] for split, files in shards.items()}
+    names = sorted({str(label) for samples in indexed.values() for _, _, label in samples},
+                   key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    if all(n.lstrip("-").isdigit() for n in names):  # integer labels: classes 0..max, as written
+        classes = [str(i) for i in range(max(int(n) for n in names) + 1)]
+    else:
+        classes = names
+    position = {name: i for i, name in enumerate(classes)}
+    splits = {split: [(key, position[str(label)]) for key, _, label in samples] for split, samples in indexed.items()}
+    reader = TarReader({key: where for samples in indexed.values() for key, where, _ in samples})
+    return with_val("webdataset", root, classes, splits, val_fraction, seed, reader)
+
+
+def is_webdataset(spec: str) -> bool:
+    path = Path(spec)
+    if path.is_dir():
+        return any((path / split).is_dir() and any((path / split).glob("*.tar")) for split in ("train", "val", "test"))
+    return "=" in spec and ".tar" in spec
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A save_to_disk folder (dataset_dict.json or state.json), or hub-layout Parquet files (not in train/)."""
+    if not path.is_dir():
+        return False
+    saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    return saved or (not (path / "train").is_dir() and any(path.rglob("*.parquet")))

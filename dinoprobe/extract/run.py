@@ -1,0 +1,454 @@
+"""The single pass: frozen backbone over every split, features into the cache, resumable shard by shard."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dinoprobe import __version__
+from dinoprobe.atomic import write_json
+from dinoprobe.cache.store import (
+    MANIFEST,
+    CacheLock,
+    adopt_finished_shards,
+    fingerprint_differences,
+    new_manifest,
+    now,
+    read_manifest,
+    write_shard,
+)
+from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract.backbone import Backbone, token_features
+from dinoprobe.extract.datasets import collate
+from dinoprobe.extract.datasource import DataSource
+from dinoprobe.extract.decode import DECODERS, DEFAULT_MAX_PIXELS, DeviceDecoder, TorchvisionDecode
+from dinoprobe.extract.transforms import Preprocess, Views
+
+
+def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precision: str, views: int = 0,
+                     augment: str | None = None, decoder: str = "pil", decode_device: str | None = None,
+                     last_blocks: int = 0) -> dict:
+    """Everything that changes the stored numbers. A cache is reused only when all of it matches."""
+    fingerprint = {
+        "model": backbone.model_name,
+        "weights": {"source": backbone.weights.source, "sha256": backbone.weights.sha256},
+        "transform": backbone.data_config.to_dict(),
+        # torchvision's resize differs from PIL's by a level or two; nvJPEG may differ from libjpeg-turbo
+        "decoder": {"name": decoder, "device": decode_device if decoder != "pil" else None},
+        "dtype": dtype,
+        "precision": precision,
+        "data": {"kind": source.kind, "root": source.root, "file_list_sha256": source.file_list_sha256(),
+                 "val_split": source.val_split},
+        "views": {"count": views, "augment": augment if views else None, "split": "train" if views else None},
+        "last_blocks": last_blocks,
+        "dinoprobe_version": __version__,
+    }
+    return json.loads(json.dumps(fingerprint))  # compare like with like: what the manifest will hold
+
+
+@dataclass
+class ExtractionSummary:
+    rows: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    computed: int = 0  # inputs run through the backbone in this invocation (not resumed ones)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds else 0.0
+
+
+class ShardWriter:
+    """Writes finished shards on a background thread so HDF5 + sha256 overlap the next forward passes.
+
+    It is also the only mutator of the manifest while extraction runs, so updates need no lock.
+    """
+
+    def __init__(self, cache_dir: Path, manifest: dict, dtype: str, update_manifest: bool = True):
+        self.cache_dir, self.manifest, self.dtype = cache_dir, manifest, dtype
+        self.update_manifest = update_manifest  # torchrun ranks only write shards; rank 0 merges at the end
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="dinoprobe-shard-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, split: str, number: int, start: int, stop: int, rows: dict, skipped: list[dict]) -> None:
+        self._raise_if_failed()
+        self.jobs.put((split, number, start, stop, rows, skipped))
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self):
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise DinoprobeError(f"writing the cache failed ({type(err).__name__}: {err}); shards already written "
+                                 "are intact — fix the cause (disk space, permissions) and rerun to resume") from err
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure; the main thread will raise
+            split, number, start, stop, rows, skipped = job
+            try:
+                entry = write_shard(self.cache_dir, split, number, start, stop, rows, self.dtype, skipped)
+                if not self.update_manifest:
+                    continue
+                shards = self.manifest["splits"][split]["shards"]
+                shards[:] = sorted([s for s in shards if s["start"] != start] + [entry], key=lambda s: s["start"])
+                self.manifest["updated"] = now()
+                write_json(self.cache_dir / MANIFEST, self.manifest)
+            except BaseException as err:  # noqa: BLE001 - reported in the main thread
+                self.error = err
+
+
+def prepare_manifest(cache_dir: Path, fingerprint: dict, source: DataSource, shard_size: int, overwrite: bool,
+                     extra: dict) -> dict:
+    existing = read_manifest(cache_dir) if not overwrite else None
+    if existing is not None:
+        # caches written before these were recorded: PIL decoding, timm's transform, no per-block CLS tokens
+        existing["fingerprint"].setdefault("decoder", {"name": "pil", "device": None})
+        existing["fingerprint"].setdefault("last_blocks", 0)
+        existing["fingerprint"]["transform"].setdefault("name", "timm")
+        diffs = fingerprint_differences(existing["fingerprint"], fingerprint)
+        if diffs:
+            raise DinoprobeError(f"cache {cache_dir} was built from a different request ({'; '.join(diffs[:4])}); "
+                                 "use another --cache, or --overwrite to rebuild it")
+        return existing
+    if overwrite and cache_dir.exists():
+        for path in [cache_dir / MANIFEST, *cache_dir.glob("*/shard-*.h5"), *cache_dir.glob("*/shard-*.json"),
+                     *cache_dir.glob("*/.shard-*.tmp-*")]:
+            path.unlink(missing_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = new_manifest(fingerprint, source.classes, {s: len(v) for s, v in source.splits.items()}, shard_size,
+                            extra)
+    write_json(cache_dir / MANIFEST, manifest)
+    return manifest
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How `extract` runs; every field is a `dinoprobe features` option of the same name.
+
+    decoder: "pil" (timm's reference transform) or "torchvision" (decode.py); with torchvision, JPEGs are decoded
+    on the extraction device when `decode_on_device` (default: on CUDA), else in the loader workers. last_blocks:
+    also store the CLS token of each of the last N blocks (`cls_blocks`; 4 covers DINOv3's linear evaluation, 0
+    stores none). rank / world: this process's place in a torchrun job whose process group the caller started
+    (the CLI does); shards, not ranks, own rows, so any world size resumes any other's cache."""
+
+    batch_size: int = 64
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    dtype: str = "float16"
+    shard_size: int = 4096
+    strict: bool = False
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+    compile: bool = False
+    views: int = 0
+    augment: str = "light"
+    decoder: str = "pil"
+    decode_on_device: bool | None = None
+    last_blocks: int = 4
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self):
+        checks = [(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+                  (self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}"),
+                  (self.workers is None or self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+                  (self.views >= 0, f"views must be >= 0, got {self.views}"),
+                  (self.decoder in DECODERS, f"unknown decoder '{self.decoder}'; choose one of {', '.join(DECODERS)}"),
+                  (self.dtype in ("float16", "float32"), f"dtype must be float16 or float32, got {self.dtype!r}"),
+                  (0 <= self.rank < self.world, f"rank {self.rank} is not in a world of {self.world}")]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise DinoprobeError("; ".join(problems))
+
+
+class BlockFeatures(torch.nn.Module):
+    """The backbone's features with the CLS tokens of its last `last_blocks` blocks, without touching the backbone."""
+
+    def __init__(self, backbone: Backbone, last_blocks: int):
+        super().__init__()
+        self.backbone, self.last_blocks = backbone, last_blocks
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = self.backbone
+        return token_features(b.model, pixels, b.num_prefix_tokens, self.last_blocks)
+
+
+def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, options: ExtractOptions | None = None,
+            **option_fields) -> ExtractionSummary:
+    """Run `backbone` once over every split of `source` into the cache at `cache_dir` (resuming what is there),
+    with `options` or the ExtractOptions fields given as keywords. The backbone is left as it was given."""
+    options = options or ExtractOptions(**option_fields)
+    if not 0 <= options.last_blocks <= backbone.depth:
+        raise DinoprobeError(f"--last-blocks must be in [0, {backbone.depth}] for {backbone.model_name} "
+                             f"({backbone.depth} blocks), got {options.last_blocks}")
+    if options.world > 1 and not torch.distributed.is_initialized():
+        raise DinoprobeError("world > 1 needs a process group: start one (torchrun + init_process_group) first")
+    home = next(backbone.parameters()).device
+    try:
+        return _extract(backbone, source, Path(cache_dir), options)
+    finally:
+        backbone.to(home)  # moved to the extraction device only for the run
+
+
+def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: ExtractOptions) -> ExtractionSummary:
+    dev = resolve_device(o.device)
+    if dev.type == "cuda" and o.world > 1 and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    precision = resolve_precision(o.precision, dev)
+    workers = default_workers(dev) if o.workers is None else o.workers
+    if o.decoder != "pil" and not source.encoded:
+        raise DinoprobeError(f"--decoder {o.decoder} decodes encoded images; {source.kind} comes as decoded arrays, "
+                             "so leave --decoder at pil")
+    on_device = o.decoder != "pil" and (dev.type == "cuda" if o.decode_on_device is None else o.decode_on_device)
+    decode = TorchvisionDecode(backbone.data_config, o.max_pixels, encoded=on_device) if o.decoder != "pil" else None
+    fingerprint = make_fingerprint(backbone, source, o.dtype, precision, o.views, o.augment, o.decoder,
+                                   dev.type if on_device else "cpu", o.last_blocks)
+    view_maker = Views(backbone.data_config, o.views, o.augment) if o.views else None
+    extra = {"feature_dim": backbone.feature_dim, "dtype": o.dtype, "last_blocks": o.last_blocks,
+             "features": ["cls", "patch_mean"] + (["cls_blocks"] if o.last_blocks else []),
+             "weights_location": backbone.weights.location, "val_split": source.val_split}
+    summary = ExtractionSummary()
+    rank, world = o.rank, o.world
+    with contextlib.ExitStack() as stack:
+        error = None
+        if rank == 0:
+            stack.enter_context(CacheLock(cache_dir))
+            try:
+                manifest = prepare_manifest(cache_dir, fingerprint, source, o.shard_size, o.overwrite, extra)
+                for stale in glob.glob(str(cache_dir / "*" / ".shard-*.tmp-*")):
+                    os.unlink(stale)  # half-written shards of a killed run
+                if adopt_finished_shards(cache_dir, manifest):
+                    write_json(cache_dir / MANIFEST, manifest)
+            except DinoprobeError as err:
+                error = str(err)
+        if world > 1:  # every rank learns of rank 0's refusal instead of waiting at a barrier forever
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise DinoprobeError(error)
+        if rank != 0:
+            manifest = read_manifest(cache_dir)
+        shard_size = manifest["shard_size"]  # a resumed cache keeps its own shard boundaries
+        model = BlockFeatures(backbone.to(dev), o.last_blocks)
+        run = SplitRun(model=model, forward=FixedBatchForward(model, o.batch_size) if o.compile else model,
+                       preprocess=Preprocess(backbone.data_config).to(dev),
+                       writer=ShardWriter(cache_dir, manifest, o.dtype, update_manifest=world == 1),
+                       manifest=manifest, shard_size=shard_size, device=dev, precision=precision, workers=workers,
+                       options=o, decode=decode,
+                       device_decoder=DeviceDecoder(backbone.data_config, dev, decode) if on_device else None)
+        start_time = time.perf_counter()
+        try:
+            for split in source.splits:
+                summary.computed += run.split(source, split, view_maker if split == "train" else None)
+        finally:
+            run.writer.close()
+        if world > 1:
+            counts = torch.tensor([summary.computed], dtype=torch.long)
+            torch.distributed.all_reduce(counts)
+            summary.computed = int(counts.item())
+            torch.distributed.barrier()  # every rank's shards are on disk
+            if rank == 0:
+                adopt_finished_shards(cache_dir, manifest)
+        for split, info in manifest["splits"].items():
+            info["complete"] = sum(s["stop"] - s["start"] for s in info["shards"]) == info["num_inputs"]
+            summary.rows[split] = sum(s["rows"] for s in info["shards"])
+            summary.skipped[split] = sum(len(s.get("skipped", [])) for s in info["shards"])
+        if rank == 0:
+            manifest["updated"] = now()
+            write_json(cache_dir / MANIFEST, manifest)
+        if world > 1:
+            torch.distributed.barrier()  # the manifest is final before any rank returns
+        summary.seconds = time.perf_counter() - start_time
+    return summary
+
+
+def distributed_context(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) for a command run under torchrun (WORLD_SIZE > 1): joins the process group (gloo on
+    CPU, nccl on GPUs) and splits the CPU cores between the ranks of a machine. Called by the CLI, which also
+    destroys the group (`end_distributed`); the library only takes rank and world."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def end_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class FixedBatchForward:
+    """A torch.compile'd backbone that only ever sees one batch shape: inputs are cut into chunks of
+    `batch_size` and a short last chunk is zero-padded, so neither the last batch of a split nor the B x K
+    augmented views of a batch trigger a recompile (which costs about as much as the first compile)."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, backend: str = "inductor"):
+        self.compiled, self.batch_size = torch.compile(model, backend=backend), batch_size
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = []
+        for chunk in x.split(self.batch_size):
+            n = chunk.shape[0]
+            if n < self.batch_size:
+                chunk = torch.cat([chunk, chunk.new_zeros(self.batch_size - n, *chunk.shape[1:])])
+            outputs.append({k: v[:n] for k, v in self.compiled(chunk).items()})
+        return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+
+
+def _pending_ranges(n: int, shard_size: int, done: set[int]) -> list[tuple[int, int, int]]:
+    return [(start // shard_size, start, min(start + shard_size, n))
+            for start in range(0, n, shard_size) if start not in done]
+
+
+class ShardBuffer:
+    """The rows of one shard as they arrive (features, labels, indices, paths) and the inputs skipped in it; full
+    once every position of its range was either computed or skipped."""
+
+    def __init__(self, start: int, stop: int, dim: int, last_blocks: int, views: int):
+        self.start, self.stop, self.dim, self.last_blocks, self.views = start, stop, dim, last_blocks, views
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.paths: list[str] = []
+        self.skipped: list[dict] = []
+        self.seen = 0
+
+    def add(self, columns: dict[str, np.ndarray], paths: list[str]) -> None:
+        for name, values in columns.items():
+            self.parts.setdefault(name, []).append(values)
+        self.paths += paths
+        self.seen += len(paths)
+
+    def skip(self, index: int, path: str, reason: str) -> None:
+        self.skipped.append({"index": int(index), "path": path, "reason": reason})
+        self.seen += 1
+
+    @property
+    def full(self) -> bool:
+        return self.seen == self.stop - self.start
+
+    def rows(self) -> dict:
+        """The shard's columns, empty arrays of the right shape where every input was skipped."""
+        shapes = {"cls": (0, self.dim), "patch_mean": (0, self.dim), "label": (0,), "index": (0,)}
+        if self.last_blocks:
+            shapes["cls_blocks"] = (0, self.last_blocks, self.dim)
+        if self.views:
+            shapes.update({"cls_views": (0, self.views, self.dim), "patch_mean_views": (0, self.views, self.dim)})
+        out = {}
+        for name, shape in shapes.items():
+            empty = np.zeros(shape, np.int64 if name in ("label", "index") else np.float32)
+            out[name] = np.concatenate(self.parts[name]) if self.parts.get(name) else empty
+        out["path"] = self.paths
+        return out
+
+
+@dataclass
+class SplitRun:
+    """What every split's extraction shares: the model, its forward and preprocessing, the shard writer."""
+
+    model: BlockFeatures
+    forward: object
+    preprocess: Preprocess
+    writer: ShardWriter
+    manifest: dict
+    shard_size: int
+    device: torch.device
+    precision: str
+    workers: int
+    options: ExtractOptions
+    decode: object = None
+    device_decoder: object = None
+
+    def split(self, source: DataSource, split: str, views: Views | None) -> int:
+        """Compute this rank's missing shards of one split; returns how many inputs it ran."""
+        o, shard_size, dev = self.options, self.shard_size, self.device
+        samples = source.splits[split]
+        done = {s["start"] for s in self.manifest["splits"][split]["shards"]}
+        pending = _pending_ranges(len(samples), shard_size, done)[o.rank::o.world]  # shards, not ranks, own rows
+        if not pending:
+            return 0
+        indices = [i for _, start, stop in pending for i in range(start, stop)]
+        config = self.model.backbone.data_config
+        dataset = torch.utils.data.Subset(source.dataset(split, config, o.max_pixels, views, self.decode), indices)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=o.batch_size, shuffle=False, num_workers=self.workers, collate_fn=collate,
+            pin_memory=dev.type == "cuda", prefetch_factor=4 if self.workers > 0 else None, persistent_workers=False)
+        by_start = {start: (number, stop) for number, start, stop in pending}
+        buffers: dict[int, ShardBuffer] = {}
+
+        def buffer(index: int) -> ShardBuffer:
+            start = index - index % shard_size
+            if start not in buffers:
+                buffers[start] = ShardBuffer(start, by_start[start][1], self.model.backbone.feature_dim,
+                                             o.last_blocks, views.count if views else 0)
+            return buffers[start]
+
+        bar = tqdm(total=len(indices), desc=f"features {split}", unit="img", disable=not (o.progress and o.rank == 0),
+                   dynamic_ncols=True)
+        try:
+            with torch.inference_mode():
+                for pixels, labels, idx, skipped, view_pixels in loader:
+                    if isinstance(pixels, list):  # JPEG bytes: decode on the device (decode.py)
+                        pixels, kept, failed = self.device_decoder(pixels)
+                        skipped = skipped + [(int(idx[i]), reason) for i, reason in failed]
+                        keep = torch.tensor(kept, dtype=torch.long)
+                        labels, idx = labels[keep], idx[keep]
+                        view_pixels = view_pixels[keep] if view_pixels is not None else None
+                    for index, reason in skipped:
+                        path = samples[index][0]
+                        if o.strict:
+                            raise DinoprobeError(f"unreadable input {path}: {reason} (--strict makes this fatal; "
+                                                 "drop --strict to skip and list such files in the manifest)")
+                        buffer(index).skip(index, path, reason)
+                    if pixels is not None:
+                        feats = self._features(pixels, view_pixels)
+                        idx_np, labels_np = idx.numpy(), labels.numpy()
+                        for start in np.unique(idx_np - idx_np % shard_size):
+                            sel = (idx_np - idx_np % shard_size) == start
+                            columns = {k: v[sel] for k, v in feats.items()}
+                            columns.update(label=labels_np[sel], index=idx_np[sel])
+                            buffer(int(start)).add(columns, [samples[i][0] for i in idx_np[sel]])
+                    for start in [s for s, b in buffers.items() if b.full]:
+                        done_buffer = buffers.pop(start)
+                        self.writer.submit(split, by_start[start][0], start, done_buffer.stop, done_buffer.rows(),
+                                           done_buffer.skipped)
+                    bar.update(len(idx) + len(skipped))
+        finally:
+            bar.close()
+        return len(indices)
+
+    def _features(self, pixels: torch.Tensor, view_pixels: torch.Tensor | None) -> dict[str, np.ndarray]:
+        dev = self.device
+        x = self.preprocess(pixels.to(dev, non_blocking=True))
+        with autocast(dev, self.precision):
+            feats = self.forward(x)
+            if view_pixels is not None:  # (B, K, 3, S, S) -> features (B, K, D)
+                b, k = view_pixels.shape[:2]
+                vf = self.forward(self.preprocess(view_pixels.flatten(0, 1).to(dev, non_blocking=True)))
+                feats.update({f"{name}_views": vf[name].view(b, k, -1) for name in ("cls", "patch_mean")})
+        return {k: v.float().cpu().numpy() for k, v in feats.items()}

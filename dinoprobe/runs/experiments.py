@@ -1,0 +1,123 @@
+"""A cache in, a run directory out: what `dinoprobe probe`, `sweep`, `logreg` and `knn` do, as functions.
+
+Each loads the cache, fits its estimator, and writes the run directory atomically (rundir.py): head.pt (except
+k-NN, which has no head), metrics.json, run.json and the plots. The CLI only parses options and prints; Python
+users get exactly the files the CLI writes.
+
+    from dinoprobe import LogReg, run_logreg
+    metrics = run_logreg("cache/demo", "runs/logreg", LogReg(), feature="cls")
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import clone
+
+from dinoprobe.cache.arrays import load_cache, load_features
+from dinoprobe.device import resolve_device
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.estimators.knn import KNN
+from dinoprobe.estimators.logreg import LogReg
+from dinoprobe.estimators.probe import Probe
+from dinoprobe.estimators.sweep import Sweep
+from dinoprobe.runs.metrics import classification_metrics
+from dinoprobe.runs.report import RESULT_FIELDS, plot_sweep, ranked, write_results
+from dinoprobe.runs.reports import evaluate, few_shot_metrics, write_probe_run, write_run_files
+from dinoprobe.runs.rundir import check_run_dir, run_directory
+
+__all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
+
+
+def _check(out, overwrite: bool, estimator, kind) -> None:
+    """Refuse a bad request before the cache is read: an existing --out, a wrong estimator type."""
+    if not isinstance(estimator, kind):
+        raise DinoprobeError(f"expected a {kind.__name__}, got {type(estimator).__name__}")
+    check_run_dir(Path(out), overwrite)
+
+
+def run_probe(cache_dir, out, probe: Probe, *, feature: str = "cls", views: bool = False,
+              max_memory: int | None = None, overwrite: bool = False) -> dict:
+    """Fit `probe` on a cache's train split (best epoch on val) and write its run directory; returns metrics."""
+    _check(out, overwrite, probe, Probe)
+    probe.train_config()  # bad settings fail here, before the cache is read
+    data = load_cache(cache_dir, feature, resolve_device(probe.device), views=views, max_memory=max_memory)
+    probe.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    with run_directory(out, overwrite) as tmp:
+        return write_probe_run(tmp, probe, data)
+
+
+def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = False,
+              max_memory: int | None = None, overwrite: bool = False) -> tuple[list[dict], dict]:
+    """Fit `sweep` once per feature spec (each shard read once for all of them), rank every configuration of every
+    feature on val, and write results.csv/json, sweep.png and the best head's run in best/. Returns (ranked rows,
+    the best run's metrics)."""
+    _check(out, overwrite, sweep, Sweep)
+    if isinstance(features, str) or not features:
+        raise DinoprobeError("features must be a non-empty list of feature specs, e.g. ['cls', 'cls4+patch_mean']")
+    sweep.configurations()  # a bad grid fails here, before the cache is read
+    device = resolve_device(sweep.base_estimator().device)
+    loaded = load_features(cache_dir, list(features), device, views=views, max_memory=max_memory)
+    rows, best = [], None
+    for name, data in loaded.items():
+        search = clone(sweep).fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+        rows += [{"feature": name, **cfg.to_dict(), **{k: r[k] for k in RESULT_FIELDS if k in r}}
+                 for cfg, r in zip(search.configs_, search.results_)]
+        if best is None or search.best_score_ > best[0].best_score_:
+            best = (search, data)
+    rows = ranked(rows)
+    with run_directory(out, overwrite) as tmp:
+        write_results(tmp, rows)
+        plot_sweep(rows, tmp / "sweep.png", title=f"sweep {Path(out).name}")
+        (tmp / "best").mkdir()
+        metrics = write_probe_run(tmp / "best", best[0].best_estimator_, best[1], {"sweep": str(out)})
+    return rows, metrics
+
+
+def run_logreg(cache_dir, out, logreg: LogReg, *, feature: str = "cls", overwrite: bool = False) -> dict:
+    """DINOv3's logistic-regression protocol on a cache: C chosen on val, refit on train + val, scored on test.
+    The val metrics are the train-only model's at the chosen C (the refit has seen val)."""
+    _check(out, overwrite, logreg, LogReg)
+    data = load_cache(cache_dir, feature, resolve_device(logreg.device), require_val=False)
+    start = time.perf_counter()
+    logreg.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    seconds = time.perf_counter() - start
+
+    def selection_scores(fitted, d):
+        scores = np.zeros((len(d.X_val), d.num_classes))
+        scores[:, fitted.classes_] = fitted.selection_predict_proba(d.X_val)
+        return scores
+
+    metrics = evaluate(logreg, data, ("test",))
+    if data.X_val is not None:
+        metrics["val"] = classification_metrics(selection_scores(logreg, data), data.y_val, data.classes)
+    few_shot = few_shot_metrics(logreg, data, selection_scores if data.X_val is not None else None)
+    if few_shot:
+        metrics["few_shot"] = few_shot
+    metrics.update({"best_c": logreg.best_C_, "c_grid": logreg.Cs_, "val_accuracy_per_c": logreg.val_score_per_C_})
+    config = {"method": "logreg", "feature": feature, "normalize": logreg.normalize, "solver": logreg.solver,
+              "max_iter": logreg.max_iter}
+    with run_directory(out, overwrite) as tmp:
+        logreg.save(tmp / "head.pt", data, data.classes)
+        write_run_files(tmp, metrics, data, config, {"fit_seconds": round(seconds, 3)})
+    return metrics
+
+
+def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool = False) -> dict:
+    """DINO's weighted k-NN on a cache: k chosen on val; top-1 for every k on val and test. No head.pt: k-NN
+    predicts from the training features themselves."""
+    _check(out, overwrite, knn, KNN)
+    data = load_cache(cache_dir, feature, resolve_device(knn.device))
+    knn.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    per_k = {"val": knn.val_score_per_k_}
+    if data.X_test is not None:
+        per_k["test"] = knn.score_per_k(data.X_test, data.y_test)
+    metrics = {**evaluate(knn, data), "k": knn.best_k_, "temperature": knn.temperature, "top1_per_k": per_k}
+    few_shot = few_shot_metrics(knn, data)
+    if few_shot:
+        metrics["few_shot"] = few_shot
+    with run_directory(out, overwrite) as tmp:
+        write_run_files(tmp, metrics, data, {"method": "knn", "feature": feature, "k": list(knn.ks),
+                                             "temperature": knn.temperature})
+    return metrics

@@ -1,0 +1,164 @@
+"""Label new images with a trained head: rebuild the exact backbone + transform from the head file, run top-k.
+Also `export`: backbone + head as one self-contained, weights_only-loadable file."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinoprobe.extract.backbone import Backbone, build_backbone, create_model, load_strict, token_features
+from dinoprobe.extract.transforms import DataConfig
+from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, load_rgb
+from dinoprobe.extract.datasource import list_images
+from dinoprobe.extract.datasets import ImageFileDataset, collate
+from dinoprobe.extract.transforms import Preprocess, worker_transform
+from dinoprobe.extract.decode import TorchvisionDecode
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
+from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
+from dinoprobe.train.headfile import HeadFile
+from dinoprobe.cache.specs import blocks_needed, parse_feature, select, width
+
+EXPORT_FORMAT = "dinoprobe-export/1"
+
+
+def backbone_for_head(head_file: HeadFile, weights: str | None = None, allow_weights_mismatch: bool = False,
+                      log=print) -> Backbone:
+    """The backbone the head was trained on: same model, same weights (checked by sha256), same transform."""
+    fp = head_file.fingerprint
+    if not fp:
+        raise DinoprobeError("this head was saved from features without a dinoprobe cache, so it records no backbone "
+                             "or transform; save it with `estimator.save(path, cache=load_cache(...))` to predict")
+    if weights is None:
+        source = fp["weights"]["source"]
+        weights = source if source in ("hub", "random") else head_file.weights_location
+        if source not in ("hub", "random") and not Path(weights).exists():
+            raise DinoprobeError(f"the head was trained with weights from '{weights}', which is not here; "
+                                 "pass --weights PATH to the same checkpoint")
+    backbone = build_backbone(fp["model"], weights, fp["transform"]["image_size"], log=log)
+    if backbone.weights.sha256 != fp["weights"]["sha256"] and not allow_weights_mismatch:
+        raise DinoprobeError(f"weights '{weights}' (sha256 {backbone.weights.sha256[:12]}…) differ from those the head "
+                             f"was trained on (sha256 {fp['weights']['sha256'][:12]}…); pass the same checkpoint, or "
+                             "--allow-weights-mismatch to use them anyway")
+    parts = parse_feature(head_file.feature)
+    if width(parts, backbone.feature_dim) != head_file.spec.in_dim:
+        raise DinoprobeError(f"the head expects {head_file.spec.in_dim}-wide '{head_file.feature}' features but "
+                             f"{fp['model']} gives {width(parts, backbone.feature_dim)}")
+    backbone.last_blocks = blocks_needed(parts)
+    transform = dict(fp["transform"])
+    backbone.data_config = DataConfig(**{**transform, "mean": tuple(transform["mean"]), "std": tuple(transform["std"])})
+    return backbone
+
+
+def expand_inputs(paths) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files as given, folders recursively (image extensions only, the same walk as `features`); missing paths
+    reported, not fatal."""
+    files, errors = [], []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += list_images(path)
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            errors.append((str(path), "no such file or folder"))
+    return files, errors
+
+
+def prediction_dataset(head_file: HeadFile, files: list[str], config: DataConfig,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageFileDataset:
+    """New images decoded the way the head's training cache was (`features --decoder`)."""
+    decoder = head_file.fingerprint.get("decoder") or {"name": "pil"}
+    decode = TorchvisionDecode(config, max_pixels) if decoder["name"] == "torchvision" else None
+    return ImageFileDataset([(f, -1) for f in files], config, max_pixels, decode=decode)
+
+
+def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch_size: int = 32,
+            workers: int | None = None, device: str = "auto", precision: str = "auto",
+            max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Returns ([{path, labels, probabilities}], [(path, reason)]) in input order. workers: as `features`."""
+    files, errors = expand_inputs(paths)
+    dev = resolve_device(device)
+    workers = default_workers(dev) if workers is None else workers
+    precision = resolve_precision(precision, dev)
+    model, preprocess = backbone.to(dev), Preprocess(backbone.data_config).to(dev)
+    head, normalizer = head_file.head.to(dev), head_file.normalizer.to(dev)
+    k = min(topk, len(head_file.class_names))
+    dataset = prediction_dataset(head_file, files, backbone.data_config, max_pixels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    results: dict[int, dict] = {}
+    with torch.inference_mode():
+        for pixels, _, idx, skipped, _ in loader:
+            errors += [(files[i], reason) for i, reason in skipped]
+            if pixels is None:
+                continue
+            with autocast(dev, precision):
+                feats = model(preprocess(pixels.to(dev)))
+            probs = head(normalizer(select(feats, parse_feature(head_file.feature)))).float().softmax(-1)
+            top_p, top_i = probs.topk(k, dim=1)
+            for row, i in enumerate(idx.tolist()):
+                results[i] = {"path": files[i], "labels": [head_file.class_names[j] for j in top_i[row].tolist()],
+                              "probabilities": [round(p, 6) for p in top_p[row].tolist()]}
+    return [results[i] for i in sorted(results)], errors
+
+
+# ----------------------------------------------------------------------------------------------------- export
+class ExportedClassifier(nn.Module):
+    """Backbone + feature selection + normalisation + head: normalised pixels (B,3,S,S) -> logits."""
+
+    def __init__(self, backbone_model: nn.Module, num_prefix_tokens: int, feature: str, normalizer: Normalizer,
+                 head: nn.Module, class_names: list[str], data_config: DataConfig):
+        super().__init__()
+        self.backbone, self.normalizer, self.head = backbone_model, normalizer, head
+        self.num_prefix_tokens, self.feature = num_prefix_tokens, feature
+        self.class_names, self.data_config = class_names, data_config
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        parts = parse_feature(self.feature)
+        feats = token_features(self.backbone, pixels, self.num_prefix_tokens, blocks_needed(parts))
+        return self.head(self.normalizer(select(feats, parts)))
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A PIL image or a path -> the (3,S,S) normalised tensor forward() expects."""
+        image = load_rgb(str(image)) if isinstance(image, (str, Path)) else image.convert("RGB")
+        return Preprocess(self.data_config)(worker_transform(self.data_config)(image)[None])[0]
+
+
+def export(head_file: HeadFile, backbone: Backbone, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "format": EXPORT_FORMAT,
+        "model_name": backbone.model_name,
+        "backbone_state_dict": {k: v.cpu() for k, v in backbone.model.state_dict().items()},
+        "num_prefix_tokens": backbone.num_prefix_tokens,
+        "data_config": backbone.data_config.to_dict(),
+        "head": head_file.spec.to_dict(),
+        "classifier_state_dict": head_file.raw["classifier_state_dict"],
+        "normalization": head_file.raw["normalization"],
+        "feature": head_file.feature,
+        "class_names": head_file.class_names,
+        "fingerprint": head_file.fingerprint,
+    }, out)
+    return out
+
+
+def load_exported(path: str | Path) -> ExportedClassifier:
+    """Rebuild an exported classifier without unpickling code: `load_exported('model.pt')(pixels)` -> logits."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DinoprobeError(f"cannot read exported model '{path}': {type(err).__name__}") from None
+    if not isinstance(raw, dict) or raw.get("format") != EXPORT_FORMAT:
+        raise DinoprobeError(f"'{path}' is not a dinoprobe export ({EXPORT_FORMAT})")
+    cfg = raw["data_config"]
+    data_config = DataConfig(**{**cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])})
+    model = create_model(raw["model_name"], data_config.image_size)
+    load_strict(model, raw["backbone_state_dict"], path)
+    head = build_head(HeadSpec(**raw["head"]))
+    head.load_state_dict(raw["classifier_state_dict"])
+    return ExportedClassifier(model, raw["num_prefix_tokens"], raw["feature"], Normalizer.from_dict(raw["normalization"]),
+                              head, raw["class_names"], data_config).eval().requires_grad_(False)
+

@@ -1,0 +1,89 @@
+"""What a run writes about its result: metrics.json, run.json, history.csv and the plots, from a fitted estimator
+evaluated on a cache's splits."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dinoprobe import __version__
+from dinoprobe.runs.metrics import classification_metrics, plot_confusion, plot_curves
+
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc")
+
+
+def full_scores(estimator, X, num_classes: int) -> np.ndarray:
+    """predict_proba's columns (estimator.classes_, cache label ids) placed in a (rows, num_classes) matrix, so
+    metrics cover every class of the cache, including any the training split lacked."""
+    out = np.zeros((len(X), num_classes))
+    out[:, np.asarray(estimator.classes_, dtype=np.int64)] = estimator.predict_proba(X)
+    return out
+
+
+def evaluate(estimator, data, splits=("val", "test")) -> dict[str, dict]:
+    return {split: classification_metrics(full_scores(estimator, data.x[split], data.num_classes), data.y[split],
+                                          data.classes)
+            for split in splits if data.x.get(split) is not None}
+
+
+def few_shot_metrics(estimator, data, val_scores=None) -> dict | None:
+    """metrics.json's `few_shot`: per try its seed, the cache `index` of its training rows and its val/test
+    metrics, and mean and standard deviation over tries; None for an estimator fitted without shots.
+    val_scores(try_estimator, X) overrides the val scores (LogReg's train-only selection model)."""
+    if getattr(estimator, "tries_", None) is None:
+        return None
+    per_try, summary = [], {}
+    for record, fitted in zip(estimator.tries_, estimator.try_estimators_):
+        metrics = evaluate(fitted, data)
+        if val_scores is not None and "val" in metrics:
+                    metrics["val"] = classification_metrics(val_scores(fitted, data), data.y["val"], data.classes)
+        entry = {"seed": record["seed"], "train_index": data.index["train"][record["train_index"]].tolist()}
+        for split, m in metrics.items():
+            entry[split] = {k: m[k] for k in ("top1", "top5", "balanced_accuracy", "n") if k in m}
+        per_try.append(entry)
+    for split in ("val", "test"):
+        top1 = [t[split]["top1"] for t in per_try if split in t]
+        if top1:
+            summary[split] = {"top1_mean": float(np.mean(top1)), "top1_std": float(np.std(top1))}
+    return {**estimator.few_shot_, **summary, "per_try": per_try}
+
+
+def write_run_files(out: Path, metrics: dict, data, config: dict, run_info: dict | None = None,
+                    history: list[dict] | None = None, best_epoch: int | None = None) -> None:
+    """metrics.json, run.json, confusion.png, and history.csv + curves.png when there is a history."""
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    info = {"config": config, "cache": data.cache_dir, "cache_fingerprint": data.manifest["fingerprint"],
+            "dinoprobe_version": __version__, **(run_info or {})}
+    (out / "run.json").write_text(json.dumps(info, indent=1))
+    split = "test" if "test" in metrics else "val"
+    if split in metrics:
+        plot_confusion(metrics[split]["confusion_matrix"], data.classes, out / "confusion.png",
+                       f"{split} confusion (top-1 {metrics[split]['top1']:.3f})")
+    if history:
+        write_history(out / "history.csv", history)
+        plot_curves(history, out / "curves.png", best_epoch)
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row[k] for k in HISTORY_FIELDS})
+
+
+def write_probe_run(out: Path, probe, data, run_info: dict | None = None) -> dict:
+    """A fitted Probe (or a Sweep's best_estimator_) on a cache -> the files of a run directory; returns metrics."""
+    metrics = evaluate(probe, data)
+    # deterministic for a given seed on CPU (wall time lives in run.json), so runs can be diffed
+    metrics.update({"best_epoch": probe.best_epoch_, "epochs_run": len(probe.history_)})
+    few_shot = few_shot_metrics(probe, data)
+    if few_shot:
+        metrics["few_shot"] = few_shot
+    config = {"feature": data.feature, **probe.config_.to_dict()}
+    probe.save(out / "head.pt", data, data.classes)
+    write_run_files(out, metrics, data, config, {"train_seconds": round(probe.train_seconds_, 3), **(run_info or {})},
+                    probe.history_, probe.best_epoch_)
+    return metrics

@@ -1,0 +1,98 @@
+"""Head files: a trained head plus everything needed to rebuild its backbone, transform and normalisation.
+
+Saved with torch.save and read with `weights_only=True` (no pickled code). The classifier's state dict keeps the
+original script's nn.Sequential keys (`0.weight`[, `3.weight`]) and its `num_classes`, `feature_dim` and
+`training_config`, so scripts written for the original checkpoint read it too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinoprobe import __version__
+from dinoprobe.atomic import atomic_path
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
+
+HEAD_FORMAT = "dinoprobe-head/1"
+
+
+@dataclass
+class HeadFile:
+    """A trained head plus everything needed to rebuild its backbone, transform and normalisation."""
+
+    head: nn.Module
+    spec: HeadSpec
+    normalizer: Normalizer
+    class_names: list[str]
+    feature: str
+    fingerprint: dict
+    weights_location: str
+    raw: dict
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.normalizer(features))
+
+
+def head_payload(head: nn.Module, spec: HeadSpec, normalizer: Normalizer, class_names: list[str], cache=None,
+                 train_config: dict | None = None) -> dict:
+    """The head file's content. `cache` (a FeatureSplits from load_cache) supplies the backbone fingerprint and
+    feature that predict and export rebuild; without it the head serves Python use only."""
+    fingerprint = cache.manifest["fingerprint"] if cache is not None else {}
+    return {
+        "format": HEAD_FORMAT,
+        # the original script's keys, with the real class count
+        "classifier_state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        "num_classes": spec.num_classes,
+        "feature_dim": spec.in_dim,
+        "training_config": {"model_name": fingerprint.get("model"),
+                            "input_size": fingerprint.get("transform", {}).get("image_size"), **(train_config or {})},
+        # what predict/export need to rebuild exactly the same pipeline
+        "class_names": list(class_names),
+        "head": spec.to_dict(),
+        "feature": cache.feature if cache is not None else "",
+        "normalization": normalizer.to_dict(),
+        "fingerprint": fingerprint,
+        "weights_location": cache.manifest.get("weights_location", "") if cache is not None else "",
+        "dinoprobe_version": __version__,
+    }
+
+
+def save_head(path, head, spec, normalizer, class_names, cache=None, train_config=None) -> Path:
+    """Write a head file atomically (dinoprobe.atomic)."""
+    path = Path(path)
+    payload = head_payload(head, spec, normalizer, class_names, cache, train_config)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_head_file(path: str | Path) -> HeadFile:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "head.pt"
+    if not path.is_file():
+        raise DinoprobeError(f"head file '{path}' does not exist; train one with `dinoprobe probe --out RUN_DIR`")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DinoprobeError(f"cannot read head file '{path}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                             "only dinoprobe head files are accepted (loaded with weights_only=True)") from None
+    if not isinstance(raw, dict) or raw.get("format") != HEAD_FORMAT:
+        raise DinoprobeError(f"'{path}' is not a dinoprobe head file (format {HEAD_FORMAT})")
+    spec = HeadSpec(**raw["head"])
+    if spec.num_classes != raw["num_classes"] or len(raw["class_names"]) != spec.num_classes:
+        raise DinoprobeError(f"'{path}' is inconsistent: {spec.num_classes} classes in the head spec, "
+                             f"{raw['num_classes']} in num_classes, {len(raw['class_names'])} class names")
+    head = build_head(spec)
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in raw["classifier_state_dict"].items()}
+    if expected != got:
+        raise DinoprobeError(f"'{path}': classifier weights {got} do not match its head spec {expected}")
+    head.load_state_dict(raw["classifier_state_dict"])
+    return HeadFile(head.eval(), spec, Normalizer.from_dict(raw["normalization"]), list(raw["class_names"]),
+                    raw["feature"], raw["fingerprint"], raw.get("weights_location", ""), raw)

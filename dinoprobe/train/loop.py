@@ -1,0 +1,177 @@
+"""The head-training loop: N >= 1 heads trained side by side on one stream of mini-batches.
+
+A `probe` is a group of one. Heads that see the same mini-batches (same normalisation, batch size, epochs,
+warm-up, seed, and train source) and share a shape and an optimiser kind are stacked (stacked.py): each
+mini-batch goes through all of them at once, and one update (update.py) covers them all, with each head's own
+learning rate, weight decay, momentum, label smoothing and dropout. Every head also keeps its own best-on-val
+state and early stop, so it ends exactly where it would have ended alone (tested against a plain PyTorch loop).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.train.config import TrainConfig
+from dinoprobe.train.heads import Normalizer
+from dinoprobe.train.losses import smoothed_eye, soft_targets
+from dinoprobe.train.sources import PerHeadRows, TrainSource, as_train_source
+from dinoprobe.train.stacked import StackedHeads
+from dinoprobe.train.update import HeadwiseOptimizer, lr_factors
+
+__all__ = ["TrainConfig", "TrainResult", "train_heads", "plan_groups"]
+
+
+@dataclass
+class TrainResult:
+    """One head's outcome: its best-on-val layers [(weight, bias), ...] and the per-epoch record."""
+
+    config: TrainConfig
+    best_layers: list
+    normalizer: Normalizer
+    best_epoch: int = 0
+    best_val_acc: float = -1.0
+    history: list[dict] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    group: int = 0
+    group_size: int = 1
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+
+def plan_groups(configs: list[TrainConfig], dim: int, num_classes: int, max_memory: int | None = None,
+                rows: list | None = None) -> list[list[int]]:
+    """Indices of configs trained together: same stream and shape, split to fit the memory budget. With training
+    rows per config (few-shot tries), heads side by side also need as many rows, and, when they standardise
+    features with their own rows' statistics, the same rows."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        subset = () if rows is None else (len(rows[i]),) + (
+            (tuple(rows[i].tolist()),) if cfg.normalize == "standardize" else ())
+        buckets.setdefault((cfg.stream_key, cfg.shape_key, subset), []).append(i)
+    groups = []
+    for members in buckets.values():
+        chunk, used = [], 0
+        for i in members:
+            need = head_bytes(configs[i], dim, num_classes)
+            if chunk and max_memory and used + need > max_memory:
+                groups.append(chunk)
+                chunk, used = [], 0
+            chunk.append(i)
+            used += need
+        groups.append(chunk)
+    return groups
+
+
+def head_bytes(cfg: TrainConfig, dim: int, num_classes: int) -> int:
+    """Rough float32 footprint of one head in a group: parameters, gradient, best copy, two optimiser states,
+    per-entry hyperparameters, and a batch's activations."""
+    width = cfg.hidden if cfg.head == "mlp" else 0
+    params = (dim * width + width + width * num_classes + num_classes) if width else dim * num_classes + num_classes
+    activations = cfg.batch_size * (3 * width + 3 * num_classes)
+    return 4 * (8 * params + activations)
+
+
+def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val: torch.Tensor,
+                y_val: torch.Tensor, num_classes: int, max_memory: int | None = None, progress: bool = False,
+                desc: str = "train", rows: list | None = None) -> list[TrainResult]:
+    """Train every config, side by side where they share a stream and a shape; one TrainResult per config.
+
+    `train` is an (N, D) tensor or any TrainSource (sources.py): augmented views, a streamed split.
+    `rows`, one index tensor per config, trains each head on its own rows of an in-memory `train` (few-shot
+    tries): each head then sees exactly the batches it would see trained alone on train[rows].
+    """
+    if not configs:
+        raise DinoprobeError("no configurations to train")
+    if len(x_val) == 0:
+        raise DinoprobeError("the best epoch is chosen on validation data, and the validation set is empty")
+    if rows is not None and (len(rows) != len(configs) or not isinstance(train, torch.Tensor)):
+        raise DinoprobeError("training rows per head need one index tensor per config and in-memory features")
+    source = train if rows is not None else as_train_source(train)
+    dim = train.shape[-1]
+    groups = plan_groups(configs, dim, num_classes, max_memory, rows)
+    results: list[TrainResult | None] = [None] * len(configs)
+    total = sum(configs[g[0]].epochs for g in groups)
+    label = desc if len(configs) == 1 else f"{desc}: {len(configs)} heads in {len(groups)} group(s)"
+    with tqdm(total=total, desc=label, unit="epoch", disable=not progress, dynamic_ncols=True) as bar:
+        for number, members in enumerate(groups):
+            group_rows = None if rows is None else torch.stack([torch.as_tensor(rows[i]) for i in members])
+            group_source = source if rows is None else PerHeadRows(train, group_rows)
+            group_results = _train_group([configs[i] for i in members], group_source, y_train, x_val, y_val,
+                                         num_classes, bar)
+            for i, res in zip(members, group_results):
+                res.group, res.group_size = number, len(members)
+                results[i] = res
+    return results  # type: ignore[return-value]
+
+
+def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch.Tensor, x_val: torch.Tensor,
+                 y_val: torch.Tensor, num_classes: int, bar: tqdm) -> list[TrainResult]:
+    first, n = configs[0], len(configs)
+    device = y_train.device
+    normalizer = Normalizer.fit(first.normalize, source).to(device)  # statistics of the clean train features
+    heads = StackedHeads(configs, source.shape[-1], num_classes, device)
+    optimizer = HeadwiseOptimizer(heads, configs)
+    n_train = len(source)
+    factors = lr_factors(first.epochs, first.warmup_epochs, -(-n_train // first.batch_size))
+    base_lrs = [c.lr for c in configs]
+    smoothing = [c.label_smoothing for c in configs]
+    eye = smoothed_eye(num_classes, smoothing if len(set(smoothing)) > 1 else smoothing[0], device)
+    epochs = source.epochs(normalizer, first.batch_size, first.seed)
+    x_val = normalizer(x_val)
+    results = [TrainResult(c, heads.head_layers(i), normalizer) for i, c in enumerate(configs)]
+    best = heads.theta.clone()
+    stale, active = torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
+    start, step = time.perf_counter(), 0
+    for epoch in range(1, first.epochs + 1):
+        epoch_lrs = [lr * factors[step] for lr in base_lrs]
+        neg_losses, sizes, preds, targets = [], [], [], []
+        for features, rows in next(epochs):
+            target = y_train.index_select(0, rows) if rows.dim() == 1 else y_train[rows]  # (B,) or (N, B)
+            neg_loss, pred = heads.step(features, soft_targets(eye, target))
+            optimizer.step(factors[step])
+            step += 1
+            neg_losses.append(neg_loss)
+            sizes.append(target.shape[-1])
+            preds.append(pred)
+            targets.append(target.view(-1, target.shape[-1]))
+        # the epoch's bookkeeping in a few calls rather than a few per step
+        step_losses = -torch.stack(neg_losses).cpu().double() \
+            / torch.tensor(sizes, dtype=torch.float64)[:, None]  # (steps, N)
+        hits = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1).tolist()  # (N,)
+        train_acc = [h / n_train for h in hits]
+        val_acc = [h / len(y_val) for h in (heads.predict(x_val) == y_val).sum(1).tolist()]
+        improved = torch.tensor([a > r.best_val_acc for a, r in zip(val_acc, results)]) & active
+        if improved.any():
+            keep = improved.to(device)[heads.head_index]
+            best = torch.where(keep, heads.theta, best)
+        for i in range(n):
+            if not active[i]:  # a stopped head: later updates are never recorded or returned
+                continue
+            res = results[i]
+            res.step_losses += step_losses[:, i].tolist()
+            res.history.append({"epoch": epoch, "lr": epoch_lrs[i], "train_loss": step_losses[:, i].mean().item(),
+                                "train_acc": train_acc[i], "val_acc": val_acc[i]})
+            if improved[i]:
+                res.best_val_acc, res.best_epoch, stale[i] = val_acc[i], epoch, 0
+            else:
+                stale[i] += 1
+                if configs[i].patience and stale[i] >= configs[i].patience:
+                    active[i] = False
+        bar.update(1)
+        if n == 1:
+            bar.set_postfix(loss=f"{results[0].history[-1]['train_loss']:.4f}",
+                            val_acc=f"{val_acc[0]:.4f}", best=f"{results[0].best_val_acc:.4f}")
+        if not active.any():
+            bar.update(first.epochs - epoch)
+            break
+    seconds = time.perf_counter() - start
+    for i, res in enumerate(results):
+        res.best_layers, res.seconds = heads.head_layers(i, best), seconds
+    return results

@@ -1,0 +1,38 @@
+"""Softmax cross-entropy and its gradient in closed form, for the engine's heads and the logistic regression's
+L-BFGS: d(mean loss)/d(logits) = (softmax - target) / B, what autograd gives, without building a graph.
+
+One layout throughout: logits (N, B, C), N heads (or problems) side by side, B rows, C classes."""
+from __future__ import annotations
+
+import torch
+
+
+def smoothed_eye(classes: int, smoothing, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Rows of torch's label-smoothed targets, (1 - s) * one_hot + s / C, as (1, C, C) for one smoothing shared by
+    every head or (N, C, C) for one per head. Indexing them by label gives a batch's soft targets without
+    F.one_hot's range check (a sync)."""
+    s = torch.as_tensor(smoothing, dtype=dtype, device=device).reshape(-1, 1, 1)
+    return (1 - s) * torch.eye(classes, device=device, dtype=dtype) + s / classes
+
+
+def soft_targets(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N or 1, B, C) soft targets from a smoothed_eye (N or 1, C, C) and labels (B,) shared by every head or (N, B),
+    each head its own rows."""
+    target = target.view(1, -1) if target.dim() == 1 else target
+    if eye.shape[0] == 1:
+        return eye[0][target]
+    return eye[torch.arange(eye.shape[0], device=eye.device)[:, None], target]
+
+
+def softmax_cross_entropy(logits: torch.Tensor, soft: torch.Tensor):
+    """(sum over the batch of sum(target * log p), per head (N,); gradient of each head's batch-mean loss w.r.t. its
+    logits (N, B, C)), for logits (N, B, C) and soft targets that broadcast to them.
+
+    The first is the negative summed loss: divide by -B for torch's cross_entropy (callers do it once per epoch,
+    not per step). `logits` is left untouched."""
+    logp = torch.log_softmax(logits, dim=-1)
+    if logits.shape[0] == 1:  # one head: a single dot product, the cheapest reduction for a probe
+        neg_loss = torch.dot(logp.reshape(-1), soft.expand_as(logp).reshape(-1)).view(1)
+    else:
+        neg_loss = (logp * soft).sum((-1, -2))
+    return neg_loss, logp.exp_().sub_(soft).div_(logits.shape[-2])

@@ -1,0 +1,89 @@
+"""Where training's mini-batches come from. Every source speaks one small protocol (`TrainSource`), so the loop
+never asks what kind it has: features in memory (`InMemory`), each head its own rows of them (`PerHeadRows`,
+few-shot tries), one cached augmented view per image per epoch (`cache.arrays.AugmentedViews`), or shards streamed
+from disk (`cache.stream.StreamedTrainSplit`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dinoprobe.cache.arrays import shuffled_batches
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@runtime_checkable
+class TrainSource(Protocol):
+    """Train features of shape (rows, width) that yield mini-batches.
+
+    `epochs(normalizer, batch_size, seed)` returns an endless iterator of epochs; each epoch yields (features, rows):
+    normalised features (B, D) and their positions in the split (B,) (per-head sources: (N, B, D) and (N, B)). The
+    batch order comes from a generator seeded by `seed`, so a source reproduces its order whatever else runs.
+    `moments()` gives the clean features' mean and standard deviation (for --normalize standardize)."""
+
+    shape: tuple[int, int]
+
+    def __len__(self) -> int: ...
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def epochs(self, normalizer, batch_size: int, seed: int) -> Iterator[Batches]: ...
+
+
+class InMemory:
+    """An (N, D) tensor: normalised once, a random permutation per epoch cut into batches."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.shape = tuple(x.shape)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x.mean(0), self.x.std(0)
+
+    def order(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(n, generator=generator)
+
+    def epochs(self, normalizer, batch_size: int, seed: int) -> Iterator[Batches]:
+        generator = torch.Generator().manual_seed(seed)
+        x = normalizer(self.x)
+        while True:
+            yield shuffled_batches(x, self.order(len(x), generator), batch_size)
+
+
+class PerHeadRows:
+    """Each of N heads trains on its own rows of one (N_rows, D) tensor (few-shot tries): one shared order over
+    positions 0..n-1, mapped through each head's rows, so each head sees exactly the batches it would see trained
+    alone on x[rows[i]]."""
+
+    def __init__(self, x: torch.Tensor, rows: torch.Tensor):
+        self.x, self.rows = x, rows.to(x.device)  # rows (N, n)
+        self.shape = (rows.shape[1], x.shape[1])
+
+    def __len__(self) -> int:
+        return self.rows.shape[1]
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:  # the first head's rows (plan_groups makes them one set)
+        x = self.x[self.rows[0]]
+        return x.mean(0), x.std(0)
+
+    def epochs(self, normalizer, batch_size: int, seed: int) -> Iterator[Batches]:
+        generator = torch.Generator().manual_seed(seed)
+        x = normalizer(self.x)
+        while True:
+            order = torch.randperm(self.rows.shape[1], generator=generator).to(x.device)
+            yield ((x[self.rows[:, idx]], self.rows[:, idx]) for idx in order.split(batch_size))
+
+
+def as_train_source(train) -> TrainSource:
+    """A tensor becomes `InMemory`; anything already speaking the protocol is used as it is."""
+    if isinstance(train, torch.Tensor):
+        return InMemory(train)
+    if not isinstance(train, TrainSource):
+        raise TypeError(f"training features must be a tensor or a TrainSource, got {type(train).__name__}")
+    return train
