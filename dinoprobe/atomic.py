@@ -38,14 +38,38 @@ def fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
-def temporary_name(path: Path, directory: bool = False) -> Path:
-    """A new, exclusively created temporary file (or folder) beside `path`."""
+def temporary_name(path: Path, directory: bool = False, kind: str = "tmp") -> Path:
+    """A new, exclusively created temporary file (or folder) beside `path`: `.NAME.KIND-PID-RANDOM`, so leftovers
+    of a killed process can be told from those of a live one (`leftovers`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.{kind}-{os.getpid()}-"
     if directory:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.close(fd)
     return Path(name)
+
+
+def leftovers(path: Path, kind: str = "tmp") -> list[Path]:
+    """Temporary siblings of `path` (`.NAME.KIND-PID-*`) whose process is gone."""
+    out = []
+    for sibling in path.parent.glob(f".{path.name}.{kind}-*"):
+        pid = sibling.name[len(f".{path.name}.{kind}-"):].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            out.append(sibling)
+    return sorted(out)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -130,13 +130,17 @@ DEVICE_OPTION = click.option("--device", type=DeviceType(), default="auto", show
 
 
 class Group(click.Group):
-    """Turns DinoprobeError into a one-line `Error: ...` with exit code 1 (click's usage errors exit 2)."""
+    """Turns DinoprobeError into a one-line `Error: ...` with exit code 1 (click's usage errors exit 2), and Ctrl-C
+    into one line with exit code 130: every command writes its outputs only when complete, so nothing is half-done."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DinoprobeError as err:
             raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:
+            _echo_err("\nInterrupted; nothing was left half-written (a run directory appears only when complete).")
+            ctx.exit(130)
 
 
 def _echo_err(message: str) -> None:
@@ -279,6 +283,9 @@ def features(data, image_column, label_column, data_dir, model, weights, cache_d
         end_distributed()
     if not main_process:
         return
+    if summary.repaired:
+        click.echo(f"recomputed {len(summary.repaired)} missing or truncated shard(s): "
+                   f"{', '.join(summary.repaired[:5])}{' ...' if len(summary.repaired) > 5 else ''}")
     rows = ", ".join(f"{s} {n}" for s, n in summary.rows.items())
     skipped = sum(summary.skipped.values())
     click.echo(f"cache {cache_dir}: {rows} rows; {skipped} skipped input(s)"
@@ -308,8 +315,40 @@ def cache_verify(cache_dir):
     click.echo(f"ok: {cache_dir} ({manifest['fingerprint']['model']}, {len(manifest['classes'])} classes; {rows} rows)")
 
 
+@cache.command("skipped")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+def cache_skipped(cache_dir, fmt):
+    """List the inputs `features` skipped, with the reason for each (unreadable, too large, unlabelled...)."""
+    from dinoprobe.cache.store import read_manifest, skipped_inputs
+
+    manifest = read_manifest(cache_dir)
+    if manifest is None:
+        raise DinoprobeError(f"{cache_dir} is not a dinoprobe cache (no manifest.json)")
+    rows = [{"split": s["split"], "index": s["index"], "path": s["path"], "reason": s["reason"]}
+            for s in skipped_inputs(manifest)]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=1, ensure_ascii=False))
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=["split", "index", "path", "reason"])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        for r in rows:
+            click.echo(f"{r['split']}\t{r['path']}\t{r['reason']}")
+        click.echo(f"{len(rows)} skipped input(s) in {cache_dir}", err=True)
+
+
 # ------------------------------------------------------------------------------------------------------ probe
 def _print_metrics(metrics: dict, out) -> None:
+    mode = metrics.get("train_features")
+    if mode and mode["mode"] == "streamed":
+        click.echo(f"train features streamed from disk ({mode['shards']} shards, {mode['shards_per_buffer']} per "
+                   f"read-ahead buffer within --max-memory); the batch order differs from in-memory training")
+    elif mode and mode.get("max_memory"):
+        click.echo(f"train features held in memory ({mode['mode']}): they fit --max-memory")
     few = metrics.get("few_shot")
     if few:
         click.echo(f"few-shot: {few['shots']} per class, {few['tries']} tries; the run's head and the metrics "
@@ -327,6 +366,9 @@ def _print_metrics(metrics: dict, out) -> None:
             click.echo(f"{split}: top-1 {m['top1']:.4f}{top5}, balanced {m['balanced_accuracy']:.4f} (n={m['n']})")
     if "best_epoch" in metrics:
         click.echo(f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']}")
+    if metrics.get("diverged_epoch"):
+        _echo_err(f"WARNING: training diverged in epoch {metrics['diverged_epoch']} (the loss exploded) and "
+                  f"stopped; the head is epoch {metrics['best_epoch']}'s — lower --lr to train further")
     click.echo(f"run saved to {out}")
 
 
@@ -435,20 +477,24 @@ def predict(head_path, weights, allow_weights_mismatch, topk, batch_size, worker
 
 @main.command()
 @click.option("--run", "head_path", required=True, type=click.Path(), help="RUN_DIR (or RUN_DIR/head.pt)")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write, e.g. model.pt")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="File to write, e.g. model.pt (outside the run directory)")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file")
 @click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head file]")
 @click.option("--allow-weights-mismatch", is_flag=True)
-def export(head_path, out, weights, allow_weights_mismatch):
-    """Write backbone + head as one self-contained file (weights_only-loadable)."""
+def export(head_path, out, overwrite, weights, allow_weights_mismatch):
+    """Write backbone + head as one self-contained file (weights_only-loadable), atomically."""
+    from dinoprobe.runs.export import check_export_target
+    from dinoprobe.runs.export import export as run_export
     from dinoprobe.runs.predict import backbone_for_head
-    from dinoprobe.runs.predict import export as run_export
     from dinoprobe.train.headfile import load_head_file
 
     head_file = load_head_file(head_path)
+    check_export_target(out, head_file, overwrite)  # before the backbone is built
     backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
-    path = run_export(head_file, backbone, out)
+    path = run_export(head_file, backbone, out, overwrite)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); load with "
-               "dinoprobe.predict.load_exported(path)")
+               "dinoprobe.runs.export.load_exported(path)")
 
 
 # ------------------------------------------------------------------------------------------------------ sweep
@@ -523,7 +569,7 @@ def logreg(cache_dir, out, overwrite, shots, tries, feature, normalize, c_grid, 
     from dinoprobe.runs.experiments import run_logreg
 
     estimator = LogReg(Cs=c_grid, normalize=normalize, max_iter=max_iter, solver=solver, shots=shots, tries=tries,
-                       device=device)
+                       device=device, progress=True)
     metrics = run_logreg(cache_dir, out, estimator, feature=feature, overwrite=overwrite)
     best = estimator.val_score_per_C_[estimator.Cs_.index(estimator.best_C_)]
     click.echo(f"best C {estimator.best_C_:.3g} (val top-1 {best:.4f} of {len(estimator.Cs_)} values)")

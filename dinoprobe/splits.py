@@ -23,8 +23,14 @@ def carve_indices(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     if not 0 < fraction < 1:
         raise DinoprobeError(f"the validation fraction must be in (0, 1), got {fraction}")
     labels = np.asarray(labels)
+    names, counts = np.unique(labels, return_counts=True)
+    lonely = [str(n) for n, c in zip(names, counts) if c < 2]
+    if lonely:
+        raise DinoprobeError(f"cannot carve a validation split: class(es) {lonely[:5]} have a single training image, "
+                             "and a stratified split needs one in train and one in val; add images of those "
+                             "classes, or provide validation data (a val/ folder, val rows, or X_val and y_val)")
     # at least one row of every class in each part, even when fraction * rows is smaller than the class count
-    classes = len(np.unique(labels))
+    classes = len(names)
     size = min(max(int(np.ceil(fraction * len(labels))), classes), len(labels) - classes)
     try:
         train, val = train_test_split(np.arange(len(labels)), test_size=size, stratify=labels,

@@ -95,9 +95,11 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 
 
 def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes=6, separation=0.4, seed=0,
-                         splits=("train", "val", "test"), shard_rows: int | None = None) -> Path:
+                         splits=("train", "val", "test"), shard_rows: int | None = None,
+                         train_classes: int | None = None, test_label: int | None = None) -> Path:
     """A cache of Gaussian class clusters: separable but not trivially (a few % of errors), written through
-    the real shard writer so readers see exactly what `features` produces."""
+    the real shard writer so readers see exactly what `features` produces. train_classes: train holds only the
+    first ones; test_label: the first test row's label (e.g. one outside the class list)."""
     from dinoprobe.cache import store as cache
 
     rng = np.random.default_rng(seed)
@@ -108,8 +110,10 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
     manifest = cache.new_manifest(fingerprint, [f"class_{i}" for i in range(num_classes)], counts, shard_size=10**9,
                                   extra={"feature_dim": dim, "features": ["cls", "patch_mean"]})
     for split, count in counts.items():
-        labels = rng.integers(0, num_classes, count)
-        x = centres[labels] + rng.normal(0, 1.0, (count, dim))
+        labels = rng.integers(0, (train_classes or num_classes) if split == "train" else num_classes, count)
+        x = centres[labels % num_classes] + rng.normal(0, 1.0, (count, dim))
+        if split == "test" and test_label is not None:
+            labels[0] = test_label
         rows = {"cls": x.astype(np.float32), "patch_mean": (x + rng.normal(0, 1.0, x.shape)).astype(np.float32),
                 "label": labels, "index": np.arange(count), "path": [f"synthetic:{split}:{i}" for i in range(count)]}
         step = shard_rows or max(count, 1)

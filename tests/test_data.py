@@ -74,6 +74,8 @@ def test_missing_val_is_carved_stratified_and_reproducibly(tmp_path):
 def test_val_carving_refuses_impossible_fractions():
     with pytest.raises(DinoprobeError, match="validation fraction must be in"):
         carve_val([("a", 0)] * 4, 1.5, 0)
+    with pytest.raises(DinoprobeError, match=r"class\(es\) \['1'\] have a single training image"):
+        carve_val([("a", 0)] * 4 + [("b", 1)], 0.1, 0)  # scikit-learn said "test_size ... Got 0" here
 
 
 def test_missing_data_and_missing_train_are_clear(tmp_path):
@@ -182,3 +184,18 @@ def test_cifar_source_end_to_end(tmp_path, backbone, monkeypatch):
         expected = backbone(Preprocess(backbone.data_config)(pixels))["cls"][0].numpy()
     assert np.abs(val["cls"][3] - expected).max() < 1e-4
     assert val["label"][3] == source.splits["val"][3][1]
+
+
+def test_features_runs_at_224_px_by_default_and_says_so(tmp_path):
+    from dinoprobe.cache import store as cache
+
+    from conftest import run_cli
+
+    root = make_folder(tmp_path / "d", per_class=1)
+    proc = run_cli("features", "--data", root, "--weights", "random", "--cache", tmp_path / "c", "--workers", 0,
+                   "--last-blocks", 0, check=True)
+    assert "transform timm: resize 224 (bicubic), centre crop 224 px" in proc.stderr
+    assert cache.read_manifest(tmp_path / "c")["fingerprint"]["transform"]["image_size"] == 224
+    from dinoprobe.cli import default_cache_dir
+
+    assert default_cache_dir("data/demo", "m", 224, "random") == "cache/demo-m-224px-random"

@@ -20,7 +20,7 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.run import extract
 from dinoprobe.extract.sources import open_source
 
-from conftest import REPO, cache_rows, features_cmd, make_folder, write_image
+from conftest import REPO, cache_rows, features_cmd, make_folder, run_cli, write_image
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +144,18 @@ def test_hostile_and_odd_inputs_are_converted_or_skipped_with_reasons(backbone, 
     rotated.save(dog / "exif rotated.jpg", exif=exif)
     write_image(dog / "chat noir é 猫.png", 6, (20, 20))
     Image.new("1", (12_000, 12_000)).save(cat / "bomb.png")  # 144 Mpx: above PIL's 89 Mpx guard
+    Image.new("L", (1_000_000, 1)).save(cat / "thin.png")  # 1 Mpx that the resize would make 32,000,000 x 32
     os.symlink(cat, cat / "loop")  # a symlink loop must not recurse forever
     summary = extract(backbone, open_source(str(root)), tmp_path / "c", batch_size=4, workers=0, progress=False,
                       dtype="float32")
     manifest = cache.read_manifest(tmp_path / "c")
     reasons = {os.path.basename(s["path"]): s["reason"] for s in cache.skipped_inputs(manifest)}
-    assert set(reasons) == {"zero.jpg", "text.jpg", "truncated.jpg", "bomb.png"}
+    assert set(reasons) == {"zero.jpg", "text.jpg", "truncated.jpg", "bomb.png", "thin.png"}
     assert "0 bytes" in reasons["zero.jpg"] and "pixel guard" in reasons["bomb.png"]
+    assert "aspect ratio" in reasons["thin.png"]
+    listed = json.loads(run_cli("cache", "skipped", tmp_path / "c", "--format", "json", check=True).stdout)
+    assert {os.path.basename(r["path"]): r["reason"] for r in listed} == reasons
+    assert {r["split"] for r in listed} == {"train"}
     train = cache.load(tmp_path / "c", "train")
     names = {os.path.basename(p) for p in train["path"]}
     assert {"palette alpha.png", "sixteen bit.png", "grey.png", "cmyk.jpg", "exif rotated.jpg",
@@ -177,6 +182,16 @@ def test_flipped_bytes_and_a_manifest_from_another_cache_are_caught(backbone, tm
     assert problems and all("features" in p or "--overwrite" in p for p in problems)
     with pytest.raises(DinoprobeError, match="different request.*image_size.*--overwrite"):
         extract(other, open_source(str(root)), tmp_path / "b", **kw)  # b now claims a's 32 px fingerprint
+    # following the advice repairs the cache: delete the damaged shard (or leave a truncated one) and rerun
+    before = cache.load(tmp_path / "a", "val", verify_cache=False)
+    shard.unlink()
+    val_shard = tmp_path / "a" / "val" / "shard-00000.h5"
+    val_shard.write_bytes(val_shard.read_bytes()[:500])
+    again = extract(backbone, open_source(str(root)), tmp_path / "a", **kw)
+    assert sorted(again.repaired) == ["train/shard-00001.h5", "val/shard-00000.h5"] and again.computed == 2 + 4
+    assert cache.verify(tmp_path / "a") == []
+    after = cache.load(tmp_path / "a", "val")
+    np.testing.assert_array_equal(after["index"], before["index"])
 
 
 def test_a_head_file_that_would_run_code_is_refused(tmp_path):

@@ -101,7 +101,7 @@ def test_probe_predict_export_on_cuda(photos, tmp_path):
                                 photos / "val", check=True).stdout)
     assert [r["labels"][0] for r in on_gpu] == [r["labels"][0] for r in on_cpu]
     run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "model.pt", check=True)
-    from dinoprobe.runs.predict import load_exported
+    from dinoprobe.runs.export import load_exported
 
     model = load_exported(tmp_path / "model.pt").cuda()
     image = sorted((photos / "val" / "ants").iterdir())[0]

@@ -1,6 +1,7 @@
 """Head training on the cache: equivalence with the original method, run artefacts, predict, export, bad input."""
 import csv
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -218,7 +219,7 @@ def test_probe_predict_export_end_to_end(photos, backbone, tmp_path):
             "--allow-weights-mismatch", photos / "val" / "ants", check=True)
     # export: one file, weights_only, same logits as backbone + head
     run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "model.pt", check=True)
-    from dinoprobe.runs.predict import load_exported
+    from dinoprobe.runs.export import load_exported
 
     model = load_exported(tmp_path / "model.pt")
     image = sorted((photos / "val" / "bees").iterdir())[0]
@@ -226,6 +227,27 @@ def test_probe_predict_export_end_to_end(photos, backbone, tmp_path):
     expected = next(r for r in results if r["path"] == str(image))
     assert model.class_names[int(probs.argmax())] == expected["labels"][0]
     assert float(probs.max()) == pytest.approx(expected["probabilities"][0], abs=1e-4)
+    # an export never replaces a file unasked, never writes into the run, and a crash mid-write loses nothing
+    good = (tmp_path / "model.pt").read_bytes()
+    assert_clean_error(run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "model.pt"),
+                       "already exists", "--overwrite")
+    for target in (tmp_path / "run" / "model.pt", tmp_path / "run" / "head.pt"):
+        assert_clean_error(run_cli("export", "--run", tmp_path / "run", "--out", target, "--overwrite"),
+                           "inside the run directory")
+    from dinoprobe.runs import export as export_module
+
+    def torn_write(obj, path):
+        Path(path).write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    real_save = export_module.torch.save
+    export_module.torch.save = torn_write
+    try:
+        run_cli("export", "--run", tmp_path / "run", "--out", tmp_path / "model.pt", "--overwrite")
+    finally:
+        export_module.torch.save = real_save
+    assert (tmp_path / "model.pt").read_bytes() == good
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 def test_probe_does_not_import_the_backbone_stack(synthetic, tmp_path):

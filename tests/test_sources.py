@@ -266,3 +266,64 @@ def test_hub_and_missing_extra_fail_fast_with_advice(monkeypatch, tmp_path):
     (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
     with pytest.raises(DinoprobeError, match=r"pip install 'dinoprobe\[hf\]'"):
         open_source(str(tmp_path / "saved"))
+
+
+def _tar(path, members, compress=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz" if compress else "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("members,message", [
+    ([("a.jpg", b"x"), ("a.cls", b"cat")], "non-negative class index"),
+    ([("a.jpg", b"x"), ("a.cls", b"-1")], "non-negative class index"),
+    ([("a.jpg", b"x"), ("a.cls", b"\xff\xfe")], "not UTF-8"),
+    ([("a.jpg", b"x"), ("a.json", b"{not json")], "not valid JSON"),
+    ([("a.jpg", b"x"), ("a.json", b'{"label": null}')], "not a class name"),
+    ([("a.jpg", b"x"), ("a.cls", b"0"), ("a.png", b"y")], "appears twice"),
+    ([("a.jpg", b"x"), ("a.cls", b"100000000"), ("b.jpg", b"x"), ("b.cls", b"0")], "class index 100000000"),
+])
+def test_hostile_tar_shards_are_refused_naming_the_problem(tmp_path, members, message):
+    _tar(tmp_path / "d" / "train" / "shard-000.tar", members)
+    with pytest.raises(DinoprobeError, match=message):
+        open_source(str(tmp_path / "d"))
+
+
+def test_broken_tar_files_are_refused_naming_the_problem(tmp_path):
+    good = [("a.jpg", b"x" * 5000), ("a.cls", b"0"), ("b.jpg", b"y" * 5000), ("b.cls", b"1")]
+    gz = _tar(tmp_path / "gz" / "train" / "shard-000.tar", good, compress=True)
+    with pytest.raises(DinoprobeError, match="gzip"):
+        open_source(str(gz.parents[1]))
+    (tmp_path / "junk" / "train").mkdir(parents=True)
+    (tmp_path / "junk" / "train" / "shard-000.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(DinoprobeError, match="not a readable"):
+        open_source(str(tmp_path / "junk"))
+    cut = _tar(tmp_path / "cut" / "train" / "shard-000.tar", good)
+    cut.write_bytes(cut.read_bytes()[:3000])
+    with pytest.raises(DinoprobeError, match="truncated"):
+        open_source(str(tmp_path / "cut"))
+    with pytest.raises(DinoprobeError, match="more than 100,000 shards"):
+        open_source("train=/data/x-{0000000..9999999}.tar")
+
+
+def test_unlabelled_rows_and_rows_without_images_are_skipped_and_listed(photos, tmp_path, backbone):
+    files = sorted(photos.rglob("*.jpg"))[:6]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["ants", "bees"]),
+                                  "caption": datasets.Value("string")})
+    images = [{"bytes": f.read_bytes(), "path": None} for f in files]
+    images[1] = None
+    labels = [0, 1, 0, 1, -1, 1]
+    table = datasets.Dataset.from_dict({"image": images, "label": labels, "caption": ["x"] * 6}, features=features)
+    datasets.DatasetDict({"train": table, "validation": table}).save_to_disk(str(tmp_path / "hf"))
+    source = open_source(str(tmp_path / "hf"))
+    assert source.classes == ["ants", "bees"]  # -1 never became a class
+    summary = extract(backbone, source, tmp_path / "c", batch_size=2, workers=0, progress=False, last_blocks=0)
+    assert summary.rows == {"train": 4, "val": 4} and summary.skipped == {"train": 2, "val": 2}
+    reasons = {s["reason"] for s in cache.skipped_inputs(cache.read_manifest(tmp_path / "c"))}
+    assert reasons == {"unlabelled row (label -1): nothing to train or score on", "the row has no image (None)"}
+    with pytest.raises(DinoprobeError, match="not images"):
+        open_source(str(tmp_path / "hf"), image_column="caption")

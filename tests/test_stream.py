@@ -66,9 +66,17 @@ def test_heads_side_by_side_stream_too(sharded):
     assert search.best_score_ == max(r.best_val_acc for r in together)
 
 
-def test_probe_cli_with_a_tiny_budget(sharded, tmp_path):
-    run_cli("probe", "--cache", sharded, "--out", tmp_path / "r", "--max-memory", "10KB", "--epochs", 2, check=True)
+def test_probe_cli_with_a_tiny_budget_says_it_streamed(sharded, tmp_path):
+    proc = run_cli("probe", "--cache", sharded, "--out", tmp_path / "r", "--max-memory", "10KB", "--epochs", 2,
+                   check=True)
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["test"]["n"] == 200
+    assert "streamed from disk (9 shards, 1 per read-ahead buffer" in proc.stdout
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["train_features"]["mode"] == "streamed"
+    proc = run_cli("probe", "--cache", sharded, "--out", tmp_path / "m", "--max-memory", "1GB", "--epochs", 2,
+                   check=True)
+    assert "held in memory" in proc.stdout
+    for bad in ("0", "-1GB", "lots", "0.0001B"):
+        assert run_cli("probe", "--cache", sharded, "--out", tmp_path / "x", "--max-memory", bad).returncode == 2
 
 
 def test_each_shard_is_hashed_once_while_read(sharded, monkeypatch):

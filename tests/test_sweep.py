@@ -130,3 +130,44 @@ def test_knn_cli(synthetic, tmp_path):
     assert metrics["k"] in (5, 10, 600) and set(metrics["top1_per_k"]["val"]) == {"5", "10", "600"}
     assert set(metrics["top1_per_k"]["test"]) == {"5", "10", "600"} and "chosen k" in proc.stdout
     assert_clean_error(run_cli("knn", "--cache", tmp_path / "nope", "--out", tmp_path / "k2"), "does not exist")
+
+
+def test_logreg_shows_its_progress_and_refuses_non_finite_cs(synthetic, capsys):
+    """A long logreg run shows a bar per L-BFGS iteration with the C values still running; bad Cs are refused."""
+    from dinoprobe import LogReg, load_cache
+
+    d = load_cache(synthetic, "cls")
+    LogReg(Cs=[0.01, 1.0, 100.0], progress=True).fit(d.X_train, d.y_train, X_val=d.X_val, y_val=d.y_val)
+    err = capsys.readouterr().err
+    assert "logreg: 3 C values" in err and "running=" in err and "/3 C" in err and "refit on train + val" in err
+    for cs in ([float("nan")], [float("inf")], [-1.0], []):
+        with pytest.raises(ValueError, match="Cs must be positive finite"):
+            LogReg(Cs=cs).fit(d.X_train, d.y_train, X_val=d.X_val, y_val=d.y_val)
+
+
+def test_sweep_plot_keeps_identical_curves_apart_and_marks_the_best(tmp_path):
+    from dinoprobe.runs.report import plot_sweep, ranked
+
+    rows = ranked([{"lr": lr, "head": head, "weight_decay": wd, "val_top1": 0.5 + (lr == 1e-2 and head == "mlp") / 4}
+                   for lr in (1e-3, 1e-2) for head in ("linear", "mlp") for wd in (0, 1e-4)])
+    fig = plot_sweep(rows, tmp_path / "sweep.png", title="sweep demo")
+    ax = fig.axes[0]
+    lines = [line for line in ax.lines if line.get_label() != "_nolegend_"]
+    assert len(lines) == 4 and len({(line.get_marker(), line.get_linestyle()) for line in lines}) == 4
+    heights = [tuple(line.get_ydata()) for line in lines]
+    assert len(set(heights)) == 4  # identical curves (weight decay changes nothing here) are nudged apart
+    best = [c for c in ax.collections if "best" in c.get_label()]
+    assert best and tuple(best[0].get_offsets()[0]) == (1e-2, 0.75)
+    assert ax.get_title().startswith("sweep demo")
+
+
+def test_curves_plot_is_titled_with_the_run(synthetic, tmp_path, monkeypatch):
+    from dinoprobe.runs import reports
+
+    titles, real = [], reports.plot_curves
+    monkeypatch.setattr(reports, "plot_curves", lambda *a: titles.append(a[3]) or real(*a))
+    run_cli("probe", "--cache", synthetic, "--out", tmp_path / "r", "--head", "linear", "--lr", "0.01", "--epochs", 2,
+            check=True)
+    assert titles == ["probe on cache: feature cls, head linear, optimizer adam, lr 0.01"]
+    assert titles[0] in [t.get_text() for t in real([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_acc": 0.5}],
+                                                     tmp_path / "c.png", 1, titles[0]).texts]

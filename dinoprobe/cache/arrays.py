@@ -5,7 +5,7 @@ This is the estimators' cache loader::
     from dinoprobe import Probe, load_cache
     data = load_cache("cache/cifar10-...", feature="cls")
     probe = Probe(head="linear").fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
-    probe.score(data.X_test, data.y_test)
+    probe.score(data.X_test, data.y_test)  # a clear error if the cache has no test split
 """
 from __future__ import annotations
 
@@ -92,10 +92,19 @@ class FeatureSplits:
     def y_train(self) -> torch.Tensor:
         return self.y["train"]
 
-    X_val = property(lambda self: self.x.get("val"))
-    y_val = property(lambda self: self.y.get("val"))
-    X_test = property(lambda self: self.x.get("test"))
-    y_test = property(lambda self: self.y.get("test"))
+    def split(self, name: str, labels: bool = False):
+        """A split's features (or labels); a clear error when the cache has no such split."""
+        values = (self.y if labels else self.x).get(name)
+        if values is None:
+            raise DinoprobeError(f"cache {self.cache_dir} has no {name} split (it has {', '.join(self.y)}); "
+                                 f"{'score on val instead, or ' if name == 'test' else ''}build the cache from data "
+                                 f"with a {name}/ folder (or {name} rows)")
+        return values
+
+    X_val = property(lambda self: self.split("val"))
+    y_val = property(lambda self: self.split("val", labels=True))
+    X_test = property(lambda self: self.split("test"))
+    y_test = property(lambda self: self.split("test", labels=True))
 
     @property
     def dim(self) -> int:
@@ -108,6 +117,29 @@ class FeatureSplits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def check_labels(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) -> None:
+    """Before any training: every label names a class of the cache, train holds at least two classes, and val
+    and test hold none that train lacks (a head can never predict those: model selection and balanced accuracy
+    would be silently wrong)."""
+    for split, labels in y.items():
+        outside = sorted({int(v) for v in labels.tolist() if not 0 <= v < len(classes)})
+        if outside:
+            raise DinoprobeError(f"cache {cache_dir}: {split} holds label {outside[0]}"
+                                 f"{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}, outside its "
+                                 f"{len(classes)} classes; the cache is damaged — rebuild it with --overwrite")
+    present = sorted(set(y["train"].tolist()))
+    if len(present) < 2:
+        raise DinoprobeError(f"cache {cache_dir}: train holds only class {[classes[i] for i in present]}; a "
+                             "classifier needs at least 2 classes in train")
+    for split in ("val", "test"):
+        unseen = sorted(set(y.get(split, torch.zeros(0)).tolist()) - set(present))
+        if unseen:
+            names = [classes[int(i)] for i in unseen]
+            raise DinoprobeError(f"cache {cache_dir}: {split} holds class(es) {names[:5]} that are not in train; a "
+                                 "head cannot predict them — add training images of those classes, or drop them "
+                                 f"from {split}")
 
 
 def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True, views: bool = False,
@@ -148,9 +180,7 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     classes = manifest["classes"]
     if "train" not in y or len(y["train"]) == 0:
         raise DinoprobeError(f"cache {cache_dir} has an empty train split; nothing to train on")
-    present = torch.unique(y["train"]).numel()
-    if len(classes) < 2 or present < 2:
-        raise DinoprobeError(f"cache {cache_dir} has {present} class(es) in train; a classifier needs at least 2")
+    check_labels(cache_dir, classes, y)
     if require_val and len(y.get("val", ())) == 0:
         raise DinoprobeError(f"cache {cache_dir} has an empty val split; the best epoch is chosen on val — rebuild "
                              "the cache with a val/ folder or --val-fraction")

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -38,6 +39,21 @@ def now() -> str:
 
 def shard_file(split: str, number: int) -> str:
     return f"{split}/shard-{number:05d}.h5"
+
+
+SHARD_FILE = re.compile(r"(train|val|test)/shard-\d{5}\.h5")
+
+
+def shard_path(cache_dir: str | Path, file: str) -> Path:
+    """The shard a manifest entry names, refused unless it is `<split>/shard-NNNNN.h5` inside the cache itself (a
+    hand-edited manifest could point anywhere: ../other/..., /etc/passwd, or a symlink out of the cache)."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / str(file)
+    if not isinstance(file, str) or not SHARD_FILE.fullmatch(file) or \
+            not path.resolve().is_relative_to(cache_dir.resolve()):
+        raise DinoprobeError(f"cache {cache_dir}: manifest entry {file!r} points outside the cache (shards are "
+                             "<split>/shard-NNNNN.h5 inside it); the manifest was edited — rebuild with --overwrite")
+    return path
 
 
 def fingerprint_sha256(fingerprint: dict) -> str:
@@ -161,20 +177,38 @@ class ShardReader:
     epoch) read only the columns they need."""
 
     def __init__(self, cache_dir: str | Path, check_hashes: bool = True):
-        self.cache_dir, self.check_hashes, self.checked = Path(cache_dir), check_hashes, set()
+        self.cache_dir, self.check_hashes = Path(cache_dir), check_hashes
+        self.checked: dict[str, tuple] = {}  # file -> (inode, size, mtime) when its hash was checked
 
     def read(self, entry: dict, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-        path = self.cache_dir / entry["file"]
-        if not self.check_hashes or entry["file"] in self.checked:
-            return read_shard(path, columns)
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        path = shard_path(self.cache_dir, entry["file"])
+        try:
+            if not self.check_hashes:
+                return read_shard(path, columns)
+            if entry["file"] in self.checked:
+                # a later read (a streamed epoch): the file must still be the one whose hash was checked, or the
+                # cache was rewritten under this run (features --overwrite) and its rows would silently mix
+                if _identity(path) != self.checked[entry["file"]]:
+                    raise DinoprobeError(f"cache {self.cache_dir} changed while it was being read ({entry['file']} "
+                                         "was rewritten); rerun once the cache is no longer being written")
+                return read_shard(path, columns)
+            before = _identity(path)
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DinoprobeError(f"cache {self.cache_dir}: {entry['file']} disappeared while it was being read; "
+                                 "rerun the same `dinoprobe features` command to recompute it, then train again") from None
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
             raise DinoprobeError(f"cache {self.cache_dir} failed verification: {entry['file']}: sha256 differs from "
                                  "the manifest (edited or corrupt); delete it and rerun the same `dinoprobe "
                                  "features` command to recompute it")
-        self.checked.add(entry["file"])
+        self.checked[entry["file"]] = before
         with h5py.File(io.BytesIO(data), "r") as fh:
             return _columns(fh, path, columns)
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 # ------------------------------------------------------------------------------------------------- verify
@@ -198,7 +232,11 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
         if not info.get("complete"):
             problems.append(f"split '{split}' is incomplete ({len(info['shards'])} shards done); {fix}")
         for shard in info["shards"]:
-            path = cache_dir / shard["file"]
+            try:
+                path = shard_path(cache_dir, shard.get("file"))
+            except DinoprobeError as err:
+                problems.append(str(err))
+                continue
             known.add(path.resolve())
             if not path.is_file():
                 problems.append(f"{shard['file']}: missing; {fix}")
@@ -206,6 +244,10 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
             if path.stat().st_size != shard.get("bytes", path.stat().st_size):
                 problems.append(f"{shard['file']}: size {path.stat().st_size} != {shard['bytes']} recorded "
                                 f"(truncated?); delete it and {fix}")
+                continue
+            if "sha256" not in shard or "rows" not in shard:
+                problems.append(f"{shard['file']}: the manifest records no sha256 or row count for it (edited?); "
+                                f"delete it and {fix}")
                 continue
             if check_hashes and sha256_file(path) != shard["sha256"]:
                 problems.append(f"{shard['file']}: sha256 differs from the manifest (edited or corrupt); delete "
@@ -291,46 +333,50 @@ def skipped_inputs(manifest: dict, split: str | None = None) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------------- lock
 class CacheLock:
-    """One writer per cache: a lock file holding the writer's pid; a lock left by a dead process is taken over."""
+    """One writer per cache: an exclusive `flock` on CACHE/.lock. The kernel grants it to one process at a time and
+    releases it when the holder exits or dies, so there is no stale lock to take over and no check-then-act race.
+    The file records the holder's pid for the message and is removed on exit; a process that locked a file just
+    removed (its inode no longer at the path) tries again, so two writers can never hold two different files."""
 
     def __init__(self, cache_dir: str | Path):
         self.path = Path(cache_dir) / LOCK
+        self.fd: int | None = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _alive(holder):
-                    raise DinoprobeError(f"another dinoprobe process (pid {holder}) is writing {self.path.parent}; "
-                                         f"wait for it, or delete {self.path} if that process is gone") from None
-                self.path.unlink(missing_ok=True)  # stale: its writer died
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            return self
-        raise DinoprobeError(f"could not take the lock {self.path}")
+        import fcntl
 
-    def _holder(self) -> int | None:
-        try:
-            return int(self.path.read_text().strip() or -1)
-        except (OSError, ValueError):
-            return None
+        for _ in range(100):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as err:
+                raise DinoprobeError(f"cannot create the lock file {self.path} ({err.strerror}); check that the "
+                                     "cache folder is writable, has free space and that .lock is not a link") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise DinoprobeError(f"another dinoprobe process (pid {holder}) is writing {self.path.parent}; "
+                                     "wait for it to finish (the lock is released when it exits)") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file between our open and our lock
+                os.close(fd)
+                continue
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+            except OSError:
+                pass  # a full disk may refuse the pid; the lock itself is held all the same
+            self.fd = fd
+            return self
+        raise DinoprobeError(f"could not take the lock {self.path}; another process keeps replacing it")
 
     def __exit__(self, *exc):
-        if self._holder() == os.getpid():
-            self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiter then sees a new inode and retries
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None

@@ -57,7 +57,11 @@ class StreamedTrainSplit:
         return streaming_order(self.rows, self.buffer_shards, generator)
 
     def _read(self, shard: int) -> torch.Tensor:
-        return torch.from_numpy(select(self.reader.read(self.entries[shard], self.columns), self.parts))
+        x = torch.from_numpy(select(self.reader.read(self.entries[shard], self.columns), self.parts))
+        if not torch.isfinite(x).all():  # the same refusal as in-memory training's
+            raise DinoprobeError(f"{self.entries[shard]['file']} holds NaN or infinite features; the cache is damaged "
+                                 "— rebuild it with `dinoprobe features ... --overwrite`")
+        return x
 
     def epochs(self, normalizer, batch_size: int, seed: int):
         """A training source (train.sources.TrainSource): every epoch the batches of `streaming_order`."""

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
+from tqdm import tqdm
 
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
@@ -33,13 +34,14 @@ def _objective(theta, x, onehot, lam, num_classes):
 
 
 def fit_logreg_batched(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter: int = 1000, tol: float = 1e-4,
-                       memory: int = 10, dtype: torch.dtype = torch.float64
-                       ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                       memory: int = 10, dtype: torch.dtype = torch.float64, progress: bool = False,
+                       desc: str = "logreg") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Minimise C * sum CE + ||W||^2 / 2 (sklearn's objective, scaled by 1/(C n)) for every C in `cs`.
 
     Stops each problem like scikit-learn's lbfgs: gradient inf-norm <= tol (same default, same objective
     scale), or no relative decrease left at the dtype's precision. float64 by default: strongly regularised
     problems change the loss by less than float32 can resolve. Returns W (K, C, D), b (K, C) and iterations.
+    progress: a bar per L-BFGS iteration, with the number of problems (C values) still running.
     """
     x = x.to(dtype)
     n, d = x.shape
@@ -54,9 +56,13 @@ def fit_logreg_batched(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, m
     f, g = _objective(theta, x, onehot, lam, num_classes)
     iterations = [max_iter] * k
     active = torch.ones(k, dtype=torch.bool, device=x.device)
+    bar = tqdm(total=max_iter, desc=desc, unit="iter", disable=not progress, dynamic_ncols=True)
     for it in range(max_iter):
         active &= g.abs().amax(1) > tol
-        if not active.any():
+        running = int(active.sum())
+        bar.update(1)
+        bar.set_postfix(running=f"{running}/{k} C")
+        if not running:
             break
         a = active.nonzero().squeeze(1)
         direction = _two_loop(g[a], S[a], Y[a], rho[a])
@@ -96,6 +102,7 @@ def fit_logreg_batched(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, m
         active[a[stuck]] = False
         for j in a[(g[a].abs().amax(1) <= tol)].tolist():
             iterations[j] = it + 1
+    bar.close()
     w = theta[:, : num_classes * d].view(k, num_classes, d)
     return w.float(), theta[:, num_classes * d:].float(), iterations
 
@@ -136,12 +143,13 @@ def fit_logreg_sklearn(x, y, cs, max_iter: int = 1000, tol: float = 1e-4):
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, solver: str = "torch",
-               max_iter: int = 1000, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+               max_iter: int = 1000, tol: float = 1e-4, progress: bool = False,
+               desc: str = "logreg") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """W (K, classes, D), b (K, classes) and the iterations, for every C in `cs`, on x's device."""
     if solver == "sklearn":
         w, b, iterations = fit_logreg_sklearn(x.cpu().numpy(), y.cpu().numpy(), cs, max_iter, tol)
         return w.to(x.device), b.to(x.device), iterations
-    return fit_logreg_batched(x, y, num_classes, cs, max_iter, tol)
+    return fit_logreg_batched(x, y, num_classes, cs, max_iter, tol, progress=progress, desc=desc)
 
 
 class LogReg(_Classifier):
@@ -154,7 +162,7 @@ class LogReg(_Classifier):
     """
 
     def __init__(self, Cs=None, normalize="standardize", max_iter=1000, tol=1e-4, solver="torch", val_fraction=0.1,
-                 seed=0, shots=None, tries=1, device="auto"):
+                 seed=0, shots=None, tries=1, device="auto", progress=False):
         self.Cs = Cs
         self.normalize = normalize
         self.max_iter = max_iter
@@ -165,25 +173,28 @@ class LogReg(_Classifier):
         self.shots = shots
         self.tries = tries
         self.device = device
+        self.progress = progress
 
     def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
         cs = [float(c) for c in (DEFAULT_C_GRID if self.Cs is None else self.Cs)]
-        if not cs or any(c <= 0 for c in cs):
-            raise DinoprobeError(f"Cs must be positive values, got {self.Cs}")
+        if not cs or any(not np.isfinite(c) or c <= 0 for c in cs):
+            raise DinoprobeError(f"Cs must be positive finite values, got {self.Cs}")
         if self.solver not in ("torch", "sklearn"):
             raise DinoprobeError(f"solver must be 'torch' or 'sklearn', got {self.solver!r}")
         device = resolve_device(self.device)
         k = len(self.classes_)
         self.normalizer_ = Normalizer.fit(self.normalize, x_tr)
         x_tr, x_val = self.normalizer_(x_tr).to(device), self.normalizer_(x_val).to(device)
-        w, b, iterations = fit_logreg(x_tr, y_tr.to(device), k, cs, self.solver, self.max_iter, self.tol)
+        w, b, iterations = fit_logreg(x_tr, y_tr.to(device), k, cs, self.solver, self.max_iter, self.tol,
+                                      self.progress, f"logreg: {len(cs)} C values")
         val_pred = (torch.einsum("nd,kcd->knc", x_val, w) + b[:, None]).argmax(-1).cpu()
         self.val_score_per_C_ = ((val_pred == y_val).sum(1) / len(y_val)).tolist()
         best = int(np.argmax(self.val_score_per_C_))
         self.best_C_, self.Cs_, self.best_score_ = cs[best], cs, self.val_score_per_C_[best]
         self.selection_coef_, self.selection_intercept_ = w[best].cpu(), b[best].cpu()
         w, b, refit_iterations = fit_logreg(torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val]).to(device), k,
-                                            [cs[best]], self.solver, self.max_iter, self.tol)
+                                            [cs[best]], self.solver, self.max_iter, self.tol, self.progress,
+                                            "logreg: refit on train + val")
         self.coef_, self.intercept_ = w[0].cpu(), b[0].cpu()
         self.n_iter_ = np.array([refit_iterations[0]])  # L-BFGS iterations of the final fit, as scikit-learn's
         self.n_iter_per_C_ = list(iterations)

@@ -1,10 +1,13 @@
 """`Probe`: one linear or MLP head trained on feature arrays by dinoprobe's engine."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from sklearn.utils.validation import check_is_fitted
 
 from dinoprobe.device import resolve_device
+from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.base import _Classifier, names_for
 from dinoprobe.train.config import TrainConfig, default
 from dinoprobe.train.headfile import save_head
@@ -80,6 +83,13 @@ class Probe(_Classifier):
         return [self._fitted_copy()._set_result(r) for r in results]
 
     def _set_result(self, result):
+        if result.diverged_epoch is not None and result.best_val_acc < 0:
+            raise DinoprobeError(diverged_message(result))
+        self.diverged_epoch_ = result.diverged_epoch
+        if result.diverged_epoch is not None:
+            warnings.warn(f"training diverged in epoch {result.diverged_epoch} and stopped; the head kept is epoch "
+                          f"{result.best_epoch}'s, from before (lower the learning rate to train further)",
+                          stacklevel=3)
         self.config_ = result.config
         spec = HeadSpec.of(result.config, self.n_features_in_, len(self.classes_))
         self.head_ = build_head(spec, result.best_layers).eval()
@@ -103,6 +113,12 @@ class Probe(_Classifier):
         spec = HeadSpec.of(self.config_, self.n_features_in_, len(self.classes_))
         return save_head(path, self.head_, spec, self.normalizer_, names_for(self, class_names), cache,
                          self.config_.to_dict())
+
+
+def diverged_message(result) -> str:
+    return (f"training diverged in epoch {result.diverged_epoch} (the loss became NaN or infinite) before any "
+            f"epoch scored on validation; lower the learning rate (lr {result.config.lr:g}) or standardise the "
+            "features (normalize='standardize')")
 
 
 def _to(x, device):

@@ -9,7 +9,7 @@ from sklearn.utils.validation import check_is_fitted
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.base import _Classifier
-from dinoprobe.estimators.probe import Probe, _to
+from dinoprobe.estimators.probe import Probe, _to, diverged_message
 from dinoprobe.settings import DINOV3_LINEAR_LRS, PRESETS
 from dinoprobe.train.config import SETTINGS, TrainConfig
 from dinoprobe.train.loop import train_heads
@@ -101,9 +101,14 @@ class Sweep(_Classifier):
                    "group": rs[0].group, "group_size": rs[0].group_size, "group_seconds": round(rs[0].seconds, 3)}
             if tries is not None:
                 row.update({"val_top1_std": float(np.std([r.best_val_acc for r in rs])), "tries": per})
+            diverged = [r.diverged_epoch for r in rs if r.diverged_epoch is not None]
+            row["diverged_epoch"] = min(diverged) if diverged else None
             self.results_.append(row)
+        usable = [i for i, rs in enumerate(by_config) if all(r.best_val_acc >= 0 for r in rs)]
+        if not usable:
+            raise DinoprobeError(f"every configuration diverged; {diverged_message(by_config[0][0])}")
         self.configs_ = configs
-        self.best_index_ = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the earliest
+        self.best_index_ = max(usable, key=lambda i: (scores[i], -i))  # ties: the earliest
         self.best_params_ = combos[self.best_index_][0]
         self.best_score_ = scores[self.best_index_]
         best = base.set_params(**self.best_params_)

@@ -162,25 +162,24 @@ def load_weights_from_path(model: nn.Module, weights: str) -> WeightsInfo:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read tensors without executing code: safetensors, or torch.load(weights_only=True)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """Read tensors without executing code, with timm's reader (safetensors, or torch.load(weights_only=True); the
+    EMA / state_dict / model entry of a training checkpoint; `module.` prefixes removed). DINOv3's own training
+    checkpoints add a `teacher` entry and a `backbone.` prefix, handled here."""
+    from timm.models import load_state_dict
 
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as err:
         raise DinoprobeError(f"cannot read weights '{path}': {type(err).__name__}: {str(err).splitlines()[0][:200]} "
                              "(only plain tensor checkpoints are accepted; code in pickles is never run)") from None
-    for key in ("model_ema", "model", "teacher", "state_dict", "module"):  # training checkpoints nest the weights
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
+        obj = obj["teacher"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DinoprobeError(f"'{path}' is not a state dict of tensors")
     for prefix in ("backbone.", "module."):  # DINOv3 training checkpoints prefix the backbone
-        if obj and all(k.startswith(prefix) for k in obj):
+        if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
+    return dict(obj)
 
 
 # Checkpoint entries no inference path reads, each dropped only after the check that makes dropping it exact.
@@ -271,7 +270,10 @@ def _load_hf_folder(model: nn.Module, folder: Path) -> WeightsInfo:
 
 
 def _timm_filter(state: dict, model: nn.Module) -> dict:
-    """timm's own per-architecture converter (Meta DINOv3 names -> timm names for Eva)."""
+    """timm's own converter for the model's family (Meta DINOv3 names -> timm names for Eva; position-embedding
+    resizing for other ViTs): the public `checkpoint_filter_fn` of the module that defines the model's class.
+    (`pretrained_cfg_overlay=dict(file=...)` applies the same function, but inside the load, where the audit above
+    and the count check after it could not see what it kept and dropped.)"""
     module = sys.modules[type(model).__module__]
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     return filter_fn(state, model) if filter_fn else state

@@ -18,6 +18,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
                  views: Views | None = None, decode=None, reader=None):
         self.samples, self.transform, self.max_pixels, self.views = samples, worker_transform(config), max_pixels, views
         self.decode, self.reader = decode, reader  # reader: key -> bytes, for sources whose keys are not files
+        self.resize_to = config.resize_size
 
     def __len__(self):
         return len(self.samples)
@@ -27,11 +28,12 @@ class ImageFileDataset(torch.utils.data.Dataset):
         try:
             source = path if self.reader is None else self.reader.read(path)
             if self.decode is None:
-                image = load_rgb(source, self.max_pixels)
+                image = load_rgb(source, self.max_pixels, self.resize_to)
                 pixels = self.transform(image)
             else:
                 pixels = self.decode(source)
-                image = load_rgb(source, self.max_pixels) if self.views else None  # augmentations work on PIL images
+                # augmentations work on PIL images
+                image = load_rgb(source, self.max_pixels, self.resize_to) if self.views else None
         except SkippedInput as err:
             return None, label, index, str(err), None
         return pixels, label, index, None, self.views(image, index) if self.views else None

@@ -30,9 +30,27 @@ class SkippedInput(Exception):
     """An input that cannot be used; its message is the reason recorded in the manifest."""
 
 
-def load_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def resized_pixels(width: int, height: int, resize_to: int) -> int:
+    """Pixels after resizing the shorter side to `resize_to` (the eval transform's first step)."""
+    short, long = sorted((max(width, 1), max(height, 1)))
+    return resize_to * max(resize_to, round(long * resize_to / short))
+
+
+def check_size(width: int, height: int, max_pixels: int, resize_to: int | None) -> None:
+    """The decompression-bomb guards: the decoded image, and what the resize would make of it (a 3 KB PNG of
+    1,000,000 x 1 pixels passes the first and would resize to 224,000,000 x 224)."""
+    if width * height > max_pixels:
+        raise SkippedInput(f"{width}x{height} image exceeds the {max_pixels:,}-pixel guard "
+                           "(decompression bomb?); raise --max-pixels to accept it")
+    if resize_to and resized_pixels(width, height, resize_to) > max_pixels:
+        raise SkippedInput(f"{width}x{height} image: resizing its shorter side to {resize_to} would make "
+                           f"{resized_pixels(width, height, resize_to):,} pixels, over the {max_pixels:,}-pixel guard "
+                           "(an extreme aspect ratio)")
+
+
+def load_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS, resize_to: int | None = None) -> Image.Image:
     """Open any common image, a file path or its encoded bytes, as 8-bit RGB, EXIF rotation applied; raise
-    SkippedInput with a reason otherwise."""
+    SkippedInput with a reason otherwise (unreadable, or past the size guards of `check_size`)."""
     try:
         if len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0:
             raise SkippedInput("empty file (0 bytes)")
@@ -42,10 +60,7 @@ def load_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
                 image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             except Image.DecompressionBombError as err:  # over twice PIL's own limit: PIL refuses to open it
                 raise SkippedInput(f"PIL refuses to open it ({err}); exceeds the --max-pixels guard too") from None
-            width, height = image.size
-            if width * height > max_pixels:
-                raise SkippedInput(f"{width}x{height} image exceeds the {max_pixels:,}-pixel guard "
-                                   "(decompression bomb?); raise --max-pixels to accept it")
+            check_size(*image.size, max_pixels, resize_to)
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
@@ -65,7 +80,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def jpeg_orientation(source, max_pixels: int) -> int | None:
+def jpeg_orientation(source, max_pixels: int, resize_to: int | None = None) -> int | None:
     """The EXIF orientation (1 = upright) of a file torchvision can take — a baseline/progressive JPEG in RGB or
     greyscale, within the pixel guard — else None. Reads the header only; problems are left to PIL's path,
     which reports them."""
@@ -76,8 +91,9 @@ def jpeg_orientation(source, max_pixels: int) -> int | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 width, height = image.size
-                if image.format != "JPEG" or image.mode not in ("RGB", "L") or width * height > max_pixels:
-                    return None
+                if image.format != "JPEG" or image.mode not in ("RGB", "L") or width * height > max_pixels \
+                        or resized_pixels(width, height, resize_to or 1) > max_pixels:
+                    return None  # PIL's path reports it
                 return int(image.getexif().get(0x0112, 1))
     except Exception:
         return None
@@ -93,10 +109,11 @@ class TorchvisionDecode:
         self.pil_transform = worker_transform(config)
 
     def pil(self, source) -> torch.Tensor:
-        return self.pil_transform(load_rgb(source, self.max_pixels))  # raises SkippedInput with the reason
+        # raises SkippedInput with the reason
+        return self.pil_transform(load_rgb(source, self.max_pixels, self.config.resize_size))
 
     def __call__(self, source) -> torch.Tensor:
-        orientation = jpeg_orientation(source, self.max_pixels)
+        orientation = jpeg_orientation(source, self.max_pixels, self.config.resize_size)
         if orientation is None:
             return self.pil(source)
         if not isinstance(source, bytes):

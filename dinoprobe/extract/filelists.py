@@ -26,6 +26,7 @@ from pathlib import Path
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.datasource import SPLIT_NAMES, DataSource, with_val
+from dinoprobe.extract.decode import SkippedInput
 from dinoprobe.network import hub_endpoint, reachable
 
 IMAGE_COLUMNS = ("image", "img", "picture", "photo")
@@ -101,21 +102,25 @@ def _datasets():
 class HFReader:
     """hf:<name>:<split>:<row> -> the row's encoded image bytes, from memory-mapped Arrow tables."""
 
-    def __init__(self, tables: dict, image_column: str):
-        self.tables, self.image_column = tables, image_column
+    def __init__(self, tables: dict, image_column: str, unlabelled: set[str] = frozenset()):
+        self.tables, self.image_column, self.unlabelled = tables, image_column, set(unlabelled)
 
-    def _cell(self, key: str) -> dict:
+    def _cell(self, key: str) -> dict | None:
         _, split, row = key.rsplit(":", 2)
         return self.tables[split][int(row)][self.image_column]
 
     def read(self, key: str) -> bytes:
+        if key in self.unlabelled:
+            raise SkippedInput("unlabelled row (label -1): nothing to train or score on")
         cell = self._cell(key)
+        if not cell:
+            raise SkippedInput("the row has no image (None)")
         if cell.get("bytes") is not None:
             return cell["bytes"]
         if cell.get("path") and os.path.isfile(cell["path"]):
             with open(cell["path"], "rb") as fh:
                 return fh.read()
-        return b""  # skipped as an empty image
+        raise SkippedInput(f"the row's image has neither bytes nor a readable file ({cell.get('path')!r})")
 
     def size(self, key: str) -> int:
         return -1  # content is identified by the tables' files (content_id), not by reading every row
@@ -180,15 +185,23 @@ def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | Non
     labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
     image_column = _pick(images, image_column, IMAGE_COLUMNS, "images", "--image-column", features)
     label_column = _pick(labels, label_column, LABEL_COLUMNS, "labels", "--label-column", features)
+    if isinstance(features[image_column], datasets.Value):
+        raise DinoprobeError(f"column {image_column!r} holds {features[image_column].dtype} values, not images; name "
+                             f"the image column with --image-column (columns: {sorted(features)})")
     feature = features[label_column]
     values = {split: table[label_column] for split, table in tables.items()}
+    unlabelled = {f"hf:{root}:{split}:{row}" for split, vs in values.items() for row, v in enumerate(vs)
+                  if v is None or (isinstance(feature, datasets.ClassLabel) and v == -1)}
     if isinstance(feature, datasets.ClassLabel):
         classes, to_index = list(feature.names), int
     else:
-        classes = sorted({str(v) for vs in values.values() for v in vs})
+        classes = sorted({str(v) for vs in values.values() for v in vs if v is not None})
         position = {name: i for i, name in enumerate(classes)}
         to_index = lambda v: position[str(v)]  # noqa: E731
-    splits = {split: [(f"hf:{root}:{split}:{row}", to_index(v)) for row, v in enumerate(vs)]
+    # unlabelled rows keep their place (their `index`) and are skipped at extraction with the reason, as unreadable
+    # images are; their placeholder class is never stored
+    splits = {split: [(key, 0 if key in unlabelled else to_index(v))
+                      for row, v in enumerate(vs) for key in [f"hf:{root}:{split}:{row}"]]
               for split, vs in values.items()}
     tables = {split: t.cast_column(image_column, datasets.Image(decode=False)).select_columns([image_column])
               for split, t in tables.items()}
@@ -196,8 +209,8 @@ def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | Non
     for file in files:  # the data files' names and sizes identify the content, as file sizes do for folders
         content.update(f"{Path(file).name}\t{Path(file).stat().st_size}\n".encode())
     content.update(f"{spec}\t{image_column}\t{label_column}\t{getattr(loaded, '_fingerprint', '')}".encode())
-    return with_val("hf", root, classes, splits, val_fraction, seed, HFReader(tables, image_column),
-                     content.hexdigest())
+    return with_val("hf", root, classes, splits, val_fraction, seed, HFReader(tables, image_column, unlabelled),
+                    content.hexdigest())
 
 
 def _hub_or_fail(name: str) -> None:
@@ -210,8 +223,25 @@ def _hub_or_fail(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- WebDataset
+MAX_SHARDS = 100_000  # shard names one pattern may expand to
+
+
 def expand_braces(pattern: str) -> list[str]:
-    """WebDataset's shard patterns: {000..099} (zero-padded ranges) and {a,b,c}, possibly several."""
+    """WebDataset's shard patterns: {000..099} (zero-padded ranges) and {a,b,c}, possibly several; refused when
+    they would name more than MAX_SHARDS files (counted before any is built)."""
+    groups = []
+    for body in re.findall(r"\{([^{}]*)\}", pattern):
+        rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        groups.append(max(0, int(rng.group(2)) - int(rng.group(1)) + 1) if rng else len(body.split(",")))
+    total = 1
+    for count in groups:
+        total *= count
+        if total > MAX_SHARDS:
+            raise DinoprobeError(f"the pattern {pattern!r} names more than {MAX_SHARDS:,} shards; check its ranges")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", pattern)
     if not match:
         return [pattern]
@@ -223,7 +253,7 @@ def expand_braces(pattern: str) -> list[str]:
     else:
         items = body.split(",")
     head, tail = pattern[:match.start()], pattern[match.end():]
-    return [p for item in items for p in expand_braces(head + item + tail)]
+    return [p for item in items for p in _expand(head + item + tail)]
 
 
 class TarReader:
@@ -243,27 +273,39 @@ class TarReader:
 
 
 def _index_tar(path: str, label_field: str) -> list[tuple[str, tuple[str, int, int], object]]:
-    """(key, (tar, offset, size) of its image, label) per sample, in the tar's order."""
+    """(key, (tar, offset, size) of its image, label) per sample, in the tar's order. A shard that is not an
+    uncompressed tar, a truncated one, a key used twice, or a label that cannot be read is refused naming it."""
     samples: dict[str, dict] = {}
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            directory, base = os.path.split(member.name)
-            stem, _, ext = base.partition(".")
-            key = os.path.join(directory, stem)
-            entry = samples.setdefault(key, {})
-            ext = ext.lower()
-            if ext in TAR_IMAGE_EXTENSIONS:
-                entry["image"] = (path, member.offset_data, member.size)
-            elif ext == "cls":
-                entry["label"] = int(tar.extractfile(member).read().decode().strip())
-            elif ext == "json":
-                record = json.loads(tar.extractfile(member).read())
-                if label_field not in record:
-                    raise DinoprobeError(f"{path}: {member.name} has no field {label_field!r}; name the label field "
-                                         "with --label-column")
-                entry["label"] = record[label_field]
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, base = os.path.split(member.name)
+                stem, _, ext = base.partition(".")
+                key = os.path.join(directory, stem)
+                entry = samples.setdefault(key, {})
+                ext = ext.lower()
+                kind = "image" if ext in TAR_IMAGE_EXTENSIONS else "label" if ext in ("cls", "json") else None
+                if kind is None:
+                    continue
+                if kind in entry:
+                    raise DinoprobeError(f"{path}: sample key {key!r} appears twice (a second {ext} member); "
+                                         "every sample needs its own key — rename one of them")
+                if kind == "image":
+                    entry["image"] = (path, member.offset_data, member.size)
+                elif member.size > 1 << 20:
+                    raise DinoprobeError(f"{path}: {member.name} is {member.size:,} bytes; a label member is small")
+                else:
+                    entry["label"] = _read_label(path, member, tar.extractfile(member).read(), ext, label_field)
+    except tarfile.ReadError as err:
+        if "unexpected end of data" in str(err):
+            raise DinoprobeError(f"{path}: truncated tar ({err}); copy the shard again") from None
+        hint = " (gzip-compressed shards are not supported: decompress them)" if _is_gzip(path) else ""
+        raise DinoprobeError(f"{path}: not a readable uncompressed tar ({err}){hint}") from None
+    except (EOFError, OSError) as err:
+        raise DinoprobeError(f"{path}: truncated or unreadable tar ({type(err).__name__}: {err}); copy the shard "
+                             "again") from None
     out = []
     for key, entry in samples.items():
         if "image" not in entry:
@@ -273,6 +315,36 @@ def _index_tar(path: str, label_field: str) -> list[tuple[str, tuple[str, int, i
                                  f"{label_field!r})")
         out.append((f"{path}#{key}", entry["image"], entry["label"]))
     return out
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _read_label(path: str, member, data: bytes, ext: str, label_field: str):
+    """A sample's label: a non-negative integer in a .cls member, or a field of a .json member (a class name or a
+    non-negative integer)."""
+    where = f"{path}: {member.name}"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DinoprobeError(f"{where} is not UTF-8 text; a label member holds a class index or JSON") from None
+    if ext == "cls":
+        if not re.fullmatch(r"\s*\d+\s*", text):
+            raise DinoprobeError(f"{where} holds {text.strip()[:40]!r}; a .cls member holds a non-negative class "
+                                 "index (put class names in a .json member's label field)")
+        return int(text)
+    try:
+        record = json.loads(text)
+    except ValueError as err:
+        raise DinoprobeError(f"{where} is not valid JSON ({err})") from None
+    if not isinstance(record, dict) or label_field not in record:
+        raise DinoprobeError(f"{where} has no field {label_field!r}; name the label field with --label-column")
+    label = record[label_field]
+    if isinstance(label, bool) or not isinstance(label, (int, str)) or (isinstance(label, int) and label < 0):
+        raise DinoprobeError(f"{where}: label {label!r} is not a class name or a non-negative class index")
+    return label
 
 
 def webdataset_source(spec: str, val_fraction: float, seed: int, label_field: str | None = None) -> DataSource:
@@ -295,9 +367,14 @@ def webdataset_source(spec: str, val_fraction: float, seed: int, label_field: st
     field = label_field or "label"
     indexed = {split: [s for tar in files for s in _index_tar(tar, field)] for split, files in shards.items()}
     names = sorted({str(label) for samples in indexed.values() for _, _, label in samples},
-                   key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
-    if all(n.lstrip("-").isdigit() for n in names):  # integer labels: classes 0..max, as written
-        classes = [str(i) for i in range(max(int(n) for n in names) + 1)]
+                   key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
+    rows = sum(len(samples) for samples in indexed.values())
+    if all(n.isdigit() for n in names):  # integer labels: classes 0..max, as written
+        top = max(int(n) for n in names)
+        if top >= max(rows, 1) * 10:  # a class index far beyond the rows is a corrupt label, not a class list
+            raise DinoprobeError(f"{spec}: class index {top} with only {rows} samples; the .cls members hold "
+                                 "class indices 0..C-1 — check the shards' labels")
+        classes = [str(i) for i in range(top + 1)]
     else:
         classes = names
     position = {name: i for i, name in enumerate(classes)}

@@ -25,6 +25,7 @@ from dinoprobe.cache.store import (
     new_manifest,
     now,
     read_manifest,
+    shard_path,
     write_shard,
 )
 from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
@@ -62,6 +63,7 @@ class ExtractionSummary:
     rows: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     computed: int = 0  # inputs run through the backbone in this invocation (not resumed ones)
+    repaired: list[str] = field(default_factory=list)  # recorded shards found missing or truncated, recomputed
     seconds: float = 0.0
 
     @property
@@ -113,6 +115,29 @@ class ShardWriter:
                 write_json(self.cache_dir / MANIFEST, self.manifest)
             except BaseException as err:  # noqa: BLE001 - reported in the main thread
                 self.error = err
+
+
+def drop_broken_shards(cache_dir: Path, manifest: dict) -> list[str]:
+    """Forget every recorded shard that is missing or whose size is not the recorded one (deleted or truncated,
+    e.g. on `cache verify`'s advice), with its sidecar, so this run computes it again; returns their names.
+    (A shard whose bytes changed at the same size is caught by its sha256 when read, and `cache verify` says to
+    delete it: then it is missing, and recomputed here.)"""
+    dropped = []
+    for info in manifest["splits"].values():
+        keep = []
+        for shard in info["shards"]:
+            path = shard_path(cache_dir, shard["file"])
+            if path.is_file() and path.stat().st_size == shard.get("bytes"):
+                keep.append(shard)
+                continue
+            dropped.append(shard["file"])
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+        if len(keep) != len(info["shards"]):
+            info["shards"], info["complete"] = keep, False
+    if dropped:
+        write_json(cache_dir / MANIFEST, manifest)
+    return dropped
 
 
 def prepare_manifest(cache_dir: Path, fingerprint: dict, source: DataSource, shard_size: int, overwrite: bool,
@@ -236,6 +261,7 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
             stack.enter_context(CacheLock(cache_dir))
             try:
                 manifest = prepare_manifest(cache_dir, fingerprint, source, o.shard_size, o.overwrite, extra)
+                summary.repaired = drop_broken_shards(cache_dir, manifest)
                 for stale in glob.glob(str(cache_dir / "*" / ".shard-*.tmp-*")):
                     os.unlink(stale)  # half-written shards of a killed run
                 if adopt_finished_shards(cache_dir, manifest):

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import clone
 
+from dinoprobe import __version__
+from dinoprobe.atomic import write_json
 from dinoprobe.cache.arrays import load_cache, load_features
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
@@ -30,22 +32,37 @@ from dinoprobe.runs.rundir import check_run_dir, run_directory
 __all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
 
 
-def _check(out, overwrite: bool, estimator, kind) -> None:
-    """Refuse a bad request before the cache is read: an existing --out, a wrong estimator type."""
+def _check(cache_dir, out, overwrite: bool, estimator, kind, command: str) -> None:
+    """Refuse a bad request before the cache is read: a wrong estimator type, an --out that is taken (or is not
+    ours to replace, or overlaps the cache), a cache path that is not a folder."""
     if not isinstance(estimator, kind):
         raise DinoprobeError(f"expected a {kind.__name__}, got {type(estimator).__name__}")
-    check_run_dir(Path(out), overwrite)
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise DinoprobeError(f"--cache '{cache_dir}' is a file; pass the cache folder that `dinoprobe features` "
+                             "wrote (the one holding manifest.json)")
+    check_run_dir(Path(out), overwrite, command, protect=[cache_dir])
+
+
+def train_mode(data, max_memory: int | None) -> dict:
+    """How training read its features: in memory, as augmented views, or streamed from disk (which visits rows in
+    a buffered order, so its results differ from in-memory training's)."""
+    if data.stream is not None:
+        return {"mode": "streamed", "shards": len(data.stream.rows), "shards_per_buffer": data.stream.buffer_shards,
+                "max_memory": max_memory}
+    return {"mode": "views" if data.train_views is not None else "in memory", "max_memory": max_memory}
 
 
 def run_probe(cache_dir, out, probe: Probe, *, feature: str = "cls", views: bool = False,
               max_memory: int | None = None, overwrite: bool = False) -> dict:
     """Fit `probe` on a cache's train split (best epoch on val) and write its run directory; returns metrics."""
-    _check(out, overwrite, probe, Probe)
+    _check(cache_dir, out, overwrite, probe, Probe, "probe")
     probe.train_config()  # bad settings fail here, before the cache is read
     data = load_cache(cache_dir, feature, resolve_device(probe.device), views=views, max_memory=max_memory)
-    probe.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
-    with run_directory(out, overwrite) as tmp:
-        return write_probe_run(tmp, probe, data)
+    probe.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
+    mode = train_mode(data, max_memory)
+    with run_directory(out, overwrite, "probe", [cache_dir]) as tmp:
+        metrics = write_probe_run(tmp, probe, data, {"command": "probe", "train_features": mode})
+    return {**metrics, "train_features": mode}
 
 
 def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = False,
@@ -53,7 +70,7 @@ def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = 
     """Fit `sweep` once per feature spec (each shard read once for all of them), rank every configuration of every
     feature on val, and write results.csv/json, sweep.png and the best head's run in best/. Returns (ranked rows,
     the best run's metrics)."""
-    _check(out, overwrite, sweep, Sweep)
+    _check(cache_dir, out, overwrite, sweep, Sweep, "sweep")
     if isinstance(features, str) or not features:
         raise DinoprobeError("features must be a non-empty list of feature specs, e.g. ['cls', 'cls4+patch_mean']")
     sweep.configurations()  # a bad grid fails here, before the cache is read
@@ -61,63 +78,66 @@ def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = 
     loaded = load_features(cache_dir, list(features), device, views=views, max_memory=max_memory)
     rows, best = [], None
     for name, data in loaded.items():
-        search = clone(sweep).fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+        search = clone(sweep).fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
         rows += [{"feature": name, **cfg.to_dict(), **{k: r[k] for k in RESULT_FIELDS if k in r}}
                  for cfg, r in zip(search.configs_, search.results_)]
         if best is None or search.best_score_ > best[0].best_score_:
             best = (search, data)
     rows = ranked(rows)
-    with run_directory(out, overwrite) as tmp:
+    with run_directory(out, overwrite, "sweep", [cache_dir]) as tmp:
         write_results(tmp, rows)
         plot_sweep(rows, tmp / "sweep.png", title=f"sweep {Path(out).name}")
         (tmp / "best").mkdir()
-        metrics = write_probe_run(tmp / "best", best[0].best_estimator_, best[1], {"sweep": str(out)})
+        metrics = write_probe_run(tmp / "best", best[0].best_estimator_, best[1], {"command": "probe",
+                                                                                    "sweep": str(out)})
+        write_json(tmp / "run.json", {"command": "sweep", "cache": str(cache_dir), "features": list(features),
+                                      "configurations": len(rows), "dinoprobe_version": __version__})
     return rows, metrics
 
 
 def run_logreg(cache_dir, out, logreg: LogReg, *, feature: str = "cls", overwrite: bool = False) -> dict:
     """DINOv3's logistic-regression protocol on a cache: C chosen on val, refit on train + val, scored on test.
     The val metrics are the train-only model's at the chosen C (the refit has seen val)."""
-    _check(out, overwrite, logreg, LogReg)
+    _check(cache_dir, out, overwrite, logreg, LogReg, "logreg")
     data = load_cache(cache_dir, feature, resolve_device(logreg.device), require_val=False)
     start = time.perf_counter()
-    logreg.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    logreg.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     seconds = time.perf_counter() - start
 
     def selection_scores(fitted, d):
-        scores = np.zeros((len(d.X_val), d.num_classes))
-        scores[:, fitted.classes_] = fitted.selection_predict_proba(d.X_val)
+        scores = np.zeros((len(d.x["val"]), d.num_classes))
+        scores[:, fitted.classes_] = fitted.selection_predict_proba(d.x["val"])
         return scores
 
     metrics = evaluate(logreg, data, ("test",))
-    if data.X_val is not None:
-        metrics["val"] = classification_metrics(selection_scores(logreg, data), data.y_val, data.classes)
-    few_shot = few_shot_metrics(logreg, data, selection_scores if data.X_val is not None else None)
+    if data.x.get("val") is not None:
+        metrics["val"] = classification_metrics(selection_scores(logreg, data), data.y["val"], data.classes)
+    few_shot = few_shot_metrics(logreg, data, selection_scores if data.x.get("val") is not None else None)
     if few_shot:
         metrics["few_shot"] = few_shot
     metrics.update({"best_c": logreg.best_C_, "c_grid": logreg.Cs_, "val_accuracy_per_c": logreg.val_score_per_C_})
     config = {"method": "logreg", "feature": feature, "normalize": logreg.normalize, "solver": logreg.solver,
               "max_iter": logreg.max_iter}
-    with run_directory(out, overwrite) as tmp:
+    with run_directory(out, overwrite, "logreg", [cache_dir]) as tmp:
         logreg.save(tmp / "head.pt", data, data.classes)
-        write_run_files(tmp, metrics, data, config, {"fit_seconds": round(seconds, 3)})
+        write_run_files(tmp, metrics, data, config, {"command": "logreg", "fit_seconds": round(seconds, 3)})
     return metrics
 
 
 def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool = False) -> dict:
     """DINO's weighted k-NN on a cache: k chosen on val; top-1 for every k on val and test. No head.pt: k-NN
     predicts from the training features themselves."""
-    _check(out, overwrite, knn, KNN)
+    _check(cache_dir, out, overwrite, knn, KNN, "knn")
     data = load_cache(cache_dir, feature, resolve_device(knn.device))
-    knn.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    knn.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     per_k = {"val": knn.val_score_per_k_}
-    if data.X_test is not None:
-        per_k["test"] = knn.score_per_k(data.X_test, data.y_test)
+    if data.x.get("test") is not None:
+        per_k["test"] = knn.score_per_k(data.x["test"], data.y["test"])
     metrics = {**evaluate(knn, data), "k": knn.best_k_, "temperature": knn.temperature, "top1_per_k": per_k}
     few_shot = few_shot_metrics(knn, data)
     if few_shot:
         metrics["few_shot"] = few_shot
-    with run_directory(out, overwrite) as tmp:
+    with run_directory(out, overwrite, "knn", [cache_dir]) as tmp:
         write_run_files(tmp, metrics, data, {"method": "knn", "feature": feature, "k": list(knn.ks),
-                                             "temperature": knn.temperature})
+                                             "temperature": knn.temperature}, {"command": "knn"})
     return metrics

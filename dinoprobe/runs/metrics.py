@@ -60,9 +60,12 @@ def plot_confusion(matrix, class_names: list[str], path: Path, title: str = "") 
     fig.savefig(path, dpi=120)
 
 
-def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) -> None:
+def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None, title: str = ""):
+    """Loss and accuracy per epoch, the best epoch marked, titled with the run; returns the figure."""
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = figure(10, 4, columns=2)
+    if title:
+        fig.suptitle(title)
     left.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     left.set_xlabel("epoch")
     left.set_ylabel("loss")
@@ -77,3 +80,4 @@ def plot_curves(history: list[dict], path: Path, best_epoch: int | None = None) 
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig

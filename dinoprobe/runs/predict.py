@@ -21,7 +21,6 @@ from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
 from dinoprobe.train.headfile import HeadFile
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select, width
 
-EXPORT_FORMAT = "dinoprobe-export/1"
 
 
 def backbone_for_head(head_file: HeadFile, weights: str | None = None, allow_weights_mismatch: bool = False,
@@ -102,63 +101,3 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
                 results[i] = {"path": files[i], "labels": [head_file.class_names[j] for j in top_i[row].tolist()],
                               "probabilities": [round(p, 6) for p in top_p[row].tolist()]}
     return [results[i] for i in sorted(results)], errors
-
-
-# ----------------------------------------------------------------------------------------------------- export
-class ExportedClassifier(nn.Module):
-    """Backbone + feature selection + normalisation + head: normalised pixels (B,3,S,S) -> logits."""
-
-    def __init__(self, backbone_model: nn.Module, num_prefix_tokens: int, feature: str, normalizer: Normalizer,
-                 head: nn.Module, class_names: list[str], data_config: DataConfig):
-        super().__init__()
-        self.backbone, self.normalizer, self.head = backbone_model, normalizer, head
-        self.num_prefix_tokens, self.feature = num_prefix_tokens, feature
-        self.class_names, self.data_config = class_names, data_config
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        parts = parse_feature(self.feature)
-        feats = token_features(self.backbone, pixels, self.num_prefix_tokens, blocks_needed(parts))
-        return self.head(self.normalizer(select(feats, parts)))
-
-    def preprocess(self, image) -> torch.Tensor:
-        """A PIL image or a path -> the (3,S,S) normalised tensor forward() expects."""
-        image = load_rgb(str(image)) if isinstance(image, (str, Path)) else image.convert("RGB")
-        return Preprocess(self.data_config)(worker_transform(self.data_config)(image)[None])[0]
-
-
-def export(head_file: HeadFile, backbone: Backbone, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "format": EXPORT_FORMAT,
-        "model_name": backbone.model_name,
-        "backbone_state_dict": {k: v.cpu() for k, v in backbone.model.state_dict().items()},
-        "num_prefix_tokens": backbone.num_prefix_tokens,
-        "data_config": backbone.data_config.to_dict(),
-        "head": head_file.spec.to_dict(),
-        "classifier_state_dict": head_file.raw["classifier_state_dict"],
-        "normalization": head_file.raw["normalization"],
-        "feature": head_file.feature,
-        "class_names": head_file.class_names,
-        "fingerprint": head_file.fingerprint,
-    }, out)
-    return out
-
-
-def load_exported(path: str | Path) -> ExportedClassifier:
-    """Rebuild an exported classifier without unpickling code: `load_exported('model.pt')(pixels)` -> logits."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DinoprobeError(f"cannot read exported model '{path}': {type(err).__name__}") from None
-    if not isinstance(raw, dict) or raw.get("format") != EXPORT_FORMAT:
-        raise DinoprobeError(f"'{path}' is not a dinoprobe export ({EXPORT_FORMAT})")
-    cfg = raw["data_config"]
-    data_config = DataConfig(**{**cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])})
-    model = create_model(raw["model_name"], data_config.image_size)
-    load_strict(model, raw["backbone_state_dict"], path)
-    head = build_head(HeadSpec(**raw["head"]))
-    head.load_state_dict(raw["classifier_state_dict"])
-    return ExportedClassifier(model, raw["num_prefix_tokens"], raw["feature"], Normalizer.from_dict(raw["normalization"]),
-                              head, raw["class_names"], data_config).eval().requires_grad_(False)
-

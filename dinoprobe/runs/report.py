@@ -7,8 +7,8 @@ from pathlib import Path
 
 from dinoprobe.runs.metrics import figure
 
-RESULT_FIELDS = ("val_top1", "val_top1_std", "tries", "best_epoch", "epochs_run", "group", "group_size",
-                 "group_seconds")
+RESULT_FIELDS = ("val_top1", "val_top1_std", "tries", "best_epoch", "epochs_run", "diverged_epoch", "group",
+                 "group_size", "group_seconds")
 
 
 def ranked(rows: list[dict]) -> list[dict]:
@@ -31,7 +31,7 @@ def write_results(out: Path, rows: list[dict]) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=1))
 
 
-def plot_sweep(rows: list[dict], path: Path, title: str = "sweep") -> None:
+def plot_sweep(rows: list[dict], path: Path, title: str = "sweep"):
     """Best val top-1 against the learning rate, one line per combination of the other varying parameters. Lines
     differ in marker and dash and are nudged apart by a hair, so identical curves stay visible; the best
     configuration is ringed."""
@@ -60,3 +60,4 @@ def plot_sweep(rows: list[dict], path: Path, title: str = "sweep") -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig

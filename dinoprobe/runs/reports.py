@@ -63,7 +63,9 @@ def write_run_files(out: Path, metrics: dict, data, config: dict, run_info: dict
                        f"{split} confusion (top-1 {metrics[split]['top1']:.3f})")
     if history:
         write_history(out / "history.csv", history)
-        plot_curves(history, out / "curves.png", best_epoch)
+        what = ", ".join(f"{k} {config[k]}" for k in ("feature", "head", "optimizer", "lr") if k in config)
+        title = f"{info.get('command', 'probe')} on {Path(data.cache_dir).name}: {what}"
+        plot_curves(history, out / "curves.png", best_epoch, title)
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -79,6 +81,8 @@ def write_probe_run(out: Path, probe, data, run_info: dict | None = None) -> dic
     metrics = evaluate(probe, data)
     # deterministic for a given seed on CPU (wall time lives in run.json), so runs can be diffed
     metrics.update({"best_epoch": probe.best_epoch_, "epochs_run": len(probe.history_)})
+    if getattr(probe, "diverged_epoch_", None) is not None:
+        metrics["diverged_epoch"] = probe.diverged_epoch_
     few_shot = few_shot_metrics(probe, data)
     if few_shot:
         metrics["few_shot"] = few_shot

@@ -15,6 +15,7 @@ from dinoprobe.errors import DinoprobeError
 HEAD_KINDS = ("linear", "mlp")
 NORMALIZATIONS = ("none", "standardize", "l2")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+FLOAT32_MAX = 3.4028234663852886e38  # the engine computes in float32
 
 
 def setting(default, help: str, choices: tuple | None = None, low=None, high=None, high_open: bool = False,
@@ -113,7 +114,7 @@ def check_value(f, value) -> str | None:
 def check_number(name: str, value, meta: dict, kind: type) -> str | None:
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and \
         (kind is float or float(value).is_integer())
-    if not numeric or not math.isfinite(value):
+    if not numeric or not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         return f"{name} must be a finite {'integer' if kind is int else 'number'}, got {value!r}"
     low, high = meta["low"], meta["high"]
     too_low = low is not None and (value <= low if meta["low_open"] else value < low)

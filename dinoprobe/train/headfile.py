@@ -32,6 +32,7 @@ class HeadFile:
     fingerprint: dict
     weights_location: str
     raw: dict
+    path: Path | None = None  # the file it was read from
 
     @torch.no_grad()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,9 @@ def save_head(path, head, spec, normalizer, class_names, cache=None, train_confi
     """Write a head file atomically (dinoprobe.atomic)."""
     path = Path(path)
     payload = head_payload(head, spec, normalizer, class_names, cache, train_config)
+    if not all(torch.isfinite(v).all() for v in payload["classifier_state_dict"].values()):
+        raise DinoprobeError("the head's weights are not all finite (training diverged); not saved — lower the "
+                             "learning rate and train again")
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -84,15 +88,28 @@ def load_head_file(path: str | Path) -> HeadFile:
                              "only dinoprobe head files are accepted (loaded with weights_only=True)") from None
     if not isinstance(raw, dict) or raw.get("format") != HEAD_FORMAT:
         raise DinoprobeError(f"'{path}' is not a dinoprobe head file (format {HEAD_FORMAT})")
-    spec = HeadSpec(**raw["head"])
-    if spec.num_classes != raw["num_classes"] or len(raw["class_names"]) != spec.num_classes:
-        raise DinoprobeError(f"'{path}' is inconsistent: {spec.num_classes} classes in the head spec, "
-                             f"{raw['num_classes']} in num_classes, {len(raw['class_names'])} class names")
-    head = build_head(spec)
-    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in raw["classifier_state_dict"].items()}
-    if expected != got:
-        raise DinoprobeError(f"'{path}': classifier weights {got} do not match its head spec {expected}")
-    head.load_state_dict(raw["classifier_state_dict"])
-    return HeadFile(head.eval(), spec, Normalizer.from_dict(raw["normalization"]), list(raw["class_names"]),
-                    raw["feature"], raw["fingerprint"], raw.get("weights_location", ""), raw)
+    try:
+        spec = HeadSpec(**raw["head"])
+        state = raw["classifier_state_dict"]
+        normalizer = Normalizer.from_dict(raw["normalization"])
+        names, feature, fingerprint = list(raw["class_names"]), str(raw["feature"]), dict(raw["fingerprint"])
+        if spec.num_classes != raw["num_classes"] or len(names) != spec.num_classes:
+            raise DinoprobeError(f"'{path}' is inconsistent: {spec.num_classes} classes in the head spec, "
+                                 f"{raw['num_classes']} in num_classes, {len(names)} class names")
+        head = build_head(spec)
+        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != got:
+            raise DinoprobeError(f"'{path}': classifier weights {got} do not match its head spec {expected}")
+        if not all(torch.isfinite(v).all() for v in state.values()):
+            raise DinoprobeError(f"'{path}' holds non-finite weights (NaN or infinity); its predictions would be "
+                                 "meaningless — train the head again")
+        head.load_state_dict(state)
+    except DinoprobeError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise DinoprobeError(f"'{path}' is a damaged head file ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:160] if str(err) else 'a field is missing'}); train it "
+                             "again or use another --run") from None
+    return HeadFile(head.eval(), spec, normalizer, names, feature, fingerprint, raw.get("weights_location", ""), raw,
+                    path)

@@ -24,6 +24,10 @@ from dinoprobe.train.update import HeadwiseOptimizer, lr_factors
 
 __all__ = ["TrainConfig", "TrainResult", "train_heads", "plan_groups"]
 
+# An epoch's mean cross-entropy above this (the true class given probability below e^-1e6), or a non-finite one,
+# is divergence: no head that learns gets there, and its weights only grow from it.
+DIVERGED_LOSS = 1e6
+
 
 @dataclass
 class TrainResult:
@@ -39,6 +43,7 @@ class TrainResult:
     seconds: float = 0.0
     group: int = 0
     group_size: int = 1
+    diverged_epoch: int | None = None  # the epoch whose loss went to NaN or infinity; the head stopped there
 
     @property
     def epochs_run(self) -> int:
@@ -147,6 +152,11 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
         hits = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1).tolist()  # (N,)
         train_acc = [h / n_train for h in hits]
         val_acc = [h / len(y_val) for h in (heads.predict(x_val) == y_val).sum(1).tolist()]
+        # a head whose loss or weights left the finite numbers has diverged: it stops, and keeps its last finite best
+        finite = torch.isfinite(step_losses).all(0) & (step_losses.mean(0) < DIVERGED_LOSS) & heads.finite()
+        for i in torch.nonzero(active & ~finite).flatten().tolist():
+            results[i].diverged_epoch = epoch
+        active &= finite
         improved = torch.tensor([a > r.best_val_acc for a, r in zip(val_acc, results)]) & active
         if improved.any():
             keep = improved.to(device)[heads.head_index]
@@ -165,7 +175,7 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
                 if configs[i].patience and stale[i] >= configs[i].patience:
                     active[i] = False
         bar.update(1)
-        if n == 1:
+        if n == 1 and results[0].history:
             bar.set_postfix(loss=f"{results[0].history[-1]['train_loss']:.4f}",
                             val_acc=f"{val_acc[0]:.4f}", best=f"{results[0].best_val_acc:.4f}")
         if not active.any():

@@ -95,6 +95,12 @@ class StackedHeads:
         preds = [self.forward(part)[0].argmax(-1) for part in x.split(chunk)]
         return torch.cat(preds, 1) if preds else torch.zeros(self.n, 0, dtype=torch.long, device=x.device)
 
+    def finite(self) -> torch.Tensor:
+        """(N,) on the CPU: whether each head's parameters are all finite."""
+        bad = torch.zeros(self.n, device=self.theta.device).index_add_(0, self.head_index,
+                                                                        (~self.theta.isfinite()).float())
+        return (bad == 0).cpu()
+
     def head_layers(self, i: int, flat: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Head i's layers [(weight, bias), ...] on the CPU, from the live parameters or a saved flat copy."""
         layers = self.layers if flat is None else self._layers(flat)

@@ -1,0 +1,28 @@
+"""The README's examples run as written, on the README's own data (generated photos, no test split)."""
+import re
+
+from conftest import REPO, SIZE, run_cli
+
+
+def python_block_after(marker: str) -> str:
+    text = (REPO / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(marker):], re.S).group(1)
+
+
+def test_the_python_api_example_runs_verbatim_on_the_readme_cache(photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_cli("features", "--data", photos, "--weights", "random", "--image-size", SIZE, "--cache", "cache/ants",
+            "--workers", 0, check=True)
+    code = python_block_after("On a dinoprobe cache")
+    assert 'load_cache("cache/ants"' in code
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own example
+    assert (tmp_path / "runs" / "ants-linear.pt").is_file()
+
+
+def test_the_run_functions_example_runs_verbatim(photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_cli("features", "--data", photos, "--weights", "random", "--image-size", SIZE, "--cache", "cache/ants",
+            "--workers", 0, check=True)
+    exec(compile(python_block_after("The commands' run directories"), "README.md", "exec"), {})  # noqa: S102
+    assert {p.name for p in (tmp_path / "runs").iterdir()} == {"probe", "sweep", "logreg", "knn"}
+    assert not (tmp_path / "runs" / "knn" / "head.pt").exists() and (tmp_path / "runs" / "logreg" / "head.pt").exists()

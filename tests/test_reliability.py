@@ -1,0 +1,148 @@
+"""Attacks on run directories, caches and inputs: nothing lost, nothing silently wrong, one `Error:` line."""
+import json
+import os
+
+import pytest
+
+from dinoprobe.cache import store as cache
+
+from conftest import assert_clean_error, make_synthetic_cache, run_cli
+
+DEAD_PID = 4_194_999  # above Linux's largest pid: no process can hold it
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_synthetic_cache(tmp_path_factory.mktemp("rel") / "cache", n=(120, 60, 60), dim=8, num_classes=3)
+
+
+def knn(cache_dir, out, *extra):
+    return run_cli("knn", "--cache", cache_dir, "--out", out, "--k", "1", *extra)
+
+
+def test_overwrite_never_deletes_what_is_not_its_own_run(tiny, tmp_path):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.txt").write_text("years of work")
+    assert_clean_error(knn(tiny, thesis, "--overwrite"), "not a dinoprobe run directory")
+    assert (thesis / "thesis.txt").read_text() == "years of work"
+    for out in (tiny, tiny / "runs"):  # the cache being trained on, or a folder inside it
+        assert_clean_error(knn(tiny, out, "--overwrite"), "overlaps the cache")
+    assert cache.verify(tiny) == []
+    run = tmp_path / "knn"
+    knn(tiny, run).check_returncode()
+    proc = run_cli("probe", "--cache", tiny, "--out", run, "--overwrite", "--epochs", 1, "--head", "linear")
+    assert_clean_error(proc, "a `knn` run")
+    (run / "notes.txt").write_text("mine")
+    assert_clean_error(knn(tiny, run, "--overwrite"), "not a dinoprobe run directory")
+    (run / "notes.txt").unlink()
+    assert knn(tiny, run, "--overwrite").returncode == 0  # the same command's run: replaced
+    for out in ("/", ".", str(tmp_path / "x" / "..")):
+        assert_clean_error(knn(tiny, out, "--overwrite"), "not a run directory name")
+
+
+def test_a_kill_between_the_renames_of_overwrite_is_repaired(tiny, tmp_path):
+    run = tmp_path / "run"
+    knn(tiny, run).check_returncode()
+    before = (run / "metrics.json").read_text()
+    # the state a SIGKILL between "move the old run aside" and "move the new one in" leaves behind
+    os.replace(run, tmp_path / f".run.old-{DEAD_PID}-a1b2")
+    (tmp_path / f".run.tmp-{DEAD_PID}-c3d4").mkdir()
+    assert_clean_error(knn(tiny, run), "already exists")  # the previous run is back in place
+    assert (run / "metrics.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # and the leftovers are gone
+
+
+def test_a_cache_path_that_is_a_file_and_an_unwritable_out_fail_before_training(tiny, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_clean_error(knn(tmp_path / "file", tmp_path / "r"), "is a file")
+    assert_clean_error(knn(tiny, tmp_path / "file" / "run"), "cannot write")  # under a file: no folder can be made
+
+
+def test_shard_paths_outside_the_cache_are_refused(tiny, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["file"] = "../../etc/passwd"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert any("outside the cache" in p for p in cache.verify(copy))
+    assert_clean_error(knn(copy, tmp_path / "r"), "outside the cache")
+
+
+def test_validation_and_test_labels_outside_the_training_classes_are_refused(tmp_path):
+    """Model selection on a class no head can predict is silently wrong: refused before training, naming it."""
+    lacking = make_synthetic_cache(tmp_path / "c", n=(90, 30, 30), dim=8, num_classes=3, train_classes=2)
+    proc = run_cli("probe", "--cache", lacking, "--out", tmp_path / "r", "--epochs", 1, "--head", "linear")
+    assert_clean_error(proc, "class_2", "not in train")
+    from dinoprobe import Probe, load_cache
+
+    data = load_cache(make_synthetic_cache(tmp_path / "ok", n=(90, 30, 30), dim=8, num_classes=3), "cls")
+    keep = (data.y_train != 2).numpy()
+    with pytest.raises(ValueError, match="y_val holds 1 label"):
+        Probe(head="linear", epochs=1).fit(data.X_train[keep], data.y_train[keep], X_val=data.X_val,
+                                          y_val=data.y_val)
+
+
+def test_a_label_outside_the_class_list_fails_before_training(tmp_path):
+    bad = make_synthetic_cache(tmp_path / "c", n=(90, 30, 30), dim=8, num_classes=3, test_label=99)
+    for command, extra in (("probe", ["--epochs", 1]), ("logreg", ["--c-grid", "1"]), ("knn", ["--k", "1"])):
+        assert_clean_error(run_cli(command, "--cache", bad, "--out", tmp_path / command, *extra), "label 99")
+        assert not (tmp_path / command).exists()
+
+
+def test_a_diverging_run_is_stopped_and_never_saved(tiny, tmp_path):
+    """lr 1e8 on unnormalised features sends the loss to infinity: one clear line, no head.pt with NaNs."""
+    for args in (["--max-memory", "1KB"], []):  # streamed and in memory
+        proc = run_cli("probe", "--cache", tiny, "--out", tmp_path / "r", "--head", "linear", "--optimizer", "sgd",
+                       "--lr", "1e30", "--epochs", 3, "--batch-size", 16, *args)
+        assert_clean_error(proc, "diverged", "lower the learning rate")
+        assert not (tmp_path / "r").exists()
+    # diverging after a good epoch: that epoch's head is kept, and the run says what happened
+    proc = run_cli("probe", "--cache", tiny, "--out", tmp_path / "late", "--head", "linear", "--optimizer", "sgd",
+                   "--lr", "1e30", "--epochs", 3, check=True)
+    assert "diverged in epoch 2" in proc.stderr
+    assert json.loads((tmp_path / "late" / "metrics.json").read_text())["diverged_epoch"] == 2
+    for lr in ("inf", "nan", "1e300"):
+        assert run_cli("probe", "--cache", tiny, "--out", tmp_path / "r", "--lr", lr).returncode == 2
+    from dinoprobe import Probe, Sweep, load_cache
+
+    data = load_cache(tiny, "cls")
+    search = Sweep(Probe(head="linear", optimizer="sgd", epochs=2, batch_size=16), param_grid={"lr": [1e-2, 1e30]})
+    search.fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    assert search.best_params_ == {"lr": 1e-2} and search.results_[1]["diverged_epoch"] == 1
+
+
+def test_a_head_file_with_nan_weights_or_missing_fields_is_refused(tiny, tmp_path):
+    import torch
+
+    run_cli("probe", "--cache", tiny, "--out", tmp_path / "r", "--head", "linear", "--epochs", 1, check=True)
+    raw = torch.load(tmp_path / "r" / "head.pt", weights_only=True)
+    raw["classifier_state_dict"]["0.weight"][0, 0] = float("nan")
+    torch.save(raw, tmp_path / "nan.pt")
+    assert_clean_error(run_cli("predict", "--run", tmp_path / "nan.pt", tmp_path), "non-finite")
+    for field in ("head", "normalization", "class_names", "classifier_state_dict"):
+        broken = torch.load(tmp_path / "r" / "head.pt", weights_only=True)
+        del broken[field]
+        torch.save(broken, tmp_path / f"no-{field}.pt")
+        assert_clean_error(run_cli("predict", "--run", tmp_path / f"no-{field}.pt", tmp_path), "damaged head file")
+
+
+def test_the_cache_lock_is_held_by_one_process_at_a_time(tmp_path):
+    """Eight processes race for the lock, each holding it briefly; a marker file created exclusively while held
+    proves no two ever hold it at once (the takeover used to be check-then-act)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\nfrom dinoprobe.cache.store import CacheLock\nfrom dinoprobe.errors import "
+            "DinoprobeError\nfor _ in range(40):\n    try:\n        with CacheLock(sys.argv[1]):\n"
+            "            fd = os.open(os.path.join(sys.argv[1], 'held'), os.O_CREAT | os.O_EXCL)\n"
+            "            time.sleep(0.01)\n            os.close(fd)\n            os.unlink(os.path.join(sys.argv[1], "
+            "'held'))\n        # what a killed writer leaves: a lock file naming a dead pid, for the others to take over\n"
+            f"        open(os.path.join(sys.argv[1], '.lock'), 'w').write('{DEAD_PID}')\n"
+            "    except DinoprobeError:\n        time.sleep(0.002)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors  # FileExistsError on 'held' would mean two holders
