@@ -39,7 +39,7 @@ class SeededDropout(nn.Module):
 
 def reference_head(cfg: TrainConfig, dim: int, num_classes: int) -> nn.Sequential:
     """The practitioner's head: nn.Linear layers (started from the engine's initial weights), ReLU, dropout."""
-    layers = init_layers(cfg.head, dim, num_classes, cfg.hidden, cfg.seed)
+    layers = init_layers(cfg.head, dim, num_classes, cfg.hidden, cfg.seed, cfg.init)
     linears = [nn.Linear(w.shape[1], w.shape[0]) for w, _ in layers]
     with torch.no_grad():
         for linear, (w, b) in zip(linears, layers):
@@ -112,6 +112,9 @@ def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: 
             if cfg.patience and stale >= cfg.patience:
                 break
     result.seconds = time.perf_counter() - start
+    if cfg.select == "last":  # the final iteration's head, as DINOv3's linear evaluation reports
+        result.best_layers, result.best_epoch = linear_layers(head), result.history[-1]["epoch"]
+        result.best_val_acc = result.history[-1]["val_acc"]
     with torch.no_grad():
         for m, (w, b) in zip([m for m in head if isinstance(m, nn.Linear)], result.best_layers):
             m.weight.copy_(w)
@@ -120,13 +123,29 @@ def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: 
 
 
 def train_on_tensors(cfg: TrainConfig, x_train, y_train, x_val, y_val, num_classes: int, order_fn=None):
-    """The plain PyTorch loop on cached features: a random permutation per epoch, cut into batches."""
+    """The plain PyTorch loop on cached features: a random permutation per epoch, cut into batches; or, with
+    cfg.epoch_length, DINOv3's loader: an infinite sampler (one permutation after another) batched with drop_last,
+    `epoch_length` batches an epoch."""
+    stream = None
+    if cfg.epoch_length:
+        def infinite(generator):
+            while True:
+                yield from torch.randperm(len(x_train), generator=generator).tolist()
+
     def train_batches(generator):
+        nonlocal stream
+        if cfg.epoch_length:
+            stream = stream or infinite(generator)
+            for _ in range(cfg.epoch_length):
+                idx = torch.tensor([next(stream) for _ in range(cfg.batch_size)])
+                yield x_train[idx], y_train[idx]
+            return
         order = order_fn(len(x_train), generator) if order_fn else torch.randperm(len(x_train), generator=generator)
         for idx in order.split(cfg.batch_size):
             yield x_train[idx], y_train[idx]
 
-    return plain_torch_training(cfg, x_train.shape[1], num_classes, len(x_train), train_batches,
+    steps = cfg.epoch_length * cfg.batch_size if cfg.epoch_length else len(x_train)
+    return plain_torch_training(cfg, x_train.shape[1], num_classes, steps, train_batches,
                                 lambda: [(x_val, y_val)], x_train.device)
 
 

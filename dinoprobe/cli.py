@@ -13,10 +13,12 @@ from dinoprobe.settings import (
     DEFAULT_C_GRID,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MODEL,
-    DINOV3_FEATURES,
+    EVAL_SUITES,
     KNN_KS,
     KNN_TEMPERATURE,
     PRESETS,
+    PROTOCOLS,
+    TRANSFORMS,
 )
 from dinoprobe.train.config import SETTINGS, check_number, check_value, describe_range, value_type
 
@@ -138,6 +140,10 @@ class Group(click.Group):
             return super().invoke(ctx)
         except DinoprobeError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # a full disk, a read-only folder, a path that vanished: the system's reason, one line
+            where = f" ({err.filename})" if err.filename else ""
+            raise click.ClickException(f"{err.strerror or err}{where}; check free disk space, permissions and the "
+                                       "path, then rerun (complete outputs are kept; nothing half-written is)") from None
         except KeyboardInterrupt:
             _echo_err("\nInterrupted; nothing was left half-written (a run directory appears only when complete).")
             ctx.exit(130)
@@ -239,16 +245,20 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
               help="torch.compile the backbone: ~1 min of compiling for a few % more images/s (long runs only)")
 @click.option("--last-blocks", type=click.IntRange(0), default=4, show_default=True,
               help="Also store the CLS token of each of the last N blocks (for --feature clsN, DINOv3's linear eval)")
-@click.option("--transform", type=click.Choice(["timm", "dinov3"]), default="timm", show_default=True,
-              help="timm: the model's timm data config; dinov3: DINOv3's eval transform (resize to size*256/224 "
-                   "bicubic on uint8 tensors, centre crop, ImageNet mean/std)")
+@click.option("--transform", type=click.Choice(TRANSFORMS), default="timm", show_default=True,
+              help="timm: the model's timm data config; dinov3: DINOv3's eval transform (resize to size/crop-pct, "
+                   "256 at 224, bicubic on uint8 tensors, centre crop, ImageNet mean/std); square: resize to size x "
+                   "size, no crop (the DINOv3 README's make_transform at 256, the Hugging Face processor at 224)")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="crop size / resize size [default: timm: the model's; dinov3: 224/256]; DINOv3's logistic "
+                   "regression computes its features at 1.0 (resize 224, crop 224)")
 @click.option("--decoder", type=click.Choice(["pil", "torchvision"]), default="pil", show_default=True,
               help="JPEG decoding: pil = timm's reference transform; torchvision = decode_jpeg + tensor resize "
                    "(faster; on the GPU with nvJPEG when extracting on CUDA)")
 def features(data, image_column, label_column, data_dir, model, weights, cache_dir, image_size, batch_size, workers, device,
              precision, dtype,
              shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_, last_blocks, transform,
-             decoder):
+             crop_pct, decoder):
     """Run the frozen backbone once over every split and cache the features (resumable)."""
     import os
 
@@ -264,11 +274,13 @@ def features(data, image_column, label_column, data_dir, model, weights, cache_d
     if precision == "fp16" and "dinov3" in model:
         say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
             "(or auto: bf16 on CUDA)")
-    backbone = build_backbone(model, weights, image_size, log=say, transform=transform)
+    backbone = build_backbone(model, weights, image_size, log=say, transform=transform, crop_pct=crop_pct)
     cfg = backbone.data_config
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
     say(f"{source.kind} {source.root}: {len(source.classes)} classes; {counts} inputs -> {cache_dir}")
-    say(f"transform {cfg.name}: resize {cfg.resize_size} ({cfg.interpolation}), centre crop {cfg.image_size} px")
+    geometry = (f"square resize to {cfg.image_size} x {cfg.image_size}" if cfg.name == "square"
+                else f"resize {cfg.resize_size}, centre crop {cfg.image_size} px")
+    say(f"transform {cfg.name}: {geometry} ({cfg.interpolation})")
     rank, world = distributed_context(resolve_device(device))  # torchrun: the process group lives here
     try:
         summary = extract(backbone, source, cache_dir, batch_size=batch_size, workers=workers, device=device,
@@ -514,10 +526,13 @@ def _comma_list(item_type: click.ParamType):
 @main.command()
 @_run_options
 @click.option("--preset", type=click.Choice(PRESETS), default=None,
-              help="DINOv3 linear eval: 13 lrs 1e-5..0.1 x batch/256, SGD momentum 0.9, cosine, linear head")
+              help="dinov3-linear: DINOv3's linear eval exactly (dinov3/eval/linear.py: last block CLS + patch mean, "
+                   "13 lrs x batch/256, SGD 0.9, batch 128, 10 x 1250 iterations, N(0, 0.01) init, final heads); "
+                   "dinov2-linear: DINOv2's (n in {1, 4} blocks x patch mean off/on). Options given override it")
 @click.option("--feature", callback=_comma_list(FeatureType()),
-              help="e.g. cls,cls4+patch_mean [default: cls; with --preset dinov3-linear: " + ",".join(DINOV3_FEATURES)
-                   + "]")
+              help="e.g. cls,cls4+patch_mean [default: cls; with a preset, its features: dinov3-linear "
+                   + ",".join(PROTOCOLS["dinov3-linear"]["features"]) + " (cls4+patch_mean for n = 4), dinov2-linear "
+                   + ",".join(PROTOCOLS["dinov2-linear"]["features"]) + "]")
 @_train_options(many=True)
 @click.option("--views", is_flag=True, help="Sample one cached augmented view per image per epoch")
 @click.option("--max-memory", callback=_size, default=None,
@@ -533,12 +548,16 @@ def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, views, max_m
     from dinoprobe.runs.experiments import run_sweep
     from dinoprobe.runs.report import varying_params
 
-    base = {k: v[0] if isinstance(v, list) else v for k, v in lists.items()
-            if v is not None and (not isinstance(v, list) or len(v) == 1)}
-    grid = {k: v for k, v in lists.items() if isinstance(v, list) and len(v) > 1}
+    given = {k: v for k, v in lists.items() if v is not None}
+    if preset:  # everything given overrides the preset's settings, so it goes into the grid
+        base, grid = {}, {k: v if isinstance(v, list) else [tuple(v) if k == "betas" else v] for k, v in given.items()}
+    else:
+        base = {k: v[0] if isinstance(v, list) else v for k, v in given.items()
+                if not isinstance(v, list) or len(v) == 1}
+        grid = {k: v for k, v in given.items() if isinstance(v, list) and len(v) > 1}
     estimator = Probe(**base, shots=shots, tries=tries, device=device, progress=True)
     search = Sweep(estimator, param_grid=grid, preset=preset, max_memory=max_memory)
-    features = feature or (DINOV3_FEATURES if preset == "dinov3-linear" else ["cls"])
+    features = feature or (list(PROTOCOLS[preset]["features"]) if preset else ["cls"])
     rows, metrics = run_sweep(cache_dir, out, search, features=features, views=views, max_memory=max_memory,
                               overwrite=overwrite)
     columns = varying_params(rows) + ["best_epoch", "val_top1"]
@@ -551,25 +570,64 @@ def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, views, max_m
     _print_metrics(metrics, Path(out) / "best")
 
 
+# --------------------------------------------------------------------------------------------------- evaluate
+@main.command("evaluate")
+@click.option("--cache", "caches", multiple=True, required=True, type=click.Path(),
+              help="A feature cache; repeat for several (one table row each)")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the table and each protocol's run directory; rerun to resume")
+@click.option("--protocol", type=click.Choice(list(EVAL_SUITES)), default="dinov3", show_default=True,
+              help="dinov3: DINOv3's linear (last block CLS + patch mean), logistic regression and k-NN; dinov2: "
+                   "DINOv2's linear grid with the same logistic regression and k-NN")
+@click.option("--shots", callback=_comma_list(click.STRING), default=None,
+              help="Few-shot logistic regression too, e.g. 1,2,5 (or 1%): K images per class")
+@click.option("--tries", type=POSITIVE_INT, default=5, show_default=True, help="Few-shot draws per K")
+@click.option("--epochs", type=POSITIVE_INT, default=None,
+              help="Override the linear preset's 10 epochs (a quick look: the numbers are then not the protocol's)")
+@click.option("--epoch-length", type=POSITIVE_INT, default=None, help="Override the preset's 1,250 iterations/epoch")
+@DEVICE_OPTION
+def evaluate(caches, out, protocol, shots, tries, epochs, epoch_length, device):
+    """Every protocol on every cache: linear, logistic regression, k-NN (and few-shot); one results table."""
+    from dinoprobe.runs.evaluate import evaluate as run_evaluate
+    from dinoprobe.runs.evaluate import markdown
+    from dinoprobe.splits import parse_shots
+
+    for k in shots or ():
+        parse_shots(k)
+    overrides = {k: v for k, v in (("epochs", epochs), ("epoch_length", epoch_length)) if v is not None}
+    rows = run_evaluate(list(caches), out, protocol=protocol, shots=shots or (), tries=tries, device=device,
+                        linear_overrides=overrides, log=_echo_err)
+    click.echo(markdown(rows, protocol))
+    click.echo(f"wrote {out}/results.csv, results.json and results.md; each protocol's run is under {out}/<cache>/")
+
+
 # -------------------------------------------------------------------------------------------------- baselines
 @main.command()
 @_run_options
 @click.option("--feature", type=FeatureType(), default="cls", show_default=True, help=FEATURE_HELP)
-@click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default="standardize",
-              show_default=True)
+@click.option("--protocol", type=click.Choice(["dinoprobe", "dinov3"]), default="dinoprobe", show_default=True,
+              help="dinov3: DINOv3's log_regression.py exactly (raw features, tol 1e-12, its float32 C grid); "
+                   "dinoprobe: standardised features, tol 1e-4 (the same optimum to far below a grid step, faster)")
+@click.option("--normalize", type=click.Choice(["none", "standardize", "l2"]), default=None,
+              help="Feature normalisation [default: standardize; dinov3: none]")
 @click.option("--c-grid", callback=_comma_list(Number(float, low=0.0, low_open=True)), default=None,
               help=f"Comma list of C values [default: 10**linspace(-6, 5, {len(DEFAULT_C_GRID)})]")
+@click.option("--tol", type=Number(float, low=0.0, low_open=True), default=None,
+              help="L-BFGS gradient tolerance [default: 1e-4; dinov3: 1e-12]")
 @click.option("--solver", type=click.Choice(["torch", "sklearn"]), default="torch", show_default=True,
               help="torch: batched L-BFGS over all C at once; sklearn: the reference, one fit per C")
 @click.option("--max-iter", type=POSITIVE_INT, default=1000, show_default=True)
 @DEVICE_OPTION
-def logreg(cache_dir, out, overwrite, shots, tries, feature, normalize, c_grid, solver, max_iter, device):
-    """DINOv3's logistic-regression protocol: C chosen on val, refit on train+val, scored on test."""
+def logreg(cache_dir, out, overwrite, shots, tries, protocol, feature, normalize, c_grid, tol, solver, max_iter,
+           device):
+    """Logistic regression: C chosen on val, refit on train+val (not in few-shot), scored on test."""
     from dinoprobe.estimators.logreg import LogReg
     from dinoprobe.runs.experiments import run_logreg
 
-    estimator = LogReg(Cs=c_grid, normalize=normalize, max_iter=max_iter, solver=solver, shots=shots, tries=tries,
-                       device=device, progress=True)
+    given = {k: v for k, v in (("normalize", normalize), ("Cs", c_grid), ("tol", tol)) if v is not None}
+    make = LogReg.dinov3 if protocol == "dinov3" else LogReg
+    estimator = make(**given, max_iter=max_iter, solver=solver, shots=shots, tries=tries, device=device,
+                     progress=True)
     metrics = run_logreg(cache_dir, out, estimator, feature=feature, overwrite=overwrite)
     best = estimator.val_score_per_C_[estimator.Cs_.index(estimator.best_C_)]
     click.echo(f"best C {estimator.best_C_:.3g} (val top-1 {best:.4f} of {len(estimator.Cs_)} values)")

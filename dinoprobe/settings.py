@@ -5,7 +5,7 @@ from __future__ import annotations
 DEFAULT_MODEL = "vit_small_patch16_dinov3.lvd1689m"
 DEFAULT_IMAGE_SIZE = 224  # DINOv3's evaluation size (timm's pretrained_cfg says 256 for this family)
 
-TRANSFORMS = ("timm", "dinov3")
+TRANSFORMS = ("timm", "dinov3", "square")
 DECODERS = ("pil", "torchvision")
 AUGMENTATIONS = ("timm", "light")
 
@@ -15,8 +15,32 @@ DEFAULT_C_GRID = tuple(10 ** (-6 + 11 * i / 44) for i in range(45))
 KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
 
-# DINOv3's linear evaluation: 13 learning rates, SGD with momentum 0.9, cosine schedule, lr scaled by batch/256
-PRESETS = ("dinov3-linear",)
+# The named protocols: each exactly the reference code's defaults, with the file it follows (tests hold the table to
+# the reference values). dinoprobe's own defaults differ on purpose where noted in the README.
 DINOV3_LINEAR_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
-# ... over n in {1, 4} last blocks x patch mean off/on
-DINOV3_FEATURES = ("cls", "cls4", "cls+patch_mean", "cls4+patch_mean")
+_LINEAR = {"head": "linear", "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0, "batch_size": 128,
+           "epochs": 10, "epoch_length": 1250, "warmup_epochs": 0, "init": "normal", "select": "last",
+           "normalize": "none", "label_smoothing": 0.0, "lrs": DINOV3_LINEAR_LRS, "lr_scaling": "lr x batch / 256"}
+PROTOCOLS = {
+    "dinov3-linear": {"source": "facebookresearch/dinov3 dinov3/eval/linear.py", **_LINEAR,
+                      # n_last_blocks_list=(1,), `for avgpool in [True]`: the last block's CLS + the mean patch token
+                      "features": ("cls+patch_mean",), "features_n4": ("cls4+patch_mean",),
+                      "transform": "dinov3, resize 256 -> crop 224"},
+    "dinov2-linear": {"source": "facebookresearch/dinov2 dinov2/eval/linear.py", **_LINEAR,
+                      # n_last_blocks_list=[1, 4] x avgpool in [False, True]
+                      "features": ("cls", "cls+patch_mean", "cls4", "cls4+patch_mean"),
+                      "transform": "dinov3, resize 256 -> crop 224"},
+    "dinov3-logreg": {"source": "facebookresearch/dinov3 dinov3/eval/log_regression.py", "normalize": "none",
+                      "tol": 1e-12, "max_iter": 1000, "C_grid": "10 ** torch.linspace(-6, 5, 45), float32",
+                      "refit": "train + val, except in few-shot", "val_carve": 0.1, "val_carve_few_shot": 0.01,
+                      "transform": "dinov3 at crop_pct 1.0, resize 224 -> crop 224", "feature": "cls"},
+    "dinov3-knn": {"source": "facebookresearch/dinov3 dinov3/eval/knn.py", "ks": (10, 20, 100, 200),
+                   "temperature": 0.07, "report": "test top-1 for every k", "feature": "cls"},
+    "dinov3-few-shot": {"source": "facebookresearch/dinov3 dinov3/eval/data.py", "percent": "max(floor(n x p), 1)",
+                        "draw": "torch.Generator(seed=try), classes in label order, randperm[:n]",
+                        "spread": "sample standard deviation (ddof 1)", "refit_on_val": False},
+}
+PRESETS = ("dinov3-linear", "dinov2-linear")
+DINOV3_FEATURES = PROTOCOLS["dinov2-linear"]["features"]  # n in {1, 4} last blocks x patch mean off/on
+# `dinoprobe evaluate --protocol NAME`: the linear preset it runs (logistic regression and k-NN are DINOv3's in both)
+EVAL_SUITES = {"dinov3": "dinov3-linear", "dinov2": "dinov2-linear"}

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
@@ -17,28 +16,25 @@ from dinoprobe.errors import DinoprobeError
 
 
 def carve_indices(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (train, val), each in ascending order, stratified by label."""
-    from sklearn.model_selection import train_test_split
+    """Positions (train, val), each ascending: DINOv3's carve (dinov3/eval/data.py `split_train_val_datasets`).
+    The rows are shuffled with torch's generator seeded by `seed`; then each class gives its first
+    max(1, floor(fraction x its rows)) shuffled rows to val, or none when it has a single row (it stays in train)."""
+    import torch
 
     if not 0 < fraction < 1:
         raise DinoprobeError(f"the validation fraction must be in (0, 1), got {fraction}")
     labels = np.asarray(labels)
-    names, counts = np.unique(labels, return_counts=True)
-    lonely = [str(n) for n, c in zip(names, counts) if c < 2]
-    if lonely:
-        raise DinoprobeError(f"cannot carve a validation split: class(es) {lonely[:5]} have a single training image, "
-                             "and a stratified split needs one in train and one in val; add images of those "
-                             "classes, or provide validation data (a val/ folder, val rows, or X_val and y_val)")
-    # at least one row of every class in each part, even when fraction * rows is smaller than the class count
-    classes = len(names)
-    size = min(max(int(np.ceil(fraction * len(labels))), classes), len(labels) - classes)
-    try:
-        train, val = train_test_split(np.arange(len(labels)), test_size=size, stratify=labels,
-                                      random_state=seed)
-    except ValueError as err:
-        raise DinoprobeError(f"cannot carve a stratified validation split ({err}); provide validation data (a val/ "
-                             "folder, or X_val and y_val) or change the validation fraction") from None
-    return np.sort(train), np.sort(val)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).numpy()
+    shuffled = labels[order]
+    val = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(shuffled):
+        members = np.flatnonzero(shuffled == label)  # in shuffled order
+        take = max(1, int(fraction * len(members))) if len(members) > 1 else 0
+        val[members[:take]] = True
+    if not val.any():
+        raise DinoprobeError("cannot carve a validation split: every class has a single training image; provide "
+                             "validation data (a val/ folder, val rows, or X_val and y_val)")
+    return np.sort(order[~val]), np.sort(order[val])
 
 
 def carve_val(samples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -60,16 +56,26 @@ def parse_shots(shots) -> tuple[str, float]:
                          f"(e.g. 1%), got {shots!r}")
 
 
+def shot_count(kind: str, amount: float, rows: int) -> int:
+    """Images drawn from a class of `rows`: K, or DINOv3's max(floor(rows x P / 100), 1) for a percentage."""
+    return int(amount) if kind == "count" else max(int(rows * amount / 100), 1)
+
+
 def sample_shots(labels: np.ndarray, shots, seed: int) -> tuple[np.ndarray, dict]:
-    """(positions of the drawn rows in ascending order, {label: rows available} for classes with fewer than asked)."""
+    """(positions of the drawn rows in ascending order, {label: rows available} for classes with fewer than asked).
+
+    DINOv3's draw (dinov3/eval/data.py `_subset_dataset_per_class`): one torch generator seeded by the try, the
+    classes in ascending label order, each class's rows in their order, the first n of a torch.randperm."""
+    import torch
+
     kind, amount = parse_shots(shots)
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     chosen, short = [], {}
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
-        want = amount if kind == "count" else max(1, math.ceil(len(members) * amount / 100))
+        want = shot_count(kind, amount, len(members))
         if len(members) < want:
             short[label.item() if hasattr(label, "item") else label] = len(members)
-        chosen.append(rng.choice(members, size=min(want, len(members)), replace=False))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:want].numpy()])
     return np.sort(np.concatenate(chosen)), short

@@ -218,9 +218,3 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert_clean_error(run_cli("info", "--weights", tmp_path / "junk.pth"), "cannot read weights")
     assert_clean_error(run_cli("info", "--weights", tmp_path / "missing.pth"), "does not exist")
 
-
-def test_cli_default_model_is_the_backbone_default():
-    from dinoprobe import cli
-    from dinoprobe.extract import backbone
-
-    assert cli.DEFAULT_MODEL == backbone.DEFAULT_MODEL

@@ -74,8 +74,10 @@ def test_missing_val_is_carved_stratified_and_reproducibly(tmp_path):
 def test_val_carving_refuses_impossible_fractions():
     with pytest.raises(DinoprobeError, match="validation fraction must be in"):
         carve_val([("a", 0)] * 4, 1.5, 0)
-    with pytest.raises(DinoprobeError, match=r"class\(es\) \['1'\] have a single training image"):
-        carve_val([("a", 0)] * 4 + [("b", 1)], 0.1, 0)  # scikit-learn said "test_size ... Got 0" here
+    train, val = carve_val([("a", 0)] * 4 + [("b", 1)], 0.1, 0)  # scikit-learn said "test_size ... Got 0" here
+    assert ("b", 1) in train and [label for _, label in val] == [0]  # DINOv3: a 1-image class stays in train
+    with pytest.raises(DinoprobeError, match="every class has a single training image"):
+        carve_val([("a", 0), ("b", 1)], 0.1, 0)
 
 
 def test_missing_data_and_missing_train_are_clear(tmp_path):
@@ -194,7 +196,7 @@ def test_features_runs_at_224_px_by_default_and_says_so(tmp_path):
     root = make_folder(tmp_path / "d", per_class=1)
     proc = run_cli("features", "--data", root, "--weights", "random", "--cache", tmp_path / "c", "--workers", 0,
                    "--last-blocks", 0, check=True)
-    assert "transform timm: resize 224 (bicubic), centre crop 224 px" in proc.stderr
+    assert "transform timm: resize 224, centre crop 224 px (bicubic)" in proc.stderr
     assert cache.read_manifest(tmp_path / "c")["fingerprint"]["transform"]["image_size"] == 224
     from dinoprobe.cli import default_cache_dir
 

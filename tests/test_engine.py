@@ -184,3 +184,25 @@ def test_heads_on_their_own_rows_equal_each_trained_alone_on_those_rows(head):
         np.testing.assert_allclose(batched.step_losses, alone.step_losses, atol=1e-5)
         assert [h["train_acc"] for h in batched.history] == [h["train_acc"] for h in alone.history]
         assert [h["val_acc"] for h in batched.history] == [h["val_acc"] for h in alone.history]
+
+
+def test_dinov3_style_training_follows_the_plain_loop_with_an_infinite_sampler():
+    """epoch_length (a fixed number of drop_last batches from one permutation after another), N(0, 0.01) init with
+    zero bias, and the final iteration's head kept: step by step the plain PyTorch loop written that way."""
+    cfg = TrainConfig(head="linear", optimizer="sgd", lr=0.05, momentum=0.9, batch_size=96, epochs=3,
+                      epoch_length=7, init="normal", select="last")
+    ours, = train_heads([cfg], *DATA, 5)
+    _, plain = train_on_tensors(cfg, *DATA, 5)
+    assert len(ours.step_losses) == len(plain.step_losses) == 3 * 7  # 500 rows: not a multiple of 96
+    np.testing.assert_allclose(ours.step_losses, plain.step_losses, atol=1e-4, rtol=0)
+    assert ours.best_epoch == 3 and ours.best_val_acc == ours.history[-1]["val_acc"]
+    for mine, theirs in zip(ours.best_layers, plain.best_layers, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+
+
+def test_normal_init_is_dinov3s_linear_head():
+    from dinoprobe.train.heads import init_layers
+
+    (weight, bias), = init_layers("linear", 384, 1000, 0, seed=3, init="normal")
+    assert torch.equal(bias, torch.zeros(1000)) and abs(weight.mean().item()) < 2e-4
+    assert abs(weight.std().item() - 0.01) < 2e-4

@@ -131,6 +131,13 @@ def test_knn_agrees_with_scikit_learns_weighted_neighbours(synthetic):
     np.testing.assert_array_equal(ours.predict(d.X_test), reference.predict(d.X_test))
     carved = KNN(ks=(5, 20)).fit(d.X_train, d.y_train)  # k chosen on a split carved from the training rows
     assert carved.best_k_ in (5, 20)
+    # DINOv3 reports test top-1 for every k (dinov3/eval/knn.py): each the accuracy of scikit-learn's classifier
+    per_k = KNN(ks=(10, 20, 100, 200)).fit(d.X_train, d.y_train, X_val=d.X_val, y_val=d.y_val).score_per_k(
+        d.X_test, d.y_test)
+    for k, accuracy in per_k.items():
+        reference = KNeighborsClassifier(n_neighbors=k, metric="cosine",
+                                         weights=lambda dist: np.exp((1 - dist) / 0.07)).fit(d.X_train, d.y_train)
+        assert accuracy == reference.score(d.X_test, d.y_test), k
 
 
 def test_a_fitted_estimator_saves_a_head_file_predict_reads(synthetic, tmp_path):

@@ -71,9 +71,9 @@ def test_a_part_the_cache_lacks_is_refused_with_the_option_that_adds_it(tmp_path
                        "--last-blocks 4")
 
 
-def test_dinov3_preset_searches_blocks_patch_mean_and_13_learning_rates(block_cache, tmp_path):
-    run_cli("sweep", "--cache", block_cache, "--out", tmp_path / "p", "--preset", "dinov3-linear", "--epochs", 2,
-            "--batch-size", 4, check=True)
+def test_dinov2_preset_searches_blocks_patch_mean_and_13_learning_rates(block_cache, tmp_path):
+    run_cli("sweep", "--cache", block_cache, "--out", tmp_path / "p", "--preset", "dinov2-linear", "--epochs", 2,
+            "--epoch-length", 5, "--batch-size", 4, check=True)
     rows = json.loads((tmp_path / "p" / "results.json").read_text())
     assert len(rows) == 4 * 13
     assert {r["feature"] for r in rows} == {"cls", "cls4", "cls+patch_mean", "cls4+patch_mean"}
@@ -81,6 +81,10 @@ def test_dinov3_preset_searches_blocks_patch_mean_and_13_learning_rates(block_ca
     assert {r["group_size"] for r in rows} == {13}  # each feature's 13 heads trained side by side
     head = torch.load(tmp_path / "p" / "best" / "head.pt", weights_only=True)
     assert head["feature"] == rows[0]["feature"]
+    # DINOv3's own: the last block's CLS + mean patch token only (n = 4 by asking for its feature)
+    run_cli("sweep", "--cache", block_cache, "--out", tmp_path / "v3", "--preset", "dinov3-linear", "--epochs", 1,
+            "--epoch-length", 5, "--batch-size", 4, check=True)
+    assert {r["feature"] for r in json.loads((tmp_path / "v3" / "results.json").read_text())} == {"cls+patch_mean"}
 
 
 def test_dinov3_transform_gives_torchvision_v2_pixels(photos):
@@ -100,6 +104,46 @@ def test_dinov3_transform_gives_torchvision_v2_pixels(photos):
         assert torch.equal(worker_transform(config)(image), reference(image))
     small = build_backbone(MODEL, "random", 64, log=lambda *_: None, transform="dinov3").data_config
     assert (small.resize_size, small.image_size) == (73, 64)  # round(64 * 256 / 224)
+
+
+def test_dinov3_transform_at_crop_pct_1_is_its_logistic_regressions(photos):
+    from torchvision.transforms import v2
+
+    from dinoprobe.extract.decode import load_rgb
+    from dinoprobe.extract.transforms import worker_transform
+
+    config = build_backbone(MODEL, "random", 224, log=lambda *_: None, transform="dinov3", crop_pct=1.0).data_config
+    assert (config.resize_size, config.image_size, config.crop_pct) == (224, 224, 1.0)
+    reference = v2.Compose([v2.PILToTensor(), v2.Resize(224, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                            v2.CenterCrop(224)])  # make_classification_eval_transform(resize_size=224, crop_size=224)
+    for path in sorted(photos.rglob("*.jpg"))[:3]:
+        image = load_rgb(str(path))
+        assert torch.equal(worker_transform(config)(image), reference(image))
+
+
+@pytest.mark.parametrize("size", [224, 256])
+def test_square_transform_is_the_readmes_make_transform_and_the_hugging_face_processor(photos, size):
+    """At 256: the DINOv3 README's make_transform (v2.Resize((256, 256)), bilinear); at 224: transformers'
+    DINOv3 image processor. Exactly torchvision's uint8 pixels; the processor's within one intensity level."""
+    from torchvision.transforms import v2
+    from transformers import DINOv3ViTImageProcessor
+
+    from dinoprobe.extract.decode import load_rgb
+    from dinoprobe.extract.transforms import Preprocess, worker_transform
+
+    config = build_backbone(MODEL, "random", size, log=lambda *_: None, transform="square").data_config
+    assert (config.name, config.resize_size, config.crop_pct, config.interpolation) == ("square", size, 1.0, "bilinear")
+    readme = v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])
+    processor = DINOv3ViTImageProcessor(size={"height": size, "width": size})
+    for path in sorted(photos.rglob("*.jpg"))[:3]:
+        image = load_rgb(str(path))
+        ours = worker_transform(config)(image)
+        assert torch.equal(ours, readme(image))
+        theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        # the processor keeps the resized pixels as floats, torchvision (and dinoprobe) round them to uint8: at
+        # most one intensity level apart, i.e. 1 / (255 x std) after normalisation
+        diff = (Preprocess(config)(ours[None])[0] - theirs).abs()
+        assert diff.max() <= 1.0001 / (255 * min(config.std)) and diff.mean() < 0.006  # rounding: about half a level
 
 
 def test_transform_is_fingerprinted_and_rebuilt_by_predict(tmp_path, photos):

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from dinoprobe import KNN, LogReg, Probe, Sweep, load_cache
 from dinoprobe.errors import DinoprobeError
@@ -68,6 +69,9 @@ def test_every_estimator_takes_shots_and_tries(synthetic, estimator):
         if isinstance(estimator, LogReg):
             np.testing.assert_allclose(fitted.selection_coef_, alone.selection_coef_, atol=1e-6)
             assert fitted.val_score_per_C_ == alone.val_score_per_C_
+            # DINOv3: a few-shot model is never refit on validation labels (`alone`, without shots, is)
+            assert not fitted.refit_ and alone.refit_
+            np.testing.assert_allclose(fitted.coef_, alone.selection_coef_, atol=1e-6)
         else:
             assert len(fitted.bank_y_) == len(index) and fitted.val_score_per_k_ == alone.val_score_per_k_
 
@@ -91,5 +95,36 @@ def test_cli_writes_few_shot_metrics(synthetic, tmp_path, command, extra):
         assert set(entry) >= {"val", "test"} and 0 <= entry["test"]["top1"] <= 1
     tops = [e["test"]["top1"] for e in few["per_try"]]
     assert few["test"]["top1_mean"] == pytest.approx(np.mean(tops))
-    assert few["test"]["top1_std"] == pytest.approx(np.std(tops))
+    assert few["test"]["top1_std"] == pytest.approx(torch.tensor(tops).std().item())  # DINOv3: ddof 1
     assert "±" in proc.stdout
+
+
+def test_percent_shots_and_the_carve_follow_dinov3s_formulas():
+    """Per class: max(floor(n x p), 1) shots (DINOv3 floors; dinoprobe used to round up); the carve gives val
+    max(1, floor(0.1 n)) rows of each class with more than one, and leaves a 1-image class in train."""
+    from dinoprobe.splits import carve_indices
+
+    sizes = [250, 150, 99, 40, 1]
+    labels = np.repeat(np.arange(5), sizes)
+    rows, _ = sample_shots(labels, "1%", seed=0)
+    assert np.bincount(labels[rows], minlength=5).tolist() == [max(int(n * 0.01), 1) for n in sizes] == [2, 1, 1, 1, 1]
+    rows, _ = sample_shots(labels, "5%", seed=0)
+    assert np.bincount(labels[rows], minlength=5).tolist() == [12, 7, 4, 2, 1]
+    train, val = carve_indices(labels, 0.1, seed=0)
+    assert np.bincount(labels[val], minlength=5).tolist() == [25, 15, 9, 4, 0]
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(labels)))
+    train, val = carve_indices(labels, 0.01, seed=0)  # few-shot: 1 %
+    assert np.bincount(labels[val], minlength=5).tolist() == [2, 1, 1, 1, 0]
+
+
+def test_few_shot_draws_are_dinov3s_draws():
+    """The same images as dinov3/eval/data.py picks: one torch generator seeded by the try, classes in label order,
+    each class's rows in order, the first n of a randperm (reimplemented here from that file's description)."""
+    labels = np.repeat(np.arange(3), [30, 20, 10])[np.random.default_rng(0).permutation(60)]
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        expected = []
+        sorted_labels, order = torch.sort(torch.from_numpy(labels), stable=True)
+        for members in torch.split(order, torch.unique_consecutive(sorted_labels, return_counts=True)[1].tolist()):
+            expected += members[torch.randperm(len(members), generator=generator)[:4]].tolist()
+        assert sample_shots(labels, 4, seed)[0].tolist() == sorted(expected)

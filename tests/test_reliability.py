@@ -146,3 +146,124 @@ def test_the_cache_lock_is_held_by_one_process_at_a_time(tmp_path):
              for _ in range(8)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors  # FileExistsError on 'held' would mean two holders
+
+
+def test_a_cache_changing_under_a_streamed_run_stops_it(tiny, tmp_path):
+    import shutil
+
+    from dinoprobe.cache.arrays import load_cache
+    from dinoprobe.errors import DinoprobeError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    data = load_cache(copy, "cls", max_memory=1)  # streamed: one shard at a time
+    stream = data.stream
+    stream._read(0)  # hashed and remembered
+    shard = copy / stream.entries[0]["file"]
+    replacement = tmp_path / "same-bytes.h5"
+    shutil.copy(shard, replacement)
+    os.replace(replacement, shard)  # `features --overwrite` replaces files: same bytes, another file
+    with pytest.raises(DinoprobeError, match="changed while it was being read"):
+        stream._read(0)
+    shard.unlink()
+    with pytest.raises(DinoprobeError, match="disappeared while it was being read"):
+        stream._read(0)
+
+
+def test_verify_reports_a_manifest_entry_without_its_hash(tiny, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["splits"]["val"]["shards"][0]["sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert any("records no sha256" in p for p in cache.verify(copy))
+    proc = run_cli("cache", "verify", copy)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "records no sha256" in proc.stderr
+
+
+def test_temporary_files_never_follow_a_planted_symlink(tmp_path):
+    """The old temporary name was predictable (.NAME.tmp-PID): a link planted there redirected the write."""
+    from dinoprobe.atomic import write_json
+    from dinoprobe.cache.store import CacheLock
+    from dinoprobe.errors import DinoprobeError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / f".manifest.json.tmp-{os.getpid()}")
+    write_json(tmp_path / "manifest.json", {"a": 1})
+    assert victim.read_text() == "precious" and json.loads((tmp_path / "manifest.json").read_text()) == {"a": 1}
+    os.symlink(victim, tmp_path / ".lock")
+    with pytest.raises(DinoprobeError, match="not a link"):
+        with CacheLock(tmp_path):
+            pass
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("size,message", [(50, "not a multiple of"), (17, "use 16 or 32")])
+def test_an_image_size_off_the_patch_grid_fails_before_the_cache_is_made(tmp_path, size, message):
+    from conftest import make_folder
+
+    root = make_folder(tmp_path / "d", per_class=1)
+    proc = run_cli("features", "--data", root, "--weights", "random", "--image-size", size, "--cache", tmp_path / "c")
+    assert_clean_error(proc, message)
+    assert not (tmp_path / "c").exists()
+    assert run_cli("features", "--data", root, "--image-size", 5000).returncode == 2  # past the 4096 bound
+
+
+def test_mixed_label_types_are_a_value_error_naming_them():
+    from dinoprobe import KNN
+
+    with pytest.raises(ValueError, match="mixes label types"):
+        KNN().fit([[0.0, 1.0]] * 4, ["cat", 1, "dog", None])
+
+
+def test_ctrl_c_during_training_is_one_line_and_leaves_no_run(tiny, tmp_path, monkeypatch):
+    import dinoprobe.estimators.sweep as sweep_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "train_heads", interrupted)
+    proc = run_cli("sweep", "--cache", tiny, "--out", tmp_path / "s", "--lr", "1e-3,1e-2", "--epochs", 1)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr and "Interrupted" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_export_is_refused_naming_it(tiny, tmp_path):
+    import torch
+
+    from dinoprobe.errors import DinoprobeError
+    from dinoprobe.runs.export import EXPORT_FORMAT, load_exported
+
+    torch.save({"format": EXPORT_FORMAT, "model_name": "vit_small_patch16_dinov3.lvd1689m"}, tmp_path / "x.pt")
+    with pytest.raises(DinoprobeError, match="damaged dinoprobe export"):
+        load_exported(tmp_path / "x.pt")
+
+
+def test_a_read_only_or_full_disk_at_the_run_directory_is_one_line_and_keeps_the_old_run(tiny, tmp_path, monkeypatch):
+    import errno
+
+    from dinoprobe.runs import rundir
+
+    run = tmp_path / "run"
+    knn(tiny, run).check_returncode()
+    before = (run / "metrics.json").read_text()
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(rundir, "temporary_name", refuse)  # the folder cannot take the new run at all
+    assert_clean_error(knn(tiny, run, "--overwrite"), "Read-only file system")
+    monkeypatch.undo()
+    real_fsync = rundir.fsync_file
+
+    def full(path):  # the new run's files were written, and the disk filled before they reached it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "fsync_file", full)
+    assert_clean_error(knn(tiny, run, "--overwrite"), "No space left on device")
+    monkeypatch.setattr(rundir, "fsync_file", real_fsync)
+    assert (run / "metrics.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

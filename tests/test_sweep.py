@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinoprobe import Probe, Sweep
+from dinoprobe import Sweep
 from dinoprobe.cache import store as cache
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.knn import knn_scores
@@ -43,8 +43,52 @@ def test_sweep_cli_writes_table_plot_and_a_best_run(synthetic, tmp_path):
                        "already exists")
 
 
-def test_dinov3_preset_is_13_lrs_scaled_by_batch():
-    search = Sweep(Probe(batch_size=1024), preset="dinov3-linear", param_grid={"weight_decay": [0, 1e-4]})
+# The reference code's defaults, read off the files named (the test holds dinoprobe's protocols to them)
+REFERENCE = {
+    "dinov3-linear": {  # facebookresearch/dinov3 dinov3/eval/linear.py
+        "lrs": (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1),  # _DEFAULT_LR_LIST
+        "batch_size": 128, "epochs": 10, "epoch_length": 1250,  # TrainConfig
+        "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,  # OptimizerType.SGD.get_optimizer
+        "init": "normal",  # LinearClassifier: weight.normal_(0, 0.01), bias.zero_()
+        "select": "last",  # heads evaluated after the last iteration; best on val
+        "warmup_epochs": 0,  # CosineAnnealingLR(optimizer, max_iter, eta_min=0)
+        "features": ("cls+patch_mean",),  # n_last_blocks_list=(1,), `for avgpool in [True]`
+    },
+    "dinov2-linear": {  # facebookresearch/dinov2 dinov2/eval/linear.py
+        "lrs": (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1),
+        "batch_size": 128, "epochs": 10, "epoch_length": 1250, "optimizer": "sgd", "momentum": 0.9,
+        "weight_decay": 0.0, "init": "normal", "select": "last", "warmup_epochs": 0,
+        "features": ("cls", "cls+patch_mean", "cls4", "cls4+patch_mean"),  # n in [1, 4] x avgpool in [False, True]
+    },
+    "dinov3-logreg": {"normalize": "none", "tol": 1e-12, "max_iter": 1000, "val_carve": 0.1,  # log_regression.py
+                      "val_carve_few_shot": 0.01},
+    "dinov3-knn": {"ks": (10, 20, 100, 200), "temperature": 0.07},  # dinov3/eval/knn.py
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_each_protocol_is_its_reference_codes_defaults(name):
+    from dinoprobe.settings import PROTOCOLS
+
+    assert {k: PROTOCOLS[name][k] for k in REFERENCE[name]} == REFERENCE[name]
+    assert PROTOCOLS[name]["source"].split()[-1].startswith(("dinov3/eval/", "dinov2/eval/"))
+    if name.endswith("linear"):  # and the sweep the preset builds is exactly that
+        grid = Sweep(preset=name).grid()
+        fixed = {k: grid[k] for k in ("batch_size", "epochs", "epoch_length", "optimizer", "momentum",
+                                      "weight_decay", "init", "select", "warmup_epochs")}
+        assert fixed == {k: [REFERENCE[name][k]] for k in fixed} and grid["head"] == ["linear"]
+        assert grid["lr"] == pytest.approx([lr * 128 / 256 for lr in REFERENCE[name]["lrs"]])
+
+
+def test_dinov3_logreg_c_grid_is_dinov3s_float32_grid():
+    from dinoprobe.estimators.logreg import DINOV3_C_GRID
+
+    expected = [c.item() for c in 10 ** torch.linspace(-6, 5, 45)]  # ALL_C[i].item(), as log_regression.py
+    assert list(DINOV3_C_GRID) == expected and len(set(expected)) == 45
+
+
+def test_dinov3_preset_scales_its_13_lrs_by_the_batch_it_is_given():
+    search = Sweep(preset="dinov3-linear", param_grid={"batch_size": [1024], "weight_decay": [0, 1e-4]})
     grid = search.grid()
     assert grid["head"] == ["linear"] and grid["optimizer"] == ["sgd"] and grid["momentum"] == [0.9]
     assert len(grid["lr"]) == 13 and grid["lr"][0] == pytest.approx(DINOV3_LINEAR_LRS[0] * 4)
@@ -55,10 +99,12 @@ def test_preset_from_the_cli(synthetic, tmp_path):
     """On a cache without per-block CLS tokens: the preset's 13 learning rates on the features asked for, and
     the preset's own feature grid refused with the option that adds what it needs."""
     run_cli("sweep", "--cache", synthetic, "--out", tmp_path / "p", "--preset", "dinov3-linear", "--epochs", 2,
-            "--feature", "cls", check=True)
+            "--epoch-length", 20, check=True)
     rows = json.loads((tmp_path / "p" / "results.json").read_text())
     assert len(rows) == 13 and {r["optimizer"] for r in rows} == {"sgd"} and {r["group"] for r in rows} == {0}
-    assert_clean_error(run_cli("sweep", "--cache", synthetic, "--out", tmp_path / "q", "--preset", "dinov3-linear"),
+    assert {r["feature"] for r in rows} == {"cls+patch_mean"} and {r["epoch_length"] for r in rows} == {20}
+    assert {r["best_epoch"] for r in rows} == {2}  # the final iteration's heads
+    assert_clean_error(run_cli("sweep", "--cache", synthetic, "--out", tmp_path / "q", "--preset", "dinov2-linear"),
                        "--last-blocks 4")
 
 
@@ -171,3 +217,48 @@ def test_curves_plot_is_titled_with_the_run(synthetic, tmp_path, monkeypatch):
     assert titles == ["probe on cache: feature cls, head linear, optimizer adam, lr 0.01"]
     assert titles[0] in [t.get_text() for t in real([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_acc": 0.5}],
                                                      tmp_path / "c.png", 1, titles[0]).texts]
+
+
+def test_logreg_chunks_the_c_grid_to_its_memory_budget_without_changing_a_result(synthetic):
+    """1,000 classes on 1,000 rows once needed 8 GB for the 45 C values at once; chunks bound it, same solutions."""
+    from dinoprobe.estimators.logreg import problem_bytes
+
+    train = cache.load(synthetic, "train", "cls")
+    x, y = torch.tensor(train["cls"], dtype=torch.float64), torch.tensor(train["label"])
+    cs = [1e-3, 1e-1, 10.0]
+    whole = fit_logreg_batched(x, y, 6, cs)
+    one_at_a_time = fit_logreg_batched(x, y, 6, cs, max_bytes=problem_bytes(len(x), x.shape[1], 6))
+    for a, b in zip(whole[:2], one_at_a_time[:2]):
+        torch.testing.assert_close(a, b)
+    assert whole[2] == one_at_a_time[2]
+    assert problem_bytes(1000, 384, 1000) * 45 > 2 * 2**30  # the reported case: over the 2 GiB default, so chunked
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_dinov3_logreg_is_scikit_learns_logistic_regression_at_tol_1e12(classes):
+    """The DINOv3 way on raw arrays: each C of (a stride of) DINOv3's grid fitted by scikit-learn with tol=1e-12,
+    C chosen on val accuracy (the first best), refit on train + val: the same C, the same coefficients. Tolerance:
+    both stop at a gradient of 1e-12 on a strictly convex problem, so they agree to far better than 1e-4 (the bound
+    used) unless L-BFGS stops early, which the iteration cap of 1,000 makes visible in n_iter_."""
+    from sklearn.linear_model import LogisticRegression
+
+    from dinoprobe import LogReg
+    from dinoprobe.estimators.logreg import DINOV3_C_GRID
+
+    rng = np.random.default_rng(classes)
+    centres = rng.normal(0, 1.0, (classes, 12))
+    y = rng.integers(0, classes, 400)
+    x = (centres[y] + rng.normal(0, 1.5, (400, 12))) * 3.0  # raw: not standardised
+    xt, yt, xv, yv = x[:300], y[:300], x[300:], y[300:]
+    cs = list(DINOV3_C_GRID[::6])
+    ours = LogReg.dinov3(Cs=cs).fit(xt, yt, X_val=xv, y_val=yv)
+    accs = [LogisticRegression(C=c, tol=1e-12, max_iter=1000).fit(xt, yt).score(xv, yv) for c in cs]
+    best = cs[int(np.argmax(accs))]
+    assert ours.best_C_ == best and ours.val_score_per_C_ == pytest.approx(accs)
+    final = LogisticRegression(C=best, tol=1e-12, max_iter=1000).fit(np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+    coef = ours.coef_.double().numpy()
+    if classes == 2:  # scikit-learn's single logit is our second row minus the first (held at zero)
+        np.testing.assert_allclose(coef[1] - coef[0], final.coef_[0], atol=1e-4, rtol=1e-4)
+    else:
+        np.testing.assert_allclose(coef, final.coef_, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(ours.predict_proba(xt), final.predict_proba(xt), atol=1e-4)

@@ -18,13 +18,25 @@ from dinoprobe.cache import store as cache
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.cache.specs import blocks_needed, columns, parse_feature, select, width
-from dinoprobe.cache.stream import StreamedTrainSplit
+from dinoprobe.cache.stream import StreamedTrainSplit, no_epoch_length
 
 
 def shuffled_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int):
     """One epoch of (x[rows], rows) batches, rows taken from `order` in turn."""
     for idx in order.to(x.device, non_blocking=True).split(batch_size):
         yield x.index_select(0, idx), idx
+
+
+def endless_batches(n: int, batch_size: int, generator: torch.Generator, order=None):
+    """DINOv3's infinite sampler with drop_last (dinov3/data/samplers.py): consecutive `batch_size` positions of an
+    endless stream made of one shuffled permutation of 0..n-1 after another."""
+    order = order or (lambda size, gen: torch.randperm(size, generator=gen))
+    pending = torch.zeros(0, dtype=torch.long)
+    while True:
+        while len(pending) < batch_size:
+            pending = torch.cat([pending, order(n, generator)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
 
 
 class AugmentedViews:
@@ -56,7 +68,8 @@ class AugmentedViews:
         choice = torch.randint(k, (n,), generator=generator).to(self.views.device)
         return self.views[torch.arange(n, device=self.views.device), choice]
 
-    def epochs(self, normalizer, batch_size: int, seed: int):
+    def epochs(self, normalizer, batch_size: int, seed: int, epoch_length: int | None = None):
+        no_epoch_length("augmented views", epoch_length)
         order, pick = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
         while True:
             x = normalizer(self.sample(pick))

@@ -13,6 +13,12 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.cache.specs import columns, select, width
 
 
+def no_epoch_length(kind: str, epoch_length: int | None) -> None:
+    if epoch_length is not None:
+        raise DinoprobeError(f"epoch_length (a fixed number of iterations per epoch) needs in-memory features; "
+                             f"{kind} read one pass per epoch — drop epoch_length, or --views/--max-memory")
+
+
 def streaming_plan(rows_per_shard: list[int], buffer_shards: int, generator: torch.Generator):
     """One epoch: [(shards of a read-ahead buffer, their global rows shuffled)], buffers in shuffled shard order."""
     offsets = np.concatenate([[0], np.cumsum(rows_per_shard)]).astype(np.int64)
@@ -63,8 +69,9 @@ class StreamedTrainSplit:
                                  "— rebuild it with `dinoprobe features ... --overwrite`")
         return x
 
-    def epochs(self, normalizer, batch_size: int, seed: int):
+    def epochs(self, normalizer, batch_size: int, seed: int, epoch_length: int | None = None):
         """A training source (train.sources.TrainSource): every epoch the batches of `streaming_order`."""
+        no_epoch_length("streamed features", epoch_length)
         generator = torch.Generator().manual_seed(seed)
         while True:
             yield ((normalizer(x), rows) for x, rows in self.iterate_batches(batch_size, generator))

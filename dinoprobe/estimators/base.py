@@ -14,6 +14,8 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.splits import carve_indices, sample_shots
 from dinoprobe.train.sources import TrainSource
 
+# with few-shot training and no validation data, DINOv3 carves 1 % of train (dinov3/eval/log_regression.py)
+FEW_SHOT_VAL_FRACTION = 0.01
 # scikit-learn checks deliberately not passed (check_estimator(..., expected_failed_checks=...)), and why
 EXPECTED_FAILED_CHECKS = {
     "KNN": {"check_methods_subset_invariance": "similarities are float32 matrix products, whose blocking (so the "
@@ -48,7 +50,11 @@ def as_labels(y, n: int, name: str = "y") -> np.ndarray:
         raise DinoprobeError(f"{name} must be 1-D (one label per sample), got shape {y.shape}") from None
     if len(y) != n:
         raise DinoprobeError(f"{name} has {len(y)} labels for {n} samples; they must have the same length")
-    check_classification_targets(y)
+    try:
+        check_classification_targets(y)
+    except TypeError:  # e.g. a mix of strings and numbers, or None among the labels: they cannot be ordered
+        raise DinoprobeError(f"{name} mixes label types ({sorted({type(v).__name__ for v in y})}); use one type for "
+                             "every label, all strings or all integers") from None
     return y
 
 
@@ -62,7 +68,8 @@ class _Classifier(ClassifierMixin, BaseEstimator):
         With `shots`, fits `tries` models, each on K training images per class drawn with the try number as
         seed, and evaluated on the untouched validation data; the estimator then predicts with try 0, and
         tries_ / try_estimators_ hold every try (see `few_shot`)."""
-        x_tr, y_tr, x_val, y_val, positions = self._train_and_val(X, y, X_val, y_val, self.val_fraction, self.seed)
+        fraction = FEW_SHOT_VAL_FRACTION if self.shots is not None else self.val_fraction
+        x_tr, y_tr, x_val, y_val, positions = self._train_and_val(X, y, X_val, y_val, fraction, self.seed)
         rows = self._shot_rows(y_tr, x_tr, self.shots, self.tries)
         if rows is None:
             return self._fit_encoded(x_tr, y_tr, x_val, y_val)
@@ -166,3 +173,8 @@ def names_for(estimator, names=None) -> list[str]:
     if names is not None:
         return [names[int(c)] for c in estimator.classes_]
     return [str(c) for c in estimator.classes_]
+
+
+def sample_std(values) -> float:
+    """The spread over few-shot tries as DINOv3 reports it: the sample standard deviation (ddof 1; 0 for one try)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0

@@ -22,7 +22,10 @@ from dinoprobe.train.losses import softmax_cross_entropy
 
 
 def _objective(theta, x, onehot, lam, num_classes):
-    """Per-problem mean cross-entropy + lam/2 ||W||^2 (intercept unpenalised), and its gradient. (K,), (K,P)."""
+    """Per-problem mean cross-entropy + lam/2 ||W||^2 (intercept unpenalised), and its gradient. (K,), (K,P).
+
+    Two classes are scikit-learn's binary problem: one logit z = w.x + b, i.e. softmax over (0, z) with the first
+    class's row held at zero (its gradient is zeroed), so the penalty is lam/2 ||w||^2 as in scikit-learn."""
     k, (n, d) = theta.shape[0], x.shape
     w = theta[:, : num_classes * d].view(k, num_classes, d)
     b = theta[:, num_classes * d:]
@@ -30,12 +33,41 @@ def _objective(theta, x, onehot, lam, num_classes):
     neg_loss, dlogits = softmax_cross_entropy(logits, onehot)  # (K,), (K, n, C)
     loss = -neg_loss / n + 0.5 * lam * w.pow(2).sum((1, 2))
     grad_w = torch.bmm(dlogits.transpose(1, 2), x.expand(k, n, d)) + lam[:, None, None] * w
-    return loss, torch.cat([grad_w.reshape(k, -1), dlogits.sum(1)], dim=1)
+    grad_b = dlogits.sum(1)
+    if num_classes == 2:
+        grad_w[:, 0], grad_b[:, 0] = 0, 0
+    return loss, torch.cat([grad_w.reshape(k, -1), grad_b], dim=1)
+
+
+# DINOv3's C grid, exactly: 10 ** torch.linspace(-6, 5, 45) in float32 (dinov3/eval/log_regression.py)
+DINOV3_C_GRID = tuple((10 ** torch.linspace(-6, 5, 45)).tolist())
+DEFAULT_MAX_BYTES = 2 << 30  # the solver's working set for all C values at once; more C values run in chunks
+
+
+def problem_bytes(n: int, d: int, num_classes: int, memory: int = 10, itemsize: int = 8) -> int:
+    """The solver's working set per C value: parameters, gradient, the L-BFGS history (2 x memory copies), the line
+    search's trial copies, and the logits, probabilities and gradient of the batch (3 x n x classes)."""
+    params = num_classes * d + num_classes
+    return itemsize * ((2 * memory + 8) * params + 3 * n * num_classes)
 
 
 def fit_logreg_batched(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter: int = 1000, tol: float = 1e-4,
                        memory: int = 10, dtype: torch.dtype = torch.float64, progress: bool = False,
-                       desc: str = "logreg") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                       desc: str = "logreg", max_bytes: int = DEFAULT_MAX_BYTES
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """`_fit_batch` over the C values in chunks whose working set fits `max_bytes` (at least one C per chunk):
+    the problems are independent, so chunking changes only memory, never a result (tested)."""
+    per = problem_bytes(len(x), x.shape[1], num_classes, memory, torch.finfo(dtype).bits // 8)
+    size = max(1, int(max_bytes // per))
+    parts = [_fit_batch(x, y, num_classes, list(cs[i:i + size]), max_iter, tol, memory, dtype, progress,
+                        desc if len(cs) <= size else f"{desc} ({i // size + 1}/{-(-len(cs) // size)})")
+             for i in range(0, len(cs), size)]
+    return (torch.cat([w for w, _, _ in parts]), torch.cat([b for _, b, _ in parts]),
+            [it for _, _, its in parts for it in its])
+
+
+def _fit_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter: int, tol: float, memory: int,
+               dtype: torch.dtype, progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Minimise C * sum CE + ||W||^2 / 2 (sklearn's objective, scaled by 1/(C n)) for every C in `cs`.
 
     Stops each problem like scikit-learn's lbfgs: gradient inf-norm <= tol (same default, same objective
@@ -134,8 +166,8 @@ def fit_logreg_sklearn(x, y, cs, max_iter: int = 1000, tol: float = 1e-4):
         model = LogisticRegression(C=c, max_iter=max_iter, tol=tol).fit(x_np, y_np)
         iterations.append(int(model.n_iter_.max()))
         coef, intercept = model.coef_, model.intercept_
-        if coef.shape[0] == 1:  # binary: sklearn fits one logit; as two softmax logits that is (-w/2, w/2)
-            coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+        if coef.shape[0] == 1:  # binary: scikit-learn fits one logit z; as two softmax logits that is (0, z)
+            coef, intercept = np.concatenate([0 * coef, coef]), np.concatenate([0 * intercept, intercept])
         ws.append(coef)
         bs.append(intercept)
     return (torch.tensor(np.stack(ws), dtype=torch.float32), torch.tensor(np.stack(bs), dtype=torch.float32),
@@ -153,17 +185,21 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, solver: s
 
 
 class LogReg(_Classifier):
-    """DINOv3's logistic-regression protocol: L2-regularised multinomial logistic regression (scikit-learn's
-    objective) for every C in `Cs`, solved together by a batched L-BFGS; C chosen on validation accuracy, then
-    refit on train + validation. solver="sklearn" runs scikit-learn's LogisticRegression once per C instead.
+    """L2-regularised logistic regression (scikit-learn's objective: multinomial, or its single-logit binary
+    problem for two classes) for every C in `Cs`, solved together by a batched L-BFGS; C chosen on validation
+    accuracy, then refit on train + validation (refit=None: except in few-shot, as DINOv3; True/False to force).
+    solver="sklearn" runs scikit-learn's LogisticRegression once per C instead. `LogReg.dinov3()` is DINOv3's
+    protocol exactly: raw features, tol 1e-12, its float32 C grid. dinoprobe's defaults differ on purpose:
+    standardised features and tol 1e-4 (the same optimum to far below a grid step, much faster).
 
     Fitted attributes: coef_ (classes, D), intercept_ (classes,), best_C_, val_score_per_C_, n_iter_, normalizer_,
     selection_coef_ / selection_intercept_ (the train-only model at best_C_ that chose it), classes_.
     """
 
-    def __init__(self, Cs=None, normalize="standardize", max_iter=1000, tol=1e-4, solver="torch", val_fraction=0.1,
-                 seed=0, shots=None, tries=1, device="auto", progress=False):
+    def __init__(self, Cs=None, normalize="standardize", max_iter=1000, tol=1e-4, solver="torch", refit=None,
+                 val_fraction=0.1, seed=0, shots=None, tries=1, device="auto", progress=False):
         self.Cs = Cs
+        self.refit = refit
         self.normalize = normalize
         self.max_iter = max_iter
         self.tol = tol
@@ -174,6 +210,17 @@ class LogReg(_Classifier):
         self.tries = tries
         self.device = device
         self.progress = progress
+
+    @classmethod
+    def dinov3(cls, **params) -> LogReg:
+        """DINOv3's logistic-regression protocol (dinov3/eval/log_regression.py): raw features, tol 1e-12, at most
+        1,000 iterations, C in 10 ** torch.linspace(-6, 5, 45) (float32), refit on train + val except in few-shot."""
+        return cls(**{"Cs": DINOV3_C_GRID, "normalize": "none", "tol": 1e-12, "max_iter": 1000, **params})
+
+    def _fit_tries(self, x_tr, y_tr, x_val, y_val, rows) -> list:
+        """Each try fitted on its rows alone; its final model never sees validation labels (unless refit=True)."""
+        return [self._fitted_copy().set_params(refit=bool(self.refit))._fit_encoded(x_tr[r], y_tr[r], x_val, y_val)
+                for r in rows]
 
     def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
         cs = [float(c) for c in (DEFAULT_C_GRID if self.Cs is None else self.Cs)]
@@ -192,6 +239,12 @@ class LogReg(_Classifier):
         best = int(np.argmax(self.val_score_per_C_))
         self.best_C_, self.Cs_, self.best_score_ = cs[best], cs, self.val_score_per_C_[best]
         self.selection_coef_, self.selection_intercept_ = w[best].cpu(), b[best].cpu()
+        self.refit_ = self.refit is not False  # None: refit (few-shot tries pass refit=False)
+        if not self.refit_:  # the model chosen on val is the final model
+            self.coef_, self.intercept_ = self.selection_coef_, self.selection_intercept_
+            self.n_iter_ = np.array([iterations[best]])
+            self.n_iter_per_C_ = list(iterations)
+            return self
         w, b, refit_iterations = fit_logreg(torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val]).to(device), k,
                                             [cs[best]], self.solver, self.max_iter, self.tol, self.progress,
                                             "logreg: refit on train + val")

@@ -38,6 +38,7 @@ class Probe(_Classifier):
                  betas=default("betas"), eps=default("eps"), batch_size=default("batch_size"),
                  epochs=default("epochs"), warmup_epochs=default("warmup_epochs"),
                  label_smoothing=default("label_smoothing"), seed=default("seed"), patience=default("patience"),
+                 epoch_length=default("epoch_length"), init=default("init"), select=default("select"),
                  val_fraction=0.1, shots=None, tries=1, device="auto", progress=False):
         self.head = head
         self.hidden = hidden
@@ -56,6 +57,9 @@ class Probe(_Classifier):
         self.label_smoothing = label_smoothing
         self.seed = seed
         self.patience = patience
+        self.epoch_length = epoch_length
+        self.init = init
+        self.select = select
         self.val_fraction = val_fraction
         self.shots = shots
         self.tries = tries

@@ -8,11 +8,15 @@ from sklearn.utils.validation import check_is_fitted
 
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.estimators.base import _Classifier
+from dinoprobe.estimators.base import FEW_SHOT_VAL_FRACTION, _Classifier, sample_std
 from dinoprobe.estimators.probe import Probe, _to, diverged_message
-from dinoprobe.settings import DINOV3_LINEAR_LRS, PRESETS
+from dinoprobe.settings import PRESETS, PROTOCOLS
 from dinoprobe.train.config import SETTINGS, TrainConfig
 from dinoprobe.train.loop import train_heads
+
+# what a linear-evaluation preset fixes (besides its learning rates and features)
+PRESET_SETTINGS = ("head", "optimizer", "momentum", "weight_decay", "batch_size", "epochs", "epoch_length",
+                   "warmup_epochs", "init", "select", "normalize", "label_smoothing")
 
 
 class Sweep(_Classifier):
@@ -20,8 +24,10 @@ class Sweep(_Classifier):
     other parameters apply to every configuration), trained side by side by the engine; the best on validation
     accuracy is kept, as GridSearchCV does with cross-validation.
 
-    `preset="dinov3-linear"` searches DINOv3's linear evaluation: a linear head, SGD with momentum 0.9, 13 learning
-    rates from 1e-5 to 0.1 scaled by batch_size / 256 (param_grid entries other than lr are added to it).
+    `preset="dinov3-linear"` (or "dinov2-linear") is that code's linear evaluation exactly (settings.PROTOCOLS): a
+    linear head initialised N(0, 0.01), SGD momentum 0.9 without weight decay, batch 128, 10 epochs of 1,250
+    iterations from an endless shuffled stream, cosine to 0 per iteration, 13 learning rates x batch / 256, the
+    final iteration's heads with the best chosen on validation. param_grid entries replace the preset's.
     `max_memory` (bytes) caps the heads trained at once. A grid key that is not a training setting, or a value out
     of its range, is refused before any training starts.
 
@@ -44,17 +50,19 @@ class Sweep(_Classifier):
         return clone(self.estimator)
 
     def grid(self) -> dict[str, list]:
-        """The searched grid: param_grid, with the preset's entries first."""
+        """The searched grid: the preset's settings (each a one-value entry, so param_grid or the estimator can
+        override them) and its 13 learning rates x batch_size / 256, then param_grid's entries."""
         grid = dict(self.param_grid or {})
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise DinoprobeError(f"unknown preset {self.preset!r}; presets are {', '.join(PRESETS)}")
-            sizes = grid.get("batch_size", [self.base_estimator().batch_size])
+            protocol = PROTOCOLS[self.preset]
+            sizes = grid.get("batch_size", [protocol["batch_size"]])
             if len(sizes) != 1:
-                raise DinoprobeError("preset dinov3-linear scales lr by one batch size; give a single batch_size")
-            grid = {"head": ["linear"], "optimizer": ["sgd"], "momentum": [0.9],
-                    "lr": [lr * sizes[0] / 256 for lr in DINOV3_LINEAR_LRS],
-                    **{k: v for k, v in grid.items() if k != "lr"}}
+                raise DinoprobeError(f"preset {self.preset} scales lr by one batch size; give a single batch_size")
+            fixed = {k: [protocol[k]] for k in PRESET_SETTINGS}
+            fixed["lr"] = [lr * sizes[0] / 256 for lr in protocol["lrs"]]
+            grid = {**fixed, **grid} if "lr" not in grid else {**fixed, **grid}
         unknown = sorted(set(grid) - set(SETTINGS))
         if unknown:
             raise DinoprobeError(f"unknown grid parameters {unknown}; a grid searches training settings: "
@@ -85,7 +93,8 @@ class Sweep(_Classifier):
         combos = self.configurations()
         base = self.base_estimator()
         device = resolve_device(base.device)
-        x_tr, y_tr, x_val, y_val, positions = self._train_and_val(X, y, X_val, y_val, base.val_fraction, base.seed)
+        fraction = FEW_SHOT_VAL_FRACTION if base.shots is not None else base.val_fraction
+        x_tr, y_tr, x_val, y_val, positions = self._train_and_val(X, y, X_val, y_val, fraction, base.seed)
         tries = self._shot_rows(y_tr, x_tr, base.shots, base.tries)
         configs = [cfg for _, cfg in combos]
         per = 1 if tries is None else len(tries)
@@ -100,7 +109,7 @@ class Sweep(_Classifier):
             row = {**params, "val_top1": score, "best_epoch": rs[0].best_epoch, "epochs_run": rs[0].epochs_run,
                    "group": rs[0].group, "group_size": rs[0].group_size, "group_seconds": round(rs[0].seconds, 3)}
             if tries is not None:
-                row.update({"val_top1_std": float(np.std([r.best_val_acc for r in rs])), "tries": per})
+                row.update({"val_top1_std": sample_std([r.best_val_acc for r in rs]), "tries": per})
             diverged = [r.diverged_epoch for r in rs if r.diverged_epoch is not None]
             row["diverged_epoch"] = min(diverged) if diverged else None
             self.results_.append(row)

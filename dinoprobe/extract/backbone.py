@@ -99,7 +99,7 @@ def create_model(model_name: str, image_size: int | None = None) -> nn.Module:
 
 
 def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_size: int | None = None,
-                   log=print, transform: str = "timm") -> Backbone:
+                   log=print, transform: str = "timm", crop_pct: float | None = None) -> Backbone:
     """The one factory: model + weights + data config, frozen."""
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
@@ -112,7 +112,7 @@ def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_
     else:
         model = create_model(model_name, image_size)
         info = load_hub_weights(model, model_name) if weights == "hub" else load_weights_from_path(model, weights)
-    return Backbone(model, model_name, info, resolve_data_config(model, image_size, transform))
+    return Backbone(model, model_name, info, resolve_data_config(model, image_size, transform, crop_pct))
 
 
 def _unit_layer_scale(model: nn.Module) -> None:

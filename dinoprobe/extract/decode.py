@@ -31,7 +31,8 @@ class SkippedInput(Exception):
 
 
 def resized_pixels(width: int, height: int, resize_to: int) -> int:
-    """Pixels after resizing the shorter side to `resize_to` (the eval transform's first step)."""
+    """Pixels after resizing the shorter side to `resize_to` (the eval transform's first step; a bound for the
+    square resize, which makes resize_to x resize_to)."""
     short, long = sorted((max(width, 1), max(height, 1)))
     return resize_to * max(resize_to, round(long * resize_to / short))
 

@@ -36,25 +36,45 @@ class DataConfig:
         return asdict(self)
 
 
-def dinov3_data_config(image_size: int) -> DataConfig:
-    """DINOv3's evaluation transform (dinov3/data/transforms.py): shorter side to round(size * 256 / 224),
-    bicubic and antialiased, centre crop to size, ImageNet mean and std. At 224 px: 256 -> 224."""
-    resize = round(image_size * 256 / 224)
+DINOV3_CROP_PCT = 224 / 256  # DINOv3's classification eval transform: resize 256, crop 224
+
+
+def dinov3_data_config(image_size: int, crop_pct: float | None = None) -> DataConfig:
+    """DINOv3's evaluation transform (dinov3/data/transforms.py `make_classification_eval_transform`): shorter side
+    to round(size / crop_pct), bicubic and antialiased, centre crop to size, ImageNet mean and std. crop_pct
+    224/256 by default (256 -> 224 at 224 px); 1.0 is its logistic regression's (224 -> 224)."""
+    crop_pct = DINOV3_CROP_PCT if crop_pct is None else crop_pct
+    resize = round(image_size / crop_pct)
     return DataConfig(image_size, resize, "bicubic", IMAGENET_MEAN, IMAGENET_STD, image_size / resize, "dinov3")
 
 
-def resolve_data_config(model: torch.nn.Module, image_size: int | None = None, transform: str = "timm") -> DataConfig:
+def square_data_config(image_size: int) -> DataConfig:
+    """A square resize to size x size, no crop (aspect not kept), bilinear and antialiased, ImageNet mean and std:
+    the DINOv3 README's `make_transform` (v2.Resize((256, 256))) and the Hugging Face DINOv3 image processor (224 x
+    224, bilinear)."""
+    return DataConfig(image_size, image_size, "bilinear", IMAGENET_MEAN, IMAGENET_STD, 1.0, "square")
+
+
+def resolve_data_config(model: torch.nn.Module, image_size: int | None = None, transform: str = "timm",
+                        crop_pct: float | None = None) -> DataConfig:
     """The transform for `model` at `image_size` (DEFAULT_IMAGE_SIZE when None): timm's data config for the model
-    (its mean, std, interpolation and crop_pct), or DINOv3's eval transform."""
+    (its mean, std, interpolation and crop_pct), DINOv3's eval transform, or a square resize. `crop_pct` (size /
+    resize) overrides the crop of timm's and DINOv3's transforms."""
     import timm.data
 
-    cfg = timm.data.resolve_model_data_config(model)
     if transform not in TRANSFORMS:
         raise DinoprobeError(f"unknown transform '{transform}'; choose one of {', '.join(TRANSFORMS)}")
-    if transform == "dinov3":
-        return dinov3_data_config(int(image_size or DEFAULT_IMAGE_SIZE))
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise DinoprobeError(f"crop_pct must be in (0, 1] (crop size / resize size), got {crop_pct}")
     size = int(image_size or DEFAULT_IMAGE_SIZE)
-    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    if transform == "dinov3":
+        return dinov3_data_config(size, crop_pct)
+    if transform == "square":
+        if crop_pct not in (None, 1.0):
+            raise DinoprobeError("--transform square resizes to the full size and crops nothing; drop --crop-pct")
+        return square_data_config(size)
+    cfg = timm.data.resolve_model_data_config(model)
+    crop_pct = float(crop_pct or cfg.get("crop_pct") or 1.0)
     return DataConfig(
         image_size=size,
         resize_size=int(size / crop_pct),  # timm's eval transform: floor(size / crop_pct)
@@ -70,6 +90,9 @@ def resize_crop(image: torch.Tensor, config: DataConfig) -> torch.Tensor:
     centre crop to image_size, with torchvision's tensor kernels (transforms.v2)."""
     import torchvision.transforms.v2.functional as TF
 
+    if config.name == "square":
+        return TF.resize(image, [config.image_size, config.image_size],
+                         interpolation=InterpolationMode(config.interpolation), antialias=True)
     image = TF.resize(image, [config.resize_size], interpolation=InterpolationMode(config.interpolation),
                       antialias=True)
     return TF.center_crop(image, [config.image_size])
@@ -89,7 +112,7 @@ def worker_transform(config: DataConfig):
     """The eval transform up to (not including) normalisation, producing uint8 CHW: timm's own (PIL resize, centre
     crop; `create_transform(use_prefetcher=True)` stops before normalising) for `transform timm`, or DINOv3's (the
     resize on uint8 tensors, as torchvision's v2.Resize does) for `dinov3`."""
-    if config.name == "dinov3":
+    if config.name in ("dinov3", "square"):
         return Compose([PILToTensor(), TensorResizeCrop(config)])
     import timm.data
 
@@ -156,7 +179,10 @@ class Preprocess(torch.nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float()
         size = self.config.image_size
-        if x.shape[-2:] != (size, size):
+        if x.shape[-2:] != (size, size) and self.config.name == "square":
+            x = F.interpolate(x, size=(size, size), mode=self.config.interpolation, align_corners=False,
+                              antialias=True).clamp_(0, 255)
+        elif x.shape[-2:] != (size, size):
             h, w = x.shape[-2:]
             scale = self.config.resize_size / min(h, w)
             new = (max(size, round(h * scale)), max(size, round(w * scale)))

@@ -86,7 +86,7 @@ def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = 
     rows = ranked(rows)
     with run_directory(out, overwrite, "sweep", [cache_dir]) as tmp:
         write_results(tmp, rows)
-        plot_sweep(rows, tmp / "sweep.png", title=f"sweep {Path(out).name}")
+        plot_sweep(rows, tmp / "sweep.png", title=f"sweep on {Path(cache_dir).name} ({Path(out).name})")
         (tmp / "best").mkdir()
         metrics = write_probe_run(tmp / "best", best[0].best_estimator_, best[1], {"command": "probe",
                                                                                     "sweep": str(out)})

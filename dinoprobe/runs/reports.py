@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dinoprobe import __version__
+from dinoprobe.estimators.base import sample_std
 from dinoprobe.runs.metrics import classification_metrics, plot_confusion, plot_curves
 
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc")
@@ -46,7 +47,7 @@ def few_shot_metrics(estimator, data, val_scores=None) -> dict | None:
     for split in ("val", "test"):
         top1 = [t[split]["top1"] for t in per_try if split in t]
         if top1:
-            summary[split] = {"top1_mean": float(np.mean(top1)), "top1_std": float(np.std(top1))}
+            summary[split] = {"top1_mean": float(np.mean(top1)), "top1_std": sample_std(top1)}
     return {**estimator.few_shot_, **summary, "per_try": per_try}
 
 

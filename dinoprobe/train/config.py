@@ -15,6 +15,8 @@ from dinoprobe.errors import DinoprobeError
 HEAD_KINDS = ("linear", "mlp")
 NORMALIZATIONS = ("none", "standardize", "l2")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+INITS = ("uniform", "normal")
+SELECTIONS = ("best", "last")
 FLOAT32_MAX = 3.4028234663852886e38  # the engine computes in float32
 
 
@@ -51,6 +53,13 @@ class TrainConfig:
     seed: int = setting(0, "Seed of the head's initialisation, batch order and dropout", low=0)
     patience: int | None = setting(None, "Stop after this many epochs without a better val accuracy [default: never]",
                                    low=1, optional=True)
+    epoch_length: int | None = setting(None, "Iterations per epoch, drawn from an endless shuffled stream of the "
+                                             "training rows (DINOv3's 1250); default: one pass over the rows",
+                                       low=1, optional=True)
+    init: str = setting("uniform", "Initial weights: uniform = nn.Linear's default; normal = N(0, 0.01) weights "
+                                   "and zero biases (DINOv3's linear heads)", INITS)
+    select: str = setting("best", "Which epoch's head is kept: best = the best on val; last = the final one "
+                                  "(DINOv3, which then picks among heads on val)", SELECTIONS)
 
     def __post_init__(self):
         problems = [problem for f in fields(self) if (problem := check_value(f, getattr(self, f.name)))]
@@ -69,7 +78,7 @@ class TrainConfig:
     @property
     def stream_key(self) -> tuple:
         """Heads with equal keys see the same normalised features in the same mini-batch order."""
-        return (self.normalize, self.batch_size, self.epochs, self.warmup_epochs, self.seed)
+        return (self.normalize, self.batch_size, self.epochs, self.warmup_epochs, self.seed, self.epoch_length)
 
     @property
     def shape_key(self) -> tuple:
@@ -88,8 +97,11 @@ def default(name: str):
 
 def value_type(f) -> type:
     """The Python type of one value of a setting (betas: of each of its two values)."""
-    return {"head": str, "normalize": str, "optimizer": str, "nesterov": bool}.get(f.name) or \
-        (float if isinstance(default(f.name), (float, tuple)) else int)
+    if f.metadata["choices"]:
+        return str
+    if isinstance(default(f.name), bool):
+        return bool
+    return float if isinstance(default(f.name), (float, tuple)) else int
 
 
 def check_value(f, value) -> str | None:

@@ -30,13 +30,18 @@ class HeadSpec:
         return asdict(self)
 
 
-def init_layers(kind: str, in_dim: int, num_classes: int, hidden: int, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
-    """A head's initial layers [(weight (out, in), bias (out,)), ...] from its own generator (global RNG untouched):
-    nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases, layer by layer."""
+def init_layers(kind: str, in_dim: int, num_classes: int, hidden: int, seed: int = 0,
+                init: str = "uniform") -> list[tuple[Tensor, Tensor]]:
+    """A head's initial layers [(weight (out, in), bias (out,)), ...] from its own generator (global RNG untouched),
+    layer by layer: `uniform` is nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases;
+    `normal` is DINOv3's linear head (dinov3/eval/linear.py), weights N(0, 0.01) and biases 0."""
     generator = torch.Generator().manual_seed(seed)
     sizes = [(in_dim, num_classes)] if kind == "linear" else [(in_dim, hidden), (hidden, num_classes)]
     layers = []
     for fan_in, fan_out in sizes:
+        if init == "normal":
+            layers.append((torch.randn(fan_out, fan_in, generator=generator) * 0.01, torch.zeros(fan_out)))
+            continue
         bound = 1.0 / fan_in ** 0.5
         weight = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound
         layers.append((weight, (torch.rand(fan_out, generator=generator) * 2 - 1) * bound))

@@ -124,11 +124,12 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
     heads = StackedHeads(configs, source.shape[-1], num_classes, device)
     optimizer = HeadwiseOptimizer(heads, configs)
     n_train = len(source)
-    factors = lr_factors(first.epochs, first.warmup_epochs, -(-n_train // first.batch_size))
+    steps_per_epoch = first.epoch_length or -(-n_train // first.batch_size)
+    factors = lr_factors(first.epochs, first.warmup_epochs, steps_per_epoch)
     base_lrs = [c.lr for c in configs]
     smoothing = [c.label_smoothing for c in configs]
     eye = smoothed_eye(num_classes, smoothing if len(set(smoothing)) > 1 else smoothing[0], device)
-    epochs = source.epochs(normalizer, first.batch_size, first.seed)
+    epochs = source.epochs(normalizer, first.batch_size, first.seed, first.epoch_length)
     x_val = normalizer(x_val)
     results = [TrainResult(c, heads.head_layers(i), normalizer) for i, c in enumerate(configs)]
     best = heads.theta.clone()
@@ -150,7 +151,7 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
         step_losses = -torch.stack(neg_losses).cpu().double() \
             / torch.tensor(sizes, dtype=torch.float64)[:, None]  # (steps, N)
         hits = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1).tolist()  # (N,)
-        train_acc = [h / n_train for h in hits]
+        train_acc = [h / sum(sizes) for h in hits]
         val_acc = [h / len(y_val) for h in (heads.predict(x_val) == y_val).sum(1).tolist()]
         # a head whose loss or weights left the finite numbers has diverged: it stops, and keeps its last finite best
         finite = torch.isfinite(step_losses).all(0) & (step_losses.mean(0) < DIVERGED_LOSS) & heads.finite()
@@ -184,4 +185,8 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
     seconds = time.perf_counter() - start
     for i, res in enumerate(results):
         res.best_layers, res.seconds = heads.head_layers(i, best), seconds
+        if configs[i].select == "last" and res.diverged_epoch is None and res.history:
+            # the final iteration's head, scored on val as it is (DINOv3 reports these)
+            res.best_layers, res.best_epoch = heads.head_layers(i), res.history[-1]["epoch"]
+            res.best_val_acc = res.history[-1]["val_acc"]
     return results

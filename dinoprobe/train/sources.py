@@ -5,12 +5,13 @@ from disk (`cache.stream.StreamedTrainSplit`).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from dinoprobe.cache.arrays import shuffled_batches
+from dinoprobe.cache.arrays import endless_batches, shuffled_batches
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -19,9 +20,11 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 class TrainSource(Protocol):
     """Train features of shape (rows, width) that yield mini-batches.
 
-    `epochs(normalizer, batch_size, seed)` returns an endless iterator of epochs; each epoch yields (features, rows):
-    normalised features (B, D) and their positions in the split (B,) (per-head sources: (N, B, D) and (N, B)). The
-    batch order comes from a generator seeded by `seed`, so a source reproduces its order whatever else runs.
+    `epochs(normalizer, batch_size, seed, epoch_length)` returns an endless iterator of epochs; each epoch yields
+    (features, rows): normalised features (B, D) and their positions in the split (B,) (per-head sources: (N, B, D)
+    and (N, B)). An epoch is one pass over the rows, or with `epoch_length` that many full batches from an endless
+    shuffled stream (DINOv3's linear evaluation). The batch order comes from a generator seeded by `seed`, so a
+    source reproduces its order whatever else runs.
     `moments()` gives the clean features' mean and standard deviation (for --normalize standardize)."""
 
     shape: tuple[int, int]
@@ -30,7 +33,7 @@ class TrainSource(Protocol):
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def epochs(self, normalizer, batch_size: int, seed: int) -> Iterator[Batches]: ...
+    def epochs(self, normalizer, batch_size: int, seed: int, epoch_length: int | None = None) -> Iterator[Batches]: ...
 
 
 class InMemory:
@@ -49,11 +52,16 @@ class InMemory:
     def order(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randperm(n, generator=generator)
 
-    def epochs(self, normalizer, batch_size: int, seed: int) -> Iterator[Batches]:
+    def epochs(self, normalizer, batch_size: int, seed: int, epoch_length: int | None = None) -> Iterator[Batches]:
         generator = torch.Generator().manual_seed(seed)
         x = normalizer(self.x)
+        if epoch_length is None:
+            while True:
+                yield shuffled_batches(x, self.order(len(x), generator), batch_size)
+        stream = endless_batches(len(x), batch_size, generator, self.order)
         while True:
-            yield shuffled_batches(x, self.order(len(x), generator), batch_size)
+            yield ((x.index_select(0, idx.to(x.device)), idx.to(x.device))
+                   for idx in itertools.islice(stream, epoch_length))
 
 
 class PerHeadRows:
@@ -72,12 +80,15 @@ class PerHeadRows:
         x = self.x[self.rows[0]]
         return x.mean(0), x.std(0)
 
-    def epochs(self, normalizer, batch_size: int, seed: int) -> Iterator[Batches]:
+    def epochs(self, normalizer, batch_size: int, seed: int, epoch_length: int | None = None) -> Iterator[Batches]:
         generator = torch.Generator().manual_seed(seed)
         x = normalizer(self.x)
+        n = self.rows.shape[1]
+        stream = endless_batches(n, batch_size, generator) if epoch_length else None
         while True:
-            order = torch.randperm(self.rows.shape[1], generator=generator).to(x.device)
-            yield ((x[self.rows[:, idx]], self.rows[:, idx]) for idx in order.split(batch_size))
+            batches = (itertools.islice(stream, epoch_length) if stream is not None
+                       else torch.randperm(n, generator=generator).split(batch_size))
+            yield ((x[self.rows[:, idx]], self.rows[:, idx]) for idx in (i.to(x.device) for i in batches))
 
 
 def as_train_source(train) -> TrainSource:

@@ -43,7 +43,7 @@ class StackedHeads:
 
     def __init__(self, configs: list[TrainConfig], dim: int, num_classes: int, device):
         self.kind, self.n = configs[0].head, len(configs)
-        inits = [init_layers(c.head, dim, num_classes, c.hidden, c.seed) for c in configs]  # as each head alone
+        inits = [init_layers(c.head, dim, num_classes, c.hidden, c.seed, c.init) for c in configs]  # as each head alone
         tensors = [torch.stack([init[i][j] for init in inits]) for i in range(len(inits[0])) for j in (0, 1)]
         self.theta = torch.cat([t.reshape(-1) for t in tensors]).to(device)
         self.grad = torch.zeros_like(self.theta)

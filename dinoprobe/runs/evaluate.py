@@ -1,0 +1,129 @@
+"""`dinoprobe evaluate`: a protocol suite on one or more caches, one results table, the way a paper's table reads.
+
+For each cache: the linear protocol (the preset's sweep, its best head on val), DINOv3's logistic regression,
+DINO's k-NN (test top-1 for every k) and, when asked, few-shot logistic regression (K images per class, T tries,
+mean ± sample std). Each protocol writes its normal run directory under OUT/<cache>/; a run directory that exists
+is a finished protocol (they appear atomically), so an interrupted evaluate resumes where it stopped. The table is
+written as results.csv, results.json and results.md.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from dinoprobe.atomic import write_json, write_text
+from dinoprobe.cache.store import open_manifest
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.estimators.knn import KNN
+from dinoprobe.estimators.logreg import LogReg
+from dinoprobe.estimators.probe import Probe
+from dinoprobe.estimators.sweep import Sweep
+from dinoprobe.runs.experiments import run_knn, run_logreg, run_sweep
+from dinoprobe.runs.rundir import run_command
+from dinoprobe.settings import EVAL_SUITES as SUITES
+from dinoprobe.settings import PROTOCOLS
+
+
+def _finished(out: Path, command: str) -> dict | None:
+    """The metrics of a protocol run that already finished in `out` (written by `command`), else None."""
+    if out.is_dir() and run_command(out) == command:
+        metrics = out / ("best" if command == "sweep" else "") / "metrics.json"
+        return json.loads(metrics.read_text())
+    return None
+
+
+def cache_name(cache_dir, taken: set[str]) -> str:
+    name, n = Path(cache_dir).resolve().name, 2
+    unique = name
+    while unique in taken:
+        unique, n = f"{name}-{n}", n + 1
+    return unique
+
+
+def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5, device: str = "auto",
+             linear_overrides: dict | None = None, log=lambda message: None) -> list[dict]:
+    """Run the suite on every cache into OUT/<cache>/<protocol>/, reusing finished protocol runs; write and return
+    the table (one row per cache). linear_overrides (e.g. {"epochs": 2}) replace the linear preset's settings,
+    for a quick look: the numbers are then not the protocol's, and the table says which were changed."""
+    if protocol not in SUITES:
+        raise DinoprobeError(f"unknown protocol {protocol!r}; protocols are {', '.join(SUITES)}")
+    caches = [Path(c) for c in ([caches] if isinstance(caches, (str, Path)) else caches)]
+    if not caches:
+        raise DinoprobeError("no cache to evaluate; pass one or more --cache")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    preset = SUITES[protocol]
+    overrides = {k: [v] for k, v in (linear_overrides or {}).items()}
+    rows, taken = [], set()
+    for cache_dir in caches:
+        manifest = open_manifest(cache_dir)  # a cache that is not sound fails here, before any training
+        name = cache_name(cache_dir, taken)
+        taken.add(name)
+        base = out / name
+        fp = manifest["fingerprint"]
+        transform = fp.get("transform", {})
+        row = {"cache": name, "model": fp.get("model"), "weights": fp.get("weights", {}).get("source"),
+               "image_size": transform.get("image_size"), "transform": transform.get("name", "timm"),
+               "crop_pct": transform.get("crop_pct")}
+        features = [f for f in PROTOCOLS[preset]["features"]]
+        log(f"{name}: linear ({preset})")
+        linear = _finished(base / "linear", "sweep")
+        if linear is None:
+            search = Sweep(Probe(device=device), preset=preset, param_grid=overrides)
+            _, linear = run_sweep(cache_dir, base / "linear", search, features=features)
+        best = json.loads((base / "linear" / "best" / "run.json").read_text())["config"]
+        row.update({"linear_val_top1": linear.get("val", {}).get("top1"),
+                    "linear_test_top1": linear.get("test", {}).get("top1"),
+                    "linear_best": f"{best['feature']} lr {best['lr']:g}"})
+        log(f"{name}: logistic regression")
+        logreg = _finished(base / "logreg", "logreg") or run_logreg(cache_dir, base / "logreg",
+                                                                   LogReg.dinov3(device=device))
+        row.update({"logreg_val_top1": logreg.get("val", {}).get("top1"),
+                    "logreg_test_top1": logreg.get("test", {}).get("top1"), "logreg_C": logreg["best_c"]})
+        log(f"{name}: k-NN")
+        knn = _finished(base / "knn", "knn") or run_knn(cache_dir, base / "knn", KNN(device=device))
+        per_k = knn["top1_per_k"].get("test") or knn["top1_per_k"]["val"]
+        row.update({f"knn_{'test' if 'test' in knn['top1_per_k'] else 'val'}_top1_k{k}": v for k, v in per_k.items()})
+        row["knn_val_best_k"] = knn["k"]
+        for k in shots:
+            log(f"{name}: few-shot logistic regression, {k} per class x {tries}")
+            run = base / f"logreg-{k}shot"
+            few = _finished(run, "logreg") or run_logreg(cache_dir, run,
+                                                        LogReg.dinov3(shots=k, tries=tries, device=device))
+            split = "test" if "test" in few["few_shot"] else "val"
+            row[f"fewshot_{k}_{split}_top1_mean"] = few["few_shot"][split]["top1_mean"]
+            row[f"fewshot_{k}_{split}_top1_std"] = few["few_shot"][split]["top1_std"]
+        if linear_overrides:
+            row["linear_overrides"] = json.dumps(linear_overrides, sort_keys=True)
+        rows.append(row)
+    write_table(out, rows, protocol)
+    return rows
+
+
+def write_table(out: Path, rows: list[dict], protocol: str) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "results.csv", buffer.getvalue())
+    write_json(out / "results.json", {"protocol": protocol, "rows": rows})
+    write_text(out / "results.md", markdown(rows, protocol))
+
+
+def markdown(rows: list[dict], protocol: str) -> str:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(field: str, value) -> str:
+        if isinstance(value, float) and "top1" in field:
+            return f"{100 * value:.1f}"
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return "" if value is None else str(value)
+
+    lines = [f"Protocol `{protocol}` (top-1 in %; few-shot: mean ± sample std over tries)", "",
+             "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines += ["| " + " | ".join(cell(f, r.get(f)) for f in fields) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,70 @@
+"""`dinoprobe evaluate`: every protocol on every cache, one table holding the numbers the single commands give, and
+an interrupted run resumed without recomputing finished protocols."""
+import json
+
+import pytest
+
+from dinoprobe.runs import evaluate as evaluate_module
+
+from conftest import make_synthetic_cache, run_cli
+
+QUICK = ["--epochs", 1, "--epoch-length", 5]
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval")
+    return [make_synthetic_cache(base / name, n=(150, 60, 60), dim=8, num_classes=3, seed=seed)
+            for seed, name in enumerate(("alpha", "beta"))]
+
+
+def test_the_table_holds_what_the_single_commands_give(caches, tmp_path):
+    proc = run_cli("evaluate", "--cache", caches[0], "--cache", caches[1], "--out", tmp_path / "e", "--shots", "2",
+                   "--tries", 2, *QUICK, check=True)
+    assert "| cache |" in proc.stdout
+    table = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert table["protocol"] == "dinov3" and [r["cache"] for r in table["rows"]] == ["alpha", "beta"]
+    assert (tmp_path / "e" / "results.csv").read_text().startswith("cache,model,weights")
+    for cache, row in zip(caches, table["rows"]):
+        alone = tmp_path / f"alone-{cache.name}"
+        run_cli("sweep", "--cache", cache, "--out", alone / "linear", "--preset", "dinov3-linear", *QUICK, check=True)
+        run_cli("logreg", "--cache", cache, "--out", alone / "logreg", "--protocol", "dinov3", check=True)
+        run_cli("knn", "--cache", cache, "--out", alone / "knn", check=True)
+        run_cli("logreg", "--cache", cache, "--out", alone / "few", "--protocol", "dinov3", "--shots", 2, "--tries", 2,
+                check=True)
+        linear = json.loads((alone / "linear" / "best" / "metrics.json").read_text())
+        logreg = json.loads((alone / "logreg" / "metrics.json").read_text())
+        knn = json.loads((alone / "knn" / "metrics.json").read_text())
+        few = json.loads((alone / "few" / "metrics.json").read_text())["few_shot"]["test"]
+        assert row["linear_test_top1"] == linear["test"]["top1"] and row["linear_val_top1"] == linear["val"]["top1"]
+        assert row["logreg_test_top1"] == logreg["test"]["top1"] and row["logreg_C"] == logreg["best_c"]
+        assert {k: row[f"knn_test_top1_k{k}"] for k in knn["top1_per_k"]["test"]} == knn["top1_per_k"]["test"]
+        assert (row["fewshot_2_test_top1_mean"], row["fewshot_2_test_top1_std"]) == (few["top1_mean"], few["top1_std"])
+        assert row["linear_overrides"] == json.dumps({"epoch_length": 5, "epochs": 1})
+        assert row["transform"] == "timm" and row["weights"] == "random"
+
+
+def test_an_interrupted_evaluate_resumes_without_recomputing_finished_protocols(caches, tmp_path, monkeypatch):
+    run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK, check=True)
+    before = json.loads((tmp_path / "e" / "results.json").read_text())
+    # a kill before k-NN finished: its run directory never appeared, and no table was written
+    import shutil
+
+    shutil.rmtree(tmp_path / "e" / "alpha" / "knn")
+    for name in ("results.csv", "results.json", "results.md"):
+        (tmp_path / "e" / name).unlink()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished protocol was computed again")
+
+    monkeypatch.setattr(evaluate_module, "run_sweep", must_not_run)
+    monkeypatch.setattr(evaluate_module, "run_logreg", must_not_run)
+    run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK, check=True)
+    assert json.loads((tmp_path / "e" / "results.json").read_text()) == before
+
+
+def test_evaluate_refuses_a_bad_request_before_training(caches, tmp_path):
+    proc = run_cli("evaluate", "--cache", tmp_path / "nope", "--out", tmp_path / "e")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", "--protocol", "imagenet").returncode == 2
+    assert run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", "--shots", "zero").returncode == 1
