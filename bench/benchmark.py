@@ -289,7 +289,46 @@ def heads_section(cfg: dict, device) -> dict:
     return out
 
 
-# -------------------------------------------------------------------------------------------- 6. transformers
+# -------------------------------------------------------------------------------------------- 6. ONNX Runtime
+def onnx_section(images: list[Path], tmp: Path, size: int, batch: int) -> dict | None:
+    """`predict --model model.onnx` (ONNX Runtime on the CPU, PIL preprocessing, no torch) against `predict --run`
+    (torch) on the same images and head, interleaved, medians. None when the onnx extra is not installed."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    from dinoprobe.cli import main
+
+    folder = jpeg_folder(tmp / "onnx-images", images, len(images))
+    quiet = {"standalone_mode": False}
+    main(["features", "--data", str(folder), "--weights", "random", "--image-size", str(size), "--last-blocks", "0",
+          "--cache", str(tmp / "onnx-cache"), "--workers", "0"], **quiet)
+    main(["probe", "--cache", str(tmp / "onnx-cache"), "--out", str(tmp / "onnx-run"), "--head", "linear",
+          "--epochs", "2"], **quiet)
+    main(["export", "--run", str(tmp / "onnx-run"), "--out", str(tmp / "model.onnx"), "--format", "onnx"], **quiet)
+    from dinoprobe.runs.onnx_predict import OnnxClassifier
+    from dinoprobe.runs.predict import backbone_for_head, predict
+    from dinoprobe.train.headfile import load_head_file
+
+    head = load_head_file(tmp / "onnx-run")
+    backbone = backbone_for_head(head, log=lambda *_: None)
+    onnx_model = OnnxClassifier(tmp / "model.onnx")
+    files = [str(folder)]
+    torch_s, onnx_s = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        predict(head, backbone, files, batch_size=batch, workers=0, device="cpu")
+        torch_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        onnx_model.predict(files, batch_size=batch)
+        onnx_s.append(time.perf_counter() - start)
+    n = len(images)
+    return {"images": n, "image_size": size, "batch_size": batch,
+            "predict_images_per_s": n / statistics.median(torch_s), "onnx_images_per_s": n / statistics.median(onnx_s),
+            "onnx_vs_predict": statistics.median(torch_s) / statistics.median(onnx_s)}
+
+
+# -------------------------------------------------------------------------------------------- 7. transformers
 def transformers_route(images: list[Path], tmp: Path, batch: int) -> dict | None:
     try:
         import transformers
@@ -403,7 +442,10 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
                                                                   tmp, device, cfg["original_workers"])
         begin("heads", "5/6 heads, sweep, logreg")
         results["heads"] = heads_section(cfg, dev)
-        begin("transformers", "6/6 transformers route")
+        begin("onnx", "6/7 ONNX Runtime vs predict")
+        if jpegs:
+            results["onnx"] = onnx_section(jpegs[: cfg["transformers_images"] * 2], tmp, cfg["image_size"], batch)
+        begin("transformers", "7/7 transformers route")
         if jpegs:
             results["transformers"] = transformers_route(jpegs[: cfg["transformers_images"]], tmp, batch)
             if results["transformers"] and pipeline:
@@ -488,6 +530,11 @@ def markdown(r: dict) -> str:
     lines.append(f"| logreg, {h['logreg_cs']} C values, batched torch L-BFGS ({h['logreg_rows']:,} x 384) | "
                  f"{h['logreg_torch_s']:.1f} s | scikit-learn looping over C {h['logreg_sklearn_s']:.1f} s | "
                  f"**{h['logreg_speedup']:.1f}x** |")
+    o = r.get("onnx")
+    if o:
+        lines.append(f"| `predict --model model.onnx` (ONNX Runtime, CPU, {o['image_size']} px, batch {o['batch_size']}) | "
+                     f"{o['onnx_images_per_s']:.1f} images/s | `predict --run` (torch) {o['predict_images_per_s']:.1f} "
+                     f"images/s | {o['onnx_vs_predict']:.2f} |")
     t = r.get("transformers")
     if t:
         dp = t["dinoprobe_jpeg_images_per_s"]

@@ -448,7 +448,9 @@ def probe(cache_dir, out, overwrite, shots, tries, feature, views, max_memory, d
 
 # ---------------------------------------------------------------------------------------------------- predict
 @main.command()
-@click.option("--run", "head_path", required=True, type=click.Path(), help="RUN_DIR (or RUN_DIR/head.pt)")
+@click.option("--run", "head_path", default=None, type=click.Path(), help="RUN_DIR (or RUN_DIR/head.pt)")
+@click.option("--model", "onnx_path", default=None, type=click.Path(dir_okay=False),
+              help="An ONNX export instead of --run: runs with ONNX Runtime, numpy and PIL only (no torch)")
 @click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head file]")
 @click.option("--allow-weights-mismatch", is_flag=True, help="Use weights whose sha256 differs from training's")
 @click.option("--top-k", "topk", type=POSITIVE_INT, default=5, show_default=True, help="Labels per image")
@@ -457,15 +459,27 @@ def probe(cache_dir, out, overwrite, shots, tries, feature, views, max_memory, d
 @DEVICE_OPTION
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-def predict(head_path, weights, allow_weights_mismatch, topk, batch_size, workers, device, fmt, paths):
-    """Top-k labels for image files and folders (recursively) with a trained head."""
-    from dinoprobe.runs.predict import backbone_for_head
-    from dinoprobe.runs.predict import predict as run_predict
-    from dinoprobe.train.headfile import load_head_file
+def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, batch_size, workers, device, fmt, paths):
+    """Top-k labels for image files and folders (recursively) with a trained head (--run) or an ONNX export
+    (--model)."""
+    if (head_path is None) == (onnx_path is None):
+        raise click.UsageError("give one of --run RUN_DIR or --model MODEL.onnx")
+    if onnx_path is not None:
+        from dinoprobe.runs.onnx_predict import OnnxClassifier
 
-    head_file = load_head_file(head_path)
-    backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
-    results, errors = run_predict(head_file, backbone, paths, topk, batch_size, workers, device)
+        results, errors = OnnxClassifier(onnx_path).predict(paths, topk, batch_size)
+    else:
+        from dinoprobe.runs.predict import backbone_for_head
+        from dinoprobe.runs.predict import predict as run_predict
+        from dinoprobe.train.headfile import load_head_file
+
+        head_file = load_head_file(head_path)
+        backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
+        results, errors = run_predict(head_file, backbone, paths, topk, batch_size, workers, device)
+    _print_predictions(results, errors, fmt, topk)
+
+
+def _print_predictions(results: list[dict], errors: list, fmt: str, topk: int) -> None:
     for path, reason in errors:
         _echo_err(f"skipped {path}: {reason}")
     if fmt == "json":
@@ -492,11 +506,16 @@ def predict(head_path, weights, allow_weights_mismatch, topk, batch_size, worker
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="File to write, e.g. model.pt (outside the run directory)")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file")
+@click.option("--format", "fmt", type=click.Choice(["pt", "onnx"]), default="pt", show_default=True,
+              help="pt: torch, weights_only-loadable; onnx: one graph (pixels -> probabilities, features) with the "
+                   "transform and class names in its metadata, for ONNX Runtime")
+@click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True, help="ONNX opset (onnx only)")
+@click.option("--fp16", is_flag=True, help="ONNX only: float16 weights (half the file; probabilities within 3e-4)")
 @click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head file]")
 @click.option("--allow-weights-mismatch", is_flag=True)
-def export(head_path, out, overwrite, weights, allow_weights_mismatch):
-    """Write backbone + head as one self-contained file (weights_only-loadable), atomically."""
-    from dinoprobe.runs.export import check_export_target
+def export(head_path, out, overwrite, fmt, opset, fp16, weights, allow_weights_mismatch):
+    """Write backbone + head as one self-contained file (torch or ONNX), atomically."""
+    from dinoprobe.runs.export import check_export_target, export_onnx
     from dinoprobe.runs.export import export as run_export
     from dinoprobe.runs.predict import backbone_for_head
     from dinoprobe.train.headfile import load_head_file
@@ -504,6 +523,13 @@ def export(head_path, out, overwrite, weights, allow_weights_mismatch):
     head_file = load_head_file(head_path)
     check_export_target(out, head_file, overwrite)  # before the backbone is built
     backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
+    if fmt == "onnx":
+        path = export_onnx(head_file, backbone, out, overwrite, opset, fp16)
+        click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); run it with `dinoprobe predict --model "
+                   f"{path} IMAGES` or ONNX Runtime (see the README)")
+        return
+    if fp16:
+        raise click.UsageError("--fp16 applies to --format onnx")
     path = run_export(head_file, backbone, out, overwrite)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); load with "
                "dinoprobe.runs.export.load_exported(path)")

@@ -13,19 +13,21 @@ def test_smoke_bench_runs_every_section_and_updates_the_readme(tmp_path):
     results = bench.run("smoke", tmp_path / "out", None, device="cpu", log=lambda *_: None)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["scale"] == "smoke" and set(saved["section_seconds"]) == {
-        "roofline_forward", "pipeline", "original_vs_dinoprobe", "heads", "transformers"}
+        "roofline_forward", "pipeline", "original_vs_dinoprobe", "heads", "onnx", "transformers"}
     pipeline, heads = saved["pipeline"], saved["heads"]
     figures = [saved["forward"]["images_per_s"], pipeline["jpeg_images_per_s"],
                pipeline["jpeg_torchvision_images_per_s"], pipeline["arrays_images_per_s"],
                pipeline["decode_only"]["torchvision_images_per_s"], pipeline["processes"]["1"],
                pipeline["processes"]["2"], heads["linear_s"], heads["linear_plain_s"], heads["linear_vs_plain"],
-               heads["sweep_speedup"], heads["logreg_speedup"]] + [row["speedup"] for row in saved["original_vs_dinoprobe"]]
+               heads["sweep_speedup"], heads["logreg_speedup"], saved["onnx"]["onnx_images_per_s"],
+               saved["onnx"]["predict_images_per_s"]] + [row["speedup"] for row in saved["original_vs_dinoprobe"]]
     assert all(math.isfinite(f) and f > 0 for f in figures), figures
 
     table = (tmp_path / "out" / "results.md").read_text()
     assert table == bench.markdown(results)
     for row in ("bare backbone forward", "--decoder torchvision", "torchrun", "original method, 2 epochs",
-                "plain PyTorch loop", "--last-blocks 0", "`Sweep`", "separate `Probe` fits", "logreg", "transformers"):
+                "plain PyTorch loop", "--last-blocks 0", "`Sweep`", "separate `Probe` fits", "logreg", "transformers",
+                "ONNX Runtime"):
         assert row in table, row
     readme = tmp_path / "README.md"
     readme.write_text("# title\n<!-- bench:start -->\nold table\n<!-- bench:end -->\nafter\n")

@@ -60,7 +60,7 @@ def select(rows: dict, parts):
                 raise DinoprobeError(f"feature {p} needs the CLS tokens of the last {n} blocks, but only "
                                      f"{blocks.shape[1]} are stored; rebuild with `dinoprobe features --last-blocks "
                                      f"{n}`")
-            pieces.append(blocks[:, -n:].reshape(len(blocks), -1))
+            pieces.append(blocks[:, -n:].reshape(blocks.shape[0], -1))  # shape[0], not len(): a symbolic batch in ONNX
         else:
             pieces.append(rows[p])
     if hasattr(pieces[0], "numpy"):  # torch tensors

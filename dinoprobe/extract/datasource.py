@@ -6,17 +6,15 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS
 from dinoprobe.extract.transforms import DataConfig
+from dinoprobe.imagefiles import IMAGE_EXTENSIONS, list_images  # noqa: F401 (part of the sources' API)
 from dinoprobe.splits import carve_val
 
-IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 SPLITS = ("train", "val", "test")
 # names a split may go by, in every source kind (folders, CSV, Hugging Face, tar shards)
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -74,15 +72,3 @@ def with_val(kind, root, classes, splits, val_fraction, seed, reader=None, conte
     order = [s for s in ("train", "val", "test") if splits.get(s)]
     return DataSource(kind, root, classes, {s: splits[s] for s in order}, val_split, reader=reader,
                       content_id=content_id)
-
-
-def list_images(folder: Path) -> list[str]:
-    """Image files under `folder`, recursively, sorted; hidden files and folders skipped. The walk never follows a
-    symlinked folder (torchvision's make_dataset does: a link loop would recurse forever, and a link could lead
-    out of the data folder), so it is written here; the extensions are torchvision's IMG_EXTENSIONS and .gif."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(files)

@@ -28,10 +28,13 @@ class ExportedClassifier(nn.Module):
         self.num_prefix_tokens, self.feature = num_prefix_tokens, feature
         self.class_names, self.data_config = class_names, data_config
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The head's input features (before its normalisation) of normalised pixels."""
         parts = parse_feature(self.feature)
-        feats = token_features(self.backbone, pixels, self.num_prefix_tokens, blocks_needed(parts))
-        return self.head(self.normalizer(select(feats, parts)))
+        return select(token_features(self.backbone, pixels, self.num_prefix_tokens, blocks_needed(parts)), parts)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.normalizer(self.features(pixels)))
 
     def preprocess(self, image) -> torch.Tensor:
         """A PIL image or a path -> the (3,S,S) normalised tensor forward() expects."""
@@ -50,6 +53,86 @@ def check_export_target(out: str | Path, head_file: HeadFile, overwrite: bool = 
     if head_file.path is not None and out.resolve().parent == head_file.path.resolve().parent:
         raise DinoprobeError(f"--out '{out}' is inside the run directory {head_file.path.parent}, whose files belong "
                              "to the run; write the export somewhere else")
+    return out
+
+
+def exported_classifier(head_file: HeadFile, backbone: Backbone) -> ExportedClassifier:
+    return ExportedClassifier(backbone.model, backbone.num_prefix_tokens, head_file.feature, head_file.normalizer,
+                              head_file.head, head_file.class_names, backbone.data_config).eval().requires_grad_(False)
+
+
+class OnnxGraph(nn.Module):
+    """What goes into the ONNX file: pixels (N, 3, S, S), float32 RGB in [0, 1] after the transform's resize and
+    crop -> normalisation (mean/std) -> backbone -> feature spec -> head normalisation -> head -> softmax or sigmoid.
+    Outputs: probabilities (N, classes) and features (N, D), the head's input."""
+
+    def __init__(self, classifier: ExportedClassifier):
+        super().__init__()
+        self.classifier = classifier
+        cfg = classifier.data_config
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor):
+        features = self.classifier.features((pixels - self.mean) / self.std)
+        logits = self.classifier.head(self.classifier.normalizer(features))
+        return logits.softmax(-1), features
+
+
+ONNX_FORMAT = "dinoprobe-onnx/1"
+
+
+# ops kept in float32 when the weights are stored as float16: the head's GEMMs, softmax and the normalisations,
+# where float16 rounding would show in the probabilities (with them in float32: within 3e-4 of the fp32 file)
+FP16_KEEP_FLOAT32 = ["Gemm", "Softmax", "ReduceMean", "LayerNormalization", "Pow", "Sqrt", "Div", "Sub"]
+
+
+def export_onnx(head_file: HeadFile, backbone: Backbone, out: str | Path, overwrite: bool = False,
+                opset: int = 18, fp16: bool = False) -> Path:
+    """The classifier as one ONNX graph (torch.onnx's dynamo exporter: TorchScript export is deprecated in torch),
+    one input `pixels` with a dynamic batch axis, outputs `probabilities` and `features`; class names, transform,
+    feature spec and fingerprint in the model's metadata, so a consumer can preprocess without dinoprobe. Written
+    atomically, like every file dinoprobe writes."""
+    import json
+
+    try:
+        import onnx
+    except ImportError:
+        raise DinoprobeError("ONNX export needs the optional extra: pip install 'dinoprobe[onnx]' (onnx, "
+                             "onnxruntime, onnxscript)") from None
+    from dinoprobe import __version__
+
+    out = check_export_target(out, head_file, overwrite)
+    graph = OnnxGraph(exported_classifier(head_file, backbone)).eval()
+    size = backbone.data_config.image_size
+    example = torch.rand(2, 3, size, size)
+    metadata = {"dinoprobe.format": ONNX_FORMAT, "class_names": json.dumps(head_file.class_names),
+                "transform": json.dumps(backbone.data_config.to_dict()), "feature": head_file.feature,
+                "pixels": "float32 RGB in [0, 1], (N, 3, image_size, image_size), after the transform's resize and "
+                          "crop; the mean/std normalisation is in the graph",
+                "fingerprint": json.dumps(head_file.fingerprint), "dinoprobe_version": __version__}
+    with atomic_path(out) as tmp:
+        try:
+            torch.onnx.export(graph, (example,), str(tmp), input_names=["pixels"],
+                              output_names=["probabilities", "features"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
+                              opset_version=opset, external_data=False, verbose=False)
+        except Exception as err:
+            raise DinoprobeError(f"ONNX export of {backbone.model_name} failed at opset {opset} "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); export the .pt format "
+                                 "instead, or report the model") from None
+        model = onnx.load(str(tmp))
+        if fp16:  # float16 weights (half the file); inputs and outputs stay float32
+            try:
+                from onnxconverter_common import float16
+            except ImportError:
+                raise DinoprobeError("--fp16 needs onnxconverter-common: pip install 'dinoprobe[onnx]'") from None
+            model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=[
+                *float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FLOAT32])
+            metadata["weights"] = "float16"
+        for key, value in metadata.items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(tmp))
     return out
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from dinoprobe.extract.backbone import Backbone, build_backbone, create_model, load_strict, token_features
 from dinoprobe.extract.transforms import DataConfig
 from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, load_rgb
-from dinoprobe.extract.datasource import list_images
+from dinoprobe.imagefiles import expand_inputs
 from dinoprobe.extract.datasets import ImageFileDataset, collate
 from dinoprobe.extract.transforms import Preprocess, worker_transform
 from dinoprobe.extract.decode import TorchvisionDecode
@@ -49,21 +49,6 @@ def backbone_for_head(head_file: HeadFile, weights: str | None = None, allow_wei
     transform = dict(fp["transform"])
     backbone.data_config = DataConfig(**{**transform, "mean": tuple(transform["mean"]), "std": tuple(transform["std"])})
     return backbone
-
-
-def expand_inputs(paths) -> tuple[list[str], list[tuple[str, str]]]:
-    """Files as given, folders recursively (image extensions only, the same walk as `features`); missing paths
-    reported, not fatal."""
-    files, errors = [], []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            files += list_images(path)
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            errors.append((str(path), "no such file or folder"))
-    return files, errors
 
 
 def prediction_dataset(head_file: HeadFile, files: list[str], config: DataConfig,

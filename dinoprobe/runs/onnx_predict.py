@@ -1,0 +1,114 @@
+"""Run an exported ONNX classifier with ONNX Runtime, numpy and PIL only: no torch, no timm, no dinoprobe run dir.
+
+The preprocessing comes from the model's metadata (written by `dinoprobe export --format onnx`): resize the shorter
+side to `resize_size` and centre-crop `image_size` (or, for the square transform, resize to image_size x
+image_size), as PIL does for timm's transform; pixels as float32 RGB in [0, 1]; the graph normalises them.
+For `--transform dinov3` and `square` caches dinoprobe resized uint8 tensors with torchvision, which PIL matches
+to within an intensity level; for timm's transform (the default) the pixels are the same.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.imagefiles import expand_inputs
+
+ONNX_FORMAT = "dinoprobe-onnx/1"
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold, as `features`
+RESAMPLE = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS"}
+
+
+def _runtime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DinoprobeError("running ONNX models needs the optional extra: pip install 'dinoprobe[onnx]' "
+                             "(onnxruntime)") from None
+    return onnxruntime
+
+
+class OnnxClassifier:
+    """An exported dinoprobe classifier: `predict(paths)` gives what `dinoprobe predict` gives, from the file alone."""
+
+    def __init__(self, path: str | Path):
+        ort = _runtime()
+        path = Path(path)
+        if not path.is_file():
+            raise DinoprobeError(f"ONNX model '{path}' does not exist; write one with `dinoprobe export --format onnx`")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise DinoprobeError(f"ONNX Runtime cannot load '{path}' ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:160]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("dinoprobe.format") != ONNX_FORMAT:
+            raise DinoprobeError(f"'{path}' is not a dinoprobe ONNX export ({ONNX_FORMAT} metadata missing)")
+        try:
+            self.class_names = json.loads(meta["class_names"])
+            self.transform = json.loads(meta["transform"])
+            self.feature = meta["feature"]
+        except (KeyError, ValueError) as err:
+            raise DinoprobeError(f"'{path}' has damaged dinoprobe metadata ({err}); export it again") from None
+        self.size = int(self.transform["image_size"])
+
+    def preprocess(self, image) -> np.ndarray:
+        """A path or PIL image -> (3, S, S) float32 RGB in [0, 1], as the metadata's transform says."""
+        from PIL import Image, ImageOps
+
+        if not isinstance(image, Image.Image):
+            with Image.open(image) as opened:
+                width, height = opened.size
+                if width * height > DEFAULT_MAX_PIXELS:
+                    raise DinoprobeError(f"{image}: {width}x{height} exceeds the {DEFAULT_MAX_PIXELS:,}-pixel guard")
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+        image = image.convert("RGB")
+        cfg, size = self.transform, self.size
+        resample = getattr(Image.Resampling, RESAMPLE.get(cfg.get("interpolation", "bicubic"), "BICUBIC"))
+        if cfg.get("name") == "square":
+            image = image.resize((size, size), resample)
+        else:
+            width, height = image.size  # torchvision's Resize(int) on PIL images, then CenterCrop
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = cfg["resize_size"], int(cfg["resize_size"] * long / short)
+            new = (new_short, new_long) if width <= height else (new_long, new_short)
+            image = image.resize(new, resample)
+            left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
+        return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (N, classes), features (N, D)) for pixels (N, 3, S, S) float32 in [0, 1]."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, self.size, self.size):
+            raise DinoprobeError(f"pixels must be (N, 3, {self.size}, {self.size}) for this model, got "
+                                 f"{tuple(pixels.shape)}; use preprocess() (or resize to {self.size} px)")
+        probabilities, features = self.session.run(["probabilities", "features"], {"pixels": pixels})
+        return probabilities, features
+
+    def predict(self, paths, topk: int = 5, batch_size: int = 32):
+        """([{path, labels, probabilities}], [(path, reason)]) in input order, as `dinoprobe predict`."""
+        files, errors = expand_inputs(paths)
+        k = min(topk, len(self.class_names))
+        results = []
+        for start in range(0, len(files), batch_size):
+            batch, names = [], []
+            for file in files[start:start + batch_size]:
+                try:
+                    batch.append(self.preprocess(file))
+                    names.append(file)
+                except DinoprobeError as err:
+                    errors.append((file, str(err)))
+                except Exception as err:  # unreadable, truncated, not an image: a reason, not a crash
+                    errors.append((file, f"{type(err).__name__}: {str(err)[:160]}"))
+            if not batch:
+                continue
+            probabilities, _ = self.run(np.stack(batch))
+            for name, row in zip(names, probabilities):
+                order = np.argsort(-row, kind="stable")[:k]
+                results.append({"path": name, "labels": [self.class_names[i] for i in order],
+                                "probabilities": [round(float(row[i]), 6) for i in order]})
+        return results, errors
