@@ -297,15 +297,20 @@ def onnx_section(images: list[Path], tmp: Path, size: int, batch: int) -> dict |
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
+    import contextlib
+    import io
+
     from dinoprobe.cli import main
 
     folder = jpeg_folder(tmp / "onnx-images", images, len(images))
-    quiet = {"standalone_mode": False}
-    main(["features", "--data", str(folder), "--weights", "random", "--image-size", str(size), "--last-blocks", "0",
-          "--cache", str(tmp / "onnx-cache"), "--workers", "0"], **quiet)
-    main(["probe", "--cache", str(tmp / "onnx-cache"), "--out", str(tmp / "onnx-run"), "--head", "linear",
-          "--epochs", "2"], **quiet)
-    main(["export", "--run", str(tmp / "onnx-run"), "--out", str(tmp / "model.onnx"), "--format", "onnx"], **quiet)
+    commands = [["features", "--data", str(folder), "--weights", "random", "--image-size", str(size), "--last-blocks",
+                 "0", "--cache", str(tmp / "onnx-cache"), "--workers", "0"],
+                ["probe", "--cache", str(tmp / "onnx-cache"), "--out", str(tmp / "onnx-run"), "--head", "linear",
+                 "--epochs", "2"],
+                ["export", "--run", str(tmp / "onnx-run"), "--out", str(tmp / "model.onnx"), "--format", "onnx"]]
+    for args in commands:  # the commands' own output is not the benchmark's
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            main(args, standalone_mode=False)
     from dinoprobe.runs.onnx_predict import OnnxClassifier
     from dinoprobe.runs.predict import backbone_for_head, predict
     from dinoprobe.train.headfile import load_head_file
