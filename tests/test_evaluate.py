@@ -68,3 +68,14 @@ def test_evaluate_refuses_a_bad_request_before_training(caches, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", "--protocol", "imagenet").returncode == 2
     assert run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", "--shots", "zero").returncode == 1
+
+
+def test_runs_of_another_cache_are_never_reused(caches, tmp_path):
+    """Resuming into an OUT that holds another cache's runs under the same name is refused, not mixed in."""
+    import shutil
+
+    run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK, check=True)
+    other = tmp_path / "elsewhere" / "alpha"  # same folder name, different content
+    shutil.copytree(caches[1], other)
+    proc = run_cli("evaluate", "--cache", other, "--out", tmp_path / "e", *QUICK)
+    assert proc.returncode == 1 and "runs of another cache" in proc.stderr and "Traceback" not in proc.stderr

@@ -26,11 +26,36 @@ from dinoprobe.settings import EVAL_SUITES as SUITES
 from dinoprobe.settings import PROTOCOLS
 
 
+def content_id(manifest: dict) -> str:
+    """What a cache holds: its fingerprint and every shard's sha256 (a rebuilt or another cache differs)."""
+    import hashlib
+
+    shards = sorted(shard["sha256"] for split in manifest["splits"].values() for shard in split["shards"])
+    return hashlib.sha256(json.dumps([manifest["fingerprint"], shards], sort_keys=True).encode()).hexdigest()
+
+
+def claim(base: Path, cache_dir, manifest: dict) -> None:
+    """OUT/<cache>/ belongs to one cache's content: recorded on first use, checked on every resume, so the runs of
+    another cache (or of this one before it was rebuilt) are never reused or mixed in."""
+    record = {"cache": str(Path(cache_dir).resolve()), "content": content_id(manifest)}
+    path = base / "cache.json"
+    if path.exists():
+        try:
+            known = json.loads(path.read_text())
+        except ValueError:
+            known = {}
+        if known.get("content") != record["content"]:
+            raise DinoprobeError(f"'{base}' holds the runs of another cache ({known.get('cache')}), or of this one "
+                                 "before it was rebuilt; evaluate into another --out, or remove that folder")
+        return
+    base.mkdir(parents=True, exist_ok=True)
+    write_json(path, record)
+
+
 def _finished(out: Path, command: str) -> dict | None:
     """The metrics of a protocol run that already finished in `out` (written by `command`), else None."""
     if out.is_dir() and run_command(out) == command:
-        metrics = out / ("best" if command == "sweep" else "") / "metrics.json"
-        return json.loads(metrics.read_text())
+        return json.loads((out / ("best" if command == "sweep" else "") / "metrics.json").read_text())
     return None
 
 
@@ -62,6 +87,7 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
         name = cache_name(cache_dir, taken)
         taken.add(name)
         base = out / name
+        claim(base, cache_dir, manifest)
         fp = manifest["fingerprint"]
         transform = fp.get("transform", {})
         row = {"cache": name, "model": fp.get("model"), "weights": fp.get("weights", {}).get("source"),
