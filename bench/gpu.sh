@@ -4,28 +4,31 @@
 #   1. install dinoprobe itself (no dependencies: the machine's own torch stays),
 #   2. the `gpu` tests (make test-gpu),
 #   3. the benchmark (python -m bench.benchmark) at GPU scale (256 px, batch 256, thousands of generated JPEGs),
-# writing bench/results-gpu.json (the schema of bench/results.json), bench/results-gpu.md and bench/gpu.log.
-# Usage: bash bench/gpu.sh            (PYTHON=python3.12 bash bench/gpu.sh to pick the interpreter)
+#   4. a torch.profiler summary of one `features` pass (bench/profile_features.py), PIL and nvJPEG decoding.
+# Everything lands in one folder, OUT (default bench/gpu-run): gpu.log, tests.log, results.json, results.md,
+# profile-pil/, profile-torchvision/.
+# Usage: bash bench/gpu.sh [OUT]            (PYTHON=python3.12 bash bench/gpu.sh OUT to pick the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-LOG=bench/gpu.log
+OUT=${1:-bench/gpu-run}
+mkdir -p "$OUT"
+LOG=$OUT/gpu.log
 export PYTHONUNBUFFERED=1
 {
   echo "== $(date -u '+%Y-%m-%d %H:%M UTC') $(uname -n)"
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; \
-print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0))" || exit 1
+print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count())" || exit 1
   "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
     || { echo "pip install -e . failed; using PYTHONPATH=$PWD"; export PYTHONPATH=$PWD; }
   echo "== gpu tests"
-  "$PY" -m pytest -q -m gpu tests -p no:cacheprovider; tests=$?
+  "$PY" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"; tests=${PIPESTATUS[0]}
   echo "== bench (GPU scale)"
-  "$PY" -m bench.benchmark --scale small --device cuda --out bench/gpu-run; bench=$?
-  if [ -f bench/gpu-run/results.json ]; then
-    cp bench/gpu-run/results.json bench/results-gpu.json
-    cp bench/gpu-run/results.md bench/results-gpu.md
-  fi
-  echo "== gpu tests exit $tests, bench exit $bench"
-  exit $(( tests || bench ))
+  "$PY" -m bench.benchmark --scale small --device cuda --out "$OUT"; bench=$?
+  echo "== profile of one features pass"
+  "$PY" -m bench.profile_features "$OUT/profile-pil" --device cuda --decoder pil | tail -40; profile=$?
+  "$PY" -m bench.profile_features "$OUT/profile-torchvision" --device cuda --decoder torchvision | tail -40
+  echo "== gpu tests exit $tests, bench exit $bench, profile exit $profile"
+  exit $(( tests || bench || profile ))
 } 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"

@@ -35,3 +35,14 @@ def test_smoke_bench_runs_every_section_and_updates_the_readme(tmp_path):
     text = readme.read_text()
     assert "old table" not in text and table in text
     assert text.startswith("# title\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\nafter\n")
+
+
+def test_the_features_profile_runs_and_writes_its_summary(tmp_path):
+    """bench/gpu.sh profiles one features pass on the GPU; the same script runs here on the CPU."""
+    from click.testing import CliRunner
+
+    from bench.profile_features import main
+
+    result = CliRunner().invoke(main, [str(tmp_path), "--device", "cpu", "--batch", "4", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    assert "aten::" in (tmp_path / "profile.txt").read_text() and (tmp_path / "profile.json").stat().st_size > 0
