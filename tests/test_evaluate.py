@@ -68,6 +68,8 @@ def test_evaluate_refuses_a_bad_request_before_training(caches, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", "--protocol", "imagenet").returncode == 2
     assert run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", "--shots", "zero").returncode == 1
+    proc = run_cli("evaluate", "--cache", caches[0], "--out", caches[0] / "eval")
+    assert proc.returncode == 1 and "overlaps the cache" in proc.stderr and not (caches[0] / "eval").exists()
 
 
 def test_runs_of_another_cache_are_never_reused(caches, tmp_path):

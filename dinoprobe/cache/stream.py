@@ -16,7 +16,8 @@ from dinoprobe.cache.specs import columns, select, width
 def no_epoch_length(kind: str, epoch_length: int | None) -> None:
     if epoch_length is not None:
         raise DinoprobeError(f"epoch_length (a fixed number of iterations per epoch) needs in-memory features; "
-                             f"{kind} read one pass per epoch — drop epoch_length, or --views/--max-memory")
+                             f"{kind} read one pass per epoch — drop epoch_length (--epoch-length), or drop "
+                             "--views / raise --max-memory so the features are held in memory")
 
 
 def streaming_plan(rows_per_shard: list[int], buffer_shards: int, generator: torch.Generator):

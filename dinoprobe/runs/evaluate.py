@@ -78,6 +78,10 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
     if not caches:
         raise DinoprobeError("no cache to evaluate; pass one or more --cache")
     out = Path(out)
+    for cache_dir in caches:  # before anything is written: OUT never lands inside a cache, nor a cache inside OUT
+        a, b = out.resolve(), cache_dir.resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise DinoprobeError(f"--out '{out}' overlaps the cache {cache_dir}; write the evaluation elsewhere")
     out.mkdir(parents=True, exist_ok=True)
     preset = SUITES[protocol]
     overrides = {k: [v] for k, v in (linear_overrides or {}).items()}
