@@ -73,7 +73,7 @@ def torch_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
 
 
 def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: int, train_batches, val_batches,
-                         device="cpu") -> tuple[nn.Module, TrainResult]:
+                         device="cpu", class_weights=None) -> tuple[nn.Module, TrainResult]:
     """train_batches(generator) yields one epoch of (features, labels); val_batches() the validation set's."""
     head = reference_head(cfg, dim, num_classes).to(device)
     optimizer = torch_optimizer(head.parameters(), cfg)
@@ -87,7 +87,7 @@ def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: 
         losses, correct = [], 0
         for x, y in train_batches(generator):
             logits = head(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits, y, weight=class_weights, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -98,8 +98,10 @@ def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: 
         hits = total = 0
         with torch.no_grad():
             for x, y in val_batches():
-                hits += (head(x).argmax(1) == y).sum().item()
-                total += len(y)
+                right = (head(x).argmax(1) == y).float()
+                w = torch.ones(len(y)) if class_weights is None else class_weights[y]  # weighted accuracy
+                hits += (right * w).sum().item()
+                total += w.sum().item()
         val_acc = hits / max(total, 1)
         result.step_losses += losses
         result.history.append({"epoch": epoch, "lr": lr, "train_loss": sum(losses) / len(losses),
@@ -122,7 +124,8 @@ def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: 
     return head.eval(), result
 
 
-def train_on_tensors(cfg: TrainConfig, x_train, y_train, x_val, y_val, num_classes: int, order_fn=None):
+def train_on_tensors(cfg: TrainConfig, x_train, y_train, x_val, y_val, num_classes: int, order_fn=None,
+                     class_weights=None):
     """The plain PyTorch loop on cached features: a random permutation per epoch, cut into batches; or, with
     cfg.epoch_length, DINOv3's loader: an infinite sampler (one permutation after another) batched with drop_last,
     `epoch_length` batches an epoch."""
@@ -146,7 +149,7 @@ def train_on_tensors(cfg: TrainConfig, x_train, y_train, x_val, y_val, num_class
 
     steps = cfg.epoch_length * cfg.batch_size if cfg.epoch_length else len(x_train)
     return plain_torch_training(cfg, x_train.shape[1], num_classes, steps, train_batches,
-                                lambda: [(x_val, y_val)], x_train.device)
+                                lambda: [(x_val, y_val)], x_train.device, class_weights)
 
 
 def train_backbone_in_loop(backbone, train: list[tuple[str, int]], val: list[tuple[str, int]], num_classes: int,

@@ -384,6 +384,28 @@ def _print_metrics(metrics: dict, out) -> None:
     click.echo(f"run saved to {out}")
 
 
+def _class_weight(ctx, param, value: str | None):
+    """--class-weight: balanced, or NAME=WEIGHT,NAME=WEIGHT (classes not named weigh 1)."""
+    if value is None or value.strip() == "balanced":
+        return None if value is None else "balanced"
+    weights = {}
+    for item in value.split(","):
+        name, _, weight = item.partition("=")
+        try:
+            weights[name.strip()] = float(weight)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: expected NAME=WEIGHT (e.g. cat=2,dog=0.5) or balanced") from None
+        if not name.strip() or not weights[name.strip()] >= 0 or weights[name.strip()] == float("inf"):
+            raise click.BadParameter(f"{item!r}: a class name and a finite weight >= 0")
+    return weights
+
+
+CLASS_WEIGHT_OPTION = click.option(
+    "--class-weight", callback=_class_weight, default=None,
+    help="Weight each training row's loss by its class: balanced (n / (classes x class count)) or "
+         "NAME=WEIGHT,... (scikit-learn's class_weight) [default: none]")
+
+
 def _size(ctx, param, value: str | None) -> int | None:
     """A --max-memory size such as 512MB or 4GB, in bytes (> 0)."""
     if value is None:
@@ -431,16 +453,17 @@ def _run_options(command):
 @_run_options
 @click.option("--feature", type=FeatureType(), default="cls", show_default=True, help=FEATURE_HELP)
 @_train_options(many=False)
+@CLASS_WEIGHT_OPTION
 @click.option("--views", is_flag=True, help="Train on one cached augmented view per image per epoch (features --views K)")
 @click.option("--max-memory", callback=_size, default=None,
               help="Memory budget for train features, e.g. 8GB; a larger cache is streamed from disk")
 @DEVICE_OPTION
-def probe(cache_dir, out, overwrite, shots, tries, feature, views, max_memory, device, **params):
+def probe(cache_dir, out, overwrite, shots, tries, feature, class_weight, views, max_memory, device, **params):
     """Train a linear or MLP head on cached features, keep the best on val, report test."""
     from dinoprobe.estimators.probe import Probe
     from dinoprobe.runs.experiments import run_probe
 
-    estimator = Probe(**params, shots=shots, tries=tries, device=device, progress=True)
+    estimator = Probe(**params, class_weight=class_weight, shots=shots, tries=tries, device=device, progress=True)
     metrics = run_probe(cache_dir, out, estimator, feature=feature, views=views, max_memory=max_memory,
                         overwrite=overwrite)
     _print_metrics(metrics, out)
@@ -560,12 +583,14 @@ def _comma_list(item_type: click.ParamType):
                    + ",".join(PROTOCOLS["dinov3-linear"]["features"]) + " (cls4+patch_mean for n = 4), dinov2-linear "
                    + ",".join(PROTOCOLS["dinov2-linear"]["features"]) + "]")
 @_train_options(many=True)
+@CLASS_WEIGHT_OPTION
 @click.option("--views", is_flag=True, help="Sample one cached augmented view per image per epoch")
 @click.option("--max-memory", callback=_size, default=None,
               help="Memory budget, e.g. 2GB: groups are split to fit it, and train features above it stream from disk")
 @DEVICE_OPTION
 @click.option("--show", type=POSITIVE_INT, default=10, show_default=True, help="Rows of the table printed at the end")
-def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, views, max_memory, device, show, **lists):
+def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, class_weight, views, max_memory, device, show,
+          **lists):
     """Train a grid of heads side by side (one batched model per group) and keep the best on val.
 
     Every training option takes a comma-separated list; options with several values form the grid."""
@@ -581,7 +606,7 @@ def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, views, max_m
         base = {k: v[0] if isinstance(v, list) else v for k, v in given.items()
                 if not isinstance(v, list) or len(v) == 1}
         grid = {k: v for k, v in given.items() if isinstance(v, list) and len(v) > 1}
-    estimator = Probe(**base, shots=shots, tries=tries, device=device, progress=True)
+    estimator = Probe(**base, class_weight=class_weight, shots=shots, tries=tries, device=device, progress=True)
     search = Sweep(estimator, param_grid=grid, preset=preset, max_memory=max_memory)
     features = feature or (list(PROTOCOLS[preset]["features"]) if preset else ["cls"])
     rows, metrics = run_sweep(cache_dir, out, search, features=features, views=views, max_memory=max_memory,
@@ -643,17 +668,18 @@ def evaluate(caches, out, protocol, shots, tries, epochs, epoch_length, device):
 @click.option("--solver", type=click.Choice(["torch", "sklearn"]), default="torch", show_default=True,
               help="torch: batched L-BFGS over all C at once; sklearn: the reference, one fit per C")
 @click.option("--max-iter", type=POSITIVE_INT, default=1000, show_default=True)
+@CLASS_WEIGHT_OPTION
 @DEVICE_OPTION
 def logreg(cache_dir, out, overwrite, shots, tries, protocol, feature, normalize, c_grid, tol, solver, max_iter,
-           device):
+           class_weight, device):
     """Logistic regression: C chosen on val, refit on train+val (not in few-shot), scored on test."""
     from dinoprobe.estimators.logreg import LogReg
     from dinoprobe.runs.experiments import run_logreg
 
     given = {k: v for k, v in (("normalize", normalize), ("Cs", c_grid), ("tol", tol)) if v is not None}
     make = LogReg.dinov3 if protocol == "dinov3" else LogReg
-    estimator = make(**given, max_iter=max_iter, solver=solver, shots=shots, tries=tries, device=device,
-                     progress=True)
+    estimator = make(**given, max_iter=max_iter, solver=solver, class_weight=class_weight, shots=shots, tries=tries,
+                     device=device, progress=True)
     metrics = run_logreg(cache_dir, out, estimator, feature=feature, overwrite=overwrite)
     best = estimator.val_score_per_C_[estimator.Cs_.index(estimator.best_C_)]
     click.echo(f"best C {estimator.best_C_:.3g} (val top-1 {best:.4f} of {len(estimator.Cs_)} values)")

@@ -206,3 +206,20 @@ def test_normal_init_is_dinov3s_linear_head():
     (weight, bias), = init_layers("linear", 384, 1000, 0, seed=3, init="normal")
     assert torch.equal(bias, torch.zeros(1000)) and abs(weight.mean().item()) < 2e-4
     assert abs(weight.std().item() - 0.01) < 2e-4
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_class_weighted_training_follows_torchs_weighted_cross_entropy(head):
+    """class_weights: the plain loop with F.cross_entropy(weight=w, label_smoothing=...), step by step; heads side
+    by side (two learning rates) each equal their plain loop."""
+    w = torch.tensor([0.5, 3.0, 1.0, 0.2, 2.0])
+    configs = [TrainConfig(head=head, hidden=16, dropout=0.2, optimizer="sgd", lr=lr, batch_size=64, epochs=3,
+                           label_smoothing=0.1) for lr in (0.05, 0.2)]
+    together = train_heads(configs, *DATA, 5, class_weights=w)
+    for cfg, ours in zip(configs, together):
+        _, plain = train_on_tensors(cfg, *DATA, 5, class_weights=w)
+        np.testing.assert_allclose(ours.step_losses, plain.step_losses, atol=1e-4, rtol=0)
+        for mine, theirs in zip(ours.best_layers, plain.best_layers, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    unweighted, = train_heads(configs[:1], *DATA, 5)
+    assert not np.allclose(unweighted.step_losses, together[0].step_losses)  # the weights were used

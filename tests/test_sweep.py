@@ -262,3 +262,60 @@ def test_dinov3_logreg_is_scikit_learns_logistic_regression_at_tol_1e12(classes)
     else:
         np.testing.assert_allclose(coef, final.coef_, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(ours.predict_proba(xt), final.predict_proba(xt), atol=1e-4)
+
+
+@pytest.mark.parametrize("class_weight", ["balanced", {0: 3.0, 2: 0.5}])
+def test_class_weighted_logreg_is_scikit_learns(class_weight):
+    """class_weight as scikit-learn's LogisticRegression takes it: the same C on val, the same coefficients."""
+    from sklearn.linear_model import LogisticRegression
+
+    from dinoprobe import LogReg
+
+    rng = np.random.default_rng(7)
+    y = rng.choice(3, 400, p=[0.7, 0.2, 0.1])  # imbalanced
+    x = rng.normal(0, 1.0, (3, 10))[y] + rng.normal(0, 1.5, (400, 10))
+    xt, yt, xv, yv = x[:300], y[:300], x[300:], y[300:]
+    cs = [0.01, 0.1, 1.0, 10.0]
+    ours = LogReg(Cs=cs, normalize="none", tol=1e-10, class_weight=class_weight).fit(xt, yt, X_val=xv, y_val=yv)
+    accs = [LogisticRegression(C=c, tol=1e-10, max_iter=1000, class_weight=class_weight).fit(xt, yt).score(xv, yv)
+            for c in cs]
+    assert ours.best_C_ == cs[int(np.argmax(accs))]
+    final = LogisticRegression(C=ours.best_C_, tol=1e-10, max_iter=1000, class_weight=class_weight).fit(
+        np.concatenate([xt, xv]), np.concatenate([yt, yv]))
+    np.testing.assert_allclose(ours.coef_.double().numpy(), final.coef_, atol=1e-4, rtol=1e-4)
+    plain = LogReg(Cs=[ours.best_C_], normalize="none", tol=1e-10).fit(xt, yt, X_val=xv, y_val=yv)
+    assert not np.allclose(plain.coef_, ours.coef_, atol=1e-3)  # the weights were used
+    with pytest.raises(ValueError, match="not among the classes"):
+        LogReg(class_weight={9: 1.0}).fit(xt, yt)
+
+
+def test_class_weighted_probe_is_the_engines_weighted_loss_with_scikit_learns_weights(synthetic):
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from dinoprobe import Probe, load_cache
+    from dinoprobe.train.config import TrainConfig
+    from dinoprobe.train.loop import train_heads
+
+    d = load_cache(synthetic)
+    probe = Probe(head="linear", epochs=3, class_weight="balanced").fit(d.X_train, d.y_train, X_val=d.X_val,
+                                                                        y_val=d.y_val)
+    w = torch.tensor(compute_class_weight("balanced", classes=np.arange(6), y=d.y_train.numpy()), dtype=torch.float32)
+    direct, = train_heads([TrainConfig(head="linear", epochs=3)], d.X_train, d.y_train, d.X_val, d.y_val, 6,
+                          class_weights=w)
+    np.testing.assert_allclose(probe.step_losses_, direct.step_losses, atol=1e-6)
+
+
+def test_class_weight_from_the_command_line(synthetic, tmp_path):
+    for command, extra in (("probe", ["--epochs", 2, "--head", "linear"]), ("logreg", ["--c-grid", "1"]),
+                           ("sweep", ["--epochs", 2, "--lr", "1e-3,1e-2"])):
+        run_cli(command, "--cache", synthetic, "--out", tmp_path / command, "--class-weight", "class_0=3,class_5=0.5",
+                *extra, check=True)
+        run_cli(command, "--cache", synthetic, "--out", tmp_path / f"{command}-b", "--class-weight", "balanced",
+                *extra, check=True)
+        assert_clean_error(run_cli(command, "--cache", synthetic, "--out", tmp_path / f"{command}-x",
+                                   "--class-weight", "zebra=2", *extra), "zebra")
+    assert run_cli("probe", "--cache", synthetic, "--out", tmp_path / "y", "--class-weight", "a=-1").returncode == 2
+    weighted = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    plain = run_cli("probe", "--cache", synthetic, "--out", tmp_path / "p", "--epochs", 2, "--head", "linear",
+                    check=True)
+    assert plain.returncode == 0 and json.loads((tmp_path / "p" / "metrics.json").read_text()) != weighted

@@ -14,14 +14,14 @@ from tqdm import tqdm
 
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.estimators.base import _Classifier, names_for
+from dinoprobe.estimators.base import _Classifier, class_weights, names_for
 from dinoprobe.settings import DEFAULT_C_GRID
 from dinoprobe.train.headfile import save_head
 from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
 from dinoprobe.train.losses import softmax_cross_entropy
 
 
-def _objective(theta, x, onehot, lam, num_classes):
+def _objective(theta, x, onehot, lam, num_classes, weights=None):
     """Per-problem mean cross-entropy + lam/2 ||W||^2 (intercept unpenalised), and its gradient. (K,), (K,P).
 
     Two classes are scikit-learn's binary problem: one logit z = w.x + b, i.e. softmax over (0, z) with the first
@@ -30,7 +30,9 @@ def _objective(theta, x, onehot, lam, num_classes):
     w = theta[:, : num_classes * d].view(k, num_classes, d)
     b = theta[:, num_classes * d:]
     logits = (x @ w.reshape(k * num_classes, d).t()).view(n, k, num_classes).transpose(0, 1) + b[:, None, :]
-    neg_loss, dlogits = softmax_cross_entropy(logits, onehot)  # (K,), (K, n, C)
+    weighted = weights is not None  # scikit-learn's class_weight: each row's loss times its class's weight
+    neg_loss, dlogits = softmax_cross_entropy(logits, onehot * weights if weighted else onehot,
+                                              torch.tensor(float(n), dtype=x.dtype) if weighted else None)
     loss = -neg_loss / n + 0.5 * lam * w.pow(2).sum((1, 2))
     grad_w = torch.bmm(dlogits.transpose(1, 2), x.expand(k, n, d)) + lam[:, None, None] * w
     grad_b = dlogits.sum(1)
@@ -53,21 +55,23 @@ def problem_bytes(n: int, d: int, num_classes: int, memory: int = 10, itemsize: 
 
 def fit_logreg_batched(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter: int = 1000, tol: float = 1e-4,
                        memory: int = 10, dtype: torch.dtype = torch.float64, progress: bool = False,
-                       desc: str = "logreg", max_bytes: int = DEFAULT_MAX_BYTES
+                       desc: str = "logreg", max_bytes: int = DEFAULT_MAX_BYTES, class_weights=None
                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """`_fit_batch` over the C values in chunks whose working set fits `max_bytes` (at least one C per chunk):
     the problems are independent, so chunking changes only memory, never a result (tested)."""
     per = problem_bytes(len(x), x.shape[1], num_classes, memory, torch.finfo(dtype).bits // 8)
     size = max(1, int(max_bytes // per))
     parts = [_fit_batch(x, y, num_classes, list(cs[i:i + size]), max_iter, tol, memory, dtype, progress,
-                        desc if len(cs) <= size else f"{desc} ({i // size + 1}/{-(-len(cs) // size)})")
+                        desc if len(cs) <= size else f"{desc} ({i // size + 1}/{-(-len(cs) // size)})",
+                        class_weights)
              for i in range(0, len(cs), size)]
     return (torch.cat([w for w, _, _ in parts]), torch.cat([b for _, b, _ in parts]),
             [it for _, _, its in parts for it in its])
 
 
 def _fit_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter: int, tol: float, memory: int,
-               dtype: torch.dtype, progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+               dtype: torch.dtype, progress: bool, desc: str,
+               class_weights=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Minimise C * sum CE + ||W||^2 / 2 (sklearn's objective, scaled by 1/(C n)) for every C in `cs`.
 
     Stops each problem like scikit-learn's lbfgs: gradient inf-norm <= tol (same default, same objective
@@ -85,7 +89,8 @@ def _fit_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter:
     S = torch.zeros(k, memory, theta.shape[1], device=x.device, dtype=dtype)
     Y = torch.zeros_like(S)
     rho = torch.zeros(k, memory, device=x.device, dtype=dtype)  # rho = 0 marks an empty history slot
-    f, g = _objective(theta, x, onehot, lam, num_classes)
+    weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=dtype, device=x.device)
+    f, g = _objective(theta, x, onehot, lam, num_classes, weights)
     iterations = [max_iter] * k
     active = torch.ones(k, dtype=torch.bool, device=x.device)
     bar = tqdm(total=max_iter, desc=desc, unit="iter", disable=not progress, dynamic_ncols=True)
@@ -110,7 +115,7 @@ def _fit_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter:
         todo = torch.arange(len(a), device=x.device)
         for _ in range(20):  # backtracking Armijo line search, all pending problems evaluated together
             trial = theta[a[todo]] + step[todo, None] * direction[todo]
-            tf, tg = _objective(trial, x, onehot, lam[a[todo]], num_classes)
+            tf, tg = _objective(trial, x, onehot, lam[a[todo]], num_classes, weights)
             ok = tf <= f[a[todo]] + 1e-4 * step[todo] * slope[todo]
             new_theta[todo[ok]], new_f[todo[ok]], new_g[todo[ok]] = trial[ok], tf[ok], tg[ok]
             todo = todo[~ok]
@@ -156,14 +161,15 @@ def _two_loop(g, S, Y, rho):
     return -r
 
 
-def fit_logreg_sklearn(x, y, cs, max_iter: int = 1000, tol: float = 1e-4):
+def fit_logreg_sklearn(x, y, cs, max_iter: int = 1000, tol: float = 1e-4, class_weights=None):
     """The reference: one scikit-learn fit per C. Returns W (K, C, D), b (K, C) as tensors, and iterations."""
     from sklearn.linear_model import LogisticRegression
 
     x_np, y_np = np.asarray(x, dtype=np.float64), np.asarray(y)
     ws, bs, iterations = [], [], []
     for c in cs:
-        model = LogisticRegression(C=c, max_iter=max_iter, tol=tol).fit(x_np, y_np)
+        weight = None if class_weights is None else dict(enumerate(np.asarray(class_weights, dtype=float).tolist()))
+        model = LogisticRegression(C=c, max_iter=max_iter, tol=tol, class_weight=weight).fit(x_np, y_np)
         iterations.append(int(model.n_iter_.max()))
         coef, intercept = model.coef_, model.intercept_
         if coef.shape[0] == 1:  # binary: scikit-learn fits one logit z; as two softmax logits that is (0, z)
@@ -176,12 +182,13 @@ def fit_logreg_sklearn(x, y, cs, max_iter: int = 1000, tol: float = 1e-4):
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, solver: str = "torch",
                max_iter: int = 1000, tol: float = 1e-4, progress: bool = False,
-               desc: str = "logreg") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+               desc: str = "logreg", class_weights=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """W (K, classes, D), b (K, classes) and the iterations, for every C in `cs`, on x's device."""
     if solver == "sklearn":
-        w, b, iterations = fit_logreg_sklearn(x.cpu().numpy(), y.cpu().numpy(), cs, max_iter, tol)
+        w, b, iterations = fit_logreg_sklearn(x.cpu().numpy(), y.cpu().numpy(), cs, max_iter, tol, class_weights)
         return w.to(x.device), b.to(x.device), iterations
-    return fit_logreg_batched(x, y, num_classes, cs, max_iter, tol, progress=progress, desc=desc)
+    return fit_logreg_batched(x, y, num_classes, cs, max_iter, tol, progress=progress, desc=desc,
+                              class_weights=class_weights)
 
 
 class LogReg(_Classifier):
@@ -197,9 +204,10 @@ class LogReg(_Classifier):
     """
 
     def __init__(self, Cs=None, normalize="standardize", max_iter=1000, tol=1e-4, solver="torch", refit=None,
-                 val_fraction=0.1, seed=0, shots=None, tries=1, device="auto", progress=False):
+                 class_weight=None, val_fraction=0.1, seed=0, shots=None, tries=1, device="auto", progress=False):
         self.Cs = Cs
         self.refit = refit
+        self.class_weight = class_weight
         self.normalize = normalize
         self.max_iter = max_iter
         self.tol = tol
@@ -232,8 +240,9 @@ class LogReg(_Classifier):
         k = len(self.classes_)
         self.normalizer_ = Normalizer.fit(self.normalize, x_tr)
         x_tr, x_val = self.normalizer_(x_tr).to(device), self.normalizer_(x_val).to(device)
+        weights = class_weights(self.class_weight, self.classes_, y_tr.numpy())  # scikit-learn's class_weight
         w, b, iterations = fit_logreg(x_tr, y_tr.to(device), k, cs, self.solver, self.max_iter, self.tol,
-                                      self.progress, f"logreg: {len(cs)} C values")
+                                      self.progress, f"logreg: {len(cs)} C values", weights)
         val_pred = (torch.einsum("nd,kcd->knc", x_val, w) + b[:, None]).argmax(-1).cpu()
         self.val_score_per_C_ = ((val_pred == y_val).sum(1) / len(y_val)).tolist()
         best = int(np.argmax(self.val_score_per_C_))
@@ -245,9 +254,10 @@ class LogReg(_Classifier):
             self.n_iter_ = np.array([iterations[best]])
             self.n_iter_per_C_ = list(iterations)
             return self
-        w, b, refit_iterations = fit_logreg(torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val]).to(device), k,
-                                            [cs[best]], self.solver, self.max_iter, self.tol, self.progress,
-                                            "logreg: refit on train + val")
+        y_all = torch.cat([y_tr, y_val])  # "balanced" weights of the data refit on, as scikit-learn computes them
+        w, b, refit_iterations = fit_logreg(torch.cat([x_tr, x_val]), y_all.to(device), k, [cs[best]], self.solver,
+                                            self.max_iter, self.tol, self.progress, "logreg: refit on train + val",
+                                            class_weights(self.class_weight, self.classes_, y_all.numpy()))
         self.coef_, self.intercept_ = w[0].cpu(), b[0].cpu()
         self.n_iter_ = np.array([refit_iterations[0]])  # L-BFGS iterations of the final fit, as scikit-learn's
         self.n_iter_per_C_ = list(iterations)

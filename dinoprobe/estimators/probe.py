@@ -8,14 +8,14 @@ from sklearn.utils.validation import check_is_fitted
 
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.estimators.base import _Classifier, names_for
+from dinoprobe.estimators.base import _Classifier, class_weights, names_for
 from dinoprobe.train.config import TrainConfig, default
 from dinoprobe.train.headfile import save_head
 from dinoprobe.train.heads import HeadSpec, build_head
 from dinoprobe.train.loop import train_heads
 
 # Probe's parameters beyond TrainConfig's fields (a test holds Probe's signature to exactly these two sets)
-ESTIMATOR_PARAMS = ("val_fraction", "shots", "tries", "device", "progress")
+ESTIMATOR_PARAMS = ("class_weight", "val_fraction", "shots", "tries", "device", "progress")
 
 
 class Probe(_Classifier):
@@ -24,6 +24,8 @@ class Probe(_Classifier):
 
     The training parameters are `TrainConfig`'s fields, with its defaults and checks (the original script's MLP
     head, D -> 256 -> ReLU -> Dropout(0.1) -> C, with Adam 1e-3 for 100 epochs, per-step cosine schedule).
+    `class_weight` (None, "balanced" or {label: weight}, scikit-learn's convention) weights each training row's
+    loss by its class, as F.cross_entropy(weight=...).
     `val_fraction` is the stratified share of X held out for validation when fit gets no X_val; `shots`/`tries`
     train on K images per class (see `fit`); `device` is auto, cpu, cuda[:N] or mps.
 
@@ -39,7 +41,7 @@ class Probe(_Classifier):
                  epochs=default("epochs"), warmup_epochs=default("warmup_epochs"),
                  label_smoothing=default("label_smoothing"), seed=default("seed"), patience=default("patience"),
                  epoch_length=default("epoch_length"), init=default("init"), select=default("select"),
-                 val_fraction=0.1, shots=None, tries=1, device="auto", progress=False):
+                 class_weight=None, val_fraction=0.1, shots=None, tries=1, device="auto", progress=False):
         self.head = head
         self.hidden = hidden
         self.dropout = dropout
@@ -60,6 +62,7 @@ class Probe(_Classifier):
         self.epoch_length = epoch_length
         self.init = init
         self.select = select
+        self.class_weight = class_weight
         self.val_fraction = val_fraction
         self.shots = shots
         self.tries = tries
@@ -74,8 +77,9 @@ class Probe(_Classifier):
 
     def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
         config, device = self.train_config(), resolve_device(self.device)
+        weights = class_weights(self.class_weight, self.classes_, y_tr.numpy())
         result, = train_heads([config], _to(x_tr, device), y_tr.to(device), x_val.to(device), y_val.to(device),
-                              len(self.classes_), progress=self.progress, desc="probe")
+                              len(self.classes_), progress=self.progress, desc="probe", class_weights=weights)
         return self._set_result(result)
 
     def _fit_tries(self, x_tr, y_tr, x_val, y_val, rows) -> list:
@@ -83,7 +87,7 @@ class Probe(_Classifier):
         config, device = self.train_config(), resolve_device(self.device)
         results = train_heads([config] * len(rows), x_tr.to(device), y_tr.to(device), x_val.to(device),
                               y_val.to(device), len(self.classes_), progress=self.progress, desc="probe tries",
-                              rows=rows)
+                              rows=rows, class_weights=class_weights(self.class_weight, self.classes_, y_tr.numpy()))
         return [self._fitted_copy()._set_result(r) for r in results]
 
     def _set_result(self, result):

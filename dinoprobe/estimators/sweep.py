@@ -8,7 +8,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.estimators.base import FEW_SHOT_VAL_FRACTION, _Classifier, sample_std
+from dinoprobe.estimators.base import FEW_SHOT_VAL_FRACTION, _Classifier, class_weights, sample_std
 from dinoprobe.estimators.probe import Probe, _to, diverged_message
 from dinoprobe.settings import PRESETS, PROTOCOLS
 from dinoprobe.train.config import SETTINGS, TrainConfig
@@ -101,7 +101,8 @@ class Sweep(_Classifier):
         results = train_heads([cfg for cfg in configs for _ in range(per)], _to(x_tr, device), y_tr.to(device),
                               x_val.to(device), y_val.to(device), len(self.classes_), self.max_memory,
                               progress=base.progress, desc="sweep",
-                              rows=None if tries is None else [r for _ in configs for r in tries])
+                              rows=None if tries is None else [r for _ in configs for r in tries],
+                              class_weights=class_weights(base.class_weight, self.classes_, y_tr.numpy()))
         by_config = [results[i * per:(i + 1) * per] for i in range(len(configs))]
         scores = [float(np.mean([r.best_val_acc for r in rs])) for rs in by_config]
         self.results_ = []

@@ -43,6 +43,19 @@ def _check(cache_dir, out, overwrite: bool, estimator, kind, command: str) -> No
     check_run_dir(Path(out), overwrite, command, protect=[cache_dir])
 
 
+def by_class_index(class_weight, data):
+    """class_weight as the user names it — "balanced", or {class name: weight} — for the estimator, whose classes
+    are the cache's label indices."""
+    if not isinstance(class_weight, dict):
+        return class_weight
+    index = {name: i for i, name in enumerate(data.classes)}
+    unknown = [k for k in class_weight if k not in index and k not in range(len(data.classes))]
+    if unknown:
+        raise DinoprobeError(f"--class-weight names {unknown[:5]}, which are not classes of the cache "
+                             f"({', '.join(data.classes[:10])})")
+    return {index.get(k, k): v for k, v in class_weight.items()}
+
+
 def train_mode(data, max_memory: int | None) -> dict:
     """How training read its features: in memory, as augmented views, or streamed from disk (which visits rows in
     a buffered order, so its results differ from in-memory training's)."""
@@ -58,6 +71,7 @@ def run_probe(cache_dir, out, probe: Probe, *, feature: str = "cls", views: bool
     _check(cache_dir, out, overwrite, probe, Probe, "probe")
     probe.train_config()  # bad settings fail here, before the cache is read
     data = load_cache(cache_dir, feature, resolve_device(probe.device), views=views, max_memory=max_memory)
+    probe.set_params(class_weight=by_class_index(probe.class_weight, data))
     probe.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     mode = train_mode(data, max_memory)
     with run_directory(out, overwrite, "probe", [cache_dir]) as tmp:
@@ -78,7 +92,10 @@ def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = 
     loaded = load_features(cache_dir, list(features), device, views=views, max_memory=max_memory)
     rows, best = [], None
     for name, data in loaded.items():
-        search = clone(sweep).fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
+        search = clone(sweep)
+        search.set_params(estimator=search.base_estimator().set_params(
+            class_weight=by_class_index(search.base_estimator().class_weight, data)))
+        search.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
         rows += [{"feature": name, **cfg.to_dict(), **{k: r[k] for k in RESULT_FIELDS if k in r}}
                  for cfg, r in zip(search.configs_, search.results_)]
         if best is None or search.best_score_ > best[0].best_score_:
@@ -100,6 +117,7 @@ def run_logreg(cache_dir, out, logreg: LogReg, *, feature: str = "cls", overwrit
     The val metrics are the train-only model's at the chosen C (the refit has seen val)."""
     _check(cache_dir, out, overwrite, logreg, LogReg, "logreg")
     data = load_cache(cache_dir, feature, resolve_device(logreg.device), require_val=False)
+    logreg.set_params(class_weight=by_class_index(logreg.class_weight, data))
     start = time.perf_counter()
     logreg.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     seconds = time.perf_counter() - start

@@ -85,10 +85,12 @@ def head_bytes(cfg: TrainConfig, dim: int, num_classes: int) -> int:
 
 def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val: torch.Tensor,
                 y_val: torch.Tensor, num_classes: int, max_memory: int | None = None, progress: bool = False,
-                desc: str = "train", rows: list | None = None) -> list[TrainResult]:
+                desc: str = "train", rows: list | None = None,
+                class_weights: torch.Tensor | None = None) -> list[TrainResult]:
     """Train every config, side by side where they share a stream and a shape; one TrainResult per config.
 
     `train` is an (N, D) tensor or any TrainSource (sources.py): augmented views, a streamed split.
+    `class_weights` (C,) weights each training row's loss by its class, as F.cross_entropy(weight=...) does.
     `rows`, one index tensor per config, trains each head on its own rows of an in-memory `train` (few-shot
     tries): each head then sees exactly the batches it would see trained alone on train[rows].
     """
@@ -109,7 +111,7 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
             group_rows = None if rows is None else torch.stack([torch.as_tensor(rows[i]) for i in members])
             group_source = source if rows is None else PerHeadRows(train, group_rows)
             group_results = _train_group([configs[i] for i in members], group_source, y_train, x_val, y_val,
-                                         num_classes, bar)
+                                         num_classes, bar, class_weights)
             for i, res in zip(members, group_results):
                 res.group, res.group_size = number, len(members)
                 results[i] = res
@@ -117,7 +119,8 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
 
 
 def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch.Tensor, x_val: torch.Tensor,
-                 y_val: torch.Tensor, num_classes: int, bar: tqdm) -> list[TrainResult]:
+                 y_val: torch.Tensor, num_classes: int, bar: tqdm,
+                 class_weights: torch.Tensor | None = None) -> list[TrainResult]:
     first, n = configs[0], len(configs)
     device = y_train.device
     normalizer = Normalizer.fit(first.normalize, source).to(device)  # statistics of the clean train features
@@ -129,6 +132,9 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
     base_lrs = [c.lr for c in configs]
     smoothing = [c.label_smoothing for c in configs]
     eye = smoothed_eye(num_classes, smoothing if len(set(smoothing)) > 1 else smoothing[0], device)
+    weights = None if class_weights is None else class_weights.to(device, torch.float32)
+    if weights is not None:  # each target row scaled by its class's weight (torch's weighted cross-entropy)
+        eye = eye * weights
     epochs = source.epochs(normalizer, first.batch_size, first.seed, first.epoch_length)
     x_val = normalizer(x_val)
     results = [TrainResult(c, heads.head_layers(i), normalizer) for i, c in enumerate(configs)]
@@ -137,22 +143,30 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
     start, step = time.perf_counter(), 0
     for epoch in range(1, first.epochs + 1):
         epoch_lrs = [lr * factors[step] for lr in base_lrs]
-        neg_losses, sizes, preds, targets = [], [], [], []
+        neg_losses, sizes, denoms, preds, targets = [], [], [], [], []
         for features, rows in next(epochs):
             target = y_train.index_select(0, rows) if rows.dim() == 1 else y_train[rows]  # (B,) or (N, B)
-            neg_loss, pred = heads.step(features, soft_targets(eye, target))
+            denom = None if weights is None else weights[target].sum(-1).view(-1, 1, 1)  # (1 or N, 1, 1)
+            neg_loss, pred = heads.step(features, soft_targets(eye, target), denom)
             optimizer.step(factors[step])
             step += 1
             neg_losses.append(neg_loss)
             sizes.append(target.shape[-1])
+            if denom is not None:
+                denoms.append(denom.view(-1).expand(n))
             preds.append(pred)
             targets.append(target.view(-1, target.shape[-1]))
         # the epoch's bookkeeping in a few calls rather than a few per step
-        step_losses = -torch.stack(neg_losses).cpu().double() \
-            / torch.tensor(sizes, dtype=torch.float64)[:, None]  # (steps, N)
+        step_losses = -torch.stack(neg_losses).cpu().double() / (  # (steps, N): each step's (weighted) mean
+            torch.stack(denoms).cpu().double() if denoms else torch.tensor(sizes, dtype=torch.float64)[:, None])
         hits = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1).tolist()  # (N,)
         train_acc = [h / sum(sizes) for h in hits]
-        val_acc = [h / len(y_val) for h in (heads.predict(x_val) == y_val).sum(1).tolist()]
+        correct = heads.predict(x_val) == y_val  # (N, rows)
+        if weights is None:
+            val_acc = [h / len(y_val) for h in correct.sum(1).tolist()]
+        else:  # chosen by the same weights as the loss: with "balanced" weights, balanced accuracy
+            val_weights = weights[y_val.clamp_min(0)] * (y_val >= 0)
+            val_acc = ((correct.float() @ val_weights) / val_weights.sum()).tolist()
         # a head whose loss or weights left the finite numbers has diverged: it stops, and keeps its last finite best
         finite = torch.isfinite(step_losses).all(0) & (step_losses.mean(0) < DIVERGED_LOSS) & heads.finite()
         for i in torch.nonzero(active & ~finite).flatten().tolist():

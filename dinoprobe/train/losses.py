@@ -24,15 +24,20 @@ def soft_targets(eye: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return eye[torch.arange(eye.shape[0], device=eye.device)[:, None], target]
 
 
-def softmax_cross_entropy(logits: torch.Tensor, soft: torch.Tensor):
-    """(sum over the batch of sum(target * log p), per head (N,); gradient of each head's batch-mean loss w.r.t. its
+def softmax_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, denom: torch.Tensor | None = None):
+    """(sum over the batch of sum(target * log p), per head (N,); gradient of each head's batch loss w.r.t. its
     logits (N, B, C)), for logits (N, B, C) and soft targets that broadcast to them.
 
-    The first is the negative summed loss: divide by -B for torch's cross_entropy (callers do it once per epoch,
-    not per step). `logits` is left untouched."""
+    The first is the negative summed loss: divide by -B (or -denom) for torch's cross_entropy (callers do it once
+    per epoch, not per step). Targets whose rows sum to 1 give the batch mean's gradient, (softmax - target) / B.
+    Class-weighted targets (target x weight of each class, rows not summing to 1) give the gradient of torch's
+    weighted mean, sum_i loss_i / denom with denom = the batch's summed weights: (softmax x row sum - target) /
+    denom. `logits` is left untouched."""
     logp = torch.log_softmax(logits, dim=-1)
     if logits.shape[0] == 1:  # one head: a single dot product, the cheapest reduction for a probe
         neg_loss = torch.dot(logp.reshape(-1), soft.expand_as(logp).reshape(-1)).view(1)
     else:
         neg_loss = (logp * soft).sum((-1, -2))
-    return neg_loss, logp.exp_().sub_(soft).div_(logits.shape[-2])
+    if denom is None:
+        return neg_loss, logp.exp_().sub_(soft).div_(logits.shape[-2])
+    return neg_loss, logp.exp_().mul_(soft.sum(-1, keepdim=True)).sub_(soft).div_(denom)

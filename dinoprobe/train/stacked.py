@@ -77,11 +77,12 @@ class StackedHeads:
         return affine(h, *self.layers[1]), (h, gate)
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, soft: torch.Tensor):
+    def step(self, x: torch.Tensor, soft: torch.Tensor, denom: torch.Tensor | None = None):
         """One forward and backward of every head, gradients into self.grad. Returns each head's negative loss summed
-        over the batch (N,) and its predictions (N, B). soft: targets (N or 1, B, C)."""
+        over the batch (N,) and its predictions (N, B). soft: targets (N or 1, B, C), class-weighted with `denom`
+        the batch's summed weights (see softmax_cross_entropy)."""
         logits, saved = self.forward(x, train=True)
-        neg_loss, g = softmax_cross_entropy(logits, soft)
+        neg_loss, g = softmax_cross_entropy(logits, soft, denom)
         if self.kind == "mlp":
             h, gate = saved
             affine_backward(h, g, *self.grads[1])
