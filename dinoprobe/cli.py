@@ -597,7 +597,7 @@ def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, class_weight
     from dinoprobe.estimators.probe import Probe
     from dinoprobe.estimators.sweep import Sweep
     from dinoprobe.runs.experiments import run_sweep
-    from dinoprobe.runs.report import varying_params
+    from dinoprobe.runs.sweep_table import varying_params
 
     given = {k: v for k, v in lists.items() if v is not None}
     if preset:  # everything given overrides the preset's settings, so it goes into the grid

@@ -7,6 +7,7 @@ DEFAULT_IMAGE_SIZE = 224  # DINOv3's evaluation size (timm's pretrained_cfg says
 
 TRANSFORMS = ("timm", "dinov3", "square")
 DECODERS = ("pil", "torchvision")
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 9459 x 9459)
 AUGMENTATIONS = ("timm", "light")
 
 # DINOv3's logistic regression: C in 10 ** linspace(-6, 5, 45)
@@ -41,6 +42,5 @@ PROTOCOLS = {
                         "spread": "sample standard deviation (ddof 1)", "refit_on_val": False},
 }
 PRESETS = ("dinov3-linear", "dinov2-linear")
-DINOV3_FEATURES = PROTOCOLS["dinov2-linear"]["features"]  # n in {1, 4} last blocks x patch mean off/on
 # `dinoprobe evaluate --protocol NAME`: the linear preset it runs (logistic regression and k-NN are DINOv3's in both)
 EVAL_SUITES = {"dinov3": "dinov3-linear", "dinov2": "dinov2-linear"}

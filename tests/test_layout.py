@@ -110,3 +110,12 @@ def test_every_training_setting_can_be_searched():
     search = Sweep(Probe(epochs=2, hidden=4), param_grid={"betas": [(0.9, 0.99), (0.8, 0.9)], "eps": [1e-8, 1e-6]})
     search.fit([[float(i % 2), float(i % 3)] for i in range(40)], [i % 2 for i in range(40)])
     assert len(search.results_) == 4 and {r["betas"] for r in search.results_} == {(0.9, 0.99), (0.8, 0.9)}
+
+
+def test_the_image_extensions_are_torchvisions_and_gif():
+    """imagefiles.py stays torch-free (the ONNX predictor needs it without PyTorch), so it spells them out."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from dinoprobe.imagefiles import IMAGE_EXTENSIONS
+
+    assert IMAGE_EXTENSIONS == (*IMG_EXTENSIONS, ".gif")

@@ -75,6 +75,10 @@ def test_probe_cli_with_a_tiny_budget_says_it_streamed(sharded, tmp_path):
     proc = run_cli("probe", "--cache", sharded, "--out", tmp_path / "m", "--max-memory", "1GB", "--epochs", 2,
                    check=True)
     assert "held in memory" in proc.stdout
+    proc = run_cli("sweep", "--cache", sharded, "--out", tmp_path / "s", "--max-memory", "10KB", "--epochs", 1,
+                   "--lr", "1e-3,1e-2", check=True)
+    assert "streamed from disk" in proc.stdout
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["train_features"]["mode"] == "streamed"
     for bad in ("0", "-1GB", "lots", "0.0001B"):
         assert run_cli("probe", "--cache", sharded, "--out", tmp_path / "x", "--max-memory", bad).returncode == 2
 

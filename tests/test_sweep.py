@@ -83,8 +83,12 @@ def test_each_protocol_is_its_reference_codes_defaults(name):
 def test_dinov3_logreg_c_grid_is_dinov3s_float32_grid():
     from dinoprobe.estimators.logreg import DINOV3_C_GRID
 
-    expected = [c.item() for c in 10 ** torch.linspace(-6, 5, 45)]  # ALL_C[i].item(), as log_regression.py
-    assert list(DINOV3_C_GRID) == expected and len(set(expected)) == 45
+    # float32 values, as log_regression.py's 10 ** torch.linspace(-6, 5, 45) gives them: checked independently of
+    # torch, against numpy's float64 grid rounded to float32 (equal to within float32's own rounding)
+    grid64 = 10 ** np.linspace(-6, 5, 45)
+    assert len(DINOV3_C_GRID) == 45 and DINOV3_C_GRID[0] == float(np.float32(1e-6)) != 1e-6
+    np.testing.assert_allclose(DINOV3_C_GRID, grid64.astype(np.float32), rtol=1e-6)
+    assert all(float(np.float32(c)) == c for c in DINOV3_C_GRID)  # every value is a float32
 
 
 def test_dinov3_preset_scales_its_13_lrs_by_the_batch_it_is_given():
@@ -192,7 +196,7 @@ def test_logreg_shows_its_progress_and_refuses_non_finite_cs(synthetic, capsys):
 
 
 def test_sweep_plot_keeps_identical_curves_apart_and_marks_the_best(tmp_path):
-    from dinoprobe.runs.report import plot_sweep, ranked
+    from dinoprobe.runs.sweep_table import plot_sweep, ranked
 
     rows = ranked([{"lr": lr, "head": head, "weight_decay": wd, "val_top1": 0.5 + (lr == 1e-2 and head == "mlp") / 4}
                    for lr in (1e-3, 1e-2) for head in ("linear", "mlp") for wd in (0, 1e-4)])

@@ -62,7 +62,7 @@ class Sweep(_Classifier):
                 raise DinoprobeError(f"preset {self.preset} scales lr by one batch size; give a single batch_size")
             fixed = {k: [protocol[k]] for k in PRESET_SETTINGS}
             fixed["lr"] = [lr * sizes[0] / 256 for lr in protocol["lrs"]]
-            grid = {**fixed, **grid} if "lr" not in grid else {**fixed, **grid}
+            grid = {**fixed, **grid}
         unknown = sorted(set(grid) - set(SETTINGS))
         if unknown:
             raise DinoprobeError(f"unknown grid parameters {unknown}; a grid searches training settings: "

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS
 from dinoprobe.extract.transforms import DataConfig
-from dinoprobe.imagefiles import IMAGE_EXTENSIONS, list_images  # noqa: F401 (part of the sources' API)
+from dinoprobe.settings import DEFAULT_MAX_PIXELS
 from dinoprobe.splits import carve_val
 
 SPLITS = ("train", "val", "test")

@@ -21,9 +21,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from dinoprobe.extract.transforms import DataConfig, resize_crop, worker_transform
-from dinoprobe.settings import DECODERS  # noqa: F401 (extract.run checks --decoder against it)
-
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 9459 x 9459)
+from dinoprobe.settings import DEFAULT_MAX_PIXELS
 
 
 class SkippedInput(Exception):

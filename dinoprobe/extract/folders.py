@@ -5,7 +5,8 @@ import os
 from pathlib import Path
 
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.datasource import SPLIT_NAMES, SPLITS, DataSource, list_images, with_val
+from dinoprobe.extract.datasource import SPLIT_NAMES, SPLITS, DataSource, with_val
+from dinoprobe.imagefiles import list_images
 from dinoprobe.network import reachable
 from dinoprobe.splits import carve_val
 

@@ -33,8 +33,9 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import Backbone, token_features
 from dinoprobe.extract.datasets import collate
 from dinoprobe.extract.datasource import DataSource
-from dinoprobe.extract.decode import DECODERS, DEFAULT_MAX_PIXELS, DeviceDecoder, TorchvisionDecode
+from dinoprobe.extract.decode import DeviceDecoder, TorchvisionDecode
 from dinoprobe.extract.transforms import Preprocess, Views
+from dinoprobe.settings import DECODERS, DEFAULT_MAX_PIXELS
 
 
 def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precision: str, views: int = 0,

@@ -25,7 +25,7 @@ from dinoprobe.estimators.logreg import LogReg
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
 from dinoprobe.runs.metrics import classification_metrics
-from dinoprobe.runs.report import RESULT_FIELDS, plot_sweep, ranked, write_results
+from dinoprobe.runs.sweep_table import RESULT_FIELDS, plot_sweep, ranked, write_results
 from dinoprobe.runs.reports import evaluate, few_shot_metrics, write_probe_run, write_run_files
 from dinoprobe.runs.rundir import check_run_dir, run_directory
 
@@ -93,8 +93,8 @@ def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = 
     rows, best = [], None
     for name, data in loaded.items():
         search = clone(sweep)
-        search.set_params(estimator=search.base_estimator().set_params(
-            class_weight=by_class_index(search.base_estimator().class_weight, data)))
+        base = search.base_estimator()
+        search.set_params(estimator=base.set_params(class_weight=by_class_index(base.class_weight, data)))
         search.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
         rows += [{"feature": name, **cfg.to_dict(), **{k: r[k] for k in RESULT_FIELDS if k in r}}
                  for cfg, r in zip(search.configs_, search.results_)]
@@ -105,11 +105,13 @@ def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = 
         write_results(tmp, rows)
         plot_sweep(rows, tmp / "sweep.png", title=f"sweep on {Path(cache_dir).name} ({Path(out).name})")
         (tmp / "best").mkdir()
-        metrics = write_probe_run(tmp / "best", best[0].best_estimator_, best[1], {"command": "probe",
-                                                                                    "sweep": str(out)})
+        mode = train_mode(best[1], max_memory)
+        metrics = write_probe_run(tmp / "best", best[0].best_estimator_, best[1],
+                                  {"command": "probe", "sweep": str(out), "train_features": mode})
         write_json(tmp / "run.json", {"command": "sweep", "cache": str(cache_dir), "features": list(features),
-                                      "configurations": len(rows), "dinoprobe_version": __version__})
-    return rows, metrics
+                                      "configurations": len(rows), "train_features": mode,
+                                      "dinoprobe_version": __version__})
+    return rows, {**metrics, "train_features": mode}
 
 
 def run_logreg(cache_dir, out, logreg: LogReg, *, feature: str = "cls", overwrite: bool = False) -> dict:

@@ -15,9 +15,9 @@ import numpy as np
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.imagefiles import expand_inputs
+from dinoprobe.settings import DEFAULT_MAX_PIXELS
 
 ONNX_FORMAT = "dinoprobe-onnx/1"
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold, as `features`
 RESAMPLE = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS"}
 
 

@@ -64,11 +64,6 @@ def build_head(spec: HeadSpec, layers: list[tuple[Tensor, Tensor]] | None = None
     return head
 
 
-def linear_layers(head: nn.Sequential) -> list[tuple[Tensor, Tensor]]:
-    """The (weight, bias) of each linear layer of a built head, in order."""
-    return [(m.weight.detach(), m.bias.detach()) for m in head if isinstance(m, nn.Linear)]
-
-
 class Normalizer(nn.Module):
     """Feature normalisation with statistics from the training split only."""
 
