@@ -15,16 +15,23 @@ import numpy as np
 from dinoprobe.errors import DinoprobeError
 
 
-def carve_indices(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def carve_indices(labels, fraction: float, seed: int, stratified: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Positions (train, val), each ascending: DINOv3's carve (dinov3/eval/data.py `split_train_val_datasets`).
     The rows are shuffled with torch's generator seeded by `seed`; then each class gives its first
-    max(1, floor(fraction x its rows)) shuffled rows to val, or none when it has a single row (it stays in train)."""
+    max(1, floor(fraction x its rows)) shuffled rows to val, or none when it has a single row (it stays in train).
+    stratified=False (multi-label rows, which belong to several classes): the first max(1, floor(fraction x rows))
+    shuffled rows."""
     import torch
 
     if not 0 < fraction < 1:
         raise DinoprobeError(f"the validation fraction must be in (0, 1), got {fraction}")
-    labels = np.asarray(labels)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).numpy()
+    if not stratified:
+        if len(labels) < 2:
+            raise DinoprobeError("cannot carve a validation split from a single training row; provide validation data")
+        take = max(1, int(fraction * len(labels)))
+        return np.sort(order[take:]), np.sort(order[:take])
+    labels = np.asarray(labels)
     shuffled = labels[order]
     val = np.zeros(len(labels), dtype=bool)
     for label in np.unique(shuffled):
@@ -38,8 +45,11 @@ def carve_indices(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def carve_val(samples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """`carve_indices` on (item, label) pairs: both parts keep the original order."""
-    train, val = carve_indices([label for _, label in samples], fraction, seed)
+    """`carve_indices` on (item, label) pairs: both parts keep the original order. Multi-label rows (label tuples)
+    are carved unstratified."""
+    labels = [label for _, label in samples]
+    multilabel = any(isinstance(label, tuple) for label in labels)
+    train, val = carve_indices(np.zeros(len(labels)) if multilabel else labels, fraction, seed, not multilabel)
     return [samples[i] for i in train], [samples[i] for i in val]
 
 

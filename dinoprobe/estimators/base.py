@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 
 from dinoprobe.errors import DinoprobeError
@@ -23,7 +23,11 @@ EXPECTED_FAILED_CHECKS = {
                                                 "learned to predict class 0 everywhere; with select='last' (the "
                                                 "fully trained head) the check passes (checked by hand)"},
     "KNN": {"check_methods_subset_invariance": "similarities are float32 matrix products, whose blocking (so the "
-                                               "last bits of each vote) depends on the batch size"},
+                                               "last bits of each vote) depends on the batch size",
+            "check_classifiers_multilabel_output_format_predict_proba": "a multi-label probability is the share of the "
+                                                                        "k neighbours' vote weight carrying the class: "
+                                                                        "exactly 0 or 1 when all k agree, where the "
+                                                                        "check wants values strictly inside (0, 1)"},
 }
 
 
@@ -45,9 +49,18 @@ def as_features(X, name: str = "X") -> torch.Tensor:
 
 
 def as_labels(y, n: int, name: str = "y") -> np.ndarray:
+    """Labels (n,), or a multi-label (n, classes) 0/1 indicator matrix as scikit-learn's multi-label estimators
+    take it; a ValueError naming the problem otherwise."""
     if y is None:
         raise DinoprobeError("this estimator requires y to be passed, but the target y is None")
     y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        if len(y) != n:
+            raise DinoprobeError(f"{name} has {len(y)} rows for {n} samples; they must have the same length")
+        if type_of_target(y) != "multilabel-indicator" and not (y.size and np.isin(y, (0, 1)).all()):
+            raise DinoprobeError(f"{name} is 2-D {y.shape} but not a 0/1 indicator matrix (samples, classes); pass "
+                                 "one label per sample, or 1 where a sample has a class and 0 elsewhere")
+        return y
     try:
         y = column_or_1d(y, warn=True)  # a column vector is accepted with scikit-learn's warning
     except ValueError:
@@ -76,7 +89,8 @@ class _Classifier(ClassifierMixin, BaseEstimator):
         x_tr, y_tr, x_val, y_val, positions = self._train_and_val(X, y, X_val, y_val, fraction, self.seed)
         rows = self._shot_rows(y_tr, x_tr, self.shots, self.tries)
         if rows is None:
-            return self._fit_encoded(x_tr, y_tr, x_val, y_val)
+            self._fit_encoded(x_tr, y_tr, x_val, y_val)
+            return self._tune_thresholds(x_val, y_val)
         fitted = self._fit_tries(x_tr, y_tr, x_val, y_val, rows)
         self.try_estimators_ = fitted
         self.tries_ = [{"seed": t, "train_index": positions[r.numpy()], "val_score": est.best_score_}
@@ -92,13 +106,19 @@ class _Classifier(ClassifierMixin, BaseEstimator):
     def _fitted_copy(self):
         """A new estimator with these parameters (shots off) and this fit's classes and width."""
         copy = clone(self).set_params(shots=None, tries=1)
-        copy.classes_, copy.n_features_in_ = self.classes_, self.n_features_in_
+        copy.classes_, copy.n_features_in_, copy.multilabel_ = self.classes_, self.n_features_in_, self.multilabel_
+        if self.multilabel_:
+            copy.label_dtype_ = self.label_dtype_
         return copy
 
     def _shot_rows(self, y_tr: torch.Tensor, x_tr, shots, tries) -> list[torch.Tensor] | None:
         """Each try's training rows (positions in x_tr) when `shots` is set, else None."""
         if shots is None:
             return None
+        if self.multilabel_:
+            raise DinoprobeError("few-shot training draws K images per class, and a multi-label image belongs to "
+                                 "several classes (or none), so 'K per class' is no single draw; train on the full "
+                                 "split (drop shots / --shots)")
         if not isinstance(x_tr, torch.Tensor):
             raise DinoprobeError("few-shot training samples rows of in-memory features; drop --views/--max-memory")
         if not (isinstance(tries, (int, np.integer)) and tries >= 1):
@@ -119,6 +139,9 @@ class _Classifier(ClassifierMixin, BaseEstimator):
         source = X if isinstance(X, TrainSource) and not isinstance(X, (torch.Tensor, np.ndarray)) else None
         X = X if source is not None else as_features(X)
         y = as_labels(y, len(X))
+        self.multilabel_ = y.ndim == 2
+        if self.multilabel_:
+            return self._multilabel_train_and_val(X, y, X_val, y_val, fraction, seed, source)
         try:
             self.classes_, y_enc = np.unique(y, return_inverse=True)
         except TypeError:  # e.g. a mix of strings and numbers, or None among the labels
@@ -144,6 +167,45 @@ class _Classifier(ClassifierMixin, BaseEstimator):
                                  "labels must be among the training classes")
         return X, torch.from_numpy(y_enc), X_val, torch.from_numpy(y_val_enc), np.arange(len(y_enc))
 
+    def _multilabel_train_and_val(self, X, y, X_val, y_val, fraction, seed, source):
+        """`_train_and_val` for an (N, classes) indicator y: classes_ are the column numbers, as in scikit-learn's
+        multi-label estimators; validation is carved unstratified (a row belongs to several classes)."""
+        self.classes_ = np.arange(y.shape[1])
+        self.label_dtype_ = y.dtype
+        self.n_features_in_ = int(X.shape[1])
+        y_enc = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+        if not y_enc.any():
+            raise DinoprobeError("y has no positive label at all (every row is all 0); nothing to learn")
+        if X_val is None:
+            if source is not None:
+                raise DinoprobeError("augmented views and streamed features need X_val and y_val")
+            train_pos, val_pos = carve_indices(y_enc, fraction, seed, stratified=False)
+            return X[train_pos], y_enc[train_pos], X[val_pos], y_enc[val_pos], train_pos
+        X_val = self._check_width(as_features(X_val, "X_val"))
+        y_val = as_labels(y_val, len(X_val), "y_val")
+        if y_val.ndim != 2 or y_val.shape[1] != y.shape[1]:
+            raise DinoprobeError(f"y_val must be an indicator matrix with y's {y.shape[1]} columns, got shape "
+                                 f"{y_val.shape}")
+        if len(X_val) == 0:
+            raise DinoprobeError("X_val is empty; pass validation rows or leave X_val out to carve them from X")
+        return X, y_enc, X_val, torch.from_numpy(np.ascontiguousarray(y_val, dtype=np.float32)), np.arange(len(y))
+
+    def _tune_thresholds(self, x_val, y_val):
+        """Multi-label: each class's decision threshold on its probability, the one that maximises its F1 on the
+        validation rows (0.5 for a class without validation positives)."""
+        if self.multilabel_:
+            self.thresholds_ = f1_thresholds(self._validation_probabilities(x_val), y_val.numpy())
+        return self
+
+    def _validation_probabilities(self, x_val) -> np.ndarray:
+        """Probabilities the thresholds are tuned on (LogReg: its train-only model's, as the refit saw val)."""
+        return self._probabilities(self._scores(x_val))
+
+    def _probabilities(self, scores: torch.Tensor) -> np.ndarray:
+        """Softmax over the classes, or each class's sigmoid for multi-label heads."""
+        scores = scores.double()
+        return (torch.sigmoid(scores) if getattr(self, "multilabel_", False) else torch.softmax(scores, 1)).numpy()
+
     def _encode(self, labels: np.ndarray) -> np.ndarray:
         """Positions in classes_; labels never seen in training become -1 (never predicted, always wrong)."""
         pos = np.searchsorted(self.classes_, labels).clip(0, len(self.classes_) - 1)
@@ -160,24 +222,45 @@ class _Classifier(ClassifierMixin, BaseEstimator):
         return self._check_width(as_features(X))
 
     def predict_proba(self, X) -> np.ndarray:
-        return torch.softmax(self._scores(self._features(X)).double(), dim=1).numpy()
+        """(N, classes): class probabilities, or, multi-label, each class's own probability."""
+        return self._probabilities(self._scores(self._features(X)))
 
     def predict(self, X) -> np.ndarray:
+        """Labels (N,), or multi-label the (N, classes) indicator of the classes over their tuned thresholds."""
+        if getattr(self, "multilabel_", False):
+            return (self.predict_proba(X) >= self.thresholds_).astype(self.label_dtype_)
         best = self._scores(self._features(X)).argmax(1).numpy()
         return self.classes_[best]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.non_deterministic = False
+        tags.classifier_tags.multi_label = True
         return tags
+
+
+def f1_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per class, the probability threshold (predict p >= t) with the best F1 on (probabilities, 0/1 targets), from
+    scikit-learn's precision_recall_curve; 0.5 for a class without positives."""
+    from sklearn.metrics import precision_recall_curve
+
+    out = np.full(targets.shape[1], 0.5)
+    for c in range(targets.shape[1]):
+        if targets[:, c].any():
+            precision, recall, cuts = precision_recall_curve(targets[:, c], probabilities[:, c])
+            f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+            out[c] = cuts[int(np.argmax(f1))]
+    return out
 
 
 def class_weights(class_weight, classes: np.ndarray, y_enc: np.ndarray):
     """scikit-learn's class_weight as a float32 tensor over the encoded classes (or None): "balanced" is
     n_rows / (n_classes x rows of the class), by sklearn.utils.class_weight; a dict gives {label: weight}, the
-    classes it leaves out weight 1."""
+    classes it leaves out weight 1. Multi-label y (N, classes): see `label_weights`."""
     if class_weight is None:
         return None
+    if np.ndim(y_enc) == 2:
+        return label_weights(class_weight, classes, np.asarray(y_enc))
     weights = np.ones(len(classes))
     if isinstance(class_weight, str) and class_weight == "balanced":
         from sklearn.utils.class_weight import compute_class_weight
@@ -197,6 +280,31 @@ def class_weights(class_weight, classes: np.ndarray, y_enc: np.ndarray):
         raise DinoprobeError(f"class_weight must be None, 'balanced' or a dict of class -> weight, got "
                              f"{class_weight!r}")
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def label_weights(class_weight, classes: np.ndarray, y: np.ndarray) -> torch.Tensor:
+    """Multi-label class weights as (2, classes): each class's weight on positive and on negative targets.
+    "balanced" is scikit-learn's balanced weights of each class's own binary problem (what
+    OneVsRestClassifier(LogisticRegression(class_weight="balanced")) uses): n / (2 x positives) and
+    n / (2 x negatives); a dict {class: w} is BCEWithLogitsLoss's pos_weight (negatives weight 1)."""
+    n = len(y)
+    positives, negatives = y.sum(0), n - y.sum(0)
+    if isinstance(class_weight, str) and class_weight == "balanced":
+        pos = np.where(positives > 0, n / (2 * np.maximum(positives, 1)), 1.0)
+        neg = np.where(negatives > 0, n / (2 * np.maximum(negatives, 1)), 1.0)
+    elif isinstance(class_weight, dict):
+        unknown = [k for k in class_weight if k not in set(classes.tolist())]
+        if unknown:
+            raise DinoprobeError(f"class_weight names {unknown[:5]}, which are not among the classes "
+                                 f"{classes.tolist()[:10]}")
+        pos = np.array([float(class_weight.get(c, 1.0)) for c in classes.tolist()])
+        neg = np.ones(len(classes))
+        if not (np.isfinite(pos).all() and (pos >= 0).all()):
+            raise DinoprobeError(f"class weights must be finite and >= 0, got {class_weight}")
+    else:
+        raise DinoprobeError(f"class_weight must be None, 'balanced' or a dict of class -> weight, got "
+                             f"{class_weight!r}")
+    return torch.tensor(np.stack([pos, neg]), dtype=torch.float32)
 
 
 def names_for(estimator, names=None) -> list[str]:

@@ -9,11 +9,14 @@ from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.base import _Classifier, as_labels
 from dinoprobe.settings import KNN_KS, KNN_TEMPERATURE
+from dinoprobe.train.ranking import mean_average_precision
 
 
 def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
                max_block: int = 1 << 25) -> dict[int, torch.Tensor]:
     """Weighted k-NN on L2-normalised features (DINO): class scores sum exp(cos / T) over the k nearest.
+    Multi-label train_y (N, classes) 0/1: each class's score is the share of the k neighbours' weight whose rows
+    carry it (per-class weighted votes, in [0, 1]).
 
     The similarity matrix is computed in row blocks of at most `max_block` entries, never whole.
     """
@@ -27,8 +30,12 @@ def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperatu
         sims, idx = (query[start:start + rows] @ train.t()).topk(top, dim=1)
         labels, weights = train_y[idx], (sims / temperature).exp()
         for k in ks:
-            votes = torch.zeros(len(idx), num_classes, device=weights.device)
-            votes.scatter_add_(1, labels[:, :k], weights[:, :k])
+            if labels.dim() == 3:  # multi-label rows (block, top, classes)
+                votes = torch.einsum("qk,qkc->qc", weights[:, :k], labels[:, :k].float())
+                votes /= weights[:, :k].sum(1, keepdim=True)
+            else:
+                votes = torch.zeros(len(idx), num_classes, device=weights.device)
+                votes.scatter_add_(1, labels[:, :k], weights[:, :k])
             out[k][start:start + rows] = votes.cpu()
     return out
 
@@ -36,6 +43,8 @@ def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperatu
 class KNN(_Classifier):
     """DINO's weighted k-NN on L2-normalised features: each of the k nearest training rows (cosine similarity)
     votes for its class with weight exp(similarity / temperature); k chosen from `ks` on validation accuracy.
+    Multi-label y: each class's probability is the share of the neighbours' vote weight carrying it, k chosen on
+    validation macro mAP.
 
     Fitted attributes: best_k_, val_score_per_k_ ({k: accuracy}), classes_, n_features_in_.
     """
@@ -60,7 +69,7 @@ class KNN(_Classifier):
         self.bank_x_, self.bank_y_ = x_tr.to(self.device_), y_tr.to(self.device_)
         scores = knn_scores(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
                             self.temperature)
-        self.val_score_per_k_ = {k: (s.argmax(1) == y_val).sum().item() / len(y_val) for k, s in scores.items()}
+        self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores.items()}
         self.best_k_ = max(self.val_score_per_k_, key=lambda k: (self.val_score_per_k_[k], -k))
         self.best_score_ = self.val_score_per_k_[self.best_k_]
         return self
@@ -70,11 +79,21 @@ class KNN(_Classifier):
                             ks or [self.best_k_], self.temperature)
         return scores if ks else scores[min(self.best_k_, len(self.bank_y_))]
 
-    def score_per_k(self, X, y) -> dict[int, float]:
-        """Accuracy on (X, y) for every k in ks (capped at the number of training rows)."""
-        X, y = self._features(X), self._encode(as_labels(y, len(X)))
-        return {k: float((s.argmax(1).numpy() == y).mean()) for k, s in self._scores(X, sorted(self.ks)).items()}
+    def _score(self, votes: torch.Tensor, y) -> float:
+        """Accuracy of votes (N, classes) against encoded labels, or macro mAP against multi-label rows."""
+        y = torch.as_tensor(y)
+        if self.multilabel_:
+            return float(mean_average_precision(votes, y.float()).nan_to_num(0.0))
+        return (votes.argmax(1) == y).sum().item() / len(y)
 
-    def predict_proba(self, X) -> np.ndarray:
-        votes = self._scores(self._features(X)).double()
+    def score_per_k(self, X, y) -> dict[int, float]:
+        """Accuracy (multi-label: macro mAP) on (X, y) for every k in ks (capped at the number of training rows)."""
+        X, y = self._features(X), as_labels(y, len(X))
+        y = y.astype(np.float32) if self.multilabel_ else self._encode(y)
+        return {k: self._score(s, y) for k, s in self._scores(X, sorted(self.ks)).items()}
+
+    def _probabilities(self, votes: torch.Tensor) -> np.ndarray:
+        votes = votes.double()
+        if self.multilabel_:
+            return votes.numpy()  # already each class's share of the vote
         return (votes / votes.sum(1, keepdim=True).clamp_min(1e-300)).numpy()

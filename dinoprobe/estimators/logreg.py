@@ -18,25 +18,33 @@ from dinoprobe.estimators.base import _Classifier, class_weights, names_for
 from dinoprobe.settings import DEFAULT_C_GRID
 from dinoprobe.train.headfile import save_head
 from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
-from dinoprobe.train.losses import softmax_cross_entropy
+from dinoprobe.train.losses import sigmoid_cross_entropy, softmax_cross_entropy
+from dinoprobe.train.ranking import mean_average_precision
 
 
-def _objective(theta, x, onehot, lam, num_classes, weights=None):
+def _objective(theta, x, onehot, lam, num_classes, weights=None, multilabel=False):
     """Per-problem mean cross-entropy + lam/2 ||W||^2 (intercept unpenalised), and its gradient. (K,), (K,P).
 
     Two classes are scikit-learn's binary problem: one logit z = w.x + b, i.e. softmax over (0, z) with the first
-    class's row held at zero (its gradient is zeroed), so the penalty is lam/2 ||w||^2 as in scikit-learn."""
+    class's row held at zero (its gradient is zeroed), so the penalty is lam/2 ||w||^2 as in scikit-learn.
+    multilabel: `onehot` is the (n, classes) 0/1 targets and each class its own binary problem (one-vs-rest): the
+    sum over classes of each one's mean binary cross-entropy + lam/2 ||w_c||^2, which separates into scikit-learn's
+    per-class objectives, so its optimum is OneVsRestClassifier(LogisticRegression(C))'s."""
     k, (n, d) = theta.shape[0], x.shape
     w = theta[:, : num_classes * d].view(k, num_classes, d)
     b = theta[:, num_classes * d:]
     logits = (x @ w.reshape(k * num_classes, d).t()).view(n, k, num_classes).transpose(0, 1) + b[:, None, :]
     weighted = weights is not None  # scikit-learn's class_weight: each row's loss times its class's weight
-    neg_loss, dlogits = softmax_cross_entropy(logits, onehot * weights if weighted else onehot,
-                                              torch.tensor(float(n), dtype=x.dtype) if weighted else None)
+    if multilabel:  # the loss is a mean over classes too: scale back to a sum of the per-class problems
+        neg_loss, dlogits = sigmoid_cross_entropy(logits, onehot, weights)
+        neg_loss, dlogits = neg_loss * num_classes, dlogits.mul_(num_classes)
+    else:
+        neg_loss, dlogits = softmax_cross_entropy(logits, onehot * weights if weighted else onehot,
+                                                  torch.tensor(float(n), dtype=x.dtype) if weighted else None)
     loss = -neg_loss / n + 0.5 * lam * w.pow(2).sum((1, 2))
     grad_w = torch.bmm(dlogits.transpose(1, 2), x.expand(k, n, d)) + lam[:, None, None] * w
     grad_b = dlogits.sum(1)
-    if num_classes == 2:
+    if num_classes == 2 and not multilabel:
         grad_w[:, 0], grad_b[:, 0] = 0, 0
     return loss, torch.cat([grad_w.reshape(k, -1), grad_b], dim=1)
 
@@ -84,13 +92,14 @@ def _fit_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter:
     k = len(cs)
     ftol = 64 * torch.finfo(dtype).eps  # scipy's L-BFGS-B default in scikit-learn
     lam = 1.0 / (torch.tensor(cs, dtype=dtype, device=x.device) * n)
-    onehot = F.one_hot(y, num_classes).to(dtype)
+    multilabel = y.dim() == 2  # (n, classes) 0/1 targets: one-vs-rest
+    onehot = y.to(dtype) if multilabel else F.one_hot(y, num_classes).to(dtype)
     theta = torch.zeros(k, num_classes * d + num_classes, device=x.device, dtype=dtype)
     S = torch.zeros(k, memory, theta.shape[1], device=x.device, dtype=dtype)
     Y = torch.zeros_like(S)
     rho = torch.zeros(k, memory, device=x.device, dtype=dtype)  # rho = 0 marks an empty history slot
     weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=dtype, device=x.device)
-    f, g = _objective(theta, x, onehot, lam, num_classes, weights)
+    f, g = _objective(theta, x, onehot, lam, num_classes, weights, multilabel)
     iterations = [max_iter] * k
     active = torch.ones(k, dtype=torch.bool, device=x.device)
     bar = tqdm(total=max_iter, desc=desc, unit="iter", disable=not progress, dynamic_ncols=True)
@@ -115,7 +124,7 @@ def _fit_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter:
         todo = torch.arange(len(a), device=x.device)
         for _ in range(20):  # backtracking Armijo line search, all pending problems evaluated together
             trial = theta[a[todo]] + step[todo, None] * direction[todo]
-            tf, tg = _objective(trial, x, onehot, lam[a[todo]], num_classes, weights)
+            tf, tg = _objective(trial, x, onehot, lam[a[todo]], num_classes, weights, multilabel)
             ok = tf <= f[a[todo]] + 1e-4 * step[todo] * slope[todo]
             new_theta[todo[ok]], new_f[todo[ok]], new_g[todo[ok]] = trial[ok], tf[ok], tg[ok]
             todo = todo[~ok]
@@ -162,10 +171,13 @@ def _two_loop(g, S, Y, rho):
 
 
 def fit_logreg_sklearn(x, y, cs, max_iter: int = 1000, tol: float = 1e-4, class_weights=None):
-    """The reference: one scikit-learn fit per C. Returns W (K, C, D), b (K, C) as tensors, and iterations."""
+    """The reference: one scikit-learn fit per C (multi-label y (n, classes): one per C and class, one-vs-rest).
+    Returns W (K, C, D), b (K, C) as tensors, and iterations."""
     from sklearn.linear_model import LogisticRegression
 
     x_np, y_np = np.asarray(x, dtype=np.float64), np.asarray(y)
+    if y_np.ndim == 2:
+        return _fit_one_vs_rest_sklearn(x_np, y_np, cs, max_iter, tol, class_weights)
     ws, bs, iterations = [], [], []
     for c in cs:
         weight = None if class_weights is None else dict(enumerate(np.asarray(class_weights, dtype=float).tolist()))
@@ -176,6 +188,27 @@ def fit_logreg_sklearn(x, y, cs, max_iter: int = 1000, tol: float = 1e-4, class_
             coef, intercept = np.concatenate([0 * coef, coef]), np.concatenate([0 * intercept, intercept])
         ws.append(coef)
         bs.append(intercept)
+    return (torch.tensor(np.stack(ws), dtype=torch.float32), torch.tensor(np.stack(bs), dtype=torch.float32),
+            iterations)
+
+
+def _fit_one_vs_rest_sklearn(x, y, cs, max_iter, tol, class_weights=None):
+    """scikit-learn's LogisticRegression on each class's own 0/1 problem; class_weights (2, classes) are the
+    positive and negative weights of each."""
+    from sklearn.linear_model import LogisticRegression
+
+    constant = [c for c in range(y.shape[1]) if y[:, c].min() == y[:, c].max()]
+    if constant:
+        raise DinoprobeError(f"class(es) {constant[:5]} have only positive or only negative training rows, which "
+                             "scikit-learn's LogisticRegression cannot fit; use solver='torch'")
+    ws, bs, iterations = [], [], []
+    for c in cs:
+        models = [LogisticRegression(C=c, max_iter=max_iter, tol=tol, class_weight=None if class_weights is None else
+                                     {1: float(class_weights[0, j]), 0: float(class_weights[1, j])}).fit(x, y[:, j])
+                  for j in range(y.shape[1])]
+        ws.append(np.concatenate([m.coef_ for m in models]))
+        bs.append(np.concatenate([m.intercept_ for m in models]))
+        iterations.append(max(int(m.n_iter_.max()) for m in models))
     return (torch.tensor(np.stack(ws), dtype=torch.float32), torch.tensor(np.stack(bs), dtype=torch.float32),
             iterations)
 
@@ -243,8 +276,11 @@ class LogReg(_Classifier):
         weights = class_weights(self.class_weight, self.classes_, y_tr.numpy())  # scikit-learn's class_weight
         w, b, iterations = fit_logreg(x_tr, y_tr.to(device), k, cs, self.solver, self.max_iter, self.tol,
                                       self.progress, f"logreg: {len(cs)} C values", weights)
-        val_pred = (torch.einsum("nd,kcd->knc", x_val, w) + b[:, None]).argmax(-1).cpu()
-        self.val_score_per_C_ = ((val_pred == y_val).sum(1) / len(y_val)).tolist()
+        val_scores = (torch.einsum("nd,kcd->knc", x_val, w) + b[:, None]).cpu()
+        if self.multilabel_:  # one-vs-rest: C chosen on validation macro mAP
+            self.val_score_per_C_ = mean_average_precision(val_scores, y_val).nan_to_num(0.0).tolist()
+        else:
+            self.val_score_per_C_ = ((val_scores.argmax(-1) == y_val).sum(1) / len(y_val)).tolist()
         best = int(np.argmax(self.val_score_per_C_))
         self.best_C_, self.Cs_, self.best_score_ = cs[best], cs, self.val_score_per_C_[best]
         self.selection_coef_, self.selection_intercept_ = w[best].cpu(), b[best].cpu()
@@ -270,7 +306,10 @@ class LogReg(_Classifier):
     def selection_predict_proba(self, X) -> np.ndarray:
         """Probabilities from the train-only model at best_C_: honest validation scores, since the final model
         (predict_proba) was refit on the validation data too."""
-        return torch.softmax(self._scores(self._features(X), selection=True).double(), dim=1).numpy()
+        return self._probabilities(self._scores(self._features(X), selection=True))
+
+    def _validation_probabilities(self, x_val) -> np.ndarray:
+        return self._probabilities(self._scores(x_val, selection=True))
 
     def head(self):
         """The fitted model as a linear head (build_head's layout), for run directories and head files."""

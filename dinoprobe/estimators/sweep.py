@@ -32,7 +32,8 @@ class Sweep(_Classifier):
     of its range, is refused before any training starts.
 
     Fitted attributes: results_ (one dict per configuration, in grid order, ready for pandas.DataFrame), configs_,
-    best_index_, best_params_, best_score_, best_estimator_ (a fitted Probe), classes_, n_features_in_.
+    best_index_, best_params_, best_score_, best_estimator_ (a fitted Probe), classes_, n_features_in_. With a
+    multi-label y, configurations are ranked on validation macro mAP (results_' `val_map`) instead of accuracy.
     """
 
     def __init__(self, estimator=None, param_grid=None, preset=None, max_memory=None):
@@ -105,12 +106,13 @@ class Sweep(_Classifier):
                               class_weights=class_weights(base.class_weight, self.classes_, y_tr.numpy()))
         by_config = [results[i * per:(i + 1) * per] for i in range(len(configs))]
         scores = [float(np.mean([r.best_val_acc for r in rs])) for rs in by_config]
+        key = "val_map" if self.multilabel_ else "val_top1"  # what the heads were chosen on
         self.results_ = []
         for (params, _), rs, score in zip(combos, by_config, scores):
-            row = {**params, "val_top1": score, "best_epoch": rs[0].best_epoch, "epochs_run": rs[0].epochs_run,
+            row = {**params, key: score, "best_epoch": rs[0].best_epoch, "epochs_run": rs[0].epochs_run,
                    "group": rs[0].group, "group_size": rs[0].group_size, "group_seconds": round(rs[0].seconds, 3)}
             if tries is not None:
-                row.update({"val_top1_std": sample_std([r.best_val_acc for r in rs]), "tries": per})
+                row.update({f"{key}_std": sample_std([r.best_val_acc for r in rs]), "tries": per})
             diverged = [r.diverged_epoch for r in rs if r.diverged_epoch is not None]
             row["diverged_epoch"] = min(diverged) if diverged else None
             self.results_.append(row)
@@ -122,9 +124,13 @@ class Sweep(_Classifier):
         self.best_params_ = combos[self.best_index_][0]
         self.best_score_ = scores[self.best_index_]
         best = base.set_params(**self.best_params_)
-        best.classes_, best.n_features_in_ = self.classes_, self.n_features_in_
+        best.classes_, best.n_features_in_, best.multilabel_ = self.classes_, self.n_features_in_, self.multilabel_
+        if self.multilabel_:
+            best.label_dtype_ = self.label_dtype_
         fitted = [best._fitted_copy()._set_result(r) for r in by_config[self.best_index_]]
-        best._set_result(by_config[self.best_index_][0])
+        best._set_result(by_config[self.best_index_][0])._tune_thresholds(x_val, y_val)
+        if self.multilabel_:
+            self.thresholds_ = best.thresholds_
         if tries is not None:
             best.few_shot_, best.try_estimators_ = self.few_shot_, fitted
             best.tries_ = [{"seed": t, "train_index": positions[r.numpy()], "val_score": est.best_score_}

@@ -7,13 +7,19 @@ from pathlib import Path
 
 from dinoprobe.runs.metrics import figure
 
-RESULT_FIELDS = ("val_top1", "val_top1_std", "tries", "best_epoch", "epochs_run", "diverged_epoch", "group",
+RESULT_FIELDS = ("val_top1", "val_top1_std", "val_map", "val_map_std", "tries", "best_epoch", "epochs_run", "diverged_epoch", "group",
                  "group_size", "group_seconds")
 
 
+def score_key(rows: list[dict]) -> str:
+    """What the sweep ranked on: val_top1, or val_map for multi-label heads."""
+    return "val_map" if "val_map" in rows[0] else "val_top1"
+
+
 def ranked(rows: list[dict]) -> list[dict]:
-    """Best validation accuracy first; ties keep grid order (the earlier configuration wins, as in the fit)."""
-    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["val_top1"], i))
+    """Best validation score first; ties keep grid order (the earlier configuration wins, as in the fit)."""
+    key = score_key(rows)
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i][key], i))
     return [rows[i] for i in order]
 
 
@@ -36,9 +42,11 @@ def plot_sweep(rows: list[dict], path: Path, title: str = "sweep"):
     differ in marker and dash and are nudged apart by a hair, so identical curves stay visible; the best
     configuration is ringed."""
     varying = [k for k in varying_params(rows) if k != "lr"]
+    score = score_key(rows)
+    what = "val mAP" if score == "val_map" else "val top-1"
     lines: dict[tuple, list] = {}
     for r in rows:
-        lines.setdefault(tuple(str(r.get(k)) for k in varying), []).append((r["lr"], r["val_top1"]))
+        lines.setdefault(tuple(str(r.get(k)) for k in varying), []).append((r["lr"], r[score]))
     fig, ax = figure(8, 5)
     markers, dashes = "os^vD<>ph*", ["-", "--", "-.", ":"]
     spread = 0.004 * (len(lines) > 1)
@@ -49,12 +57,12 @@ def plot_sweep(rows: list[dict], path: Path, title: str = "sweep"):
         ax.plot([p[0] for p in points], [p[1] + nudge for p in points], marker=markers[i % len(markers)],
                 linestyle=dashes[(i // len(markers)) % len(dashes)], markersize=5, alpha=0.85, label=label)
     best = rows[0]  # rows are ranked
-    ax.scatter([best["lr"]], [best["val_top1"]], s=220, facecolors="none", edgecolors="black", linewidths=1.5,
-               zorder=5, label=f"best: val top-1 {best['val_top1']:.4f}")
+    ax.scatter([best["lr"]], [best[score]], s=220, facecolors="none", edgecolors="black", linewidths=1.5,
+               zorder=5, label=f"best: {what} {best[score]:.4f}")
     if len({r["lr"] for r in rows}) > 1:
         ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("best val top-1" + (" (lines nudged apart by 0.004)" if spread else ""))
+    ax.set_ylabel(f"best {what}" + (" (lines nudged apart by 0.004)" if spread else ""))
     ax.set_title(f"{title}: {len(rows)} configurations")
     if len(lines) <= 16:
         ax.legend(fontsize=7)

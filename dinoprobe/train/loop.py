@@ -1,6 +1,7 @@
 """The head-training loop: N >= 1 heads trained side by side on one stream of mini-batches.
 
-A `probe` is a group of one. Heads that see the same mini-batches (same normalisation, batch size, epochs,
+Labels are (rows,) class indices (softmax heads) or an (rows, classes) 0/1 matrix (multi-label: sigmoid heads,
+chosen on validation macro mAP). A `probe` is a group of one. Heads that see the same mini-batches (same normalisation, batch size, epochs,
 warm-up, seed, and train source) and share a shape and an optimiser kind are stacked (stacked.py): each
 mini-batch goes through all of them at once, and one update (update.py) covers them all, with each head's own
 learning rate, weight decay, momentum, label smoothing and dropout. Every head also keeps its own best-on-val
@@ -17,7 +18,8 @@ from tqdm import tqdm
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.train.config import TrainConfig
 from dinoprobe.train.heads import Normalizer
-from dinoprobe.train.losses import smoothed_eye, soft_targets
+from dinoprobe.train.losses import sigmoid_cross_entropy, smoothed_eye, soft_targets, softmax_cross_entropy
+from dinoprobe.train.ranking import mean_average_precision
 from dinoprobe.train.sources import PerHeadRows, TrainSource, as_train_source
 from dinoprobe.train.stacked import StackedHeads
 from dinoprobe.train.update import HeadwiseOptimizer, lr_factors
@@ -37,7 +39,7 @@ class TrainResult:
     best_layers: list
     normalizer: Normalizer
     best_epoch: int = 0
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # the selection score: val accuracy, or macro mAP for multi-label heads
     history: list[dict] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -90,7 +92,9 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
     """Train every config, side by side where they share a stream and a shape; one TrainResult per config.
 
     `train` is an (N, D) tensor or any TrainSource (sources.py): augmented views, a streamed split.
-    `class_weights` (C,) weights each training row's loss by its class, as F.cross_entropy(weight=...) does.
+    `y_train`/`y_val`: (rows,) class indices, or (rows, classes) 0/1 floats for multi-label heads.
+    `class_weights` (C,) weights each training row's loss by its class, as F.cross_entropy(weight=...) does; for
+    multi-label heads (2, C) weights each class's positive and negative targets (sigmoid_cross_entropy).
     `rows`, one index tensor per config, trains each head on its own rows of an in-memory `train` (few-shot
     tries): each head then sees exactly the batches it would see trained alone on train[rows].
     """
@@ -130,10 +134,14 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
     steps_per_epoch = first.epoch_length or -(-n_train // first.batch_size)
     factors = lr_factors(first.epochs, first.warmup_epochs, steps_per_epoch)
     base_lrs = [c.lr for c in configs]
+    multilabel = y_train.dim() == 2
     smoothing = [c.label_smoothing for c in configs]
+    if multilabel and any(smoothing):
+        raise DinoprobeError("label smoothing applies to single-label (softmax) heads; use label_smoothing=0 for "
+                             "multi-label data")
     eye = smoothed_eye(num_classes, smoothing if len(set(smoothing)) > 1 else smoothing[0], device)
     weights = None if class_weights is None else class_weights.to(device, torch.float32)
-    if weights is not None:  # each target row scaled by its class's weight (torch's weighted cross-entropy)
+    if weights is not None and not multilabel:  # each target row scaled by its class's weight (torch's weighted CE)
         eye = eye * weights
     epochs = source.epochs(normalizer, first.batch_size, first.seed, first.epoch_length)
     x_val = normalizer(x_val)
@@ -145,28 +153,37 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
         epoch_lrs = [lr * factors[step] for lr in base_lrs]
         neg_losses, sizes, denoms, preds, targets = [], [], [], [], []
         for features, rows in next(epochs):
-            target = y_train.index_select(0, rows) if rows.dim() == 1 else y_train[rows]  # (B,) or (N, B)
-            denom = None if weights is None else weights[target].sum(-1).view(-1, 1, 1)  # (1 or N, 1, 1)
-            neg_loss, pred = heads.step(features, soft_targets(eye, target), denom)
+            # (B,) or (N, B) labels; multi-label (B, C) or (N, B, C)
+            target = y_train.index_select(0, rows) if rows.dim() == 1 else y_train[rows]
+            if multilabel:
+                neg_loss, _ = heads.step(features, lambda z: sigmoid_cross_entropy(z, target, weights))
+                sizes.append(target.shape[-2])
+            else:
+                denom = None if weights is None else weights[target].sum(-1).view(-1, 1, 1)  # (1 or N, 1, 1)
+                neg_loss, logits = heads.step(features, lambda z: softmax_cross_entropy(z, soft_targets(eye, target),
+                                                                                        denom))
+                sizes.append(target.shape[-1])
+                if denom is not None:
+                    denoms.append(denom.view(-1).expand(n))
+                preds.append(logits.argmax(-1))
+                targets.append(target.view(-1, target.shape[-1]))
             optimizer.step(factors[step])
             step += 1
             neg_losses.append(neg_loss)
-            sizes.append(target.shape[-1])
-            if denom is not None:
-                denoms.append(denom.view(-1).expand(n))
-            preds.append(pred)
-            targets.append(target.view(-1, target.shape[-1]))
         # the epoch's bookkeeping in a few calls rather than a few per step
         step_losses = -torch.stack(neg_losses).cpu().double() / (  # (steps, N): each step's (weighted) mean
             torch.stack(denoms).cpu().double() if denoms else torch.tensor(sizes, dtype=torch.float64)[:, None])
-        hits = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1).tolist()  # (N,)
-        train_acc = [h / sum(sizes) for h in hits]
-        correct = heads.predict(x_val) == y_val  # (N, rows)
-        if weights is None:
-            val_acc = [h / len(y_val) for h in correct.sum(1).tolist()]
-        else:  # chosen by the same weights as the loss: with "balanced" weights, balanced accuracy
-            val_weights = weights[y_val.clamp_min(0)] * (y_val >= 0)
-            val_acc = ((correct.float() @ val_weights) / val_weights.sum()).tolist()
+        if multilabel:  # macro mean average precision on val, every head at once
+            val_acc = mean_average_precision(heads.scores(x_val), y_val).nan_to_num(0.0).tolist()
+        else:
+            hits = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1).tolist()  # (N,)
+            train_acc = [h / sum(sizes) for h in hits]
+            correct = heads.predict(x_val) == y_val  # (N, rows)
+            if weights is None:
+                val_acc = [h / len(y_val) for h in correct.sum(1).tolist()]
+            else:  # chosen by the same weights as the loss: with "balanced" weights, balanced accuracy
+                val_weights = weights[y_val.clamp_min(0)] * (y_val >= 0)
+                val_acc = ((correct.float() @ val_weights) / val_weights.sum()).tolist()
         # a head whose loss or weights left the finite numbers has diverged: it stops, and keeps its last finite best
         finite = torch.isfinite(step_losses).all(0) & (step_losses.mean(0) < DIVERGED_LOSS) & heads.finite()
         for i in torch.nonzero(active & ~finite).flatten().tolist():
@@ -182,7 +199,8 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
             res = results[i]
             res.step_losses += step_losses[:, i].tolist()
             res.history.append({"epoch": epoch, "lr": epoch_lrs[i], "train_loss": step_losses[:, i].mean().item(),
-                                "train_acc": train_acc[i], "val_acc": val_acc[i]})
+                                **({"val_map": val_acc[i]} if multilabel else
+                                   {"train_acc": train_acc[i], "val_acc": val_acc[i]})})
             if improved[i]:
                 res.best_val_acc, res.best_epoch, stale[i] = val_acc[i], epoch, 0
             else:
@@ -191,8 +209,9 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
                     active[i] = False
         bar.update(1)
         if n == 1 and results[0].history:
-            bar.set_postfix(loss=f"{results[0].history[-1]['train_loss']:.4f}",
-                            val_acc=f"{val_acc[0]:.4f}", best=f"{results[0].best_val_acc:.4f}")
+            bar.set_postfix({"loss": f"{results[0].history[-1]['train_loss']:.4f}",
+                             "val_map" if multilabel else "val_acc": f"{val_acc[0]:.4f}",
+                             "best": f"{results[0].best_val_acc:.4f}"})
         if not active.any():
             bar.update(first.epochs - epoch)
             break
@@ -202,5 +221,5 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
         if configs[i].select == "last" and res.diverged_epoch is None and res.history:
             # the final iteration's head, scored on val as it is (DINOv3 reports these)
             res.best_layers, res.best_epoch = heads.head_layers(i), res.history[-1]["epoch"]
-            res.best_val_acc = res.history[-1]["val_acc"]
+            res.best_val_acc = res.history[-1]["val_map" if multilabel else "val_acc"]
     return results

@@ -41,3 +41,23 @@ def softmax_cross_entropy(logits: torch.Tensor, soft: torch.Tensor, denom: torch
     if denom is None:
         return neg_loss, logp.exp_().sub_(soft).div_(logits.shape[-2])
     return neg_loss, logp.exp_().mul_(soft.sum(-1, keepdim=True)).sub_(soft).div_(denom)
+
+
+def sigmoid_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None):
+    """Multi-label heads: (sum over the batch of minus each row's mean binary cross-entropy over the classes, per
+    head (N,); gradient of each head's batch mean w.r.t. its logits (N, B, C)), for logits (N, B, C) and 0/1
+    targets that broadcast to them: torch's BCEWithLogitsLoss (mean over rows and classes), in closed form.
+
+    weights (2, C), optional: each class's weight on a positive target and on a negative one, the loss per entry
+    w_pos t softplus(-z) + w_neg (1 - t) softplus(z) = BCEWithLogitsLoss(weight=w_neg, pos_weight=w_pos / w_neg);
+    its gradient is sigmoid(z) (w_pos t + w_neg (1 - t)) - w_pos t."""
+    rows, classes = logits.shape[-2], logits.shape[-1]
+    targets = targets.expand_as(logits)
+    if weights is None:
+        loss = torch.nn.functional.softplus(logits) - targets * logits
+        grad = torch.sigmoid(logits).sub_(targets)
+    else:
+        positive, negative = weights[0] * targets, weights[1] * (1 - targets)
+        loss = positive * torch.nn.functional.softplus(-logits) + negative * torch.nn.functional.softplus(logits)
+        grad = torch.sigmoid(logits).mul_(positive + negative).sub_(positive)
+    return -loss.sum((-1, -2)) / classes, grad.div_(rows * classes)

@@ -16,7 +16,6 @@ import torch
 
 from dinoprobe.train.config import TrainConfig
 from dinoprobe.train.heads import init_layers
-from dinoprobe.train.losses import softmax_cross_entropy
 
 
 def affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -77,18 +76,23 @@ class StackedHeads:
         return affine(h, *self.layers[1]), (h, gate)
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, soft: torch.Tensor, denom: torch.Tensor | None = None):
-        """One forward and backward of every head, gradients into self.grad. Returns each head's negative loss summed
-        over the batch (N,) and its predictions (N, B). soft: targets (N or 1, B, C), class-weighted with `denom`
-        the batch's summed weights (see softmax_cross_entropy)."""
+    def step(self, x: torch.Tensor, loss):
+        """One forward and backward of every head, gradients into self.grad. `loss(logits)` gives each head's negative
+        loss summed over the batch (N,) and the gradient of its batch loss w.r.t. the logits (N, B, C) (losses.py).
+        Returns the negative losses and the logits."""
         logits, saved = self.forward(x, train=True)
-        neg_loss, g = softmax_cross_entropy(logits, soft, denom)
+        neg_loss, g = loss(logits)
         if self.kind == "mlp":
             h, gate = saved
             affine_backward(h, g, *self.grads[1])
             g = torch.bmm(g, self.layers[1][0]).mul_(gate)  # (N, B, hidden)
         affine_backward(x, g, *self.grads[0])
-        return neg_loss, logits.argmax(-1)
+        return neg_loss, logits
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Eval-mode logits of every head on shared rows, (N, rows, C)."""
+        return torch.cat([self.forward(part)[0] for part in x.split(chunk)], 1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
