@@ -18,6 +18,7 @@ from dinoprobe.settings import (
     KNN_TEMPERATURE,
     PRESETS,
     PROTOCOLS,
+    TASKS,
     TRANSFORMS,
 )
 from dinoprobe.train.config import SETTINGS, check_number, check_value, describe_range, value_type
@@ -136,8 +137,12 @@ class Group(click.Group):
     into one line with exit code 130: every command writes its outputs only when complete, so nothing is half-done."""
 
     def invoke(self, ctx):
+        import warnings
+
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():  # a library warning is one line for the user, not a source location
+                warnings.showwarning = lambda message, *_: _echo_err(f"Warning: {message}")
+                return super().invoke(ctx)
         except DinoprobeError as err:
             raise click.ClickException(str(err)) from None
         except OSError as err:  # a full disk, a read-only folder, a path that vanished: the system's reason, one line
@@ -216,6 +221,11 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--label-column", default=None,
               help="Hugging Face datasets: the label column; tar shards: the label field of .json members "
                    "[default: detected; 'label' in json]")
+@click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True,
+              help="single: one label per image; multilabel: any number (sigmoid heads, mAP); auto: multilabel when "
+                   "some image has several labels or none")
+@click.option("--label-sep", default=None,
+              help="CSV/TSV file lists: the character between several labels in one cell, e.g. '|' (cat|dog)")
 @click.option("--data-dir", default="data", show_default=True, help="Where CIFAR lives / is downloaded")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="timm model name")
 @click.option("--weights", default="hub", show_default=True,
@@ -255,7 +265,8 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--decoder", type=click.Choice(["pil", "torchvision"]), default="pil", show_default=True,
               help="JPEG decoding: pil = timm's reference transform; torchvision = decode_jpeg + tensor resize "
                    "(faster; on the GPU with nvJPEG when extracting on CUDA)")
-def features(data, image_column, label_column, data_dir, model, weights, cache_dir, image_size, batch_size, workers, device,
+def features(data, image_column, label_column, task, label_sep, data_dir, model, weights, cache_dir, image_size,
+             batch_size, workers, device,
              precision, dtype,
              shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_, last_blocks, transform,
              crop_pct, decoder):
@@ -270,14 +281,16 @@ def features(data, image_column, label_column, data_dir, model, weights, cache_d
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
     say = _echo_err if main_process else (lambda *_: None)
     cache_dir = cache_dir or default_cache_dir(data, model, image_size, weights)
-    source = open_source(data, data_dir, val_fraction, image_column=image_column, label_column=label_column)
+    source = open_source(data, data_dir, val_fraction, image_column=image_column, label_column=label_column, task=task,
+                         label_sep=label_sep)
     if precision == "fp16" and "dinov3" in model:
         say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
             "(or auto: bf16 on CUDA)")
     backbone = build_backbone(model, weights, image_size, log=say, transform=transform, crop_pct=crop_pct)
     cfg = backbone.data_config
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
-    say(f"{source.kind} {source.root}: {len(source.classes)} classes; {counts} inputs -> {cache_dir}")
+    say(f"{source.kind} {source.root}: {len(source.classes)} classes{' (multi-label)' if source.multilabel else ''}; "
+        f"{counts} inputs -> {cache_dir}")
     geometry = (f"square resize to {cfg.image_size} x {cfg.image_size}" if cfg.name == "square"
                 else f"resize {cfg.resize_size}, centre crop {cfg.image_size} px")
     say(f"transform {cfg.name}: {geometry} ({cfg.interpolation})")
@@ -372,7 +385,16 @@ def _print_metrics(metrics: dict, out) -> None:
                 click.echo(f"  {split}: top-1 {few[split]['top1_mean']:.4f} ± {few[split]['top1_std']:.4f} "
                            f"(mean ± std over tries)")
     for split in ("val", "test"):
-        if split in metrics:
+        if split in metrics and metrics[split].get("task") == "multilabel":
+            m = metrics[split]
+            number = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+            click.echo(f"{split}: mAP {number(m['map_macro'])} (micro {number(m['map_micro'])}), F1 micro "
+                       f"{number(m['f1_micro'])}, macro {number(m['f1_macro'])}, samples {number(m['f1_samples'])}, "
+                       f"subset accuracy {number(m['subset_accuracy'])} (n={m['n']})")
+            if m["classes_without_positives"]:
+                click.echo(f"  no positive {split} image, so left out of the mAP: "
+                           f"{', '.join(m['classes_without_positives'][:10])}")
+        elif split in metrics:
             m = metrics[split]
             top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
             click.echo(f"{split}: top-1 {m['top1']:.4f}{top5}, balanced {m['balanced_accuracy']:.4f} (n={m['n']})")
@@ -476,21 +498,26 @@ def probe(cache_dir, out, overwrite, shots, tries, feature, class_weight, views,
               help="An ONNX export instead of --run: runs with ONNX Runtime, numpy and PIL only (no torch)")
 @click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head file]")
 @click.option("--allow-weights-mismatch", is_flag=True, help="Use weights whose sha256 differs from training's")
-@click.option("--top-k", "topk", type=POSITIVE_INT, default=5, show_default=True, help="Labels per image")
+@click.option("--top-k", "topk", type=POSITIVE_INT, default=5, show_default=True,
+              help="Labels per image (single-label heads)")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Multi-label heads: report every class with at least this probability [default: each class's "
+                   "threshold tuned on val, stored with the head]")
 @click.option("--batch-size", type=POSITIVE_INT, default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, help=WORKERS_HELP)
 @DEVICE_OPTION
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, batch_size, workers, device, fmt, paths):
-    """Top-k labels for image files and folders (recursively) with a trained head (--run) or an ONNX export
-    (--model)."""
+def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, threshold, batch_size, workers, device, fmt,
+            paths):
+    """Top-k labels (multi-label heads: every label over its threshold) for image files and folders (recursively)
+    with a trained head (--run) or an ONNX export (--model)."""
     if (head_path is None) == (onnx_path is None):
         raise click.UsageError("give one of --run RUN_DIR or --model MODEL.onnx")
     if onnx_path is not None:
         from dinoprobe.runs.onnx_predict import OnnxClassifier
 
-        results, errors = OnnxClassifier(onnx_path).predict(paths, topk, batch_size)
+        results, errors = OnnxClassifier(onnx_path).predict(paths, topk, batch_size, threshold)
     else:
         from dinoprobe.runs.predict import backbone_for_head
         from dinoprobe.runs.predict import predict as run_predict
@@ -498,15 +525,25 @@ def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, batch_s
 
         head_file = load_head_file(head_path)
         backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
-        results, errors = run_predict(head_file, backbone, paths, topk, batch_size, workers, device)
+        results, errors = run_predict(head_file, backbone, paths, topk, batch_size, workers, device,
+                                      threshold=threshold)
     _print_predictions(results, errors, fmt, topk)
 
 
 def _print_predictions(results: list[dict], errors: list, fmt: str, topk: int) -> None:
     for path, reason in errors:
         _echo_err(f"skipped {path}: {reason}")
+    multilabel = bool(results) and "all_probabilities" in results[0]
     if fmt == "json":
         click.echo(json.dumps(results, indent=1, ensure_ascii=False))
+    elif fmt == "csv" and multilabel:  # the predicted labels, then one probability column per class
+        import csv
+
+        names = list(results[0]["all_probabilities"])
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "labels"] + [f"probability_{name}" for name in names])
+        for r in results:
+            writer.writerow([r["path"], "|".join(r["labels"])] + [r["all_probabilities"][n] for n in names])
     elif fmt == "csv":
         import csv
 
@@ -519,7 +556,7 @@ def _print_predictions(results: list[dict], errors: list, fmt: str, topk: int) -
         width = max((len(r["path"]) for r in results), default=4)
         for r in results:
             labels = "  ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"]))
-            click.echo(f"{r['path']:<{width}}  {labels}")
+            click.echo(f"{r['path']:<{width}}  {labels or '(no label over its threshold)' if multilabel else labels}")
     if not results and errors:
         raise DinoprobeError("no input could be read")
 
@@ -597,7 +634,7 @@ def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, class_weight
     from dinoprobe.estimators.probe import Probe
     from dinoprobe.estimators.sweep import Sweep
     from dinoprobe.runs.experiments import run_sweep
-    from dinoprobe.runs.sweep_table import varying_params
+    from dinoprobe.runs.sweep_table import score_key, varying_params
 
     given = {k: v for k, v in lists.items() if v is not None}
     if preset:  # everything given overrides the preset's settings, so it goes into the grid
@@ -611,7 +648,7 @@ def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, class_weight
     features = feature or (list(PROTOCOLS[preset]["features"]) if preset else ["cls"])
     rows, metrics = run_sweep(cache_dir, out, search, features=features, views=views, max_memory=max_memory,
                               overwrite=overwrite)
-    columns = varying_params(rows) + ["best_epoch", "val_top1"]
+    columns = varying_params(rows) + ["best_epoch", score_key(rows)]
     click.echo("  ".join(f"{c:>12}" for c in columns))
     for row in rows[:show]:
         click.echo("  ".join(f"{row[c]:>12.4g}" if isinstance(row[c], float) else f"{str(row[c]):>12}"
@@ -682,7 +719,8 @@ def logreg(cache_dir, out, overwrite, shots, tries, protocol, feature, normalize
                      device=device, progress=True)
     metrics = run_logreg(cache_dir, out, estimator, feature=feature, overwrite=overwrite)
     best = estimator.val_score_per_C_[estimator.Cs_.index(estimator.best_C_)]
-    click.echo(f"best C {estimator.best_C_:.3g} (val top-1 {best:.4f} of {len(estimator.Cs_)} values)")
+    what = "val mAP" if estimator.multilabel_ else "val top-1"
+    click.echo(f"best C {estimator.best_C_:.3g} ({what} {best:.4f} of {len(estimator.Cs_)} values)")
     _print_metrics(metrics, f"{out} (head.pt is a linear head usable by predict)")
 
 
@@ -701,8 +739,10 @@ def knn(cache_dir, out, overwrite, shots, tries, feature, ks, temperature, devic
 
     estimator = KNN(ks=tuple(ks), temperature=temperature, shots=shots, tries=tries, device=device)
     metrics = run_knn(cache_dir, out, estimator, feature=feature, overwrite=overwrite)
-    for split, accs in metrics["top1_per_k"].items():
-        click.echo(f"{split}: " + ", ".join(f"k={k} {a:.4f}" for k, a in accs.items()))
+    per_k = "map_per_k" if estimator.multilabel_ else "top1_per_k"
+    for split, scores in metrics[per_k].items():
+        click.echo(f"{split} {'mAP' if estimator.multilabel_ else 'top-1'}: "
+                   + ", ".join(f"k={k} {a:.4f}" for k, a in scores.items()))
     click.echo(f"chosen k={estimator.best_k_}")
     _print_metrics(metrics, out)
 

@@ -44,3 +44,6 @@ PROTOCOLS = {
 PRESETS = ("dinov3-linear", "dinov2-linear")
 # `dinoprobe evaluate --protocol NAME`: the linear preset it runs (logistic regression and k-NN are DINOv3's in both)
 EVAL_SUITES = {"dinov3": "dinov3-linear", "dinov2": "dinov2-linear"}
+
+# `features --task`: one label per image, any number (sigmoid heads, chosen on mAP), or detected from the data
+TASKS = ("auto", "single", "multilabel")

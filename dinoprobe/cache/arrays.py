@@ -9,6 +9,7 @@ This is the estimators' cache loader::
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,7 +79,8 @@ class AugmentedViews:
 
 @dataclass
 class FeatureSplits:
-    """Features (N, D) and labels (N,) per split, plus what a head file needs to remember about the cache.
+    """Features (N, D) and labels (N,) per split (multi-label: (N, classes) 0/1 floats), plus what a head file needs
+    to remember about the cache.
 
     `X_train` is what training reads: the train features, their augmented views (views=True) or a streamed split
     (max_memory exceeded). `x["train"]` is the plain tensor, or None when streamed."""
@@ -131,11 +133,17 @@ class FeatureSplits:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.y["train"].dim() == 2
+
 
 def check_labels(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) -> None:
     """Before any training: every label names a class of the cache, train holds at least two classes, and val
     and test hold none that train lacks (a head can never predict those: model selection and balanced accuracy
-    would be silently wrong)."""
+    would be silently wrong). Multi-label caches: see check_label_sets."""
+    if y["train"].dim() == 2:
+        return check_label_sets(cache_dir, classes, y)
     for split, labels in y.items():
         outside = sorted({int(v) for v in labels.tolist() if not 0 <= v < len(classes)})
         if outside:
@@ -153,6 +161,24 @@ def check_labels(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) -> N
             raise DinoprobeError(f"cache {cache_dir}: {split} holds class(es) {names[:5]} that are not in train; a "
                                  "head cannot predict them — add training images of those classes, or drop them "
                                  f"from {split}")
+
+
+def check_label_sets(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) -> None:
+    """Multi-label caches: every split has one column per class; train has positives; a class without positive
+    training rows (its head learns "never") or without positive validation rows (left out of the val mAP) is named
+    in a warning."""
+    for split, labels in y.items():
+        if labels.shape[1] != len(classes):
+            raise DinoprobeError(f"cache {cache_dir}: {split} labels have {labels.shape[1]} columns for "
+                                 f"{len(classes)} classes; the cache is damaged — rebuild it with --overwrite")
+    if not y["train"].any():
+        raise DinoprobeError(f"cache {cache_dir}: no train image has any label; nothing to learn")
+    for split, what in (("train", "its head can only learn to say no"), ("val", "left out of the val mAP")):
+        if split in y and len(y[split]):
+            absent = [classes[i] for i in (y[split].sum(0) == 0).nonzero().flatten().tolist()]
+            if absent:
+                warnings.warn(f"cache {cache_dir}: {len(absent)} class(es) have no positive {split} image ({what}): "
+                              f"{', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}", stacklevel=3)
 
 
 def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True, views: bool = False,
@@ -189,7 +215,8 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     for split in manifest["splits"]:
         rows[split] = cache.load(cache_dir, split, () if split == "train" and streamed else columns(parts),
                                  manifest=manifest, reader=reader)
-        y[split] = torch.from_numpy(rows[split]["label"].astype(np.int64))
+        label = cache.label_column(manifest)
+        y[split] = torch.from_numpy(rows[split][label].astype(np.float32 if label == "labels" else np.int64))
     classes = manifest["classes"]
     if "train" not in y or len(y["train"]) == 0:
         raise DinoprobeError(f"cache {cache_dir} has an empty train split; nothing to train on")

@@ -5,6 +5,9 @@ Layout (the contract every later stage and users' own scripts read)::
     CACHE/manifest.json            fingerprint, classes, per-split shards (rows, sha256) and skipped inputs
     CACHE/<split>/shard-NNNNN.h5   cls (N,D), patch_mean (N,D), label (N,), index (N,), path (N,) utf-8
 
+A multi-label cache (manifest "task": "multilabel") holds `labels` (N, classes) uint8, 1 where the image has the
+class, instead of `label`; single-label caches keep the format above.
+
 Shard NNNNN covers inputs [NNNNN*shard_size, (NNNNN+1)*shard_size) of its split's file list, so what a shard
 holds does not depend on who computed it. A shard is written under a temporary name and renamed when complete,
 then recorded in the manifest (itself replaced atomically): a crash loses at most the shards in flight.
@@ -31,6 +34,11 @@ FORMAT_VERSION = 1
 FEATURE_KINDS = ("cls", "patch_mean")
 BLOCK_KINDS = ("cls_blocks",)  # (N, B, D): the CLS token of each of the last B blocks (--last-blocks B)
 VIEW_KINDS = ("cls_views", "patch_mean_views")  # (N, K, D): K augmented views per train image (--views K)
+
+
+def label_column(manifest: dict) -> str:
+    """The shards' label dataset: `label` (N,) class indices, or `labels` (N, classes) 0/1 for multi-label caches."""
+    return "labels" if manifest.get("task") == "multilabel" else "label"
 
 
 def now() -> str:
@@ -122,7 +130,10 @@ def write_shard(cache_dir: Path, split: str, number: int, start: int, stop: int,
             for kind in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS):
                 if kind in rows:
                     fh.create_dataset(kind, data=rows[kind].astype(dtype, copy=False))
-            fh.create_dataset("label", data=rows["label"].astype(np.int64, copy=False))
+            if "labels" in rows:  # multi-label: (N, classes) 0/1
+                fh.create_dataset("labels", data=rows["labels"].astype(np.uint8, copy=False))
+            else:
+                fh.create_dataset("label", data=rows["label"].astype(np.int64, copy=False))
             fh.create_dataset("index", data=rows["index"].astype(np.int64, copy=False))
             fh.create_dataset("path", data=np.asarray(rows["path"], dtype=object),
                               dtype=h5py.string_dtype("utf-8"))
@@ -255,8 +266,14 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
                 continue
             try:
                 with h5py.File(path, "r") as fh:
-                    lengths = {k: len(fh[k]) for k in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS, "label", "index", "path")
-                               if k in fh}
+                    lengths = {k: len(fh[k]) for k in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS, "label", "labels",
+                                                       "index", "path") if k in fh}
+                    label = label_column(manifest)
+                    if label not in fh or (label == "labels" and fh[label].shape[1:] != (len(manifest["classes"]),)):
+                        problems.append(f"{shard['file']}: no {label} dataset for its {len(manifest['classes'])} "
+                                        f"classes (a {'multi' if label == 'labels' else 'single'}-label cache); "
+                                        f"delete it and {fix}")
+                        continue
                     index = fh["index"][...]
             except Exception as err:
                 problems.append(f"{shard['file']}: unreadable HDF5 ({err}); delete it and {fix}")
@@ -291,7 +308,8 @@ def open_manifest(cache_dir: str | Path, verify_cache: bool = True) -> dict:
 def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FEATURE_KINDS,
          verify_cache: bool = True, manifest: dict | None = None, reader: ShardReader | None = None
          ) -> dict[str, np.ndarray]:
-    """Read one split into memory: ``{feature: (N, D), 'label': (N,), 'index': (N,), 'path': (N,)}``.
+    """Read one split into memory: ``{feature: (N, D), 'label': (N,), 'index': (N,), 'path': (N,)}``, with
+    ``'labels': (N, classes)`` 0/1 in place of 'label' for a multi-label cache.
 
     Rows come in `index` order; every shard's sha256 is checked as it is read (unless verify_cache=False).
     This is the public API for reading caches in your own code::
@@ -314,13 +332,15 @@ def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FE
             or (any(f in VIEW_KINDS for f in features) and split != "train"):
         raise DinoprobeError(f"cache {cache_dir} has no augmented views for '{split}'; build it with "
                              "`dinoprobe features --views K`")
-    columns = (*features, "label", "index", "path")
+    label = label_column(manifest)
+    columns = (*features, label, "index", "path")
     reader = reader or ShardReader(cache_dir, check_hashes=verify_cache)
     parts = [reader.read(s, columns)
              for s in sorted(manifest["splits"][split]["shards"], key=lambda s: s["start"])]
     if not parts:
         dim = manifest.get("feature_dim", 0)
-        return {**{f: np.zeros((0, dim), np.float32) for f in features}, "label": np.zeros(0, np.int64),
+        empty = np.zeros((0, len(manifest["classes"])), np.uint8) if label == "labels" else np.zeros(0, np.int64)
+        return {**{f: np.zeros((0, dim), np.float32) for f in features}, label: empty,
                 "index": np.zeros(0, np.int64), "path": np.zeros(0, object)}
     return {col: np.concatenate([p[col] for p in parts]) for col in columns}
 

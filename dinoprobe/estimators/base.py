@@ -195,6 +195,8 @@ class _Classifier(ClassifierMixin, BaseEstimator):
         validation rows (0.5 for a class without validation positives)."""
         if self.multilabel_:
             self.thresholds_ = f1_thresholds(self._validation_probabilities(x_val), y_val.numpy())
+        else:  # a refit on single-label data must not keep an earlier multi-label fit's thresholds
+            self.__dict__.pop("thresholds_", None)
         return self
 
     def _validation_probabilities(self, x_val) -> np.ndarray:

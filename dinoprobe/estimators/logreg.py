@@ -321,4 +321,5 @@ class LogReg(_Classifier):
         check_is_fitted(self)
         head, spec = self.head()
         config = {"method": "logreg", "normalize": self.normalize, "solver": self.solver, "best_C": self.best_C_}
-        return save_head(path, head, spec, self.normalizer_, names_for(self, class_names), cache, config)
+        return save_head(path, head, spec, self.normalizer_, names_for(self, class_names), cache, config,
+                         getattr(self, "thresholds_", None))

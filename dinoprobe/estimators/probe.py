@@ -120,7 +120,7 @@ class Probe(_Classifier):
         check_is_fitted(self)
         spec = HeadSpec.of(self.config_, self.n_features_in_, len(self.classes_))
         return save_head(path, self.head_, spec, self.normalizer_, names_for(self, class_names), cache,
-                         self.config_.to_dict())
+                         self.config_.to_dict(), getattr(self, "thresholds_", None))
 
 
 def diverged_message(result) -> str:

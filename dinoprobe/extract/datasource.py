@@ -11,7 +11,7 @@ import numpy as np
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.transforms import DataConfig
-from dinoprobe.settings import DEFAULT_MAX_PIXELS
+from dinoprobe.settings import DEFAULT_MAX_PIXELS, TASKS
 from dinoprobe.splits import carve_val
 
 SPLITS = ("train", "val", "test")
@@ -27,11 +27,17 @@ class DataSource:
     kind: str  # folder | csv | hf | webdataset | cifar10 | cifar100
     root: str
     classes: list[str]
-    splits: dict[str, list[tuple[str, int]]]  # (key: a file path, or a source's key such as tar#name), label
+    # (key: a file path, or a source's key such as tar#name, label); multi-label: label is a tuple of class indices
+    splits: dict[str, list[tuple[str, int | tuple[int, ...]]]]
     val_split: dict | None = None  # how val was carved from train, when it was
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # CIFAR pixels per split
     reader: object | None = field(default=None, repr=False)  # key -> encoded bytes, for keys that are not files
     content_id: str = ""  # what identifies the content beyond the keys (sources.py)
+    task: str = "single"  # single | multilabel
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     def file_list_sha256(self) -> str:
         """Identifies the inputs: every split's keys, labels and sizes (of files, or of their encoded bytes as
@@ -55,19 +61,46 @@ class DataSource:
         """decode: encoded image -> uint8 tensor, replacing PIL (see decode.py); arrays need none."""
         from dinoprobe.extract.datasets import ArrayDataset, ImageFileDataset
 
+        samples = self.splits[split]
+        if self.multilabel:  # the loader carries class indices only; the shard writer reads label sets by index
+            samples = [(key, -1) for key, _ in samples]
         if self.encoded:
-            return ImageFileDataset(self.splits[split], config, max_pixels, views, decode, self.reader)
+            return ImageFileDataset(samples, config, max_pixels, views, decode, self.reader)
         return ArrayDataset(self.arrays[split], self.splits[split], views)
 
 
-def with_val(kind, root, classes, splits, val_fraction, seed, reader=None, content_id="") -> DataSource:
-    """A DataSource, with val carved (stratified, seeded) from train when the source has none."""
+def with_val(kind, root, classes, splits, val_fraction, seed, reader=None, content_id="",
+             task: str = "single") -> DataSource:
+    """A DataSource, with val carved (seeded; stratified for single-label rows) from train when the source has none."""
     if not splits.get("train"):
         raise DinoprobeError(f"{root}: no training rows found; the source needs a train split")
+    if len(classes) < 2:
+        raise DinoprobeError(f"{root}: the labels name {len(classes)} class(es) {list(classes)[:2]}; a classifier "
+                             "needs at least 2")
     val_split = None
     if not splits.get("val"):
         splits["train"], splits["val"] = carve_val(splits["train"], val_fraction, seed)
-        val_split = {"from": "train", "fraction": val_fraction, "seed": seed, "stratified": True}
+        val_split = {"from": "train", "fraction": val_fraction, "seed": seed, "stratified": task != "multilabel"}
     order = [s for s in ("train", "val", "test") if splits.get(s)]
     return DataSource(kind, root, classes, {s: splits[s] for s in order}, val_split, reader=reader,
-                      content_id=content_id)
+                      content_id=content_id, task=task)
+
+
+def label_sets(rows: list, task: str, where: str) -> str:
+    """The task of labelled rows [(label tuple, row name)]: multilabel when asked, or (auto) when any row holds
+    several labels or none; single-label otherwise. Refuses --task single for rows that are not one label each."""
+    if task not in TASKS:
+        raise DinoprobeError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    odd = next(((labels, name) for labels, name in rows if len(labels) != 1), None)
+    if task == "single" and odd is not None:
+        raise DinoprobeError(f"{where}: {odd[1]} has {len(odd[0])} labels {list(odd[0])[:5]}, and --task single "
+                             "takes exactly one per image; use --task multilabel (or auto)")
+    return "multilabel" if task == "multilabel" or (task == "auto" and odd is not None) else "single"
+
+
+def indicator(label_tuples: list, num_classes: int) -> np.ndarray:
+    """(rows, classes) uint8, 1 where a row has the class: the cache's multi-label `labels`."""
+    out = np.zeros((len(label_tuples), num_classes), np.uint8)
+    for row, labels in enumerate(label_tuples):
+        out[row, list(labels)] = 1
+    return out

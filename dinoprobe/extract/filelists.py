@@ -22,10 +22,11 @@ import json
 import os
 import re
 import tarfile
+import warnings
 from pathlib import Path
 
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.datasource import SPLIT_NAMES, DataSource, with_val
+from dinoprobe.extract.datasource import SPLIT_NAMES, DataSource, label_sets, with_val
 from dinoprobe.extract.decode import SkippedInput
 from dinoprobe.network import hub_endpoint, reachable
 
@@ -55,9 +56,13 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
     return [cell.strip() for cell in table[0]], table[1:]
 
 
-def csv_source(path: Path, val_fraction: float, seed: int) -> DataSource:
+def csv_source(path: Path, val_fraction: float, seed: int, task: str = "auto", label_sep: str | None = None
+               ) -> DataSource:
     """`path,label[,split]` rows (a header line names the columns, in any case); relative paths resolve against the
-    file's folder; labels are class names; split is train, val (or valid, validation) or test, train when empty."""
+    file's folder; labels are class names; split is train, val (or valid, validation) or test, train when empty.
+
+    Multi-label: with `label_sep` a label cell holds several names (`cat|dog`) and an empty cell is an image with
+    no label; the task is multilabel when asked, or (task auto) when some row has other than one label."""
     header, table = read_table(path)
     columns = {name.lower(): i for i, name in enumerate(header)}
     if not {"path", "label"} <= set(columns):
@@ -65,29 +70,42 @@ def csv_source(path: Path, val_fraction: float, seed: int) -> DataSource:
                              f"{header}; rename the columns in the first line")
     if not table:
         raise DinoprobeError(f"{path}: the header has no rows under it; list one image per line")
+    if label_sep is not None and (not label_sep or label_sep.strip() != label_sep or label_sep == ","):
+        raise DinoprobeError(f"--label-sep {label_sep!r}: use one visible character that is not the file's "
+                             "delimiter, e.g. '|' or ';'")
     rows = []
     for number, cells in enumerate(table, start=2):
         if len(cells) != len(header):
             raise DinoprobeError(f"{path}:{number}: {len(cells)} cell(s) where the header has {len(header)} "
                                  f"({', '.join(header)}); fix that line")
         row = {name: cells[i].strip() for name, i in columns.items()}
-        if not row["path"] or not row["label"]:
-            raise DinoprobeError(f"{path}:{number}: a row without a {'path' if not row['path'] else 'label'}; "
-                                 "every image needs both")
-        rows.append((number, row))
-    classes = sorted({row["label"] for _, row in rows})
+        if not row["path"]:
+            raise DinoprobeError(f"{path}:{number}: a row without a path; every image needs one")
+        cell = row["label"]
+        names = [n.strip() for n in cell.split(label_sep)] if label_sep else [cell]
+        rows.append((number, row, tuple(dict.fromkeys(n for n in names if n))))
+    if label_sep and not any(label_sep in row["label"] for _, row, _ in rows):
+        warnings.warn(f"{path}: --label-sep {label_sep!r} never occurs in the label column; every image has at most "
+                      "one label", stacklevel=2)
+    unlabelled = next((number for number, _, names in rows if not names), None)
+    if unlabelled is not None and task != "multilabel" and not label_sep:
+        raise DinoprobeError(f"{path}:{unlabelled}: a row without a label; every image needs one (for multi-label "
+                             "data, where an image may have none, pass --task multilabel and --label-sep)")
+    task = label_sets([(names, f"line {number}") for number, _, names in rows], task, str(path))
+    classes = sorted({name for _, _, names in rows for name in names})
     if len(classes) < 2:
         raise DinoprobeError(f"{path}: the label column holds only {classes}; a classifier needs at least 2 classes")
     label_of = {name: i for i, name in enumerate(classes)}
     splits: dict[str, list] = {}
-    for number, row in rows:
+    for number, row, names in rows:
         split = SPLIT_NAMES.get((row.get("split") or "train").lower())
         if split is None:
             raise DinoprobeError(f"{path}:{number}: split {row['split']!r} is not train, val or test")
         file = Path(row["path"])
         file = file if file.is_absolute() else path.parent / file
-        splits.setdefault(split, []).append((str(file.resolve()), label_of[row["label"]]))
-    return with_val("csv", str(path.resolve()), classes, splits, val_fraction, seed)
+        label = tuple(sorted(label_of[n] for n in names)) if task == "multilabel" else label_of[names[0]]
+        splits.setdefault(split, []).append((str(file.resolve()), label))
+    return with_val("csv", str(path.resolve()), classes, splits, val_fraction, seed, task=task)
 
 
 # --------------------------------------------------------------------------------------- Hugging Face
@@ -139,8 +157,9 @@ def _pick(names, wanted, preferred, what, option, available):
 
 
 def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | None = None,
-              label_column: str | None = None) -> DataSource:
-    """A save_to_disk folder, a folder of hub-layout Parquet files, or hf:OWNER/NAME[:CONFIG] from the hub."""
+              label_column: str | None = None, task: str = "auto") -> DataSource:
+    """A save_to_disk folder, a folder of hub-layout Parquet files, or hf:OWNER/NAME[:CONFIG] from the hub. A label
+    column of lists (Sequence/List of ClassLabel or of names) is multi-label data."""
     datasets = _datasets()
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
@@ -182,7 +201,8 @@ def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | Non
         raise DinoprobeError(f"{spec}: no train split (splits: {sorted(loaded)})")
     features = tables["train"].features
     images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
-    labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)
+              or isinstance(getattr(f, "feature", None), datasets.ClassLabel)]
     image_column = _pick(images, image_column, IMAGE_COLUMNS, "images", "--image-column", features)
     label_column = _pick(labels, label_column, LABEL_COLUMNS, "labels", "--label-column", features)
     if isinstance(features[image_column], datasets.Value):
@@ -190,17 +210,35 @@ def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | Non
                              f"the image column with --image-column (columns: {sorted(features)})")
     feature = features[label_column]
     values = {split: table[label_column] for split, table in tables.items()}
+    # a list column (Sequence/List of ClassLabel or of names) is multi-label: each row a list of classes
+    inner = getattr(feature, "feature", None) if not isinstance(feature, (datasets.ClassLabel, datasets.Value)) else None
+    listed = inner is not None
+    names_of = inner if listed else feature
     unlabelled = {f"hf:{root}:{split}:{row}" for split, vs in values.items() for row, v in enumerate(vs)
-                  if v is None or (isinstance(feature, datasets.ClassLabel) and v == -1)}
-    if isinstance(feature, datasets.ClassLabel):
-        classes, to_index = list(feature.names), int
+                  if v is None or (not listed and isinstance(feature, datasets.ClassLabel) and v == -1)}
+    as_list = (lambda v: list(v)) if listed else (lambda v: [v])  # noqa: E731
+    if isinstance(names_of, datasets.ClassLabel):
+        classes, to_index = list(names_of.names), int
     else:
-        classes = sorted({str(v) for vs in values.values() for v in vs if v is not None})
+        classes = sorted({str(x) for vs in values.values() for v in vs if v is not None for x in as_list(v)})
         position = {name: i for i, name in enumerate(classes)}
         to_index = lambda v: position[str(v)]  # noqa: E731
+    rows = [(tuple(as_list(v)), f"{split} row {row}") for split, vs in values.items() for row, v in enumerate(vs)
+            if f"hf:{root}:{split}:{row}" not in unlabelled]
+    if listed and any(x is None or (isinstance(names_of, datasets.ClassLabel) and not 0 <= x < len(classes))
+                      for labels, _ in rows for x in labels):
+        raise DinoprobeError(f"{spec}: column {label_column!r} holds a label outside its {len(classes)} class names "
+                             "(or None); fix those rows")
+    task = label_sets(rows, task, spec)
+
+    def label(v):
+        if task == "multilabel":
+            return tuple(sorted({to_index(x) for x in as_list(v)}))
+        return to_index(as_list(v)[0])
+
     # unlabelled rows keep their place (their `index`) and are skipped at extraction with the reason, as unreadable
     # images are; their placeholder class is never stored
-    splits = {split: [(key, 0 if key in unlabelled else to_index(v))
+    splits = {split: [(key, (() if task == "multilabel" else 0) if key in unlabelled else label(v))
                       for row, v in enumerate(vs) for key in [f"hf:{root}:{split}:{row}"]]
               for split, vs in values.items()}
     tables = {split: t.cast_column(image_column, datasets.Image(decode=False)).select_columns([image_column])
@@ -210,7 +248,7 @@ def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | Non
         content.update(f"{Path(file).name}\t{Path(file).stat().st_size}\n".encode())
     content.update(f"{spec}\t{image_column}\t{label_column}\t{getattr(loaded, '_fingerprint', '')}".encode())
     return with_val("hf", root, classes, splits, val_fraction, seed, HFReader(tables, image_column, unlabelled),
-                    content.hexdigest())
+                    content.hexdigest(), task)
 
 
 def _hub_or_fail(name: str) -> None:
@@ -342,14 +380,23 @@ def _read_label(path: str, member, data: bytes, ext: str, label_field: str):
     if not isinstance(record, dict) or label_field not in record:
         raise DinoprobeError(f"{where} has no field {label_field!r}; name the label field with --label-column")
     label = record[label_field]
+    if isinstance(label, list):  # multi-label: a list of class names or indices (possibly empty)
+        if len(label) > 100_000:
+            raise DinoprobeError(f"{where}: {len(label):,} labels in one sample")
+        return tuple(_check_label(where, v) for v in label)
+    return _check_label(where, label)
+
+
+def _check_label(where: str, label):
     if isinstance(label, bool) or not isinstance(label, (int, str)) or (isinstance(label, int) and label < 0):
         raise DinoprobeError(f"{where}: label {label!r} is not a class name or a non-negative class index")
     return label
 
 
-def webdataset_source(spec: str, val_fraction: float, seed: int, label_field: str | None = None) -> DataSource:
+def webdataset_source(spec: str, val_fraction: float, seed: int, label_field: str | None = None,
+                      task: str = "auto") -> DataSource:
     """A folder whose train/, val/, test/ subfolders hold .tar shards, or `train=PATTERN;val=PATTERN` with
-    brace patterns for shards elsewhere."""
+    brace patterns for shards elsewhere. A .json label field holding a list makes the sample multi-label."""
     if Path(spec).is_dir():
         shards = {split: sorted(str(p.resolve()) for p in (Path(spec) / split).glob("*.tar"))
                   for split in ("train", "val", "test") if (Path(spec) / split).is_dir()}
@@ -366,10 +413,13 @@ def webdataset_source(spec: str, val_fraction: float, seed: int, label_field: st
         raise DinoprobeError(f"tar shards not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     field = label_field or "label"
     indexed = {split: [s for tar in files for s in _index_tar(tar, field)] for split, files in shards.items()}
-    names = sorted({str(label) for samples in indexed.values() for _, _, label in samples},
+    as_tuple = lambda label: label if isinstance(label, tuple) else (label,)  # noqa: E731
+    task = label_sets([(as_tuple(label), key) for samples in indexed.values() for key, _, label in samples], task,
+                      spec)
+    names = sorted({str(x) for samples in indexed.values() for _, _, label in samples for x in as_tuple(label)},
                    key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
     rows = sum(len(samples) for samples in indexed.values())
-    if all(n.isdigit() for n in names):  # integer labels: classes 0..max, as written
+    if names and all(n.isdigit() for n in names):  # integer labels: classes 0..max, as written
         top = max(int(n) for n in names)
         if top >= max(rows, 1) * 10:  # a class index far beyond the rows is a corrupt label, not a class list
             raise DinoprobeError(f"{spec}: class index {top} with only {rows} samples; the .cls members hold "
@@ -378,9 +428,15 @@ def webdataset_source(spec: str, val_fraction: float, seed: int, label_field: st
     else:
         classes = names
     position = {name: i for i, name in enumerate(classes)}
-    splits = {split: [(key, position[str(label)]) for key, _, label in samples] for split, samples in indexed.items()}
+
+    def encode(label):
+        if task == "multilabel":
+            return tuple(sorted({position[str(x)] for x in as_tuple(label)}))
+        return position[str(as_tuple(label)[0])]
+
+    splits = {split: [(key, encode(label)) for key, _, label in samples] for split, samples in indexed.items()}
     reader = TarReader({key: where for samples in indexed.values() for key, where, _ in samples})
-    return with_val("webdataset", root, classes, splits, val_fraction, seed, reader)
+    return with_val("webdataset", root, classes, splits, val_fraction, seed, reader, task=task)
 
 
 def is_webdataset(spec: str) -> bool:

@@ -32,7 +32,7 @@ from dinoprobe.device import autocast, default_workers, resolve_device, resolve_
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import Backbone, token_features
 from dinoprobe.extract.datasets import collate
-from dinoprobe.extract.datasource import DataSource
+from dinoprobe.extract.datasource import DataSource, indicator
 from dinoprobe.extract.decode import DeviceDecoder, TorchvisionDecode
 from dinoprobe.extract.transforms import Preprocess, Views
 from dinoprobe.settings import DECODERS, DEFAULT_MAX_PIXELS
@@ -56,6 +56,8 @@ def make_fingerprint(backbone: Backbone, source: DataSource, dtype: str, precisi
         "last_blocks": last_blocks,
         "dinoprobe_version": __version__,
     }
+    if source.multilabel:  # single-label fingerprints stay as they were, so their caches resume unchanged
+        fingerprint.update(task="multilabel", classes=list(source.classes))
     return json.loads(json.dumps(fingerprint))  # compare like with like: what the manifest will hold
 
 
@@ -253,7 +255,8 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
     view_maker = Views(backbone.data_config, o.views, o.augment) if o.views else None
     extra = {"feature_dim": backbone.feature_dim, "dtype": o.dtype, "last_blocks": o.last_blocks,
              "features": ["cls", "patch_mean"] + (["cls_blocks"] if o.last_blocks else []),
-             "weights_location": backbone.weights.location, "val_split": source.val_split}
+             "weights_location": backbone.weights.location, "val_split": source.val_split,
+             **({"task": "multilabel"} if source.multilabel else {})}
     summary = ExtractionSummary()
     rank, world = o.rank, o.world
     with contextlib.ExitStack() as stack:
@@ -358,8 +361,9 @@ class ShardBuffer:
     """The rows of one shard as they arrive (features, labels, indices, paths) and the inputs skipped in it; full
     once every position of its range was either computed or skipped."""
 
-    def __init__(self, start: int, stop: int, dim: int, last_blocks: int, views: int):
+    def __init__(self, start: int, stop: int, dim: int, last_blocks: int, views: int, label_classes: int = 0):
         self.start, self.stop, self.dim, self.last_blocks, self.views = start, stop, dim, last_blocks, views
+        self.label_classes = label_classes  # multi-label caches: `labels` (N, classes) instead of `label` (N,)
         self.parts: dict[str, list[np.ndarray]] = {}
         self.paths: list[str] = []
         self.skipped: list[dict] = []
@@ -381,14 +385,15 @@ class ShardBuffer:
 
     def rows(self) -> dict:
         """The shard's columns, empty arrays of the right shape where every input was skipped."""
-        shapes = {"cls": (0, self.dim), "patch_mean": (0, self.dim), "label": (0,), "index": (0,)}
+        shapes = {"cls": (0, self.dim), "patch_mean": (0, self.dim), "index": (0,)}
+        shapes.update({"labels": (0, self.label_classes)} if self.label_classes else {"label": (0,)})
         if self.last_blocks:
             shapes["cls_blocks"] = (0, self.last_blocks, self.dim)
         if self.views:
             shapes.update({"cls_views": (0, self.views, self.dim), "patch_mean_views": (0, self.views, self.dim)})
         out = {}
         for name, shape in shapes.items():
-            empty = np.zeros(shape, np.int64 if name in ("label", "index") else np.float32)
+            empty = np.zeros(shape, {"label": np.int64, "index": np.int64, "labels": np.uint8}.get(name, np.float32))
             out[name] = np.concatenate(self.parts[name]) if self.parts.get(name) else empty
         out["path"] = self.paths
         return out
@@ -432,7 +437,8 @@ class SplitRun:
             start = index - index % shard_size
             if start not in buffers:
                 buffers[start] = ShardBuffer(start, by_start[start][1], self.model.backbone.feature_dim,
-                                             o.last_blocks, views.count if views else 0)
+                                             o.last_blocks, views.count if views else 0,
+                                             len(source.classes) if source.multilabel else 0)
             return buffers[start]
 
         bar = tqdm(total=len(indices), desc=f"features {split}", unit="img", disable=not (o.progress and o.rank == 0),
@@ -458,7 +464,11 @@ class SplitRun:
                         for start in np.unique(idx_np - idx_np % shard_size):
                             sel = (idx_np - idx_np % shard_size) == start
                             columns = {k: v[sel] for k, v in feats.items()}
-                            columns.update(label=labels_np[sel], index=idx_np[sel])
+                            if source.multilabel:
+                                columns.update(labels=indicator([samples[i][1] for i in idx_np[sel]],
+                                                                len(source.classes)), index=idx_np[sel])
+                            else:
+                                columns.update(label=labels_np[sel], index=idx_np[sel])
                             buffer(int(start)).add(columns, [samples[i][0] for i in idx_np[sel]])
                     for start in [s for s, b in buffers.items() if b.full]:
                         done_buffer = buffers.pop(start)

@@ -26,7 +26,7 @@ from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
 from dinoprobe.runs.metrics import classification_metrics
 from dinoprobe.runs.sweep_table import RESULT_FIELDS, plot_sweep, ranked, write_results
-from dinoprobe.runs.reports import evaluate, few_shot_metrics, write_probe_run, write_run_files
+from dinoprobe.runs.reports import evaluate, few_shot_metrics, split_metrics, write_probe_run, write_run_files
 from dinoprobe.runs.rundir import check_run_dir, run_directory
 
 __all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
@@ -131,11 +131,12 @@ def run_logreg(cache_dir, out, logreg: LogReg, *, feature: str = "cls", overwrit
 
     metrics = evaluate(logreg, data, ("test",))
     if data.x.get("val") is not None:
-        metrics["val"] = classification_metrics(selection_scores(logreg, data), data.y["val"], data.classes)
+        metrics["val"] = split_metrics(logreg, selection_scores(logreg, data), data, "val")
     few_shot = few_shot_metrics(logreg, data, selection_scores if data.x.get("val") is not None else None)
     if few_shot:
         metrics["few_shot"] = few_shot
-    metrics.update({"best_c": logreg.best_C_, "c_grid": logreg.Cs_, "val_accuracy_per_c": logreg.val_score_per_C_})
+    metrics.update({"best_c": logreg.best_C_, "c_grid": logreg.Cs_,
+                    ("val_map_per_c" if data.multilabel else "val_accuracy_per_c"): logreg.val_score_per_C_})
     config = {"method": "logreg", "feature": feature, "normalize": logreg.normalize, "solver": logreg.solver,
               "max_iter": logreg.max_iter}
     with run_directory(out, overwrite, "logreg", [cache_dir]) as tmp:
@@ -153,7 +154,8 @@ def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool =
     per_k = {"val": knn.val_score_per_k_}
     if data.x.get("test") is not None:
         per_k["test"] = knn.score_per_k(data.x["test"], data.y["test"])
-    metrics = {**evaluate(knn, data), "k": knn.best_k_, "temperature": knn.temperature, "top1_per_k": per_k}
+    metrics = {**evaluate(knn, data), "k": knn.best_k_, "temperature": knn.temperature,
+               ("map_per_k" if data.multilabel else "top1_per_k"): per_k}
     few_shot = few_shot_metrics(knn, data)
     if few_shot:
         metrics["few_shot"] = few_shot

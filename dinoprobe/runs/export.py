@@ -22,11 +22,12 @@ class ExportedClassifier(nn.Module):
     """Backbone + feature selection + normalisation + head: normalised pixels (B,3,S,S) -> logits."""
 
     def __init__(self, backbone_model: nn.Module, num_prefix_tokens: int, feature: str, normalizer: Normalizer,
-                 head: nn.Module, class_names: list[str], data_config: DataConfig):
+                 head: nn.Module, class_names: list[str], data_config: DataConfig, thresholds=None):
         super().__init__()
         self.backbone, self.normalizer, self.head = backbone_model, normalizer, head
         self.num_prefix_tokens, self.feature = num_prefix_tokens, feature
         self.class_names, self.data_config = class_names, data_config
+        self.thresholds = thresholds  # multi-label: sigmoid per class, each class's threshold
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The head's input features (before its normalisation) of normalised pixels."""
@@ -58,7 +59,8 @@ def check_export_target(out: str | Path, head_file: HeadFile, overwrite: bool = 
 
 def exported_classifier(head_file: HeadFile, backbone: Backbone) -> ExportedClassifier:
     return ExportedClassifier(backbone.model, backbone.num_prefix_tokens, head_file.feature, head_file.normalizer,
-                              head_file.head, head_file.class_names, backbone.data_config).eval().requires_grad_(False)
+                              head_file.head, head_file.class_names, backbone.data_config,
+                              head_file.thresholds).eval().requires_grad_(False)
 
 
 class OnnxGraph(nn.Module):
@@ -76,7 +78,7 @@ class OnnxGraph(nn.Module):
     def forward(self, pixels: torch.Tensor):
         features = self.classifier.features((pixels - self.mean) / self.std)
         logits = self.classifier.head(self.classifier.normalizer(features))
-        return logits.softmax(-1), features
+        return (logits.sigmoid() if self.classifier.thresholds is not None else logits.softmax(-1)), features
 
 
 ONNX_FORMAT = "dinoprobe-onnx/1"
@@ -111,6 +113,8 @@ def export_onnx(head_file: HeadFile, backbone: Backbone, out: str | Path, overwr
                 "pixels": "float32 RGB in [0, 1], (N, 3, image_size, image_size), after the transform's resize and "
                           "crop; the mean/std normalisation is in the graph",
                 "fingerprint": json.dumps(head_file.fingerprint), "dinoprobe_version": __version__}
+    if head_file.multilabel:  # probabilities are then each class's sigmoid
+        metadata.update(task="multilabel", thresholds=json.dumps(head_file.thresholds))
     with atomic_path(out) as tmp:
         try:
             torch.onnx.export(graph, (example,), str(tmp), input_names=["pixels"],
@@ -152,6 +156,7 @@ def export(head_file: HeadFile, backbone: Backbone, out: str | Path, overwrite: 
         "feature": head_file.feature,
         "class_names": head_file.class_names,
         "fingerprint": head_file.fingerprint,
+        **({"thresholds": head_file.thresholds} if head_file.multilabel else {}),
     }
     with atomic_path(out) as tmp:
         torch.save(payload, tmp)
@@ -174,9 +179,10 @@ def load_exported(path: str | Path) -> ExportedClassifier:
         head = build_head(HeadSpec(**raw["head"]))
         head.load_state_dict(raw["classifier_state_dict"])
         parse_feature(raw["feature"])
+        thresholds = [float(t) for t in raw["thresholds"]] if "thresholds" in raw else None
         return ExportedClassifier(model, int(raw["num_prefix_tokens"]), raw["feature"],
                                   Normalizer.from_dict(raw["normalization"]), head, list(raw["class_names"]),
-                                  data_config).eval().requires_grad_(False)
+                                  data_config, thresholds).eval().requires_grad_(False)
     except DinoprobeError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:

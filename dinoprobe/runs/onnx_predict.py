@@ -15,6 +15,7 @@ import numpy as np
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.imagefiles import expand_inputs
+from dinoprobe.runs.labelling import check_threshold, labelled
 from dinoprobe.settings import DEFAULT_MAX_PIXELS
 
 ONNX_FORMAT = "dinoprobe-onnx/1"
@@ -50,6 +51,8 @@ class OnnxClassifier:
             self.class_names = json.loads(meta["class_names"])
             self.transform = json.loads(meta["transform"])
             self.feature = meta["feature"]
+            # multi-label exports: sigmoid probabilities and each class's threshold
+            self.thresholds = json.loads(meta["thresholds"]) if "thresholds" in meta else None
         except (KeyError, ValueError) as err:
             raise DinoprobeError(f"'{path}' has damaged dinoprobe metadata ({err}); export it again") from None
         self.size = int(self.transform["image_size"])
@@ -89,10 +92,12 @@ class OnnxClassifier:
         probabilities, features = self.session.run(["probabilities", "features"], {"pixels": pixels})
         return probabilities, features
 
-    def predict(self, paths, topk: int = 5, batch_size: int = 32):
+    def predict(self, paths, topk: int = 5, batch_size: int = 32, threshold: float | None = None):
         """([{path, labels, probabilities}], [(path, reason)]) in input order, as `dinoprobe predict`."""
+        threshold = check_threshold(threshold)
+        if threshold is not None and self.thresholds is None:
+            labelled("", [], [], topk, None, threshold)  # the refusal, before any image is read
         files, errors = expand_inputs(paths)
-        k = min(topk, len(self.class_names))
         results = []
         for start in range(0, len(files), batch_size):
             batch, names = [], []
@@ -108,7 +113,5 @@ class OnnxClassifier:
                 continue
             probabilities, _ = self.run(np.stack(batch))
             for name, row in zip(names, probabilities):
-                order = np.argsort(-row, kind="stable")[:k]
-                results.append({"path": name, "labels": [self.class_names[i] for i in order],
-                                "probabilities": [round(float(row[i]), 6) for i in order]})
+                results.append(labelled(name, row, self.class_names, topk, self.thresholds, threshold))
         return results, errors

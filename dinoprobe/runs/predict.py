@@ -20,6 +20,7 @@ from dinoprobe.device import autocast, default_workers, resolve_device, resolve_
 from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
 from dinoprobe.train.headfile import HeadFile
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select, width
+from dinoprobe.runs.labelling import check_threshold, labelled
 
 
 
@@ -61,15 +62,18 @@ def prediction_dataset(head_file: HeadFile, files: list[str], config: DataConfig
 
 def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch_size: int = 32,
             workers: int | None = None, device: str = "auto", precision: str = "auto",
-            max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Returns ([{path, labels, probabilities}], [(path, reason)]) in input order. workers: as `features`."""
+            max_pixels: int = DEFAULT_MAX_PIXELS, threshold: float | None = None):
+    """Returns ([{path, labels, probabilities}], [(path, reason)]) in input order. workers: as `features`. A
+    multi-label head reports every class at or over its threshold (`threshold`: one for all), see labelling.py."""
+    threshold = check_threshold(threshold)
+    if threshold is not None and not head_file.multilabel:
+        labelled("", [], [], topk, None, threshold)  # the refusal, before any image is read
     files, errors = expand_inputs(paths)
     dev = resolve_device(device)
     workers = default_workers(dev) if workers is None else workers
     precision = resolve_precision(precision, dev)
     model, preprocess = backbone.to(dev), Preprocess(backbone.data_config).to(dev)
     head, normalizer = head_file.head.to(dev), head_file.normalizer.to(dev)
-    k = min(topk, len(head_file.class_names))
     dataset = prediction_dataset(head_file, files, backbone.data_config, max_pixels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     results: dict[int, dict] = {}
@@ -80,9 +84,8 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
                 continue
             with autocast(dev, precision):
                 feats = model(preprocess(pixels.to(dev)))
-            probs = head(normalizer(select(feats, parse_feature(head_file.feature)))).float().softmax(-1)
-            top_p, top_i = probs.topk(k, dim=1)
+            probs = head_file.probabilities(head(normalizer(select(feats, parse_feature(head_file.feature)))))
             for row, i in enumerate(idx.tolist()):
-                results[i] = {"path": files[i], "labels": [head_file.class_names[j] for j in top_i[row].tolist()],
-                              "probabilities": [round(p, 6) for p in top_p[row].tolist()]}
+                results[i] = labelled(files[i], probs[row].cpu().numpy(), head_file.class_names, topk,
+                                      head_file.thresholds, threshold)
     return [results[i] for i in sorted(results)], errors

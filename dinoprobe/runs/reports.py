@@ -10,9 +10,15 @@ import numpy as np
 
 from dinoprobe import __version__
 from dinoprobe.estimators.base import sample_std
-from dinoprobe.runs.metrics import classification_metrics, plot_confusion, plot_curves
+from dinoprobe.runs.metrics import (
+    classification_metrics,
+    multilabel_metrics,
+    plot_average_precision,
+    plot_confusion,
+    plot_curves,
+)
 
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc")
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_map")
 
 
 def full_scores(estimator, X, num_classes: int) -> np.ndarray:
@@ -24,9 +30,15 @@ def full_scores(estimator, X, num_classes: int) -> np.ndarray:
 
 
 def evaluate(estimator, data, splits=("val", "test")) -> dict[str, dict]:
-    return {split: classification_metrics(full_scores(estimator, data.x[split], data.num_classes), data.y[split],
-                                          data.classes)
+    return {split: split_metrics(estimator, full_scores(estimator, data.x[split], data.num_classes), data, split)
             for split in splits if data.x.get(split) is not None}
+
+
+def split_metrics(estimator, probabilities, data, split: str) -> dict:
+    """A split's metrics from its probabilities: single-label, or multi-label at the estimator's thresholds."""
+    if data.multilabel:
+        return multilabel_metrics(probabilities, data.y[split], data.classes, estimator.thresholds_)
+    return classification_metrics(probabilities, data.y[split], data.classes)
 
 
 def few_shot_metrics(estimator, data, val_scores=None) -> dict | None:
@@ -39,7 +51,7 @@ def few_shot_metrics(estimator, data, val_scores=None) -> dict | None:
     for record, fitted in zip(estimator.tries_, estimator.try_estimators_):
         metrics = evaluate(fitted, data)
         if val_scores is not None and "val" in metrics:
-                    metrics["val"] = classification_metrics(val_scores(fitted, data), data.y["val"], data.classes)
+            metrics["val"] = classification_metrics(val_scores(fitted, data), data.y["val"], data.classes)
         entry = {"seed": record["seed"], "train_index": data.index["train"][record["train_index"]].tolist()}
         for split, m in metrics.items():
             entry[split] = {k: m[k] for k in ("top1", "top5", "balanced_accuracy", "n") if k in m}
@@ -59,7 +71,11 @@ def write_run_files(out: Path, metrics: dict, data, config: dict, run_info: dict
             "dinoprobe_version": __version__, **(run_info or {})}
     (out / "run.json").write_text(json.dumps(info, indent=1))
     split = "test" if "test" in metrics else "val"
-    if split in metrics:
+    if split in metrics and data.multilabel:
+        m = metrics[split]
+        plot_average_precision(m["per_class_ap"], out / "ap.png", f"{split} average precision per class "
+                               f"(mAP {m['map_macro'] or 0:.3f}, n={m['n']})")
+    elif split in metrics:
         plot_confusion(metrics[split]["confusion_matrix"], data.classes, out / "confusion.png",
                        f"{split} confusion (top-1 {metrics[split]['top1']:.3f})")
     if history:
@@ -70,11 +86,12 @@ def write_run_files(out: Path, metrics: dict, data, config: dict, run_info: dict
 
 
 def write_history(path: Path, history: list[dict]) -> None:
+    fields = [k for k in HISTORY_FIELDS if k in history[0]]  # multi-label: val_map instead of the accuracies
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: row[k] for k in HISTORY_FIELDS})
+            writer.writerow({k: row[k] for k in fields})
 
 
 def write_probe_run(out: Path, probe, data, run_info: dict | None = None) -> dict:

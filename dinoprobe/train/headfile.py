@@ -33,6 +33,15 @@ class HeadFile:
     weights_location: str
     raw: dict
     path: Path | None = None  # the file it was read from
+    thresholds: list[float] | None = None  # multi-label heads: each class's decision threshold on its probability
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes, or each class's sigmoid for a multi-label head."""
+        return logits.float().sigmoid() if self.multilabel else logits.float().softmax(-1)
 
     @torch.no_grad()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -40,9 +49,10 @@ class HeadFile:
 
 
 def head_payload(head: nn.Module, spec: HeadSpec, normalizer: Normalizer, class_names: list[str], cache=None,
-                 train_config: dict | None = None) -> dict:
+                 train_config: dict | None = None, thresholds=None) -> dict:
     """The head file's content. `cache` (a FeatureSplits from load_cache) supplies the backbone fingerprint and
-    feature that predict and export rebuild; without it the head serves Python use only."""
+    feature that predict and export rebuild; without it the head serves Python use only. `thresholds` (one per
+    class) make it a multi-label head: sigmoid probabilities, every class over its threshold predicted."""
     fingerprint = cache.manifest["fingerprint"] if cache is not None else {}
     return {
         "format": HEAD_FORMAT,
@@ -60,13 +70,15 @@ def head_payload(head: nn.Module, spec: HeadSpec, normalizer: Normalizer, class_
         "fingerprint": fingerprint,
         "weights_location": cache.manifest.get("weights_location", "") if cache is not None else "",
         "dinoprobe_version": __version__,
+        "task": "multilabel" if thresholds is not None else "single",
+        **({"thresholds": [float(t) for t in thresholds]} if thresholds is not None else {}),
     }
 
 
-def save_head(path, head, spec, normalizer, class_names, cache=None, train_config=None) -> Path:
+def save_head(path, head, spec, normalizer, class_names, cache=None, train_config=None, thresholds=None) -> Path:
     """Write a head file atomically (dinoprobe.atomic)."""
     path = Path(path)
-    payload = head_payload(head, spec, normalizer, class_names, cache, train_config)
+    payload = head_payload(head, spec, normalizer, class_names, cache, train_config, thresholds)
     if not all(torch.isfinite(v).all() for v in payload["classifier_state_dict"].values()):
         raise DinoprobeError("the head's weights are not all finite (training diverged); not saved — lower the "
                              "learning rate and train again")
@@ -105,6 +117,12 @@ def load_head_file(path: str | Path) -> HeadFile:
             raise DinoprobeError(f"'{path}' holds non-finite weights (NaN or infinity); its predictions would be "
                                  "meaningless — train the head again")
         head.load_state_dict(state)
+        thresholds = raw.get("thresholds") if raw.get("task", "single") == "multilabel" else None
+        if raw.get("task", "single") == "multilabel":
+            thresholds = [float(t) for t in thresholds]
+            if len(thresholds) != spec.num_classes or not all(0 <= t <= 1 for t in thresholds):
+                raise DinoprobeError(f"'{path}': a multi-label head needs one threshold in [0, 1] per class "
+                                     f"({spec.num_classes}), got {len(thresholds)}")
     except DinoprobeError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
@@ -112,4 +130,4 @@ def load_head_file(path: str | Path) -> HeadFile:
                              f"{str(err).splitlines()[0][:160] if str(err) else 'a field is missing'}); train it "
                              "again or use another --run") from None
     return HeadFile(head.eval(), spec, normalizer, names, feature, fingerprint, raw.get("weights_location", ""), raw,
-                    path)
+                    path, thresholds)

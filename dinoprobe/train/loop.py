@@ -1,16 +1,18 @@
 """The head-training loop: N >= 1 heads trained side by side on one stream of mini-batches.
 
 Labels are (rows,) class indices (softmax heads) or an (rows, classes) 0/1 matrix (multi-label: sigmoid heads,
-chosen on validation macro mAP). A `probe` is a group of one. Heads that see the same mini-batches (same normalisation, batch size, epochs,
-warm-up, seed, and train source) and share a shape and an optimiser kind are stacked (stacked.py): each
-mini-batch goes through all of them at once, and one update (update.py) covers them all, with each head's own
-learning rate, weight decay, momentum, label smoothing and dropout. Every head also keeps its own best-on-val
-state and early stop, so it ends exactly where it would have ended alone (tested against a plain PyTorch loop).
+chosen on validation macro mAP). A `probe` is a group of one. Heads that see the same mini-batches (same
+normalisation, batch size, epochs, warm-up, seed, and train source) and share a shape and an optimiser kind are
+stacked (stacked.py): each mini-batch goes through all of them at once, and one update (update.py) covers them
+all, with each head's own learning rate, weight decay, momentum, label smoothing and dropout. Every head also keeps
+its own best-on-val state and early stop, so it ends exactly where it would have ended alone (tested against a
+plain PyTorch loop).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm import tqdm
@@ -156,12 +158,12 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
             # (B,) or (N, B) labels; multi-label (B, C) or (N, B, C)
             target = y_train.index_select(0, rows) if rows.dim() == 1 else y_train[rows]
             if multilabel:
-                neg_loss, _ = heads.step(features, lambda z: sigmoid_cross_entropy(z, target, weights))
+                neg_loss, _ = heads.step(features, partial(sigmoid_cross_entropy, targets=target, weights=weights))
                 sizes.append(target.shape[-2])
             else:
                 denom = None if weights is None else weights[target].sum(-1).view(-1, 1, 1)  # (1 or N, 1, 1)
-                neg_loss, logits = heads.step(features, lambda z: softmax_cross_entropy(z, soft_targets(eye, target),
-                                                                                        denom))
+                neg_loss, logits = heads.step(features, partial(softmax_cross_entropy, soft=soft_targets(eye, target),
+                                                                denom=denom))
                 sizes.append(target.shape[-1])
                 if denom is not None:
                     denoms.append(denom.view(-1).expand(n))
