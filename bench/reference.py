@@ -74,7 +74,9 @@ def torch_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
 
 def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: int, train_batches, val_batches,
                          device="cpu", class_weights=None) -> tuple[nn.Module, TrainResult]:
-    """train_batches(generator) yields one epoch of (features, labels); val_batches() the validation set's."""
+    """train_batches(generator) yields one epoch of (features, labels); val_batches() the validation set's.
+    Labels (B, C) 0/1 floats are multi-label: F.binary_cross_entropy_with_logits (class_weights (2, C): each class's
+    weight on positives and negatives, as weight=neg, pos_weight=pos/neg), chosen on scikit-learn's macro AP."""
     head = reference_head(cfg, dim, num_classes).to(device)
     optimizer = torch_optimizer(head.parameters(), cfg)
     scheduler = torch_scheduler(optimizer, cfg, -(-n_train // cfg.batch_size))
@@ -87,17 +89,31 @@ def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: 
         losses, correct = [], 0
         for x, y in train_batches(generator):
             logits = head(x)
-            loss = F.cross_entropy(logits, y, weight=class_weights, label_smoothing=cfg.label_smoothing)
+            if y.dim() == 2:
+                weight, pos_weight = (None, None) if class_weights is None else (class_weights[1],
+                                                                                 class_weights[0] / class_weights[1])
+                loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight, pos_weight=pos_weight)
+            else:
+                loss = F.cross_entropy(logits, y, weight=class_weights, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-            correct += (logits.argmax(1) == y).sum().item()
+            correct += (logits.argmax(1) == y).sum().item() if y.dim() == 1 else 0
         head.eval()
         hits = total = 0
+        multilabel = False
         with torch.no_grad():
             for x, y in val_batches():
+                if y.dim() == 2:  # the mean of scikit-learn's per-class AP over classes with val positives
+                    from sklearn.metrics import average_precision_score
+
+                    multilabel, scores = True, head(x).cpu().numpy()
+                    aps = [average_precision_score(y[:, c].cpu().numpy(), scores[:, c]) for c in range(y.shape[1])
+                           if y[:, c].any()]
+                    hits, total = sum(aps), len(aps)
+                    continue
                 right = (head(x).argmax(1) == y).float()
                 w = torch.ones(len(y)) if class_weights is None else class_weights[y]  # weighted accuracy
                 hits += (right * w).sum().item()
@@ -105,7 +121,8 @@ def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: 
         val_acc = hits / max(total, 1)
         result.step_losses += losses
         result.history.append({"epoch": epoch, "lr": lr, "train_loss": sum(losses) / len(losses),
-                               "train_acc": correct / n_train, "val_acc": val_acc})
+                               **({"val_map": val_acc} if multilabel else
+                                  {"train_acc": correct / n_train, "val_acc": val_acc})})
         if val_acc > result.best_val_acc:
             result.best_val_acc, result.best_epoch, stale = val_acc, epoch, 0
             result.best_layers = linear_layers(head)
@@ -116,7 +133,7 @@ def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: 
     result.seconds = time.perf_counter() - start
     if cfg.select == "last":  # the final iteration's head, as DINOv3's linear evaluation reports
         result.best_layers, result.best_epoch = linear_layers(head), result.history[-1]["epoch"]
-        result.best_val_acc = result.history[-1]["val_acc"]
+        result.best_val_acc = val_acc
     with torch.no_grad():
         for m, (w, b) in zip([m for m in head if isinstance(m, nn.Linear)], result.best_layers):
             m.weight.copy_(w)

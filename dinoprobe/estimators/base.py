@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 
 from dinoprobe.errors import DinoprobeError
@@ -57,7 +57,7 @@ def as_labels(y, n: int, name: str = "y") -> np.ndarray:
     if y.ndim == 2 and y.shape[1] > 1:
         if len(y) != n:
             raise DinoprobeError(f"{name} has {len(y)} rows for {n} samples; they must have the same length")
-        if type_of_target(y) != "multilabel-indicator" and not (y.size and np.isin(y, (0, 1)).all()):
+        if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():  # sklearn's own test also lets {0, 2} in
             raise DinoprobeError(f"{name} is 2-D {y.shape} but not a 0/1 indicator matrix (samples, classes); pass "
                                  "one label per sample, or 1 where a sample has a class and 0 elsewhere")
         return y

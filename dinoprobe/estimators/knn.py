@@ -95,5 +95,5 @@ class KNN(_Classifier):
     def _probabilities(self, votes: torch.Tensor) -> np.ndarray:
         votes = votes.double()
         if self.multilabel_:
-            return votes.numpy()  # already each class's share of the vote
+            return votes.clamp(0, 1).numpy()  # each class's share of the vote (float32 sums can pass 1 by an ulp)
         return (votes / votes.sum(1, keepdim=True).clamp_min(1e-300)).numpy()

@@ -93,6 +93,11 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
         base = out / name
         claim(base, cache_dir, manifest)
         fp = manifest["fingerprint"]
+        multilabel = manifest.get("task") == "multilabel"
+        if multilabel and shots:
+            raise DinoprobeError(f"cache {cache_dir} is multi-label, and few-shot draws K images per class, which "
+                                 "a multi-label image does not belong to one of; drop --shots for it")
+        score, metric = ("map_macro", "map") if multilabel else ("top1", "top1")  # what each protocol reports
         transform = fp.get("transform", {})
         row = {"cache": name, "model": fp.get("model"), "weights": fp.get("weights", {}).get("source"),
                "image_size": transform.get("image_size"), "transform": transform.get("name", "timm"),
@@ -104,18 +109,19 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
             search = Sweep(Probe(device=device), preset=preset, param_grid=overrides)
             _, linear = run_sweep(cache_dir, base / "linear", search, features=features)
         best = json.loads((base / "linear" / "best" / "run.json").read_text())["config"]
-        row.update({"linear_val_top1": linear.get("val", {}).get("top1"),
-                    "linear_test_top1": linear.get("test", {}).get("top1"),
+        row.update({f"linear_val_{metric}": linear.get("val", {}).get(score),
+                    f"linear_test_{metric}": linear.get("test", {}).get(score),
                     "linear_best": f"{best['feature']} lr {best['lr']:g}"})
         log(f"{name}: logistic regression")
         logreg = _finished(base / "logreg", "logreg") or run_logreg(cache_dir, base / "logreg",
                                                                    LogReg.dinov3(device=device))
-        row.update({"logreg_val_top1": logreg.get("val", {}).get("top1"),
-                    "logreg_test_top1": logreg.get("test", {}).get("top1"), "logreg_C": logreg["best_c"]})
+        row.update({f"logreg_val_{metric}": logreg.get("val", {}).get(score),
+                    f"logreg_test_{metric}": logreg.get("test", {}).get(score), "logreg_C": logreg["best_c"]})
         log(f"{name}: k-NN")
         knn = _finished(base / "knn", "knn") or run_knn(cache_dir, base / "knn", KNN(device=device))
-        per_k = knn["top1_per_k"].get("test") or knn["top1_per_k"]["val"]
-        row.update({f"knn_{'test' if 'test' in knn['top1_per_k'] else 'val'}_top1_k{k}": v for k, v in per_k.items()})
+        knn_scores = knn[f"{metric}_per_k"]
+        per_k = knn_scores.get("test") or knn_scores["val"]
+        row.update({f"knn_{'test' if 'test' in knn_scores else 'val'}_{metric}_k{k}": v for k, v in per_k.items()})
         row["knn_val_best_k"] = knn["k"]
         for k in shots:
             log(f"{name}: few-shot logistic regression, {k} per class x {tries}")
@@ -147,13 +153,14 @@ def markdown(rows: list[dict], protocol: str) -> str:
     fields = list(dict.fromkeys(k for r in rows for k in r))
 
     def cell(field: str, value) -> str:
-        if isinstance(value, float) and "top1" in field:
+        if isinstance(value, float) and ("top1" in field or "_map" in field):
             return f"{100 * value:.1f}"
         if isinstance(value, float):
             return f"{value:.3g}"
         return "" if value is None else str(value)
 
-    lines = [f"Protocol `{protocol}` (top-1 in %; few-shot: mean ± sample std over tries)", "",
+    lines = [f"Protocol `{protocol}` (top-1, or macro mAP for multi-label caches, in %; few-shot: mean ± sample std "
+             "over tries)", "",
              "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     lines += ["| " + " | ".join(cell(f, r.get(f)) for f in fields) + " |" for r in rows]
     return "\n".join(lines) + "\n"
