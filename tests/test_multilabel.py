@@ -15,7 +15,6 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.utils.class_weight import compute_class_weight
 
 from bench.reference import train_on_tensors
-from conftest import SIZE, assert_clean_error, run_cli, write_image
 from dinoprobe import KNN, LogReg, Probe, Sweep
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.base import f1_thresholds, label_weights
@@ -23,6 +22,8 @@ from dinoprobe.runs.metrics import multilabel_metrics
 from dinoprobe.train.config import TrainConfig
 from dinoprobe.train.loop import train_heads
 from dinoprobe.train.ranking import average_precision
+
+from conftest import SIZE, assert_clean_error, run_cli, write_image
 
 
 def tagged(n=600, dim=16, classes=4, seed=0):
@@ -343,14 +344,18 @@ def test_label_separator_and_task_mistakes(tmp_path):
 
 
 def test_a_class_without_positive_training_images_is_named(tmp_path):
-    from conftest import make_synthetic_cache  # noqa: F401  (the synthetic cache is single-label)
-
-    x, y = DATA[0].numpy(), DATA[1].numpy().copy()
-    y[:, 3] = 0
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        model = Probe(head="linear", epochs=2).fit(x, y)
-    assert model.thresholds_[3] == 0.5  # no validation positives either
+    """A tag seen only in test: training goes on (its head learns "no"), and the warning names it, one line."""
+    for i in range(16):
+        write_image(tmp_path / f"{i}.png", i)
+    lines = [f"{i}.png,{'a|b' if i % 3 else 'a'},train" for i in range(12)] + [f"{i}.png,c,test" for i in range(12, 16)]
+    (tmp_path / "list.csv").write_text("path,label,split\n" + "\n".join(lines) + "\n")
+    extract(tmp_path / "list.csv", tmp_path / "cache", "--label-sep", "|")
+    proc = run_cli("probe", "--cache", tmp_path / "cache", "--out", tmp_path / "run", "--head", "linear", "--epochs", 2,
+                   check=True)
+    warning = [line for line in proc.stderr.splitlines() if "no positive train image" in line]
+    assert len(warning) == 1 and warning[0].startswith("Warning:") and warning[0].endswith(": c")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["val"]["classes_without_positives"] == ["c"] and metrics["test"]["per_class_ap"]["c"] is not None
 
 
 def test_resume_and_verify_keep_multilabel_shards(tagged_sources):
@@ -372,3 +377,35 @@ def test_resume_and_verify_keep_multilabel_shards(tagged_sources):
     proc = run_cli("features", "--data", sources["csv"], "--task", "multilabel", "--weights", "random", "--image-size",
                    SIZE, "--cache", cache, "--workers", 0, "--shard-size", 8)
     assert_clean_error(proc, "different request")
+
+
+def test_onnx_export_of_a_multilabel_head_gives_predicts_labels(tagged_sources):
+    """The graph ends in a sigmoid and carries the thresholds: ONNX Runtime reports what predict --run does."""
+    pytest.importorskip("onnxruntime")
+    root, sources, _ = tagged_sources
+    cache, run, model = root / "cache-onnx", root / "run-onnx", root / "multilabel.onnx"
+    extract(sources["csv"], cache, "--label-sep", "|")
+    run_cli("probe", "--cache", cache, "--out", run, "--head", "mlp", "--hidden", 16, "--epochs", 3, check=True)
+    run_cli("export", "--run", run, "--out", model, "--format", "onnx", check=True)
+    ours = json.loads(run_cli("predict", "--run", run, "--format", "json", root / "img", check=True).stdout)
+    theirs = json.loads(run_cli("predict", "--model", model, "--format", "json", root / "img", check=True).stdout)
+    assert len(ours) == len(theirs) == 30
+    for a, b in zip(ours, theirs):
+        assert a["path"] == b["path"] and a["labels"] == b["labels"]
+        np.testing.assert_allclose(list(a["all_probabilities"].values()), list(b["all_probabilities"].values()),
+                                   atol=1e-4)
+    from dinoprobe.runs.onnx_predict import OnnxClassifier
+    from dinoprobe.train.headfile import load_head_file
+
+    assert OnnxClassifier(model).thresholds == pytest.approx(load_head_file(run).thresholds)
+
+
+def test_threshold_applies_to_multilabel_heads_only():
+    from dinoprobe.runs.labelling import check_threshold, labelled
+
+    with pytest.raises(DinoprobeError, match="--threshold applies to multi-label heads"):
+        labelled("x.png", np.array([0.2, 0.8]), ["a", "b"], 5, None, 0.5)
+    with pytest.raises(DinoprobeError, match=r"in \[0, 1\]"):
+        check_threshold(1.5)
+    row = labelled("x.png", np.array([0.2, 0.8, 0.6]), ["a", "b", "c"], 1, [0.1, 0.9, 0.5])
+    assert row["labels"] == ["c", "a"] and row["probabilities"] == [0.6, 0.2]  # best first, each its own threshold

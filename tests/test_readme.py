@@ -26,3 +26,16 @@ def test_the_run_functions_example_runs_verbatim(photos, tmp_path, monkeypatch):
     exec(compile(python_block_after("The commands' run directories"), "README.md", "exec"), {})  # noqa: S102
     assert {p.name for p in (tmp_path / "runs").iterdir()} == {"probe", "sweep", "logreg", "knn"}
     assert not (tmp_path / "runs" / "knn" / "head.pt").exists() and (tmp_path / "runs" / "logreg" / "head.pt").exists()
+
+
+def test_the_multilabel_numpy_example_runs_verbatim(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    gen = np.random.default_rng(0)
+    tags = (gen.random((300, 4)) < 0.3).astype(np.int64)
+    np.save("features.npy", gen.normal(size=(300, 16)) + tags @ gen.normal(size=(4, 16)))
+    np.save("tags.npy", tags)
+    code = python_block_after("On numpy arrays, `y` is an (N, classes)")
+    assert "Probe(" in code and "LogReg().fit(X, Y)" in code
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own example
