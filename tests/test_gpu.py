@@ -84,6 +84,24 @@ def test_heads_on_cuda_give_the_cpu_results(synthetic, estimator):
     assert results["cuda"][1] == pytest.approx(results["cpu"][1], abs=0.01)
 
 
+@pytest.mark.parametrize("make", [lambda d: Probe(head="linear", epochs=10, device=d),
+                                  lambda d: Sweep(Probe(epochs=5, device=d), param_grid={"lr": [1e-3, 1e-2]}),
+                                  lambda d: LogReg(Cs=[0.01, 1.0], device=d), lambda d: KNN(ks=(5, 20), device=d)],
+                         ids=["Probe", "Sweep", "LogReg", "KNN"])
+def test_multilabel_heads_on_cuda_give_the_cpu_results(make):
+    """Sigmoid heads, average precision on the device, one-vs-rest L-BFGS and per-class votes, on CUDA tensors."""
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.rand(1500, 5, generator=gen) < 0.3).float()
+    x = torch.randn(1500, 32, generator=gen) + 1.5 * y @ torch.randn(5, 32, generator=gen)
+    results = {}
+    for device in ("cpu", "cuda"):
+        fitted = make(device).fit(x[:1200].to(device), y[:1200].to(device), X_val=x[1200:1350].to(device),
+                                  y_val=y[1200:1350].to(device))
+        results[device] = (fitted.predict_proba(x[1350:]), fitted.best_score_)
+    np.testing.assert_allclose(results["cuda"][0], results["cpu"][0], atol=2e-3)
+    assert results["cuda"][1] == pytest.approx(results["cpu"][1], abs=0.01)
+
+
 def test_streaming_on_cuda_equals_in_memory_training_in_the_same_order(tmp_path):
     """Streamed from disk on CUDA, and in memory on CUDA following the streamed order: the same losses."""
     from dinoprobe.train.config import TrainConfig

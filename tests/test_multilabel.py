@@ -409,3 +409,20 @@ def test_threshold_applies_to_multilabel_heads_only():
         check_threshold(1.5)
     row = labelled("x.png", np.array([0.2, 0.8, 0.6]), ["a", "b", "c"], 1, [0.1, 0.9, 0.5])
     assert row["labels"] == ["c", "a"] and row["probabilities"] == [0.6, 0.2]  # best first, each its own threshold
+
+
+def test_evaluate_reports_macro_map_for_a_multilabel_cache(tagged_sources, tmp_path):
+    root, sources, _ = tagged_sources
+    cache = root / "cache-evaluate"
+    extract(sources["csv"], cache, "--label-sep", "|")
+    proc = run_cli("evaluate", "--cache", cache, "--out", tmp_path / "ev", "--epochs", 1, "--epoch-length", 2,
+                   check=True)
+    row = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]
+    metrics = {run: json.loads((tmp_path / "ev" / "cache-evaluate" / run / "metrics.json").read_text())
+               for run in ("logreg", "knn")}
+    assert row["logreg_test_map"] == metrics["logreg"]["test"]["map_macro"]
+    assert row["knn_test_map_k10"] == metrics["knn"]["map_per_k"]["test"]["10"]
+    assert "linear_test_map" in row and not any("top1" in k for k in row)
+    assert_clean_error(run_cli("evaluate", "--cache", cache, "--out", tmp_path / "ev2", "--shots", 1),
+                       "multi-label", "drop --shots")
+    assert "| linear_test_map |" in (tmp_path / "ev" / "results.md").read_text() and "results.md" in proc.stdout

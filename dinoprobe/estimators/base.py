@@ -194,7 +194,7 @@ class _Classifier(ClassifierMixin, BaseEstimator):
         """Multi-label: each class's decision threshold on its probability, the one that maximises its F1 on the
         validation rows (0.5 for a class without validation positives)."""
         if self.multilabel_:
-            self.thresholds_ = f1_thresholds(self._validation_probabilities(x_val), y_val.numpy())
+            self.thresholds_ = f1_thresholds(self._validation_probabilities(x_val.cpu()), y_val.cpu().numpy())
         else:  # a refit on single-label data must not keep an earlier multi-label fit's thresholds
             self.__dict__.pop("thresholds_", None)
         return self
@@ -220,8 +220,9 @@ class _Classifier(ClassifierMixin, BaseEstimator):
         return X
 
     def _features(self, X) -> torch.Tensor:
+        """X to predict on, as a CPU tensor: fitted models live on the CPU (k-NN moves it to its bank's device)."""
         check_is_fitted(self)
-        return self._check_width(as_features(X))
+        return self._check_width(as_features(X)).cpu()
 
     def predict_proba(self, X) -> np.ndarray:
         """(N, classes): class probabilities, or, multi-label, each class's own probability."""

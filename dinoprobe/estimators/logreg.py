@@ -271,8 +271,9 @@ class LogReg(_Classifier):
             raise DinoprobeError(f"solver must be 'torch' or 'sklearn', got {self.solver!r}")
         device = resolve_device(self.device)
         k = len(self.classes_)
-        self.normalizer_ = Normalizer.fit(self.normalize, x_tr)
-        x_tr, x_val = self.normalizer_(x_tr).to(device), self.normalizer_(x_val).to(device)
+        normalizer = Normalizer.fit(self.normalize, x_tr)  # on x_tr's device; the fitted model lives on the CPU
+        x_tr, x_val = normalizer(x_tr).to(device), normalizer.to(x_val.device)(x_val).to(device)
+        self.normalizer_ = normalizer.cpu()
         weights = class_weights(self.class_weight, self.classes_, y_tr.numpy())  # scikit-learn's class_weight
         w, b, iterations = fit_logreg(x_tr, y_tr.to(device), k, cs, self.solver, self.max_iter, self.tol,
                                       self.progress, f"logreg: {len(cs)} C values", weights)
