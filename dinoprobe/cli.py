@@ -337,7 +337,9 @@ def cache_verify(cache_dir):
         raise DinoprobeError(f"{len(problems)} problem(s) in {cache_dir}")
     manifest = read_manifest(cache_dir)
     rows = ", ".join(f"{s} {sum(x['rows'] for x in v['shards'])}" for s, v in manifest["splits"].items())
-    click.echo(f"ok: {cache_dir} ({manifest['fingerprint']['model']}, {len(manifest['classes'])} classes; {rows} rows)")
+    task = " (multi-label)" if manifest.get("task") == "multilabel" else ""
+    click.echo(f"ok: {cache_dir} ({manifest['fingerprint']['model']}, {len(manifest['classes'])} classes{task}; {rows} "
+               "rows)")
 
 
 @cache.command("skipped")

@@ -426,3 +426,30 @@ def test_evaluate_reports_macro_map_for_a_multilabel_cache(tagged_sources, tmp_p
     assert_clean_error(run_cli("evaluate", "--cache", cache, "--out", tmp_path / "ev2", "--shots", 1),
                        "multi-label", "drop --shots")
     assert "| linear_test_map |" in (tmp_path / "ev" / "results.md").read_text() and "results.md" in proc.stdout
+
+
+def test_a_label_column_naming_too_many_classes_is_refused(tmp_path):
+    """Every cached row holds one number per class: 100,001 distinct names (an ID column?) are refused up front, and
+    a cell too large for a CSV field is an error, not a traceback."""
+    (tmp_path / "ids.csv").write_text("path,label\n" + "".join(f"{i}.png,id{i}\n" for i in range(100_001)))
+    proc = run_cli("features", "--data", tmp_path / "ids.csv", "--weights", "random", "--cache", tmp_path / "c")
+    assert_clean_error(proc, "100,001 classes, more than 100,000")
+    (tmp_path / "huge.csv").write_text("path,label\na.png," + "|".join(f"t{i}" for i in range(30_000)) + "\n")
+    proc = run_cli("features", "--data", tmp_path / "huge.csv", "--label-sep", "|", "--weights", "random", "--cache",
+                   tmp_path / "c")
+    assert_clean_error(proc, "not a readable CSV/TSV file list", "field larger than field limit")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_head_file_with_bad_thresholds_is_refused(tagged_sources, tmp_path):
+    from dinoprobe.train.headfile import load_head_file
+
+    root, sources, _ = tagged_sources
+    extract(sources["csv"], tmp_path / "cache", "--label-sep", "|")
+    run_cli("probe", "--cache", tmp_path / "cache", "--out", tmp_path / "run", "--epochs", 1, check=True)
+    raw = torch.load(tmp_path / "run" / "head.pt", weights_only=True)
+    assert raw["task"] == "multilabel" and len(raw["thresholds"]) == 3
+    for bad in ([0.5, 0.5], [0.5, float("nan"), 0.5], [0.5, 2.0, 0.5]):
+        torch.save({**raw, "thresholds": bad}, tmp_path / "head.pt")
+        with pytest.raises(DinoprobeError, match="one threshold in"):
+            load_head_file(tmp_path / "head.pt")

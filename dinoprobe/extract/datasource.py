@@ -15,6 +15,7 @@ from dinoprobe.settings import DEFAULT_MAX_PIXELS, TASKS
 from dinoprobe.splits import carve_val
 
 SPLITS = ("train", "val", "test")
+MAX_CLASSES = 100_000
 # names a split may go by, in every source kind (folders, CSV, Hugging Face, tar shards)
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "test": "test", "testing": "test"}
@@ -77,6 +78,9 @@ def with_val(kind, root, classes, splits, val_fraction, seed, reader=None, conte
     if len(classes) < 2:
         raise DinoprobeError(f"{root}: the labels name {len(classes)} class(es) {list(classes)[:2]}; a classifier "
                              "needs at least 2")
+    if len(classes) > MAX_CLASSES:  # every cached row holds a label per class (multi-label) and every head a logit
+        raise DinoprobeError(f"{root}: the labels name {len(classes):,} classes, more than {MAX_CLASSES:,}; check "
+                             "the label column (a free-text or ID column?) or --label-sep")
     val_split = None
     if not splits.get("val"):
         splits["train"], splits["val"] = carve_val(splits["train"], val_fraction, seed)

@@ -50,7 +50,11 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
         delimiter = csv.Sniffer().sniff(text[:65536], delimiters=",;\t|").delimiter
     except csv.Error:
         delimiter = fallback
-    table = [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if any(cell.strip() for cell in row)]
+    try:
+        table = [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if any(c.strip() for c in row)]
+    except csv.Error as err:  # e.g. a cell over the csv module's 128 KiB field limit: not a file list
+        raise DinoprobeError(f"{path}: not a readable CSV/TSV file list ({err}); expected path,label[,split] "
+                             "rows") from None
     if not table:
         raise DinoprobeError(f"{path}: an empty file; expected a header line naming path and label columns")
     return [cell.strip() for cell in table[0]], table[1:]
