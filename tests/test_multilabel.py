@@ -23,7 +23,7 @@ from dinoprobe.train.config import TrainConfig
 from dinoprobe.train.loop import train_heads
 from dinoprobe.train.ranking import average_precision
 
-from conftest import SIZE, assert_clean_error, run_cli, write_image
+from conftest import SIZE, assert_clean_error, make_folder, run_cli, write_image
 
 
 def tagged(n=600, dim=16, classes=4, seed=0):
@@ -453,3 +453,22 @@ def test_a_head_file_with_bad_thresholds_is_refused(tagged_sources, tmp_path):
         torch.save({**raw, "thresholds": bad}, tmp_path / "head.pt")
         with pytest.raises(DinoprobeError, match="one threshold in"):
             load_head_file(tmp_path / "head.pt")
+
+
+def test_a_folder_read_as_multilabel_and_views_train_sigmoid_heads(tmp_path):
+    """--task multilabel on a single-label folder: one label per image as an indicator row; augmented views and
+    a streamed split train multi-label heads like in-memory features do."""
+    from dinoprobe.cache import store
+
+    root = make_folder(tmp_path / "data", classes=("cat", "dog", "owl"), per_class=4)
+    run_cli("features", "--data", root, "--task", "multilabel", "--views", 2, "--weights", "random", "--image-size",
+            SIZE, "--cache", tmp_path / "cache", "--workers", 0, check=True)
+    train = store.load(tmp_path / "cache", "train", "cls")
+    assert (train["labels"].sum(1) == 1).all() and train["labels"].shape == (12, 3)
+    assert [["cat", "dog", "owl"][i] for i in train["labels"].argmax(1)] == [p.split("/")[-2] for p in train["path"]]
+    for extra in (("--views",), ("--max-memory", "1KB")):
+        out = tmp_path / f"run{len(extra)}"
+        proc = run_cli("probe", "--cache", tmp_path / "cache", "--out", out, "--head", "linear", "--epochs", 2, *extra,
+                       check=True)
+        assert "mAP" in proc.stdout and json.loads((out / "run.json").read_text())["train_features"]["mode"] == \
+            ("views" if extra == ("--views",) else "streamed")
