@@ -232,6 +232,9 @@ class LogReg(_Classifier):
     protocol exactly: raw features, tol 1e-12, its float32 C grid. dinoprobe's defaults differ on purpose:
     standardised features and tol 1e-4 (the same optimum to far below a grid step, much faster).
 
+    Multi-label y ((N, classes) 0/1): one-vs-rest, each class its own binary problem (OneVsRestClassifier(
+    LogisticRegression(C))'s optimum), C chosen on validation macro mAP, thresholds_ tuned on validation F1.
+
     Fitted attributes: coef_ (classes, D), intercept_ (classes,), best_C_, val_score_per_C_, n_iter_, normalizer_,
     selection_coef_ / selection_intercept_ (the train-only model at best_C_ that chose it), classes_.
     """

@@ -29,8 +29,14 @@ class Probe(_Classifier):
     `val_fraction` is the stratified share of X held out for validation when fit gets no X_val; `shots`/`tries`
     train on K images per class (see `fit`); `device` is auto, cpu, cuda[:N] or mps.
 
+    Multi-label y (an (N, classes) 0/1 indicator matrix): sigmoid outputs and binary cross-entropy, the epoch chosen
+    on validation macro mAP, then each class's decision threshold tuned on validation F1 (thresholds_); predict
+    returns the indicator matrix, predict_proba each class's probability; class_weight gives each class's positive
+    and negative weights (base.label_weights).
+
     Fitted attributes: classes_, n_features_in_, config_ (the TrainConfig), head_ (an nn.Sequential), normalizer_,
-    history_ (one dict per epoch), best_epoch_, best_score_ (validation accuracy at best_epoch_), train_seconds_.
+    history_ (one dict per epoch), best_epoch_, best_score_ (validation accuracy, or macro mAP, at best_epoch_),
+    train_seconds_, multilabel_, thresholds_ (multi-label only).
     """
 
     # scikit-learn reads the parameters from this signature, so each is spelled out; the defaults are TrainConfig's
