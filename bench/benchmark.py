@@ -135,12 +135,12 @@ def array_source(count: int, seed: int = 0):
 
 
 def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device: str, decoder: str = "pil",
-                  last_blocks: int = 4) -> float:
+                  last_blocks: int = 4, compile: bool = False) -> float:
     from dinoprobe.extract.run import extract
 
     cache_dir = tmp / f"cache-{time.perf_counter_ns()}"
     summary = extract(backbone, source, cache_dir, batch_size=batch, workers=workers, device=device,
-                      progress=False, decoder=decoder, last_blocks=last_blocks)
+                      progress=False, decoder=decoder, last_blocks=last_blocks, compile=compile)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return summary.images_per_second
 
@@ -440,10 +440,19 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             bare = statistics.median(runs["bare"])
             pipeline = {"batch_size": batch, "workers": workers, "bare_forward_images_per_s": bare,
                         **{f"{name}_images_per_s": statistics.median(v) for name, v in runs.items() if name != "bare"}}
+            if dev.type == "cuda":  # --compile: a first run compiles (discarded), the second is timed
+                for name, decoder in (("jpeg_compile", "pil"), ("jpeg_torchvision_compile", "torchvision")):
+                    try:
+                        pipeline_rate(backbone, source, tmp, batch, workers, device, decoder, compile=True)
+                        pipeline[f"{name}_images_per_s"] = pipeline_rate(backbone, source, tmp, batch, workers, device,
+                                                                         decoder, compile=True)
+                    except Exception as err:  # a compiler failure is a finding, not the end of the run
+                        pipeline[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
             pipeline["decode_only"] = decode_rates([p for p, _ in source.splits["train"]], backbone.data_config,
                                                    reps)
-            pipeline["processes"] = processes_section(jpeg_folder(tmp / "procs", jpegs, cfg["process_images"]),
-                                                      size, batch)
+            if dev.type != "cuda" or torch.cuda.device_count() >= 2:  # NCCL: one rank per GPU
+                pipeline["processes"] = processes_section(jpeg_folder(tmp / "procs", jpegs, cfg["process_images"]),
+                                                          size, batch)
             pipeline["process_images"] = cfg["process_images"]
             pipeline["jpeg_fraction_of_forward"] = pipeline["jpeg_images_per_s"] / bare
             pipeline["arrays_fraction_of_forward"] = pipeline["arrays_images_per_s"] / bare
@@ -498,6 +507,8 @@ def markdown(r: dict) -> str:
                      f"{p['jpeg_images_per_s']:.1f} images/s | bare forward {p['bare_forward_images_per_s']:.1f} images/s "
                      f"| {p['jpeg_fraction_of_forward']:.2f} |")
         for key, label in (("jpeg_torchvision", "`features` on JPEGs, `--decoder torchvision`"),
+                           ("jpeg_compile", "`features --compile` on JPEGs"),
+                           ("jpeg_torchvision_compile", "`features --compile --decoder torchvision`"),
                            ("jpeg_2_workers", "`features` on JPEGs, 2 worker processes")):
             if f"{key}_images_per_s" in p:
                 rate = p[f"{key}_images_per_s"]

@@ -7,7 +7,8 @@
 #   4. a torch.profiler summary of one `features` pass (bench/profile_features.py), PIL and nvJPEG decoding.
 # Everything lands in one folder, OUT (default bench/gpu-run): gpu.log, tests.log, results.json, results.md,
 # profile-pil/, profile-torchvision/.
-# Usage: bash bench/gpu.sh [OUT]            (PYTHON=python3.12 bash bench/gpu.sh OUT to pick the interpreter)
+# Usage: bash bench/gpu.sh [OUT]            (PYTHON=python3.12 bash bench/gpu.sh OUT to pick the interpreter;
+#        TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT seconds bound each step, so a short lease gets every step)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,12 +23,15 @@ print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0), 'x', torc
   "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
     || { echo "pip install -e . failed; using PYTHONPATH=$PWD"; export PYTHONPATH=$PWD; }
   echo "== gpu tests"
-  "$PY" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"; tests=${PIPESTATUS[0]}
+  timeout "${TESTS_TIMEOUT:-1800}" "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+  tests=${PIPESTATUS[0]}
   echo "== bench (GPU scale)"
-  "$PY" -m bench.benchmark --scale small --device cuda --out "$OUT"; bench=$?
+  timeout "${BENCH_TIMEOUT:-1800}" "$PY" -m bench.benchmark --scale small --device cuda --out "$OUT"; bench=$?
   echo "== profile of one features pass"
-  "$PY" -m bench.profile_features "$OUT/profile-pil" --device cuda --decoder pil | tail -40; profile=$?
-  "$PY" -m bench.profile_features "$OUT/profile-torchvision" --device cuda --decoder torchvision | tail -40
+  timeout "${PROFILE_TIMEOUT:-600}" "$PY" -m bench.profile_features "$OUT/profile-pil" --device cuda --decoder pil \
+    | tail -40; profile=${PIPESTATUS[0]}
+  timeout "${PROFILE_TIMEOUT:-600}" "$PY" -m bench.profile_features "$OUT/profile-torchvision" --device cuda \
+    --decoder torchvision | tail -40
   echo "== gpu tests exit $tests, bench exit $bench, profile exit $profile"
   exit $(( tests || bench || profile ))
 } 2>&1 | tee "$LOG"
