@@ -388,6 +388,8 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
 
     def begin(name: str, message: str) -> None:  # wall time per section, so a slow run shows where it went
         marks.append((name, time.perf_counter()))
+        out_dir.mkdir(parents=True, exist_ok=True)  # what is measured so far, in case the run is cut short
+        (out_dir / "results.json").write_text(json.dumps({**results, "partial": True}, indent=1, default=str))
         log(message)
     try:
         backbone = build_backbone(weights="random", image_size=size, log=lambda *_: None)
@@ -440,14 +442,6 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             bare = statistics.median(runs["bare"])
             pipeline = {"batch_size": batch, "workers": workers, "bare_forward_images_per_s": bare,
                         **{f"{name}_images_per_s": statistics.median(v) for name, v in runs.items() if name != "bare"}}
-            if dev.type == "cuda":  # --compile: a first run compiles (discarded), the second is timed
-                for name, decoder in (("jpeg_compile", "pil"), ("jpeg_torchvision_compile", "torchvision")):
-                    try:
-                        pipeline_rate(backbone, source, tmp, batch, workers, device, decoder, compile=True)
-                        pipeline[f"{name}_images_per_s"] = pipeline_rate(backbone, source, tmp, batch, workers, device,
-                                                                         decoder, compile=True)
-                    except Exception as err:  # a compiler failure is a finding, not the end of the run
-                        pipeline[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
             pipeline["decode_only"] = decode_rates([p for p, _ in source.splits["train"]], backbone.data_config,
                                                    reps)
             if dev.type != "cuda" or torch.cuda.device_count() >= 2:  # NCCL: one rank per GPU
@@ -472,6 +466,16 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             results["transformers"] = transformers_route(jpegs[: cfg["transformers_images"]], tmp, batch)
             if results["transformers"] and pipeline:
                 results["transformers"]["dinoprobe_jpeg_images_per_s"] = pipeline["jpeg_images_per_s"]
+        if dev.type == "cuda" and pipeline:  # last: compiling costs a minute or more per decoder
+            begin("compile", "8/8 features --compile (a first run compiles and is discarded; the second is timed)")
+            for name, decoder in (("jpeg_compile", "pil"), ("jpeg_torchvision_compile", "torchvision")):
+                try:
+                    pipeline_rate(backbone, source, tmp, batch, workers, device, decoder, compile=True)
+                    pipeline[f"{name}_images_per_s"] = pipeline_rate(backbone, source, tmp, batch, workers, device,
+                                                                     decoder, compile=True)
+                except Exception as err:  # a compiler failure is a finding, not the end of the run
+                    pipeline[f"{name}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                (out_dir / "results.json").write_text(json.dumps({**results, "partial": True}, indent=1, default=str))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     marks.append(("end", time.perf_counter()))
