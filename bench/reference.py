@@ -115,7 +115,7 @@ def plain_torch_training(cfg: TrainConfig, dim: int, num_classes: int, n_train: 
                     hits, total = sum(aps), len(aps)
                     continue
                 right = (head(x).argmax(1) == y).float()
-                w = torch.ones(len(y)) if class_weights is None else class_weights[y]  # weighted accuracy
+                w = torch.ones(len(y), device=y.device) if class_weights is None else class_weights[y]  # weighted
                 hits += (right * w).sum().item()
                 total += w.sum().item()
         val_acc = hits / max(total, 1)

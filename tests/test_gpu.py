@@ -40,7 +40,10 @@ def test_features_on_jpegs_every_decoder_and_bf16_against_fp32(photos, tmp_path)
         for split in reference:
             np.testing.assert_array_equal(got[split]["index"], reference[split]["index"])
             for kind in ("cls", "patch_mean", "cls_blocks"):
-                assert cosine(got[split][kind], reference[split][kind]) >= (0.9999 if name == "fp32" else 0.999), \
+                # nvJPEG's IDCT and the tensor resize add to bf16's rounding (measured on an H200: 0.99887 for
+                # patch_mean at 64 px with random weights, where bf16 with PIL decoding stays over 0.999)
+                floor = {"fp32": 0.9999, "bf16": 0.999, "nvjpeg": 0.998}[name]
+                assert cosine(got[split][kind], reference[split][kind]) >= floor, \
                     (name, split, kind)
 
 
@@ -69,8 +72,12 @@ def synthetic(tmp_path_factory):
     return make_synthetic_cache(tmp_path_factory.mktemp("gpu") / "cache", n=(2000, 400, 400), dim=64)
 
 
-@pytest.mark.parametrize("estimator", [Probe(head="linear", epochs=10), Probe(epochs=10, hidden=32),
-                                       Sweep(Probe(epochs=5), param_grid={"lr": [1e-3, 1e-2], "head": ["linear", "mlp"]}),
+# dropout 0: dropout masks come from the training device's generator, and CUDA's draws differ from the CPU's
+# (as F.dropout's do), so an MLP with dropout trains to a different head on each (measured on an H200: up to 0.008
+# in probability after 10 epochs; 0.13 for a multi-label MLP at lr 1e-2)
+@pytest.mark.parametrize("estimator", [Probe(head="linear", epochs=10), Probe(epochs=10, hidden=32, dropout=0.0),
+                                       Sweep(Probe(epochs=5, dropout=0.0),
+                                             param_grid={"lr": [1e-3, 1e-2], "head": ["linear", "mlp"]}),
                                        LogReg(Cs=[0.01, 1.0]), KNN(ks=(5, 20))], ids=lambda e: type(e).__name__)
 def test_heads_on_cuda_give_the_cpu_results(synthetic, estimator):
     from sklearn.base import clone
@@ -78,14 +85,15 @@ def test_heads_on_cuda_give_the_cpu_results(synthetic, estimator):
     results = {}
     for device in ("cpu", "cuda"):
         d = load_cache(synthetic, device=device)
-        fitted = clone(estimator).set_params(device=device).fit(d.X_train, d.y_train, X_val=d.X_val, y_val=d.y_val)
+        where = {"estimator__device" if isinstance(estimator, Sweep) else "device": device}
+        fitted = clone(estimator).set_params(**where).fit(d.X_train, d.y_train, X_val=d.X_val, y_val=d.y_val)
         results[device] = (fitted.predict_proba(d.X_test.cpu()), getattr(fitted, "best_score_", None))
     np.testing.assert_allclose(results["cuda"][0], results["cpu"][0], atol=2e-3)
     assert results["cuda"][1] == pytest.approx(results["cpu"][1], abs=0.01)
 
 
 @pytest.mark.parametrize("make", [lambda d: Probe(head="linear", epochs=10, device=d),
-                                  lambda d: Sweep(Probe(epochs=5, device=d), param_grid={"lr": [1e-3, 1e-2]}),
+                                  lambda d: Sweep(Probe(epochs=5, dropout=0.0, device=d), param_grid={"lr": [1e-3, 1e-2]}),
                                   lambda d: LogReg(Cs=[0.01, 1.0], device=d), lambda d: KNN(ks=(5, 20), device=d)],
                          ids=["Probe", "Sweep", "LogReg", "KNN"])
 def test_multilabel_heads_on_cuda_give_the_cpu_results(make):
