@@ -45,7 +45,7 @@ SCALES = {
                   sweep_configs=4, sweep_rows=500, sweep_epochs=2, logreg_rows=300, transformers_images=2),
 }
 # On CUDA the CPU sizes would measure launch overhead: issue 4's GPU goal is at 256 px with large batches, and
-# enough images that a pipeline run lasts seconds. (Not yet run on a GPU: none was available in development.)
+# enough images that a pipeline run lasts seconds (first run on an H200: bench/results-h200.json).
 GPU_OVERRIDES = {
     "small": dict(image_size=256, batch_size=256, batch_sizes=(256,), pipeline_images=4096, array_images=4096,
                   process_images=2048),
