@@ -42,13 +42,14 @@ SCALES = {
                   worker_processes=False, process_images=4,
                   original_size=32, original_images=4, original_epochs=(1, 2), original_workers=0,
                   head_rows=1_000, head_epochs=2, reference_epochs=1, mlp_epochs=1, large_batch=True,
-                  sweep_configs=4, sweep_rows=500, sweep_epochs=2, logreg_rows=300, transformers_images=2),
+                  sweep_configs=4, sweep_rows=500, sweep_epochs=2, logreg_rows=300, transformers_images=2,
+                  target_rows=300, preset_epoch_length=2),
 }
 # On CUDA the CPU sizes would measure launch overhead: issue 4's GPU goal is at 256 px with large batches, and
 # enough images that a pipeline run lasts seconds (first run on an H200: bench/results-h200.json).
 GPU_OVERRIDES = {
     "small": dict(image_size=256, batch_size=256, batch_sizes=(256,), pipeline_images=4096, array_images=4096,
-                  process_images=2048),
+                  process_images=2048, target_rows=50_000),
     "full": dict(image_size=256, batch_size=256, batch_sizes=(64, 128, 256, 512), pipeline_images=16384,
                  array_images=16384, process_images=8192),
 }
@@ -294,7 +295,33 @@ def heads_section(cfg: dict, device) -> dict:
     sklearn_s = time.perf_counter() - start
     out.update({"logreg_rows": cfg["logreg_rows"], "logreg_cs": len(DEFAULT_C_GRID), "logreg_torch_s": torch_s,
                 "logreg_sklearn_s": sklearn_s, "logreg_speedup": sklearn_s / torch_s})
+    if cfg.get("target_rows"):  # the GPU issue's head-training targets, at their sizes
+        out.update(target_section(cfg, device))
     return out
+
+
+def target_section(cfg: dict, device) -> dict:
+    """The 45-C logistic-regression grid on target_rows x 384, and DINOv3's linear preset (13 heads side by side,
+    10 epochs of 1,250 iterations at batch 128) on target_rows cached cls4+patch_mean features (5 x 384 wide)."""
+    from dinoprobe import Probe, Sweep
+    from dinoprobe.estimators.logreg import fit_logreg_batched
+    from dinoprobe.settings import DEFAULT_C_GRID
+
+    rows = cfg["target_rows"]
+    x, y, _, _ = synthetic_features(rows, device=device)
+    x = (x - x.mean(0)) / x.std(0)
+    fit_logreg_batched(x[:1000], y[:1000], 10, DEFAULT_C_GRID[:2])  # warm-up
+    start = time.perf_counter()
+    fit_logreg_batched(x, y, 10, DEFAULT_C_GRID)
+    logreg_s = time.perf_counter() - start
+    x, y, xv, yv = synthetic_features(rows, dim=5 * 384, device=device)
+    overrides = {"epoch_length": [cfg["preset_epoch_length"]]} if cfg.get("preset_epoch_length") else {}
+    start = time.perf_counter()
+    search = Sweep(Probe(device=device), preset="dinov3-linear", param_grid=overrides).fit(x, y, X_val=xv, y_val=yv)
+    preset_s = time.perf_counter() - start
+    return {"target_rows": rows, "target_logreg_s": logreg_s, "target_preset_s": preset_s,
+            "target_preset_heads": len(search.results_), "target_preset_steps": 10 * (cfg.get("preset_epoch_length")
+                                                                                   or 1250)}
 
 
 # -------------------------------------------------------------------------------------------- 6. ONNX Runtime
@@ -560,6 +587,12 @@ def markdown(r: dict) -> str:
                      f"configs and rows | {h['multilabel_sweep_side_by_side_s']:.2f} s | {h['sweep_configs']} separate "
                      f"multi-label `Probe` fits {h['multilabel_sweep_one_after_another_s']:.2f} s | "
                      f"**{h['multilabel_sweep_speedup']:.1f}x** |")
+    if "target_logreg_s" in h:
+        lines.append(f"| logreg, {h['logreg_cs']} C values, batched torch L-BFGS ({h['target_rows']:,} x 384) | "
+                     f"{h['target_logreg_s']:.1f} s | | |")
+        lines.append(f"| DINOv3 linear preset: {h['target_preset_heads']} heads side by side, "
+                     f"{h['target_preset_steps']:,} steps of 128, on {h['target_rows']:,} x 1,920 | "
+                     f"{h['target_preset_s']:.1f} s | | |")
     lines.append(f"| logreg, {h['logreg_cs']} C values, batched torch L-BFGS ({h['logreg_rows']:,} x 384) | "
                  f"{h['logreg_torch_s']:.1f} s | scikit-learn looping over C {h['logreg_sklearn_s']:.1f} s | "
                  f"**{h['logreg_speedup']:.1f}x** |")
