@@ -456,6 +456,9 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             runs = {"jpeg": [], "jpeg_torchvision": [], "arrays": [], "arrays_no_blocks": [], "bare": []}
             if cfg["worker_processes"]:
                 runs["jpeg_2_workers"] = []
+            all_workers = max(1, (os.cpu_count() or 1) - 1)  # on CUDA: is PIL decoding bound by the 8 default workers?
+            if dev.type == "cuda" and all_workers > workers:
+                runs["jpeg_all_workers"] = []
             for _ in range(max(2, reps - 1)):
                 runs["bare"].append(forward_rate(backbone, batch, size, dev, precision, 2))
                 runs["jpeg"].append(pipeline_rate(backbone, source, tmp, batch, workers, device))
@@ -463,6 +466,8 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
                                                               "torchvision"))
                 if cfg["worker_processes"]:
                     runs["jpeg_2_workers"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
+                if "jpeg_all_workers" in runs:
+                    runs["jpeg_all_workers"].append(pipeline_rate(backbone, source, tmp, batch, all_workers, device))
                 runs["arrays"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device))
                 runs["arrays_no_blocks"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device,
                                                               last_blocks=0))
@@ -540,7 +545,8 @@ def markdown(r: dict) -> str:
         for key, label in (("jpeg_torchvision", "`features` on JPEGs, `--decoder torchvision`"),
                            ("jpeg_compile", "`features --compile` on JPEGs"),
                            ("jpeg_torchvision_compile", "`features --compile --decoder torchvision`"),
-                           ("jpeg_2_workers", "`features` on JPEGs, 2 worker processes")):
+                           ("jpeg_2_workers", "`features` on JPEGs, 2 worker processes"),
+                           ("jpeg_all_workers", "`features` on JPEGs, a worker per core but one")):
             if f"{key}_images_per_s" in p:
                 rate = p[f"{key}_images_per_s"]
                 lines.append(f"| {label} | {rate:.1f} images/s | bare forward | "
