@@ -585,14 +585,14 @@ def markdown(r: dict) -> str:
                      f"{h['linear_s'] / h['linear_b1024_s']:.1f}x |")
     lines.append(f"| `Probe()`: {h['mlp_epochs']} epochs MLP head (256 hidden), batch {h['mlp_batch']} | {h['mlp_s']:.2f} s | "
                  f"linear head, per epoch | {h['mlp_s'] / h['mlp_epochs'] / (h['linear_s'] / h['linear_epochs']):.2f} |")
-    lines.append(f"| `Sweep`: {h['sweep_configs']} linear configs side by side ({h['sweep_rows']:,} rows, "
-                 f"{h['sweep_epochs']} epochs) | {h['sweep_side_by_side_s']:.2f} s | {h['sweep_configs']} separate "
-                 f"`Probe` fits {h['sweep_one_after_another_s']:.2f} s | **{h['sweep_speedup']:.1f}x** |")
-    if "multilabel_sweep_speedup" in h:
-        lines.append(f"| multi-label `Sweep` (sigmoid heads, 10 classes, best on val mAP), same {h['sweep_configs']} "
-                     f"configs and rows | {h['multilabel_sweep_side_by_side_s']:.2f} s | {h['sweep_configs']} separate "
-                     f"multi-label `Probe` fits {h['multilabel_sweep_one_after_another_s']:.2f} s | "
-                     f"**{h['multilabel_sweep_speedup']:.1f}x** |")
+    for prefix, what, fits in (
+            ("sweep", f"`Sweep`: {h['sweep_configs']} linear configs side by side ({h['sweep_rows']:,} rows, "
+                      f"{h['sweep_epochs']} epochs)", "`Probe` fits"),
+            ("multilabel_sweep", f"multi-label `Sweep` (sigmoid heads, 10 classes, best on val mAP), same "
+                                 f"{h['sweep_configs']} configs and rows", "multi-label `Probe` fits")):
+        if f"{prefix}_speedup" in h:
+            lines.append(f"| {what} | {h[f'{prefix}_side_by_side_s']:.2f} s | {h['sweep_configs']} separate {fits} "
+                         f"{h[f'{prefix}_one_after_another_s']:.2f} s | **{h[f'{prefix}_speedup']:.1f}x** |")
     if "target_logreg_s" in h:
         lines.append(f"| logreg, {h['logreg_cs']} C values, batched torch L-BFGS ({h['target_rows']:,} x 384) | "
                      f"{h['target_logreg_s']:.1f} s | | |")

@@ -138,30 +138,24 @@ def test_thresholds_maximise_each_classes_f1():
 
 
 # --------------------------------------------------------------------------------------------- estimators
-def test_one_vs_rest_logreg_equals_scikit_learns():
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_one_vs_rest_logreg_equals_scikit_learns(class_weight):
+    """Coefficients and probabilities of OneVsRestClassifier(LogisticRegression(C)) at the chosen C, with and without
+    balanced weights; C chosen on validation macro mAP, each C's from scikit-learn's average_precision_score."""
     x, y = DATA[0].numpy().astype(np.float64), DATA[1].numpy().astype(int)
-    for class_weight in (None, "balanced"):
-        model = LogReg(Cs=[0.05, 0.5], normalize="none", tol=1e-10, refit=False)
-        model.fit(x, y, X_val=DATA[2], y_val=DATA[3])
-        ref = OneVsRestClassifier(LogisticRegression(C=model.best_C_, tol=1e-10, max_iter=5000,
-                                                     class_weight=class_weight)).fit(x, y) if class_weight is None \
-            else None
-        if class_weight is None:
-            np.testing.assert_allclose(model.coef_.numpy(), np.concatenate([e.coef_ for e in ref.estimators_]),
-                                       atol=1e-4)
-            np.testing.assert_allclose(model.intercept_.numpy(),
-                                       np.concatenate([e.intercept_ for e in ref.estimators_]), atol=1e-4)
-            np.testing.assert_allclose(model.predict_proba(DATA[2]), ref.predict_proba(DATA[2].numpy()), atol=1e-5)
-        weighted = LogReg(Cs=[0.5], normalize="none", tol=1e-10, refit=False, class_weight="balanced")
-        weighted.fit(x, y, X_val=DATA[2], y_val=DATA[3])
-        ref = OneVsRestClassifier(LogisticRegression(C=0.5, tol=1e-10, max_iter=5000, class_weight="balanced"))
-        ref.fit(x, y)
-        np.testing.assert_allclose(weighted.coef_.numpy(), np.concatenate([e.coef_ for e in ref.estimators_]),
-                                   atol=1e-4)
-    # C is chosen on validation macro mAP, each C's from scikit-learn's average_precision_score
+    model = LogReg(Cs=[0.05, 0.5], normalize="none", tol=1e-10, refit=False, class_weight=class_weight)
+    model.fit(x, y, X_val=DATA[2], y_val=DATA[3])
+
+    def reference(c):
+        return OneVsRestClassifier(LogisticRegression(C=c, tol=1e-10, max_iter=5000, class_weight=class_weight)).fit(x, y)
+
+    ref = reference(model.best_C_)
+    np.testing.assert_allclose(model.coef_.numpy(), np.concatenate([e.coef_ for e in ref.estimators_]), atol=1e-4)
+    np.testing.assert_allclose(model.intercept_.numpy(), np.concatenate([e.intercept_ for e in ref.estimators_]),
+                               atol=1e-4)
+    np.testing.assert_allclose(model.predict_proba(DATA[2]), ref.predict_proba(DATA[2].numpy()), atol=1e-5)
     for c, score in zip(model.Cs_, model.val_score_per_C_):
-        ref = OneVsRestClassifier(LogisticRegression(C=c, tol=1e-10, max_iter=5000)).fit(x, y)
-        probs = ref.predict_proba(DATA[2].numpy())
+        probs = reference(c).predict_proba(DATA[2].numpy())
         assert score == pytest.approx(np.mean([average_precision_score(DATA[3][:, j], probs[:, j])
                                                for j in range(4)]), abs=1e-5)
 
@@ -176,6 +170,13 @@ def test_knn_votes_are_each_classes_share_of_the_neighbours_weight():
         w = np.exp(sims[row, near] / 0.1)
         expected = (w[:, None] * y_train[near]).sum(0) / w.sum()
         np.testing.assert_allclose(knn.predict_proba(x_val[row:row + 1])[0], expected, rtol=1e-5)
+    # k is chosen on validation macro mAP of those votes (float32 shares: unanimous neighbours give exactly 1, so
+    # such images tie), scikit-learn's average precision per class
+    near = np.argsort(-sims, axis=1)[:, :7]
+    w = np.exp(np.take_along_axis(sims, near, 1).astype(np.float64) / 0.1)
+    votes = ((w[:, :, None] * y_train[near]).sum(1) / w.sum(1, keepdims=True)).astype(np.float32)
+    expected_map = np.mean([average_precision_score(y_val[:, c], votes[:, c]) for c in range(4) if y_val[:, c].any()])
+    assert knn.val_score_per_k_[7] == pytest.approx(expected_map, abs=1e-5)
 
 
 @pytest.mark.parametrize("make", [lambda: Probe(head="linear", epochs=20, lr=1e-2), lambda: LogReg(),
@@ -404,9 +405,9 @@ def test_threshold_applies_to_multilabel_heads_only():
     from dinoprobe.runs.labelling import check_threshold, labelled
 
     with pytest.raises(DinoprobeError, match="--threshold applies to multi-label heads"):
-        labelled("x.png", np.array([0.2, 0.8]), ["a", "b"], 5, None, 0.5)
+        check_threshold(0.5, multilabel=False)
     with pytest.raises(DinoprobeError, match=r"in \[0, 1\]"):
-        check_threshold(1.5)
+        check_threshold(1.5, multilabel=True)
     row = labelled("x.png", np.array([0.2, 0.8, 0.6]), ["a", "b", "c"], 1, [0.1, 0.9, 0.5])
     assert row["labels"] == ["c", "a"] and row["probabilities"] == [0.6, 0.2]  # best first, each its own threshold
 
@@ -472,3 +473,11 @@ def test_a_folder_read_as_multilabel_and_views_train_sigmoid_heads(tmp_path):
                        check=True)
         assert "mAP" in proc.stdout and json.loads((out / "run.json").read_text())["train_features"]["mode"] == \
             ("views" if extra == ("--views",) else "streamed")
+
+
+def test_predict_refuses_threshold_for_a_single_label_head(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=3)
+    extract(root, tmp_path / "cache")
+    run_cli("probe", "--cache", tmp_path / "cache", "--out", tmp_path / "run", "--epochs", 1, check=True)
+    proc = run_cli("predict", "--run", tmp_path / "run", "--threshold", 0.5, root / "val")
+    assert_clean_error(proc, "--threshold applies to multi-label heads", "--top-k")

@@ -30,9 +30,10 @@ def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperatu
         sims, idx = (query[start:start + rows] @ train.t()).topk(top, dim=1)
         labels, weights = train_y[idx], (sims / temperature).exp()
         for k in ks:
-            if labels.dim() == 3:  # multi-label rows (block, top, classes)
-                votes = torch.einsum("qk,qkc->qc", weights[:, :k], labels[:, :k].float())
-                votes /= weights[:, :k].sum(1, keepdim=True)
+            if labels.dim() == 3:  # multi-label rows (block, top, classes): shares in float64, stored in float32,
+                # so that equal shares (unanimous neighbours: exactly 1) are equal and tie in the average precision
+                w = weights[:, :k].double()
+                votes = (torch.einsum("qk,qkc->qc", w, labels[:, :k].double()) / w.sum(1, keepdim=True)).float()
             else:
                 votes = torch.zeros(len(idx), num_classes, device=weights.device)
                 votes.scatter_add_(1, labels[:, :k], weights[:, :k])
@@ -95,5 +96,5 @@ class KNN(_Classifier):
     def _probabilities(self, votes: torch.Tensor) -> np.ndarray:
         votes = votes.double()
         if self.multilabel_:
-            return votes.clamp(0, 1).numpy()  # each class's share of the vote (float32 sums can pass 1 by an ulp)
+            return votes.numpy()  # each class's share of the vote
         return (votes / votes.sum(1, keepdim=True).clamp_min(1e-300)).numpy()

@@ -90,7 +90,7 @@ def with_val(kind, root, classes, splits, val_fraction, seed, reader=None, conte
                       content_id=content_id, task=task)
 
 
-def label_sets(rows: list, task: str, where: str) -> str:
+def detect_task(rows: list, task: str, where: str) -> str:
     """The task of labelled rows [(label tuple, row name)]: multilabel when asked, or (auto) when any row holds
     several labels or none; single-label otherwise. Refuses --task single for rows that are not one label each."""
     if task not in TASKS:
@@ -104,7 +104,7 @@ def label_sets(rows: list, task: str, where: str) -> str:
 
 def indicator(label_tuples: list, num_classes: int) -> np.ndarray:
     """(rows, classes) uint8, 1 where a row has the class: the cache's multi-label `labels`."""
-    out = np.zeros((len(label_tuples), num_classes), np.uint8)
-    for row, labels in enumerate(label_tuples):
-        out[row, list(labels)] = 1
-    return out
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    binarizer = MultiLabelBinarizer(classes=list(range(num_classes)))
+    return binarizer.fit_transform(label_tuples).astype(np.uint8).reshape(len(label_tuples), num_classes)

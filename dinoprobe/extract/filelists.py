@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.datasource import SPLIT_NAMES, DataSource, label_sets, with_val
+from dinoprobe.extract.datasource import SPLIT_NAMES, DataSource, detect_task, with_val
 from dinoprobe.extract.decode import SkippedInput
 from dinoprobe.network import hub_endpoint, reachable
 
@@ -95,7 +95,7 @@ def csv_source(path: Path, val_fraction: float, seed: int, task: str = "auto", l
     if unlabelled is not None and task != "multilabel" and not label_sep:
         raise DinoprobeError(f"{path}:{unlabelled}: a row without a label; every image needs one (for multi-label "
                              "data, where an image may have none, pass --task multilabel and --label-sep)")
-    task = label_sets([(names, f"line {number}") for number, _, names in rows], task, str(path))
+    task = detect_task([(names, f"line {number}") for number, _, names in rows], task, str(path))
     classes = sorted({name for _, _, names in rows for name in names})
     if len(classes) < 2:
         raise DinoprobeError(f"{path}: the label column holds only {classes}; a classifier needs at least 2 classes")
@@ -233,7 +233,7 @@ def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | Non
                       for labels, _ in rows for x in labels):
         raise DinoprobeError(f"{spec}: column {label_column!r} holds a label outside its {len(classes)} class names "
                              "(or None); fix those rows")
-    task = label_sets(rows, task, spec)
+    task = detect_task(rows, task, spec)
 
     def label(v):
         if task == "multilabel":
@@ -418,7 +418,7 @@ def webdataset_source(spec: str, val_fraction: float, seed: int, label_field: st
     field = label_field or "label"
     indexed = {split: [s for tar in files for s in _index_tar(tar, field)] for split, files in shards.items()}
     as_tuple = lambda label: label if isinstance(label, tuple) else (label,)  # noqa: E731
-    task = label_sets([(as_tuple(label), key) for samples in indexed.values() for key, _, label in samples], task,
+    task = detect_task([(as_tuple(label), key) for samples in indexed.values() for key, _, label in samples], task,
                       spec)
     names = sorted({str(x) for samples in indexed.values() for _, _, label in samples for x in as_tuple(label)},
                    key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))

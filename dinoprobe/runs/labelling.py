@@ -8,10 +8,14 @@ import numpy as np
 from dinoprobe.errors import DinoprobeError
 
 
-def check_threshold(threshold) -> float | None:
-    """--threshold: one decision threshold for every class of a multi-label head, in [0, 1]."""
+def check_threshold(threshold, multilabel: bool) -> float | None:
+    """--threshold: one decision threshold for every class of a multi-label head, in [0, 1]; refused, before any
+    image is read, for a head that picks one class per image."""
     if threshold is None:
         return None
+    if not multilabel:
+        raise DinoprobeError("--threshold applies to multi-label heads; this head picks one class per image "
+                             "(use --top-k)")
     if not 0 <= float(threshold) <= 1:
         raise DinoprobeError(f"--threshold must be a probability in [0, 1], got {threshold}")
     return float(threshold)
@@ -24,9 +28,6 @@ def labelled(path: str, probabilities: np.ndarray, class_names: list[str], topk:
     probability under `all_probabilities`."""
     p = np.asarray(probabilities, dtype=np.float64)
     if thresholds is None:
-        if threshold is not None:
-            raise DinoprobeError("--threshold applies to multi-label heads; this head picks one class per image "
-                                 "(use --topk)")
         order = np.argsort(-p, kind="stable")[:min(topk, len(class_names))]
         return {"path": path, "labels": [class_names[i] for i in order],
                 "probabilities": [round(float(p[i]), 6) for i in order]}

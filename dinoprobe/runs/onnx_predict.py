@@ -94,9 +94,7 @@ class OnnxClassifier:
 
     def predict(self, paths, topk: int = 5, batch_size: int = 32, threshold: float | None = None):
         """([{path, labels, probabilities}], [(path, reason)]) in input order, as `dinoprobe predict`."""
-        threshold = check_threshold(threshold)
-        if threshold is not None and self.thresholds is None:
-            labelled("", [], [], topk, None, threshold)  # the refusal, before any image is read
+        threshold = check_threshold(threshold, self.thresholds is not None)
         files, errors = expand_inputs(paths)
         results = []
         for start in range(0, len(files), batch_size):

@@ -65,9 +65,7 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
             max_pixels: int = DEFAULT_MAX_PIXELS, threshold: float | None = None):
     """Returns ([{path, labels, probabilities}], [(path, reason)]) in input order. workers: as `features`. A
     multi-label head reports every class at or over its threshold (`threshold`: one for all), see labelling.py."""
-    threshold = check_threshold(threshold)
-    if threshold is not None and not head_file.multilabel:
-        labelled("", [], [], topk, None, threshold)  # the refusal, before any image is read
+    threshold = check_threshold(threshold, head_file.multilabel)
     files, errors = expand_inputs(paths)
     dev = resolve_device(device)
     workers = default_workers(dev) if workers is None else workers

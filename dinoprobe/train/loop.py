@@ -141,8 +141,9 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
     if multilabel and any(smoothing):
         raise DinoprobeError("label smoothing applies to single-label (softmax) heads; use label_smoothing=0 for "
                              "multi-label data")
-    eye = smoothed_eye(num_classes, smoothing if len(set(smoothing)) > 1 else smoothing[0], device)
     weights = None if class_weights is None else class_weights.to(device, torch.float32)
+    eye = None if multilabel else smoothed_eye(num_classes, smoothing if len(set(smoothing)) > 1 else smoothing[0],
+                                               device)
     if weights is not None and not multilabel:  # each target row scaled by its class's weight (torch's weighted CE)
         eye = eye * weights
     epochs = source.epochs(normalizer, first.batch_size, first.seed, first.epoch_length)
