@@ -136,12 +136,13 @@ def array_source(count: int, seed: int = 0):
 
 
 def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device: str, decoder: str = "pil",
-                  last_blocks: int = 4, compile: bool = False) -> float:
+                  last_blocks: int = 4, compile: bool = False, decode_on_device: bool | None = None) -> float:
     from dinoprobe.extract.run import extract
 
     cache_dir = tmp / f"cache-{time.perf_counter_ns()}"
     summary = extract(backbone, source, cache_dir, batch_size=batch, workers=workers, device=device,
-                      progress=False, decoder=decoder, last_blocks=last_blocks, compile=compile)
+                      progress=False, decoder=decoder, last_blocks=last_blocks, compile=compile,
+                      decode_on_device=decode_on_device)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return summary.images_per_second
 
@@ -406,6 +407,7 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
 
     dev = resolve_device(device)
     cfg = {**SCALES[scale], **(GPU_OVERRIDES.get(scale, {}) if dev.type == "cuda" else {})}
+    gpu_rows = dev.type == "cuda" or scale == "smoke"  # the smoke run (a test) exercises the GPU-only rows too
     precision = resolve_precision("auto", dev)
     results: dict = {"scale": scale, "machine": machine_info(), "config": {k: list(v) if isinstance(v, tuple) else v
                                                                           for k, v in cfg.items()}}
@@ -457,8 +459,12 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             if cfg["worker_processes"]:
                 runs["jpeg_2_workers"] = []
             all_workers = max(1, (os.cpu_count() or 1) - 1)  # on CUDA: is PIL decoding bound by the 8 default workers?
-            if dev.type == "cuda" and all_workers > workers:
+            if gpu_rows and all_workers > workers:
                 runs["jpeg_all_workers"] = []
+            if gpu_rows:  # torchvision decoding on the CPU cores instead of nvJPEG (--decode-on workers);
+                # and a run 4x as long: what a short run's fixed costs (worker start, last shard's fsync) hide
+                runs.update(jpeg_torchvision_workers=[], arrays_long=[])
+                long_arrays = array_source(4 * cfg["array_images"])
             for _ in range(max(2, reps - 1)):
                 runs["bare"].append(forward_rate(backbone, batch, size, dev, precision, 2))
                 runs["jpeg"].append(pipeline_rate(backbone, source, tmp, batch, workers, device))
@@ -468,6 +474,10 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
                     runs["jpeg_2_workers"].append(pipeline_rate(backbone, source, tmp, batch, 2, device))
                 if "jpeg_all_workers" in runs:
                     runs["jpeg_all_workers"].append(pipeline_rate(backbone, source, tmp, batch, all_workers, device))
+                if "jpeg_torchvision_workers" in runs:
+                    runs["jpeg_torchvision_workers"].append(pipeline_rate(
+                        backbone, source, tmp, batch, all_workers, device, "torchvision", decode_on_device=False))
+                    runs["arrays_long"].append(pipeline_rate(backbone, long_arrays, tmp, batch, workers, device))
                 runs["arrays"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device))
                 runs["arrays_no_blocks"].append(pipeline_rate(backbone, arrays, tmp, batch, workers, device,
                                                               last_blocks=0))
@@ -546,7 +556,9 @@ def markdown(r: dict) -> str:
                            ("jpeg_compile", "`features --compile` on JPEGs"),
                            ("jpeg_torchvision_compile", "`features --compile --decoder torchvision`"),
                            ("jpeg_2_workers", "`features` on JPEGs, 2 worker processes"),
-                           ("jpeg_all_workers", "`features` on JPEGs, a worker per core but one")):
+                           ("jpeg_all_workers", "`features` on JPEGs, a worker per core but one"),
+                           ("jpeg_torchvision_workers", "`features --decoder torchvision --decode-on workers`, a "
+                                                        "worker per core but one")):
             if f"{key}_images_per_s" in p:
                 rate = p[f"{key}_images_per_s"]
                 lines.append(f"| {label} | {rate:.1f} images/s | bare forward | "
@@ -562,6 +574,11 @@ def markdown(r: dict) -> str:
                          f"1 process {pr['1']:.1f} images/s | {pr['2'] / pr['1']:.2f} |")
         lines.append(f"| `features` on CIFAR-format arrays (batched tensor resize) | {p['arrays_images_per_s']:.1f} "
                      f"images/s | bare forward | {p['arrays_fraction_of_forward']:.2f} |")
+        if "arrays_long_images_per_s" in p:
+            lines.append(f"| `features` on 4x as many arrays ({4 * r['config']['array_images']:,}) | "
+                         f"{p['arrays_long_images_per_s']:.1f} images/s | {r['config']['array_images']:,} arrays "
+                         f"{p['arrays_images_per_s']:.1f} images/s | "
+                         f"{p['arrays_long_images_per_s'] / p['arrays_images_per_s']:.2f} |")
         if "arrays_no_blocks_images_per_s" in p:
             lines.append(f"| `features --last-blocks 4` (the default: 4 more CLS tokens per image), arrays | "
                          f"{p['arrays_images_per_s']:.1f} images/s | `--last-blocks 0` "

@@ -1,6 +1,8 @@
 """One `features` batch under torch.profiler: where the time of the pipeline goes (decode, resize, host-to-device
 copies, the forward, the HDF5 write). `python -m bench.profile_features OUT_DIR [--device cuda] [--batch 256]`
-writes OUT_DIR/profile.txt (the top operators by self time) and OUT_DIR/profile.json (a Chrome trace)."""
+writes OUT_DIR/profile.txt (the top operators by self time), OUT_DIR/stages.txt (host and device time inside each
+of the pipeline's named stages, `dinoprobe.*` in extract/run.py: which stage the host's time goes to) and
+OUT_DIR/profile.json (a Chrome trace)."""
 from __future__ import annotations
 
 import tempfile
@@ -39,8 +41,22 @@ def main(out, device, batch, size, decoder):
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
     (out / "profile.txt").write_text(table)
+    stages = stage_table(prof.key_averages())
+    (out / "stages.txt").write_text(stages)
     prof.export_chrome_trace(str(out / "profile.json"))
     click.echo(table)
+    click.echo(stages)
+
+
+def stage_table(averages) -> str:
+    """The pipeline's named stages (record_function ranges) and the DataLoader's, with their host time and the
+    device time of the kernels they launched: what the host spends per stage, which the operator table cannot say."""
+    rows = sorted((a for a in averages if a.key.startswith(("dinoprobe.", "enumerate(DataLoader)"))),
+                  key=lambda a: -a.cpu_time_total)
+    lines = [f"{'stage':<48} {'calls':>6} {'host ms':>9} {'device ms':>10}"]
+    lines += [f"{a.key[:48]:<48} {a.count:>6} {a.cpu_time_total / 1e3:>9.1f} {a.device_time_total / 1e3:>10.1f}"
+              for a in rows]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import click
 from dinoprobe import __version__
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.settings import (
+    DECODE_ON,
+    DECODERS,
     DEFAULT_C_GRID,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MODEL,
@@ -262,14 +264,17 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="crop size / resize size [default: timm: the model's; dinov3: 224/256]; DINOv3's logistic "
                    "regression computes its features at 1.0 (resize 224, crop 224)")
-@click.option("--decoder", type=click.Choice(["pil", "torchvision"]), default="pil", show_default=True,
+@click.option("--decoder", type=click.Choice(DECODERS), default="pil", show_default=True,
               help="JPEG decoding: pil = timm's reference transform; torchvision = decode_jpeg + tensor resize "
                    "(faster; on the GPU with nvJPEG when extracting on CUDA)")
+@click.option("--decode-on", type=click.Choice(list(DECODE_ON)), default="auto", show_default=True,
+              help="Where --decoder torchvision decodes: device = batched on the extraction device (nvJPEG on "
+                   "CUDA); workers = in the loader workers on the CPU; auto = device on CUDA, else workers")
 def features(data, image_column, label_column, task, label_sep, data_dir, model, weights, cache_dir, image_size,
              batch_size, workers, device,
              precision, dtype,
              shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_, last_blocks, transform,
-             crop_pct, decoder):
+             crop_pct, decoder, decode_on):
     """Run the frozen backbone once over every split and cache the features (resumable)."""
     import os
 
@@ -299,7 +304,8 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
         summary = extract(backbone, source, cache_dir, batch_size=batch_size, workers=workers, device=device,
                           precision=precision, dtype=dtype, shard_size=shard_size, strict=strict,
                           overwrite=overwrite, max_pixels=max_pixels, compile=compile_, views=views,
-                          augment=augment, decoder=decoder, last_blocks=last_blocks, rank=rank, world=world)
+                          augment=augment, decoder=decoder, decode_on_device=DECODE_ON[decode_on],
+                          last_blocks=last_blocks, rank=rank, world=world)
     except KeyboardInterrupt:
         _echo_err(f"\nInterrupted. Complete shards in {cache_dir} are kept; the shard in progress was discarded. "
                   "Rerun the same command to resume.")

@@ -7,6 +7,8 @@ DEFAULT_IMAGE_SIZE = 224  # DINOv3's evaluation size (timm's pretrained_cfg says
 
 TRANSFORMS = ("timm", "dinov3", "square")
 DECODERS = ("pil", "torchvision")
+# where --decoder torchvision decodes: auto = on the extraction device when it is a GPU (nvJPEG), else in the workers
+DECODE_ON = {"auto": None, "workers": False, "device": True}
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (~ 9459 x 9459)
 AUGMENTATIONS = ("timm", "light")
 

@@ -18,7 +18,8 @@ def test_smoke_bench_runs_every_section_and_updates_the_readme(tmp_path):
     figures = [saved["forward"]["images_per_s"], pipeline["jpeg_images_per_s"],
                pipeline["jpeg_torchvision_images_per_s"], pipeline["arrays_images_per_s"],
                pipeline["decode_only"]["torchvision_images_per_s"], pipeline["processes"]["1"],
-               pipeline["processes"]["2"], heads["linear_s"], heads["linear_plain_s"], heads["linear_vs_plain"],
+               pipeline["processes"]["2"], pipeline["jpeg_torchvision_workers_images_per_s"],
+               pipeline["arrays_long_images_per_s"], heads["linear_s"], heads["linear_plain_s"], heads["linear_vs_plain"],
                heads["sweep_speedup"], heads["logreg_speedup"], saved["onnx"]["onnx_images_per_s"],
                saved["onnx"]["predict_images_per_s"]] + [row["speedup"] for row in saved["original_vs_dinoprobe"]]
     assert all(math.isfinite(f) and f > 0 for f in figures), figures
@@ -27,7 +28,7 @@ def test_smoke_bench_runs_every_section_and_updates_the_readme(tmp_path):
     assert table == bench.markdown(results)
     for row in ("bare backbone forward", "--decoder torchvision", "torchrun", "original method, 2 epochs",
                 "plain PyTorch loop", "--last-blocks 0", "`Sweep`", "separate `Probe` fits", "logreg", "transformers",
-                "ONNX Runtime"):
+                "ONNX Runtime", "--decode-on workers", "4x as many arrays"):
         assert row in table, row
     readme = tmp_path / "README.md"
     readme.write_text("# title\n<!-- bench:start -->\nold table\n<!-- bench:end -->\nafter\n")
@@ -46,3 +47,5 @@ def test_the_features_profile_runs_and_writes_its_summary(tmp_path):
     result = CliRunner().invoke(main, [str(tmp_path), "--device", "cpu", "--batch", "4", "--size", "32"])
     assert result.exit_code == 0, result.output
     assert "aten::" in (tmp_path / "profile.txt").read_text() and (tmp_path / "profile.json").stat().st_size > 0
+    stages = (tmp_path / "stages.txt").read_text()  # the host's time per named stage of the pipeline
+    assert all(f"dinoprobe.{stage}" in stages for stage in ("forward", "store", "wait_for_features")), stages

@@ -141,3 +141,19 @@ def test_predict_decodes_new_images_the_way_the_cache_was_built(backbone, jpegs)
         dataset = prediction_dataset(head_file, jpegs[:3], config)
         for i, path in enumerate(jpegs[:3]):
             torch.testing.assert_close(dataset[i][0], reference(path), atol=0, rtol=0)
+
+
+def test_decode_on_chooses_where_torchvision_decodes(photos, tmp_path, monkeypatch):
+    """`--decode-on device` takes the batched device path even on a CPU, `workers` keeps decoding in the loader;
+    PIL cannot decode on the device, and says which decoder can."""
+    args = ["features", "--data", str(photos), "--weights", "random", "--image-size", str(SIZE), "--batch-size", "16"]
+    assert_clean_error(run_cli(*args, "--cache", str(tmp_path / "p"), "--decode-on", "device"), "--decoder torchvision")
+    device_batches = []
+    decode_batch = DeviceDecoder.__call__
+    monkeypatch.setattr(DeviceDecoder, "__call__", lambda self, *a: device_batches.append(1) or decode_batch(self, *a))
+    for where in ("workers", "device"):
+        before = len(device_batches)
+        run_cli(*args, "--cache", str(tmp_path / where), "--decoder", "torchvision", "--decode-on", where, check=True)
+        assert (len(device_batches) > before) == (where == "device"), where
+    a, b = (cache.load(tmp_path / where, "train") for where in ("workers", "device"))
+    np.testing.assert_array_equal(a["cls"], b["cls"])  # the same pixels either way on a CPU

@@ -30,8 +30,9 @@ def cosine(a, b):
 
 def test_features_on_jpegs_every_decoder_and_bf16_against_fp32(photos, tmp_path):
     reference = features(photos, tmp_path / "cpu", "--device", "cpu", "--precision", "fp32")
-    runs = {"fp32": ("--precision", "fp32"), "bf16": ("--precision", "bf16"),
-            "nvjpeg": ("--precision", "bf16", "--decoder", "torchvision")}
+    # batches of 2: many batches in flight one after another, each read back from pinned memory after its event
+    runs = {"fp32": ("--precision", "fp32", "--batch-size", 2), "bf16": ("--precision", "bf16"),
+            "nvjpeg": ("--precision", "bf16", "--decoder", "torchvision", "--batch-size", 3)}
     for name, args in runs.items():
         got = features(photos, tmp_path / name, "--device", "cuda", *args)
         fingerprint = cache.read_manifest(tmp_path / name)["fingerprint"]

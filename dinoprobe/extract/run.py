@@ -1,6 +1,7 @@
 """The single pass: frozen backbone over every split, features into the cache, resumable shard by shard."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from dinoprobe import __version__
@@ -109,7 +111,8 @@ class ShardWriter:
                 continue  # drain after a failure; the main thread will raise
             split, number, start, stop, rows, skipped = job
             try:
-                entry = write_shard(self.cache_dir, split, number, start, stop, rows, self.dtype, skipped)
+                with record_function("dinoprobe.write_shard"):
+                    entry = write_shard(self.cache_dir, split, number, start, stop, rows, self.dtype, skipped)
                 if not self.update_manifest:
                     continue
                 shards = self.manifest["splits"][split]["shards"]
@@ -203,6 +206,8 @@ class ExtractOptions:
                   (self.views >= 0, f"views must be >= 0, got {self.views}"),
                   (self.decoder in DECODERS, f"unknown decoder '{self.decoder}'; choose one of {', '.join(DECODERS)}"),
                   (self.dtype in ("float16", "float32"), f"dtype must be float16 or float32, got {self.dtype!r}"),
+                  (not (self.decode_on_device and self.decoder == "pil"),
+                   "PIL decodes in the loader workers; decoding on the device needs --decoder torchvision"),
                   (0 <= self.rank < self.world, f"rank {self.rank} is not in a world of {self.world}")]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -441,13 +446,37 @@ class SplitRun:
                                              len(source.classes) if source.multilabel else 0)
             return buffers[start]
 
+        @record_function("dinoprobe.store")
+        def store(batch: InFlight) -> None:  # a finished forward's rows into their shard buffers
+            feats, idx_np, labels_np = batch.features.result(), batch.index, batch.labels
+            for start in np.unique(idx_np - idx_np % shard_size):
+                sel = (idx_np - idx_np % shard_size) == start
+                columns = {k: v[sel] for k, v in feats.items()}
+                if source.multilabel:
+                    columns.update(labels=indicator([samples[i][1] for i in idx_np[sel]], len(source.classes)),
+                                   index=idx_np[sel])
+                else:
+                    columns.update(label=labels_np[sel], index=idx_np[sel])
+                buffer(int(start)).add(columns, [samples[i][0] for i in idx_np[sel]])
+
+        def submit_full() -> None:
+            for start in [s for s, b in buffers.items() if b.full]:
+                done_buffer = buffers.pop(start)
+                self.writer.submit(split, by_start[start][0], start, done_buffer.stop, done_buffer.rows(),
+                                   done_buffer.skipped)
+
+        # One batch in flight: batch i's features are stored while batch i+1 runs on the device, so the host's
+        # share (loading, device decoding, copies, shard buffers) overlaps the forward instead of following it.
+        # The same code runs on a CPU, where the forward is synchronous and the lag only holds one batch longer.
+        in_flight: collections.deque[InFlight] = collections.deque()
         bar = tqdm(total=len(indices), desc=f"features {split}", unit="img", disable=not (o.progress and o.rank == 0),
                    dynamic_ncols=True)
         try:
             with torch.inference_mode():
                 for pixels, labels, idx, skipped, view_pixels in loader:
                     if isinstance(pixels, list):  # JPEG bytes: decode on the device (decode.py)
-                        pixels, kept, failed = self.device_decoder(pixels)
+                        with record_function("dinoprobe.decode_on_device"):
+                            pixels, kept, failed = self.device_decoder(pixels)
                         skipped = skipped + [(int(idx[i]), reason) for i, reason in failed]
                         keep = torch.tensor(kept, dtype=torch.long)
                         labels, idx = labels[keep], idx[keep]
@@ -459,27 +488,22 @@ class SplitRun:
                                                  "drop --strict to skip and list such files in the manifest)")
                         buffer(index).skip(index, path, reason)
                     if pixels is not None:
-                        feats = self._features(pixels, view_pixels)
-                        idx_np, labels_np = idx.numpy(), labels.numpy()
-                        for start in np.unique(idx_np - idx_np % shard_size):
-                            sel = (idx_np - idx_np % shard_size) == start
-                            columns = {k: v[sel] for k, v in feats.items()}
-                            if source.multilabel:
-                                columns.update(labels=indicator([samples[i][1] for i in idx_np[sel]],
-                                                                len(source.classes)), index=idx_np[sel])
-                            else:
-                                columns.update(label=labels_np[sel], index=idx_np[sel])
-                            buffer(int(start)).add(columns, [samples[i][0] for i in idx_np[sel]])
-                    for start in [s for s, b in buffers.items() if b.full]:
-                        done_buffer = buffers.pop(start)
-                        self.writer.submit(split, by_start[start][0], start, done_buffer.stop, done_buffer.rows(),
-                                           done_buffer.skipped)
+                        with record_function("dinoprobe.forward"):
+                            in_flight.append(InFlight(self._features(pixels, view_pixels), idx.numpy(),
+                                                      labels.numpy()))
+                    while len(in_flight) > 1:
+                        store(in_flight.popleft())
+                    submit_full()
                     bar.update(len(idx) + len(skipped))
+                while in_flight:
+                    store(in_flight.popleft())
+                submit_full()
         finally:
             bar.close()
         return len(indices)
 
-    def _features(self, pixels: torch.Tensor, view_pixels: torch.Tensor | None) -> dict[str, np.ndarray]:
+    def _features(self, pixels: torch.Tensor, view_pixels: torch.Tensor | None) -> Features:
+        """Start the forward of one batch; its features arrive on the host through `Features.result()`."""
         dev = self.device
         x = self.preprocess(pixels.to(dev, non_blocking=True))
         with autocast(dev, self.precision):
@@ -488,4 +512,39 @@ class SplitRun:
                 b, k = view_pixels.shape[:2]
                 vf = self.forward(self.preprocess(view_pixels.flatten(0, 1).to(dev, non_blocking=True)))
                 feats.update({f"{name}_views": vf[name].view(b, k, -1) for name in ("cls", "patch_mean")})
-        return {k: v.float().cpu().numpy() for k, v in feats.items()}
+        return Features.copy_to_host({k: v.float() for k, v in feats.items()})
+
+
+class Features:
+    """A batch's features on their way to the host. On CUDA the copies go into pinned memory without blocking
+    and an event marks their end, so the host waits only when it reads them (`result`), by which time the next
+    batch is already queued on the device; elsewhere they are the tensors themselves."""
+
+    def __init__(self, host: dict[str, torch.Tensor], done: torch.cuda.Event | None = None):
+        self.host, self.done = host, done
+
+    @classmethod
+    def copy_to_host(cls, feats: dict[str, torch.Tensor]) -> Features:
+        if not any(v.is_cuda for v in feats.values()):
+            return cls({k: v.cpu() for k, v in feats.items()})
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                for k, v in feats.items()}
+        done = torch.cuda.Event()
+        done.record()
+        return cls(host, done)
+
+    @record_function("dinoprobe.wait_for_features")
+    def result(self) -> dict[str, np.ndarray]:
+        if self.done is not None:
+            self.done.synchronize()
+        return {k: v.numpy() for k, v in self.host.items()}
+
+
+@dataclass
+class InFlight:
+    """One batch between its forward and its shard buffer: features (on their way to the host), dataset
+    indices and labels."""
+
+    features: Features
+    index: np.ndarray
+    labels: np.ndarray
