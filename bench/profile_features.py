@@ -31,7 +31,9 @@ def main(out, device, batch, size, decoder):
     with tempfile.TemporaryDirectory(prefix="dinoprobe-profile-") as tmp:
         per_class = max(2, batch // 2)
         root = make_jpeg_folder(Path(tmp) / "jpegs", counts={"train": per_class, "val": 1}, sizes=(300, 500))
-        backbone = build_backbone(weights="random", image_size=size, log=lambda *_: None)
+        # on the device already, as in the bench: extract() moves a backbone to the device and back, and those
+        # ~170 parameter copies (synchronous, pageable) would otherwise fill the profile
+        backbone = build_backbone(weights="random", image_size=size, log=lambda *_: None).to(device)
         source = open_source(str(root))
         kw = dict(batch_size=batch, device=device, progress=False, decoder=decoder, precision="auto")
         extract(backbone, source, Path(tmp) / "warm", **kw)  # warm-up: cuDNN, allocator, thread pools

@@ -37,14 +37,16 @@ def test_device_decoding_equals_worker_decoding(backbone, jpegs, tmp_path):
     """The batch path CUDA takes (bytes from the workers, one decode call on the device), run on the CPU."""
     config = backbone.data_config
     png = str(write_image(tmp_path / "x.png", 0, size=(50, 40)))
-    paths = jpegs[:5] + [png]
+    same_size = tmp_path / "same-size.jpg"  # other pixels at jpegs[1]'s size: resized as one group with it
+    Image.open(jpegs[4]).resize(Image.open(jpegs[1]).size).save(same_size)
+    paths = jpegs[:5] + [png, jpegs[0], str(same_size)]
     encoded = TorchvisionDecode(config, encoded=True)
     items = [encoded(p) for p in paths]
-    assert [t.dim() for t in items] == [1] * 5 + [3]  # JPEG bytes; the PNG decoded by PIL in the worker
+    assert [t.dim() for t in items] == [1] * 5 + [3, 1, 1]  # JPEG bytes; the PNG decoded by PIL in the worker
     pixels, labels, index, skipped, _ = collate([(t, 0, i, None, None) for i, t in enumerate(items)])
     assert isinstance(pixels, list) and not skipped
     decoded, kept, failed = DeviceDecoder(config, torch.device("cpu"), encoded)(pixels)
-    assert kept == list(range(6)) and failed == []
+    assert kept == list(range(8)) and failed == []
     reference = TorchvisionDecode(config)
     torch.testing.assert_close(decoded, torch.stack([reference(p) for p in paths]), atol=0, rtol=0)
 

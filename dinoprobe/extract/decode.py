@@ -152,17 +152,21 @@ class DeviceDecoder:
         """-> (uint8 (B', 3, S, S) on the device or None, positions kept, [(position, reason)] skipped)."""
         jpeg = [i for i, t in enumerate(items) if t.dim() == 1]
         decoded = dict(zip(jpeg, self._decode([items[i] for i in jpeg]))) if jpeg else {}
-        out, kept, skipped = [], [], []
+        ready, skipped, same_size = {}, [], {}
         for i, item in enumerate(items):
             image = decoded.get(i, item)
-            try:
-                if isinstance(image, bytes):
-                    image = self.fallback.pil(image)
-                elif i in decoded:
-                    image = resize_crop(image, self.config)
-            except SkippedInput as err:
-                skipped.append((i, str(err)))
-                continue
-            out.append(image.to(self.device, non_blocking=True))
-            kept.append(i)
-        return (torch.stack(out) if out else None), kept, skipped
+            if isinstance(image, bytes):
+                try:
+                    ready[i] = self.fallback.pil(image).to(self.device, non_blocking=True)
+                except SkippedInput as err:
+                    skipped.append((i, str(err)))
+            elif i in decoded:
+                same_size.setdefault(tuple(image.shape), []).append(i)
+            else:  # decoded in a worker (PNGs, rotated JPEGs)
+                ready[i] = item.to(self.device, non_blocking=True)
+        # photos often share a size (a camera's, a dataset's): one resize per size, not per image
+        for positions in same_size.values():
+            group = torch.stack([decoded[i] for i in positions]) if len(positions) > 1 else decoded[positions[0]][None]
+            ready.update(zip(positions, resize_crop(group, self.config)))
+        kept = sorted(ready)
+        return (torch.stack([ready[i] for i in kept]) if kept else None), kept, skipped
