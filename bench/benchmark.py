@@ -9,6 +9,7 @@ the original second script. Each figure is a median over repeats after a warm-up
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -307,9 +308,21 @@ def target_section(cfg: dict, device) -> dict:
     from dinoprobe import Probe, Sweep
     from dinoprobe.estimators.logreg import fit_logreg_batched
     from dinoprobe.settings import DEFAULT_C_GRID
+    from dinoprobe.train.loop import TrainConfig, train_heads
 
     rows = cfg["target_rows"]
-    x, y, _, _ = synthetic_features(rows, device=device)
+    x, y, xv, yv = synthetic_features(rows, device=device)
+    # 100 linear epochs at batch 256 as the engine runs them (on CUDA: one graph per epoch, graphed.py) against the
+    # same epochs launched step by step (static_epochs=False), interleaved
+    linear = TrainConfig(head="linear", epochs=cfg["head_epochs"], batch_size=256)
+    graphed, eager = [], []
+    for _ in range(2):
+        for times, static in ((graphed, None), (eager, False)):
+            result, = train_heads([linear], x, y, xv, yv, 10, static_epochs=static)
+            times.append(result.seconds)
+    out = {"graph_epochs": cfg["head_epochs"], "graph_s": statistics.median(graphed),
+           "graph_eager_s": statistics.median(eager),
+           "graph_used": train_heads([dataclasses.replace(linear, epochs=2)], x, y, xv, yv, 10)[0].cuda_graph}
     x = (x - x.mean(0)) / x.std(0)
     fit_logreg_batched(x[:1000], y[:1000], 10, DEFAULT_C_GRID[:2])  # warm-up
     start = time.perf_counter()
@@ -320,7 +333,7 @@ def target_section(cfg: dict, device) -> dict:
     start = time.perf_counter()
     search = Sweep(Probe(device=device), preset="dinov3-linear", param_grid=overrides).fit(x, y, X_val=xv, y_val=yv)
     preset_s = time.perf_counter() - start
-    return {"target_rows": rows, "target_logreg_s": logreg_s, "target_preset_s": preset_s,
+    return {**out, "target_rows": rows, "target_logreg_s": logreg_s, "target_preset_s": preset_s,
             "target_preset_heads": len(search.results_), "target_preset_steps": 10 * (cfg.get("preset_epoch_length")
                                                                                    or 1250)}
 
@@ -610,6 +623,11 @@ def markdown(r: dict) -> str:
         if f"{prefix}_speedup" in h:
             lines.append(f"| {what} | {h[f'{prefix}_side_by_side_s']:.2f} s | {h['sweep_configs']} separate {fits} "
                          f"{h[f'{prefix}_one_after_another_s']:.2f} s | **{h[f'{prefix}_speedup']:.1f}x** |")
+    if "graph_s" in h:
+        lines.append(f"| `Probe(head=\"linear\")`, {h['graph_epochs']} epochs, {h['target_rows']:,} x 384, batch 256"
+                     f"{', one CUDA graph per epoch' if h['graph_used'] else ' (no CUDA graph on this device)'} | "
+                     f"{h['graph_s']:.2f} s | step by step {h['graph_eager_s']:.2f} s | "
+                     f"**{h['graph_eager_s'] / h['graph_s']:.1f}x** |")
     if "target_logreg_s" in h:
         lines.append(f"| logreg, {h['logreg_cs']} C values, batched torch L-BFGS ({h['target_rows']:,} x 384) | "
                      f"{h['target_logreg_s']:.1f} s | | |")

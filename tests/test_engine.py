@@ -24,15 +24,17 @@ def clusters(n=700, dim=24, classes=5, seed=0):
 DATA = clusters()
 
 
+# static: the epochs a CUDA graph replays (graphed.py), run here without the graph over the same buffers
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 @pytest.mark.parametrize("optimizer,nesterov", [("adam", False), ("adamw", False), ("sgd", False), ("sgd", True)])
-def test_engine_follows_the_plain_pytorch_loop_step_by_step(head, optimizer, nesterov):
+def test_engine_follows_the_plain_pytorch_loop_step_by_step(head, optimizer, nesterov, static):
     """nn.Linear + torch.optim + F.cross_entropy + backward, same seed and batch order: per-step losses within
     1e-4, identical val accuracies and best epoch, the same final head."""
     cfg = TrainConfig(head=head, optimizer=optimizer, nesterov=nesterov, lr=0.05 if optimizer == "sgd" else 3e-3,
                       weight_decay=1e-3, batch_size=64, epochs=4, warmup_epochs=1, label_smoothing=0.1,
                       dropout=0.2, hidden=16)
-    ours, = train_heads([cfg], *DATA, 5)
+    ours, = train_heads([cfg], *DATA, 5, static_epochs=static)
     _, plain = train_on_tensors(cfg, *DATA, 5)
     assert len(ours.step_losses) == len(plain.step_losses) == 4 * 8
     np.testing.assert_allclose(ours.step_losses, plain.step_losses, atol=1e-4, rtol=0)
@@ -186,12 +188,13 @@ def test_heads_on_their_own_rows_equal_each_trained_alone_on_those_rows(head):
         assert [h["val_acc"] for h in batched.history] == [h["val_acc"] for h in alone.history]
 
 
-def test_dinov3_style_training_follows_the_plain_loop_with_an_infinite_sampler():
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_dinov3_style_training_follows_the_plain_loop_with_an_infinite_sampler(static):
     """epoch_length (a fixed number of drop_last batches from one permutation after another), N(0, 0.01) init with
     zero bias, and the final iteration's head kept: step by step the plain PyTorch loop written that way."""
     cfg = TrainConfig(head="linear", optimizer="sgd", lr=0.05, momentum=0.9, batch_size=96, epochs=3,
                       epoch_length=7, init="normal", select="last")
-    ours, = train_heads([cfg], *DATA, 5)
+    ours, = train_heads([cfg], *DATA, 5, static_epochs=static)
     _, plain = train_on_tensors(cfg, *DATA, 5)
     assert len(ours.step_losses) == len(plain.step_losses) == 3 * 7  # 500 rows: not a multiple of 96
     np.testing.assert_allclose(ours.step_losses, plain.step_losses, atol=1e-4, rtol=0)
@@ -208,14 +211,15 @@ def test_normal_init_is_dinov3s_linear_head():
     assert abs(weight.std().item() - 0.01) < 2e-4
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("head", ["linear", "mlp"])
-def test_class_weighted_training_follows_torchs_weighted_cross_entropy(head):
+def test_class_weighted_training_follows_torchs_weighted_cross_entropy(head, static):
     """class_weights: the plain loop with F.cross_entropy(weight=w, label_smoothing=...), step by step; heads side
     by side (two learning rates) each equal their plain loop."""
     w = torch.tensor([0.5, 3.0, 1.0, 0.2, 2.0])
     configs = [TrainConfig(head=head, hidden=16, dropout=0.2, optimizer="sgd", lr=lr, batch_size=64, epochs=3,
                            label_smoothing=0.1) for lr in (0.05, 0.2)]
-    together = train_heads(configs, *DATA, 5, class_weights=w)
+    together = train_heads(configs, *DATA, 5, class_weights=w, static_epochs=static)
     for cfg, ours in zip(configs, together):
         _, plain = train_on_tensors(cfg, *DATA, 5, class_weights=w)
         np.testing.assert_allclose(ours.step_losses, plain.step_losses, atol=1e-4, rtol=0)

@@ -10,6 +10,7 @@ import torch
 
 from dinoprobe import KNN, LogReg, Probe, Sweep, load_cache
 from dinoprobe.cache import store as cache
+from dinoprobe.train.loop import TrainConfig, train_heads
 
 from conftest import REPO, make_synthetic_cache, run_cli
 
@@ -91,6 +92,59 @@ def test_heads_on_cuda_give_the_cpu_results(synthetic, estimator):
         results[device] = (fitted.predict_proba(d.X_test.cpu()), getattr(fitted, "best_score_", None))
     np.testing.assert_allclose(results["cuda"][0], results["cpu"][0], atol=2e-3)
     assert results["cuda"][1] == pytest.approx(results["cpu"][1], abs=0.01)
+
+
+def _clusters(n=3000, dim=48, classes=6):
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    x = torch.randn(n, dim, generator=gen) + 1.5 * torch.randn(classes, dim, generator=gen)[y]
+    return [t.cuda() for t in (x[:2500], y[:2500], x[2500:], y[2500:])]
+
+
+GRAPH_CASES = {
+    "linear-adam": ([TrainConfig(head="linear", epochs=5, batch_size=128, warmup_epochs=1)], {}),
+    "sgd-nesterov-two-lrs": ([TrainConfig(head="linear", optimizer="sgd", nesterov=True, lr=lr, weight_decay=1e-3,
+                                          epochs=4, batch_size=256) for lr in (0.01, 0.1)], {}),
+    "mlp-adamw": ([TrainConfig(head="mlp", hidden=32, dropout=0.0, optimizer="adamw", weight_decay=0.05, epochs=4,
+                               batch_size=200)], {}),
+    "class-weights": ([TrainConfig(head="linear", epochs=4, label_smoothing=0.1)],
+                      {"class_weights": torch.tensor([0.5, 2.0, 1.0, 1.0, 3.0, 0.7])}),
+    "dinov3-epoch-length": ([TrainConfig(head="linear", optimizer="sgd", momentum=0.9, lr=0.05, batch_size=128,
+                                         epochs=3, epoch_length=30, init="normal", select="last")], {}),
+    "multilabel": ([TrainConfig(head="linear", epochs=4, batch_size=128)], {"multilabel": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAPH_CASES))
+def test_cuda_graph_epochs_equal_the_same_epochs_step_by_step(case):
+    """On CUDA the engine runs its first epoch eagerly, captures the second as a CUDA graph and replays it for the
+    rest (train/graphed.py); launched step by step (static_epochs=False) the same training gives the same losses,
+    choices and heads."""
+    import warnings
+
+    configs, kwargs = GRAPH_CASES[case]
+    x, y, xv, yv = _clusters()
+    if kwargs.pop("multilabel", False):
+        y, yv = (torch.nn.functional.one_hot(t, 6).float() for t in (y, yv))
+        y[::3, 0] = 1.0  # some rows with two labels
+    runs = {}
+    for static in (None, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and trains on: here it fails
+            runs[static] = train_heads(configs, x, y, xv, yv, 6, static_epochs=static, **kwargs)
+    assert all(r.cuda_graph for r in runs[None]) and not any(r.cuda_graph for r in runs[False])
+    for graphed, eager in zip(runs[None], runs[False], strict=True):
+        np.testing.assert_allclose(graphed.step_losses, eager.step_losses, atol=1e-5, rtol=0)
+        assert graphed.best_epoch == eager.best_epoch
+        for a, b in zip(graphed.best_layers, eager.best_layers, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert len(set(np.round(runs[None][0].step_losses, 4))) > 5  # training moved: the comparison means something
+
+
+def test_heads_with_dropout_train_without_a_graph_on_cuda():
+    """Dropout masks come from a generator a graph would freeze: such heads are launched step by step."""
+    result, = train_heads([TrainConfig(head="mlp", hidden=16, dropout=0.3, epochs=3)], *_clusters(), 6)
+    assert not result.cuda_graph and result.best_val_acc > 0.5
 
 
 @pytest.mark.parametrize("make", [lambda d: Probe(head="linear", epochs=10, device=d),

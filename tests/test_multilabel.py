@@ -38,13 +38,14 @@ DATA = tagged()
 
 
 # ------------------------------------------------------------------------------------------------- engine
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])  # static: graphed.py's buffers
 @pytest.mark.parametrize("head,optimizer", [("linear", "adam"), ("linear", "sgd"), ("mlp", "adamw")])
-def test_multilabel_engine_follows_plain_pytorch_step_by_step(head, optimizer):
+def test_multilabel_engine_follows_plain_pytorch_step_by_step(head, optimizer, static):
     """nn.Linear + torch.optim + BCEWithLogitsLoss + backward: the same per-step losses, the same val mAP per epoch
     (theirs from scikit-learn's average_precision_score), best epoch and final head."""
     cfg = TrainConfig(head=head, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3, weight_decay=1e-3,
                       batch_size=64, epochs=4, warmup_epochs=1, dropout=0.2, hidden=16)
-    ours, = train_heads([cfg], *DATA, 4)
+    ours, = train_heads([cfg], *DATA, 4, static_epochs=static)
     _, plain = train_on_tensors(cfg, *DATA, 4)
     assert len(ours.step_losses) == len(plain.step_losses) == 4 * 8
     np.testing.assert_allclose(ours.step_losses, plain.step_losses, atol=1e-5, rtol=0)
@@ -65,7 +66,7 @@ def test_balanced_weights_are_each_class_binary_balanced_weights_and_train_as_bc
         negative, positive = compute_class_weight("balanced", classes=np.array([0.0, 1.0]), y=y[:, c])
         assert weights[0, c].item() == pytest.approx(positive) and weights[1, c].item() == pytest.approx(negative)
     cfg = TrainConfig(head="linear", lr=3e-3, batch_size=64, epochs=3)
-    ours, = train_heads([cfg], *DATA, 4, class_weights=weights)
+    ours, = train_heads([cfg], *DATA, 4, class_weights=weights, static_epochs=True)
     _, plain = train_on_tensors(cfg, *DATA, 4, class_weights=weights)
     np.testing.assert_allclose(ours.step_losses, plain.step_losses, atol=1e-5, rtol=0)
     unweighted, = train_heads([cfg], *DATA, 4)

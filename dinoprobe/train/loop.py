@@ -10,6 +10,7 @@ plain PyTorch loop).
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,10 +20,11 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.train.config import TrainConfig
+from dinoprobe.train.graphed import StaticEpochs
 from dinoprobe.train.heads import Normalizer
 from dinoprobe.train.losses import sigmoid_cross_entropy, smoothed_eye, soft_targets, softmax_cross_entropy
 from dinoprobe.train.ranking import mean_average_precision
-from dinoprobe.train.sources import PerHeadRows, TrainSource, as_train_source
+from dinoprobe.train.sources import InMemory, PerHeadRows, TrainSource, as_train_source
 from dinoprobe.train.stacked import StackedHeads
 from dinoprobe.train.update import HeadwiseOptimizer, lr_factors
 
@@ -48,10 +50,23 @@ class TrainResult:
     group: int = 0
     group_size: int = 1
     diverged_epoch: int | None = None  # the epoch whose loss went to NaN or infinity; the head stopped there
+    cuda_graph: bool = False  # its epochs after the first were replayed from one CUDA graph (graphed.py)
 
     @property
     def epochs_run(self) -> int:
         return len(self.history)
+
+
+@dataclass
+class EpochRecord:
+    """What an epoch's steps leave for its bookkeeping, on the device: per step the heads' negative summed losses,
+    the batch size, the weighted denominators, the predictions and the targets (single-label)."""
+
+    neg_losses: list = field(default_factory=list)
+    sizes: list = field(default_factory=list)
+    denoms: list = field(default_factory=list)
+    preds: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
 
 
 def plan_groups(configs: list[TrainConfig], dim: int, num_classes: int, max_memory: int | None = None,
@@ -90,7 +105,7 @@ def head_bytes(cfg: TrainConfig, dim: int, num_classes: int) -> int:
 def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val: torch.Tensor,
                 y_val: torch.Tensor, num_classes: int, max_memory: int | None = None, progress: bool = False,
                 desc: str = "train", rows: list | None = None,
-                class_weights: torch.Tensor | None = None) -> list[TrainResult]:
+                class_weights: torch.Tensor | None = None, static_epochs: bool | None = None) -> list[TrainResult]:
     """Train every config, side by side where they share a stream and a shape; one TrainResult per config.
 
     `train` is an (N, D) tensor or any TrainSource (sources.py): augmented views, a streamed split.
@@ -99,6 +114,9 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
     multi-label heads (2, C) weights each class's positive and negative targets (sigmoid_cross_entropy).
     `rows`, one index tensor per config, trains each head on its own rows of an in-memory `train` (few-shot
     tries): each head then sees exactly the batches it would see trained alone on train[rows].
+    `static_epochs`: run each epoch over fixed buffers, captured once as a CUDA graph and replayed (graphed.py).
+    None (default): on CUDA, for in-memory features and heads without dropout; True elsewhere runs the same buffers
+    without a graph (tests hold it to the usual path).
     """
     if not configs:
         raise DinoprobeError("no configurations to train")
@@ -117,7 +135,7 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
             group_rows = None if rows is None else torch.stack([torch.as_tensor(rows[i]) for i in members])
             group_source = source if rows is None else PerHeadRows(train, group_rows)
             group_results = _train_group([configs[i] for i in members], group_source, y_train, x_val, y_val,
-                                         num_classes, bar, class_weights)
+                                         num_classes, bar, class_weights, static_epochs)
             for i, res in zip(members, group_results):
                 res.group, res.group_size = number, len(members)
                 results[i] = res
@@ -126,7 +144,7 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
 
 def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch.Tensor, x_val: torch.Tensor,
                  y_val: torch.Tensor, num_classes: int, bar: tqdm,
-                 class_weights: torch.Tensor | None = None) -> list[TrainResult]:
+                 class_weights: torch.Tensor | None = None, static_epochs: bool | None = None) -> list[TrainResult]:
     first, n = configs[0], len(configs)
     device = y_train.device
     normalizer = Normalizer.fit(first.normalize, source).to(device)  # statistics of the clean train features
@@ -146,33 +164,51 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
                                                device)
     if weights is not None and not multilabel:  # each target row scaled by its class's weight (torch's weighted CE)
         eye = eye * weights
-    epochs = source.epochs(normalizer, first.batch_size, first.seed, first.epoch_length)
     x_val = normalizer(x_val)
     results = [TrainResult(c, heads.head_layers(i), normalizer) for i, c in enumerate(configs)]
     best = heads.theta.clone()
     stale, active = torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool)
-    start, step = time.perf_counter(), 0
-    for epoch in range(1, first.epochs + 1):
-        epoch_lrs = [lr * factors[step] for lr in base_lrs]
-        neg_losses, sizes, denoms, preds, targets = [], [], [], [], []
-        for features, rows in next(epochs):
+
+    def train_batches(batches, step_numbers) -> EpochRecord:
+        """One epoch's steps: every head forward and backward on each batch, one update. `step_numbers` are the
+        optimizer's (HeadwiseOptimizer.scalars) per step. What the epoch's bookkeeping needs stays on the device."""
+        record = EpochRecord()
+        for (features, rows), numbers in zip(batches, step_numbers):
             # (B,) or (N, B) labels; multi-label (B, C) or (N, B, C)
             target = y_train.index_select(0, rows) if rows.dim() == 1 else y_train[rows]
             if multilabel:
                 neg_loss, _ = heads.step(features, partial(sigmoid_cross_entropy, targets=target, weights=weights))
-                sizes.append(target.shape[-2])
+                record.sizes.append(target.shape[-2])
             else:
                 denom = None if weights is None else weights[target].sum(-1).view(-1, 1, 1)  # (1 or N, 1, 1)
                 neg_loss, logits = heads.step(features, partial(softmax_cross_entropy, soft=soft_targets(eye, target),
                                                                 denom=denom))
-                sizes.append(target.shape[-1])
+                record.sizes.append(target.shape[-1])
                 if denom is not None:
-                    denoms.append(denom.view(-1).expand(n))
-                preds.append(logits.argmax(-1))
-                targets.append(target.view(-1, target.shape[-1]))
-            optimizer.step(factors[step])
-            step += 1
-            neg_losses.append(neg_loss)
+                    record.denoms.append(denom.view(-1).expand(n))
+                record.preds.append(logits.argmax(-1))
+                record.targets.append(target.view(-1, target.shape[-1]))
+            optimizer.apply(*numbers)
+            record.neg_losses.append(neg_loss)
+        return record
+
+    use_static = static_epochs if static_epochs is not None else (device.type == "cuda" and not heads.dropout)
+    if use_static and isinstance(source, InMemory):  # CUDA: one graph per epoch, replayed (graphed.py)
+        epochs = StaticEpochs(source, normalizer, first, steps_per_epoch, optimizer, factors, train_batches,
+                              capture=device.type == "cuda" and not heads.dropout)
+    else:
+        batches = source.epochs(normalizer, first.batch_size, first.seed, first.epoch_length)
+        epochs = None
+    start, step = time.perf_counter(), 0
+    for epoch in range(1, first.epochs + 1):
+        epoch_lrs = [lr * factors[step] for lr in base_lrs]
+        if epochs is not None:
+            record = epochs.run(step)
+        else:
+            record = train_batches(next(batches), (optimizer.scalars(factors[s]) for s in itertools.count(step)))
+        step += len(record.neg_losses)
+        neg_losses, sizes, denoms, preds, targets = (record.neg_losses, record.sizes, record.denoms, record.preds,
+                                                     record.targets)
         # the epoch's bookkeeping in a few calls rather than a few per step
         step_losses = -torch.stack(neg_losses).cpu().double() / (  # (steps, N): each step's (weighted) mean
             torch.stack(denoms).cpu().double() if denoms else torch.tensor(sizes, dtype=torch.float64)[:, None])
@@ -221,6 +257,7 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
     seconds = time.perf_counter() - start
     for i, res in enumerate(results):
         res.best_layers, res.seconds = heads.head_layers(i, best), seconds
+        res.cuda_graph = epochs is not None and epochs.graph is not None
         if configs[i].select == "last" and res.diverged_epoch is None and res.history:
             # the final iteration's head, scored on val as it is (DINOv3 reports these)
             res.best_layers, res.best_epoch = heads.head_layers(i), res.history[-1]["epoch"]

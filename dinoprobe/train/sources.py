@@ -53,15 +53,20 @@ class InMemory:
         return torch.randperm(n, generator=generator)
 
     def epochs(self, normalizer, batch_size: int, seed: int, epoch_length: int | None = None) -> Iterator[Batches]:
-        generator = torch.Generator().manual_seed(seed)
         x = normalizer(self.x)
+        for rows in self.epoch_rows(batch_size, seed, epoch_length):
+            yield shuffled_batches(x, rows, batch_size)
+
+    def epoch_rows(self, batch_size: int, seed: int, epoch_length: int | None = None) -> Iterator[torch.Tensor]:
+        """Each epoch's rows in batch order, one CPU tensor: its consecutive `batch_size` slices are the batches
+        (a CUDA graph replays one epoch over rows copied into the same buffer)."""
+        generator = torch.Generator().manual_seed(seed)
         if epoch_length is None:
             while True:
-                yield shuffled_batches(x, self.order(len(x), generator), batch_size)
-        stream = endless_batches(len(x), batch_size, generator, self.order)
+                yield self.order(len(self), generator)
+        stream = endless_batches(len(self), batch_size, generator, self.order)
         while True:
-            yield ((x.index_select(0, idx.to(x.device)), idx.to(x.device))
-                   for idx in itertools.islice(stream, epoch_length))
+            yield torch.cat(list(itertools.islice(stream, epoch_length)))
 
 
 class PerHeadRows:

@@ -51,6 +51,7 @@ class StackedHeads:
         self.grads = self._layers(self.grad)
         self.head_index = torch.cat([torch.arange(self.n, device=device).repeat_interleave(math.prod(s[1:]))
                                      for s in self.shapes])  # which head each entry of theta belongs to
+        self.dropout = False
         if self.kind == "mlp":
             self.p = torch.tensor([c.dropout for c in configs], device=device).view(-1, 1, 1)
             self.keep_scale = 1.0 / (1.0 - self.p)

@@ -47,10 +47,22 @@ class HeadwiseOptimizer:
             return float(values[0])
         return torch.tensor(values, dtype=heads.theta.dtype, device=heads.theta.device)[heads.head_index]
 
-    @torch.no_grad()
     def step(self, factor: float) -> None:
         """One update with every head's learning rate multiplied by the schedule's `factor`."""
+        self.apply(*self.scalars(factor))
+
+    def scalars(self, factor: float) -> tuple[float, float, float]:
+        """The next update's step-dependent numbers: (factor, factor / Adam's first bias correction, the square root
+        of its second). Counts the step. A CUDA graph gets them for a whole epoch ahead, as device tensors."""
         self.steps += 1
+        if self.kind == "sgd":
+            return factor, factor, 1.0
+        return factor, factor / (1 - self.beta1 ** self.steps), math.sqrt(1 - self.beta2 ** self.steps)
+
+    @torch.no_grad()
+    def apply(self, factor, factor_over_bias1, root_bias2) -> None:
+        """One update from `scalars`: Python floats, or 0-d device tensors (inside a CUDA graph, where the numbers
+        of each replay are read from memory)."""
         p, g, lr, wd = self.theta, self.grad, self.lr, self.wd
         if self.kind != "adamw" and (not isinstance(wd, float) or wd):
             g = g.add(p * wd)  # L2 penalty folded into the gradient (torch's SGD and Adam)
@@ -58,15 +70,14 @@ class HeadwiseOptimizer:
             if not isinstance(self.momentum, float) or self.momentum:
                 self.buf.mul_(self.momentum).add_(g)  # torch's first step clones g: the same, from zeros
                 g = g.add(self.buf * self.momentum) if self.nesterov else self.buf
-            p.sub_(g * lr, alpha=factor) if not isinstance(lr, float) else p.add_(g, alpha=-lr * factor)
+            step = lr * factor
+            p.add_(g, alpha=-step) if isinstance(step, float) else p.sub_(g * step)
             return
         if self.kind == "adamw" and (not isinstance(wd, float) or wd):
             p.mul_(1 - lr * factor * wd)
         self.buf.lerp_(g, 1 - self.beta1)
         self.sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-        bias1, bias2 = 1 - self.beta1 ** self.steps, 1 - self.beta2 ** self.steps
-        denom = self.sq.sqrt().div_(math.sqrt(bias2)).add_(self.eps)
-        if isinstance(lr, float):
-            p.addcdiv_(self.buf, denom, value=-lr * factor / bias1)
-        else:
-            p.addcdiv_(self.buf * lr, denom, value=-factor / bias1)
+        denom = self.sq.sqrt().div_(root_bias2).add_(self.eps)
+        step = lr * factor_over_bias1
+        p.addcdiv_(self.buf, denom, value=-step) if isinstance(step, float) else p.addcdiv_(self.buf * step, denom,
+                                                                                             value=-1)
