@@ -413,7 +413,8 @@ def transformers_route(images: list[Path], tmp: Path, batch: int) -> dict | None
 
 
 # ------------------------------------------------------------------------------------------------------ run
-def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto", log=print) -> dict:
+def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto", log=print,
+        compile_section: bool = True) -> dict:
     from dinoprobe.device import resolve_device, resolve_precision
     from dinoprobe.extract.backbone import build_backbone, model_facts
     from dinoprobe.extract.sources import open_source
@@ -521,7 +522,7 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             results["transformers"] = transformers_route(jpegs[: cfg["transformers_images"]], tmp, batch)
             if results["transformers"] and pipeline:
                 results["transformers"]["dinoprobe_jpeg_images_per_s"] = pipeline["jpeg_images_per_s"]
-        if dev.type == "cuda" and pipeline:  # last: compiling costs a minute or more per decoder
+        if dev.type == "cuda" and pipeline and compile_section:  # last: compiling costs a minute or more
             begin("compile", "8/8 features --compile (a first run compiles and is discarded; the second is timed)")
             for name, decoder in (("jpeg_compile", "pil"), ("jpeg_torchvision_compile", "torchvision")):
                 try:
@@ -671,10 +672,12 @@ def update_readme(readme: Path, table: str) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--readme", default=None, type=click.Path(dir_okay=False),
               help="Also replace the table between <!-- bench:start/end --> in this README")
-def main(scale, out, data_root, device, readme):
+@click.option("--no-compile", is_flag=True,
+              help="Skip the `features --compile` rows on CUDA (a minute or more of compiling; for a short lease)")
+def main(scale, out, data_root, device, readme, no_compile):
     """Measure this machine and dinoprobe on it: bench/results.json + a Markdown table."""
     results = run(scale, Path(out), Path(data_root) if data_root else None, device,
-                  log=lambda message: click.echo(message, err=True))
+                  log=lambda message: click.echo(message, err=True), compile_section=not no_compile)
     table = markdown(results)
     click.echo(table)
     if readme:

@@ -8,7 +8,8 @@
 # Everything lands in one folder, OUT (default bench/gpu-run): gpu.log, tests.log, results.json, results.md,
 # profile-pil/, profile-torchvision/.
 # Usage: bash bench/gpu.sh [OUT]            (PYTHON=python3.12 bash bench/gpu.sh OUT to pick the interpreter;
-#        TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT seconds bound each step, so a short lease gets every step)
+#        TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT seconds bound each step, so a short lease gets every step;
+#        BENCH_ARGS=--no-compile skips the bench's minute or more of compiling)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -26,7 +27,8 @@ print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0), 'x', torc
   timeout "${TESTS_TIMEOUT:-1800}" "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
   tests=${PIPESTATUS[0]}
   echo "== bench (GPU scale)"
-  timeout "${BENCH_TIMEOUT:-1800}" "$PY" -m bench.benchmark --scale small --device cuda --out "$OUT"; bench=$?
+  timeout "${BENCH_TIMEOUT:-1800}" "$PY" -m bench.benchmark --scale small --device cuda --out "$OUT" \
+    ${BENCH_ARGS:-}; bench=$?
   echo "== profile of one features pass"
   timeout "${PROFILE_TIMEOUT:-600}" "$PY" -m bench.profile_features "$OUT/profile-pil" --device cuda --decoder pil \
     | tail -40; profile=${PIPESTATUS[0]}
