@@ -59,12 +59,15 @@ def test_schedule_is_torchs_warmup_and_cosine(warmup):
     np.testing.assert_allclose(lr_factors(5, warmup, 7), expected, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("numbers", ["floats", "tensors"])  # tensors: 0-d, as a CUDA graph reads them
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
 @pytest.mark.parametrize("optimizer,nesterov", [("adam", False), ("adamw", False), ("sgd", False), ("sgd", True)])
-def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov):
-    """Three stacked heads with their own lr, weight decay and momentum, 12 steps with random gradients and a
-    changing schedule factor: each head equals its own torch.optim optimiser."""
+def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov, shared, numbers):
+    """Three stacked heads with their own (or one shared) lr, weight decay and momentum, 12 steps with random
+    gradients and a changing schedule factor: each head equals its own torch.optim optimiser."""
+    settings = ((0.1, 0.01, 0.9),) * 3 if shared else ((0.1, 0.0, 0.9), (0.03, 0.01, 0.5), (0.2, 0.1, 0.8))
     configs = [TrainConfig(head="mlp", hidden=5, optimizer=optimizer, nesterov=nesterov, lr=lr, weight_decay=wd,
-                           momentum=m) for lr, wd, m in ((0.1, 0.0, 0.9), (0.03, 0.01, 0.5), (0.2, 0.1, 0.8))]
+                           momentum=m) for lr, wd, m in settings]
     heads = StackedHeads(configs, 6, 3, "cpu")
     update = HeadwiseOptimizer(heads, configs)
     def named(layers):
@@ -82,7 +85,10 @@ def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov):
             for group in opt.param_groups:
                 group["lr"] = configs[i].lr * factor
             opt.step()
-        update.step(factor)
+        if numbers == "floats":
+            update.step(factor)
+        else:
+            update.apply(*(torch.tensor(v, dtype=torch.float32) for v in update.scalars(factor)))
     for i, p in enumerate(params):
         for name, tensor in p.items():
             torch.testing.assert_close(named(heads.layers)[name][i], tensor.detach(), atol=1e-6, rtol=1e-5)

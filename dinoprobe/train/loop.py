@@ -193,19 +193,15 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
         return record
 
     use_static = static_epochs if static_epochs is not None else (device.type == "cuda" and not heads.dropout)
-    if use_static and isinstance(source, InMemory):  # CUDA: one graph per epoch, replayed (graphed.py)
-        epochs = StaticEpochs(source, normalizer, first, steps_per_epoch, optimizer, factors, train_batches,
-                              capture=device.type == "cuda" and not heads.dropout)
-    else:
-        batches = source.epochs(normalizer, first.batch_size, first.seed, first.epoch_length)
-        epochs = None
+    static = StaticEpochs(source, normalizer, first, steps_per_epoch, optimizer, factors, train_batches,
+                          capture=device.type == "cuda" and not heads.dropout) \
+        if use_static and isinstance(source, InMemory) else None  # on CUDA: an epoch is one graph replay
+    batches = source.epochs(normalizer, first.batch_size, first.seed, first.epoch_length) if static is None else None
     start, step = time.perf_counter(), 0
     for epoch in range(1, first.epochs + 1):
         epoch_lrs = [lr * factors[step] for lr in base_lrs]
-        if epochs is not None:
-            record = epochs.run(step)
-        else:
-            record = train_batches(next(batches), (optimizer.scalars(factors[s]) for s in itertools.count(step)))
+        record = static.run(step) if static is not None else train_batches(
+            next(batches), (optimizer.scalars(factors[s]) for s in itertools.count(step)))
         step += len(record.neg_losses)
         neg_losses, sizes, denoms, preds, targets = (record.neg_losses, record.sizes, record.denoms, record.preds,
                                                      record.targets)
@@ -257,7 +253,7 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
     seconds = time.perf_counter() - start
     for i, res in enumerate(results):
         res.best_layers, res.seconds = heads.head_layers(i, best), seconds
-        res.cuda_graph = epochs is not None and epochs.graph is not None
+        res.cuda_graph = static is not None and static.graph is not None
         if configs[i].select == "last" and res.diverged_epoch is None and res.history:
             # the final iteration's head, scored on val as it is (DINOv3 reports these)
             res.best_layers, res.best_epoch = heads.head_layers(i), res.history[-1]["epoch"]
