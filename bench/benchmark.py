@@ -166,7 +166,7 @@ def decode_rates(paths: list[str], config, repeats: int) -> dict:
 
 
 def processes_section(folder: Path, size: int, batch: int) -> dict:
-    """`features` images/s as reported by the CLI, one process vs `torchrun` with 2 (gloo on CPU)."""
+    """`features` images/s as reported by the CLI, one process vs `torchrun` with 2 (on one GPU they share it)."""
     import re
     import subprocess
     import sys
@@ -500,9 +500,9 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
                         **{f"{name}_images_per_s": statistics.median(v) for name, v in runs.items() if name != "bare"}}
             pipeline["decode_only"] = decode_rates([p for p, _ in source.splits["train"]], backbone.data_config,
                                                    reps)
-            if dev.type != "cuda" or torch.cuda.device_count() >= 2:  # NCCL: one rank per GPU
-                pipeline["processes"] = processes_section(jpeg_folder(tmp / "procs", jpegs, cfg["process_images"]),
-                                                          size, batch)
+            # on one GPU the two ranks share it, each with its own decoding workers
+            pipeline["processes"] = processes_section(jpeg_folder(tmp / "procs", jpegs, cfg["process_images"]),
+                                                      size, batch)
             pipeline["process_images"] = cfg["process_images"]
             pipeline["jpeg_fraction_of_forward"] = pipeline["jpeg_images_per_s"] / bare
             pipeline["arrays_fraction_of_forward"] = pipeline["arrays_images_per_s"] / bare
@@ -584,7 +584,8 @@ def markdown(r: dict) -> str:
                          f"**{d['torchvision_images_per_s'] / d['pil_images_per_s']:.1f}x** |")
         pr = p.get("processes")
         if pr:
-            lines.append(f"| `torchrun` 2 CPU processes (gloo), `features` on JPEGs | {pr['2']:.1f} images/s | "
+            where = "processes sharing one GPU" if m["gpu"] else "CPU processes"
+            lines.append(f"| `torchrun` 2 {where} (gloo), `features` on JPEGs | {pr['2']:.1f} images/s | "
                          f"1 process {pr['1']:.1f} images/s | {pr['2'] / pr['1']:.2f} |")
         lines.append(f"| `features` on CIFAR-format arrays (batched tensor resize) | {p['arrays_images_per_s']:.1f} "
                      f"images/s | bare forward | {p['arrays_fraction_of_forward']:.2f} |")

@@ -245,8 +245,9 @@ def extract(backbone: Backbone, source: DataSource, cache_dir: str | Path, optio
 
 def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: ExtractOptions) -> ExtractionSummary:
     dev = resolve_device(o.device)
-    if dev.type == "cuda" and o.world > 1 and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if dev.type == "cuda" and o.world > 1 and "LOCAL_RANK" in os.environ:  # torchrun: ranks dealt out over the GPUs
+        # (more ranks than GPUs share them: each brings its own decoding workers to a GPU the forward leaves idle)
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     precision = resolve_precision(o.precision, dev)
     workers = default_workers(dev) if o.workers is None else o.workers
@@ -299,8 +300,9 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
                 summary.computed += run.split(source, split, view_maker if split == "train" else None)
         finally:
             run.writer.close()
-        if world > 1:
-            counts = torch.tensor([summary.computed], dtype=torch.long)
+        if world > 1:  # NCCL (a caller's own group) reduces device tensors only; gloo takes CPU ones
+            on = dev if torch.distributed.get_backend() == "nccl" else "cpu"
+            counts = torch.tensor([summary.computed], dtype=torch.long, device=on)
             torch.distributed.all_reduce(counts)
             summary.computed = int(counts.item())
             torch.distributed.barrier()  # every rank's shards are on disk
@@ -320,14 +322,18 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
 
 
 def distributed_context(device: torch.device) -> tuple[int, int]:
-    """(rank, world size) for a command run under torchrun (WORLD_SIZE > 1): joins the process group (gloo on
-    CPU, nccl on GPUs) and splits the CPU cores between the ranks of a machine. Called by the CLI, which also
-    destroys the group (`end_distributed`); the library only takes rank and world."""
+    """(rank, world size) for a command run under torchrun (WORLD_SIZE > 1): joins the process group and splits
+    the CPU cores between the ranks of a machine. Called by the CLI, which also destroys the group
+    (`end_distributed`); the library only takes rank and world.
+
+    The group is gloo's on GPUs too: extraction's collectives are control messages (rank 0's refusal, a count,
+    barriers), not tensors, and gloo carries them whatever the layout, including several ranks sharing a GPU, which
+    NCCL refuses ('Duplicate GPU detected'), without NCCL's start-up and its buffers on every GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("gloo")
     if device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
