@@ -48,3 +48,19 @@ def test_a_run_killed_with_one_process_resumes_with_two(folder_and_reference, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert cache.verify(tmp_path / "c") == []
     _assert_same(reference, tmp_path / "c")
+
+
+def test_ranks_of_one_machine_split_its_cores_for_decoding_workers(monkeypatch):
+    """torchrun's ranks on one machine share its cores: each takes its share before the usual rule (GPU: one
+    worker per core but one, at most 8; CPU: in-process up to 4 cores, else one per 8)."""
+    import os
+
+    import torch
+
+    from dinoprobe.device import default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [default_workers(gpu, ranks) for ranks in (1, 2, 4, 16, 32)] == [8, 7, 3, 1, 1]
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert [default_workers(cpu, ranks) for ranks in (1, 2, 8, 16)] == [8, 4, 1, 0]

@@ -250,7 +250,8 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     precision = resolve_precision(o.precision, dev)
-    workers = default_workers(dev) if o.workers is None else o.workers
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", o.world)) if o.world > 1 else 1  # on this machine
+    workers = default_workers(dev, ranks) if o.workers is None else o.workers
     if o.decoder != "pil" and not source.encoded:
         raise DinoprobeError(f"--decoder {o.decoder} decodes encoded images; {source.kind} comes as decoded arrays, "
                              "so leave --decoder at pil")
