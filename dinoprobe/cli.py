@@ -277,11 +277,12 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
              shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_, last_blocks, transform,
              crop_pct, decoder, decode_on):
     """Run the frozen backbone once over every split and cache the features (resumable)."""
+    import dataclasses
     import os
 
     from dinoprobe.device import resolve_device
     from dinoprobe.extract.backbone import build_backbone
-    from dinoprobe.extract.run import distributed_context, end_distributed, extract
+    from dinoprobe.extract.run import ExtractOptions, distributed_context, end_distributed, extract
     from dinoprobe.extract.sources import open_source
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
@@ -289,6 +290,11 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     cache_dir = cache_dir or default_cache_dir(data, model, image_size, weights)
     source = open_source(data, data_dir, val_fraction, image_column=image_column, label_column=label_column, task=task,
                          label_sep=label_sep)
+    options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, precision=precision, dtype=dtype,
+                             shard_size=shard_size, strict=strict, overwrite=overwrite, max_pixels=max_pixels,
+                             compile=compile_, views=views, augment=augment, decoder=decoder,
+                             decode_on_device=DECODE_ON[decode_on], last_blocks=last_blocks)
+    options.check_source(source)  # before any weights load
     if precision == "fp16" and "dinov3" in model:
         say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
             "(or auto: bf16 on CUDA)")
@@ -302,11 +308,7 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     say(f"transform {cfg.name}: {geometry} ({cfg.interpolation})")
     rank, world = distributed_context(resolve_device(device))  # torchrun: the process group lives here
     try:
-        summary = extract(backbone, source, cache_dir, batch_size=batch_size, workers=workers, device=device,
-                          precision=precision, dtype=dtype, shard_size=shard_size, strict=strict,
-                          overwrite=overwrite, max_pixels=max_pixels, compile=compile_, views=views,
-                          augment=augment, decoder=decoder, decode_on_device=DECODE_ON[decode_on],
-                          last_blocks=last_blocks, rank=rank, world=world)
+        summary = extract(backbone, source, cache_dir, dataclasses.replace(options, rank=rank, world=world))
     except KeyboardInterrupt:
         _echo_err(f"\nInterrupted. Complete shards in {cache_dir} are kept; the shard in progress was discarded. "
                   "Rerun the same command to resume.")

@@ -149,7 +149,9 @@ def test_decode_on_chooses_where_torchvision_decodes(photos, tmp_path, monkeypat
     """`--decode-on device` takes the batched device path even on a CPU, `workers` keeps decoding in the loader;
     PIL cannot decode on the device, and says which decoder can."""
     args = ["features", "--data", str(photos), "--weights", "random", "--image-size", str(SIZE), "--batch-size", "16"]
-    assert_clean_error(run_cli(*args, "--cache", str(tmp_path / "p"), "--decode-on", "device"), "--decoder torchvision")
+    # refused before any weights load (these do not exist)
+    refused = [a if a != "random" else str(tmp_path / "missing.pth") for a in args]
+    assert_clean_error(run_cli(*refused, "--cache", str(tmp_path / "p"), "--decode-on", "device"), "--decoder torchvision")
     device_batches = []
     decode_batch = DeviceDecoder.__call__
     monkeypatch.setattr(DeviceDecoder, "__call__", lambda self, *a: device_batches.append(1) or decode_batch(self, *a))

@@ -213,6 +213,12 @@ class ExtractOptions:
         if problems:
             raise DinoprobeError("; ".join(problems))
 
+    def check_source(self, source: DataSource) -> None:
+        """What these options cannot do with `source` (the CLI asks before it loads any weights)."""
+        if self.decoder != "pil" and not source.encoded:
+            raise DinoprobeError(f"--decoder {self.decoder} decodes encoded images; {source.kind} comes as decoded "
+                                 "arrays, so leave --decoder at pil")
+
 
 class BlockFeatures(torch.nn.Module):
     """The backbone's features with the CLS tokens of its last `last_blocks` blocks, without touching the backbone."""
@@ -252,9 +258,7 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
     precision = resolve_precision(o.precision, dev)
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", o.world)) if o.world > 1 else 1  # on this machine
     workers = default_workers(dev, ranks) if o.workers is None else o.workers
-    if o.decoder != "pil" and not source.encoded:
-        raise DinoprobeError(f"--decoder {o.decoder} decodes encoded images; {source.kind} comes as decoded arrays, "
-                             "so leave --decoder at pil")
+    o.check_source(source)
     on_device = o.decoder != "pil" and (dev.type == "cuda" if o.decode_on_device is None else o.decode_on_device)
     decode = TorchvisionDecode(backbone.data_config, o.max_pixels, encoded=on_device) if o.decoder != "pil" else None
     fingerprint = make_fingerprint(backbone, source, o.dtype, precision, o.views, o.augment, o.decoder,
