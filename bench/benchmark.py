@@ -466,13 +466,13 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
         if jpegs:
             source = open_source(str(jpeg_folder(tmp / "jpegs", jpegs, cfg["pipeline_images"])))
             arrays = array_source(cfg["array_images"])
-            from dinoprobe.device import default_workers
+            from dinoprobe.device import default_workers, usable_cores
 
             workers = default_workers(dev)
             runs = {"jpeg": [], "jpeg_torchvision": [], "arrays": [], "arrays_no_blocks": [], "bare": []}
             if cfg["worker_processes"]:
                 runs["jpeg_2_workers"] = []
-            all_workers = max(1, (os.cpu_count() or 1) - 1)  # on CUDA: is PIL decoding bound by the 8 default workers?
+            all_workers = max(1, usable_cores() - 1)  # on CUDA: is PIL decoding bound by the 8 default workers?
             if gpu_rows and all_workers > workers:
                 runs["jpeg_all_workers"] = []
             if gpu_rows:  # torchvision decoding on the CPU cores instead of nvJPEG (--decode-on workers);

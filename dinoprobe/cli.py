@@ -28,7 +28,7 @@ from dinoprobe.train.config import SETTINGS, check_number, check_value, describe
 POSITIVE_INT = click.IntRange(min=1)
 PROBABILITY = click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True)
 WORKERS_HELP = ("DataLoader decoding processes [default: 0 on a CPU with <= 4 cores, else cores/8; GPU: cores-1, max 8; "
-                "torchrun ranks of one machine split its cores]")
+                "cores = this process's CPU affinity, split between torchrun ranks]")
 
 
 class FeatureType(click.ParamType):

@@ -50,17 +50,21 @@ def test_a_run_killed_with_one_process_resumes_with_two(folder_and_reference, tm
     _assert_same(reference, tmp_path / "c")
 
 
-def test_ranks_of_one_machine_split_its_cores_for_decoding_workers(monkeypatch):
-    """torchrun's ranks on one machine share its cores: each takes its share before the usual rule (GPU: one
-    worker per core but one, at most 8; CPU: in-process up to 4 cores, else one per 8)."""
+def test_decoding_workers_follow_the_cores_this_process_may_use_split_between_ranks(monkeypatch):
+    """The cores are those of this process's CPU affinity (SLURM, taskset and container cpusets give fewer than the
+    machine has), and torchrun's ranks on one machine share them: each takes its share before the usual rule
+    (GPU: one worker per core but one, at most 8; CPU: in-process up to 4 cores, else one per 8)."""
     import os
 
     import torch
 
     from dinoprobe.device import default_workers
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)  # the machine's; this process may run on fewer (affinity)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert [default_workers(gpu, ranks) for ranks in (1, 2, 4, 16, 32)] == [8, 7, 3, 1, 1]
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert [default_workers(cpu, ranks) for ranks in (1, 2, 8, 16)] == [8, 4, 1, 0]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)  # e.g. SLURM, 4 CPUs
+    assert default_workers(cpu) == 0 and default_workers(gpu) == 3

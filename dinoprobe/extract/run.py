@@ -30,7 +30,7 @@ from dinoprobe.cache.store import (
     shard_path,
     write_shard,
 )
-from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
+from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision, usable_cores
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import Backbone, token_features
 from dinoprobe.extract.datasets import collate
@@ -341,7 +341,7 @@ def distributed_context(device: torch.device) -> tuple[int, int]:
         torch.distributed.init_process_group("gloo")
     if device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(max(1, usable_cores() // local))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
