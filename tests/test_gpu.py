@@ -49,6 +49,20 @@ def test_features_on_jpegs_every_decoder_and_bf16_against_fp32(photos, tmp_path)
                     (name, split, kind)
 
 
+def test_augmented_views_on_cuda_equal_the_cpus(photos, tmp_path):
+    """--views on CUDA (K views per image through the same forward, features in flight with the clean ones): the
+    views are drawn on the CPU per image, so CUDA's features are the CPU's."""
+    views = {}
+    for device in ("cpu", "cuda"):
+        run_cli("features", "--data", photos, "--weights", "random", "--image-size", 64, "--cache", tmp_path / device,
+                "--dtype", "float32", "--precision", "fp32", "--device", device, "--views", 2, "--batch-size", 8,
+                check=True)
+        views[device] = cache.load(tmp_path / device, "train", ("cls_views", "patch_mean_views"))
+    for kind in ("cls_views", "patch_mean_views"):
+        assert views["cuda"][kind].shape == views["cpu"][kind].shape == (50, 2, 384)
+        assert cosine(views["cuda"][kind].reshape(-1, 384), views["cpu"][kind].reshape(-1, 384)) >= 0.9999
+
+
 def test_features_on_cifar_format_arrays(tmp_path):
     from bench.benchmark import array_source
     from dinoprobe.extract.backbone import build_backbone
