@@ -155,6 +155,24 @@ def test_cuda_graph_epochs_equal_the_same_epochs_step_by_step(case):
     assert len(set(np.round(runs[None][0].step_losses, 4))) > 5  # training moved: the comparison means something
 
 
+def test_evaluate_on_cuda_gives_the_cpus_table(tmp_path):
+    """`evaluate` on CUDA (the linear preset's 13 heads side by side as CUDA graphs, logreg's batched L-BFGS, k-NN):
+    the CPU's accuracies, up to a few rows' predictions flipping between devices (or a tie on val choosing
+    another learning rate)."""
+    import json
+
+    data = make_synthetic_cache(tmp_path / "c", n=(400, 120, 120), dim=16, num_classes=4)
+    rows = {}
+    for device in ("cpu", "cuda"):
+        run_cli("evaluate", "--cache", data, "--out", tmp_path / device, "--epochs", 3, "--epoch-length", 10,
+                "--device", device, check=True)
+        rows[device] = json.loads((tmp_path / device / "results.json").read_text())["rows"][0]
+    top1 = [k for k, v in rows["cpu"].items() if "top1" in k and isinstance(v, float)]
+    assert {"linear_test_top1", "logreg_test_top1"} <= set(top1)
+    for key in top1:
+        assert rows["cuda"][key] == pytest.approx(rows["cpu"][key], abs=0.05), key
+
+
 def test_heads_with_dropout_train_without_a_graph_on_cuda():
     """Dropout masks come from a generator a graph would freeze: such heads are launched step by step."""
     result, = train_heads([TrainConfig(head="mlp", hidden=16, dropout=0.3, epochs=3)], *_clusters(), 6)
