@@ -9,9 +9,10 @@ bias corrections) for each of its steps. What the epoch leaves for its bookkeepi
 graph's outputs, refreshed by every replay.
 
 The first epoch runs eagerly over the same buffers (on the stream the capture will use: it also initialises
-cuBLAS there), the second is captured and replayed, the rest replayed. Without `capture` (a CPU, or a head with
-dropout, whose masks come from a generator a graph would freeze) every epoch runs eagerly over the buffers: the
-tests hold that path to the usual one. If capturing fails, training goes on without a graph and says why.
+cuBLAS there), the second is captured and replayed, the rest replayed. Dropout masks come from the heads' own
+generator, registered with the graph: each replay advances it by what the captured epoch drew, so replay k draws
+what eager epoch k would. Without `capture` (a CPU) every epoch runs eagerly over the buffers: the tests hold that
+path to the usual one. If capturing fails, training goes on without a graph and says why.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class StaticEpochs:
     `train_batches` returned."""
 
     def __init__(self, source, normalizer, config, steps_per_epoch: int, optimizer, factors: list[float],
-                 train_batches, capture: bool):
+                 train_batches, capture: bool, generator: torch.Generator | None = None):
         self.optimizer, self.factors, self.train_batches = optimizer, factors, train_batches
         self.batch_size, self.steps = config.batch_size, steps_per_epoch
         self.x = normalizer(source.x)
@@ -38,7 +39,7 @@ class StaticEpochs:
         self.rows = torch.zeros(rows, dtype=torch.long, device=device)
         self.numbers = torch.zeros(steps_per_epoch, 3, dtype=torch.float32, device=device)
         self.step_numbers = [tuple(row.unbind()) for row in self.numbers]  # 0-d views, read at each step
-        self.capture = capture
+        self.capture, self.generator = capture, generator  # generator: the dropout masks', if any
         self.stream = torch.cuda.Stream(device) if capture else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.record = None
@@ -60,6 +61,8 @@ class StaticEpochs:
             return self.record
         graph = torch.cuda.CUDAGraph()
         try:
+            if self.generator is not None:
+                graph.register_generator_state(self.generator)
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 record = self._epoch()  # recorded, not run: nothing has changed yet
         except Exception as err:  # noqa: BLE001 - a graph is an optimisation: train on without one

@@ -115,8 +115,8 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
     `rows`, one index tensor per config, trains each head on its own rows of an in-memory `train` (few-shot
     tries): each head then sees exactly the batches it would see trained alone on train[rows].
     `static_epochs`: run each epoch over fixed buffers, captured once as a CUDA graph and replayed (graphed.py).
-    None (default): on CUDA, for in-memory features and heads without dropout; True elsewhere runs the same buffers
-    without a graph (tests hold it to the usual path).
+    None (default): on CUDA, for in-memory features; True elsewhere runs the same buffers without a graph (tests
+    hold it to the usual path).
     """
     if not configs:
         raise DinoprobeError("no configurations to train")
@@ -192,9 +192,9 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
             record.neg_losses.append(neg_loss)
         return record
 
-    use_static = static_epochs if static_epochs is not None else (device.type == "cuda" and not heads.dropout)
+    use_static = static_epochs if static_epochs is not None else device.type == "cuda"
     static = StaticEpochs(source, normalizer, first, steps_per_epoch, optimizer, factors, train_batches,
-                          capture=device.type == "cuda" and not heads.dropout) \
+                          capture=device.type == "cuda", generator=heads.mask_generator if heads.dropout else None) \
         if use_static and isinstance(source, InMemory) else None  # on CUDA: an epoch is one graph replay
     batches = source.epochs(normalizer, first.batch_size, first.seed, first.epoch_length) if static is None else None
     start, step = time.perf_counter(), 0
