@@ -48,11 +48,15 @@ class StaticEpochs:
         self.rows.copy_(next(self.orders))
         numbers = [self.optimizer.scalars(f) for f in self.factors[step:step + self.steps]]
         self.numbers.copy_(torch.tensor(numbers, dtype=torch.float32))
+        if not self.capture:
+            return self._epoch()
+        with torch.cuda.device(self.x.device):  # the heads' GPU, which need not be the current one (cuda:1)
+            return self._graphed_epoch()
+
+    def _graphed_epoch(self):
         if self.graph is not None:
             self.graph.replay()
             return self.record
-        if not self.capture:
-            return self._epoch()
         self.stream.wait_stream(torch.cuda.current_stream())
         if self.record is None:  # the first epoch, eagerly, on the capture stream (cuBLAS and the allocator warm up)
             with torch.cuda.stream(self.stream):
