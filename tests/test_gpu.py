@@ -220,6 +220,7 @@ def test_probe_predict_export_on_cuda(photos, tmp_path):
     features(photos, tmp_path / "c", "--device", "cuda")
     run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run", "--device", "cuda", "--epochs", 5,
             "--feature", "cls2+patch_mean", check=True)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["cuda_graph"] is True  # the default MLP, dropout
     on_gpu = json.loads(run_cli("predict", "--run", tmp_path / "run", "--device", "cuda", "--format", "json",
                                 photos / "val", check=True).stdout)
     on_cpu = json.loads(run_cli("predict", "--run", tmp_path / "run", "--device", "cpu", "--format", "json",

@@ -36,7 +36,7 @@ class Probe(_Classifier):
 
     Fitted attributes: classes_, n_features_in_, config_ (the TrainConfig), head_ (an nn.Sequential), normalizer_,
     history_ (one dict per epoch), best_epoch_, best_score_ (validation accuracy, or macro mAP, at best_epoch_),
-    train_seconds_, multilabel_, thresholds_ (multi-label only).
+    train_seconds_, cuda_graph_ (its epochs replayed as a CUDA graph), multilabel_, thresholds_ (multi-label only).
     """
 
     # scikit-learn reads the parameters from this signature, so each is spelled out; the defaults are TrainConfig's
@@ -110,6 +110,7 @@ class Probe(_Classifier):
         self.normalizer_ = result.normalizer.cpu()
         self.history_, self.step_losses_ = result.history, result.step_losses
         self.best_epoch_, self.best_score_, self.train_seconds_ = result.best_epoch, result.best_val_acc, result.seconds
+        self.cuda_graph_ = result.cuda_graph
         return self
 
     @torch.no_grad()

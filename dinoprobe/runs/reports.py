@@ -106,6 +106,7 @@ def write_probe_run(out: Path, probe, data, run_info: dict | None = None) -> dic
         metrics["few_shot"] = few_shot
     config = {"feature": data.feature, **probe.config_.to_dict()}
     probe.save(out / "head.pt", data, data.classes)
-    write_run_files(out, metrics, data, config, {"train_seconds": round(probe.train_seconds_, 3), **(run_info or {})},
+    timing = {"train_seconds": round(probe.train_seconds_, 3), "cuda_graph": getattr(probe, "cuda_graph_", False)}
+    write_run_files(out, metrics, data, config, {**timing, **(run_info or {})},
                     probe.history_, probe.best_epoch_)
     return metrics
