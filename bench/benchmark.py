@@ -312,17 +312,18 @@ def target_section(cfg: dict, device) -> dict:
 
     rows = cfg["target_rows"]
     x, y, xv, yv = synthetic_features(rows, device=device)
-    # 100 linear epochs at batch 256 as the engine runs them (on CUDA: one graph per epoch, graphed.py) against the
-    # same epochs launched step by step (static_epochs=False), interleaved
+    # 100 linear epochs at batch 256 as CUDA graphs (static_epochs=True: one replay per epoch, graphed.py) against
+    # the same epochs launched step by step (static_epochs=False), interleaved
     linear = TrainConfig(head="linear", epochs=cfg["head_epochs"], batch_size=256)
     graphed, eager = [], []
     for _ in range(2):
-        for times, static in ((graphed, None), (eager, False)):
+        for times, static in ((graphed, True), (eager, False)):
             result, = train_heads([linear], x, y, xv, yv, 10, static_epochs=static)
             times.append(result.seconds)
     out = {"graph_epochs": cfg["head_epochs"], "graph_s": statistics.median(graphed),
            "graph_eager_s": statistics.median(eager),
-           "graph_used": train_heads([dataclasses.replace(linear, epochs=2)], x, y, xv, yv, 10)[0].cuda_graph}
+           "graph_used": train_heads([dataclasses.replace(linear, epochs=2)], x, y, xv, yv, 10,
+                                     static_epochs=True)[0].cuda_graph}
     x = (x - x.mean(0)) / x.std(0)
     fit_logreg_batched(x[:1000], y[:1000], 10, DEFAULT_C_GRID[:2])  # warm-up
     start = time.perf_counter()

@@ -134,9 +134,9 @@ GRAPH_CASES = {
 
 @pytest.mark.parametrize("case", list(GRAPH_CASES))
 def test_cuda_graph_epochs_equal_the_same_epochs_step_by_step(case):
-    """On CUDA the engine runs its first epoch eagerly, captures the second as a CUDA graph and replays it for the
-    rest (train/graphed.py); launched step by step (static_epochs=False) the same training gives the same losses,
-    choices and heads."""
+    """With static_epochs=True the engine runs its first epoch eagerly on CUDA, captures the second as a CUDA graph
+    and replays it for the rest (train/graphed.py); launched step by step (static_epochs=False) the same training
+    gives the same losses, choices and heads. When these pass on a GPU, graphed.GRAPHS_BY_DEFAULT can be True."""
     import warnings
 
     configs, kwargs = GRAPH_CASES[case]
@@ -145,17 +145,17 @@ def test_cuda_graph_epochs_equal_the_same_epochs_step_by_step(case):
         y, yv = (torch.nn.functional.one_hot(t, 6).float() for t in (y, yv))
         y[::3, 0] = 1.0  # some rows with two labels
     runs = {}
-    for static in (None, False):
+    for static in (True, False):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns and trains on: here it fails
             runs[static] = train_heads(configs, x, y, xv, yv, 6, static_epochs=static, **kwargs)
-    assert all(r.cuda_graph for r in runs[None]) and not any(r.cuda_graph for r in runs[False])
-    for graphed, eager in zip(runs[None], runs[False], strict=True):
+    assert all(r.cuda_graph for r in runs[True]) and not any(r.cuda_graph for r in runs[False])
+    for graphed, eager in zip(runs[True], runs[False], strict=True):
         np.testing.assert_allclose(graphed.step_losses, eager.step_losses, atol=1e-5, rtol=0)
         assert graphed.best_epoch == eager.best_epoch
         for a, b in zip(graphed.best_layers, eager.best_layers, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert len(set(np.round(runs[None][0].step_losses, 4))) > 5  # training moved: the comparison means something
+    assert len(set(np.round(runs[True][0].step_losses, 4))) > 5  # training moved: the comparison means something
 
 
 def test_evaluate_on_cuda_gives_the_cpus_table(tmp_path):
@@ -220,7 +220,9 @@ def test_probe_predict_export_on_cuda(photos, tmp_path):
     features(photos, tmp_path / "c", "--device", "cuda")
     run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run", "--device", "cuda", "--epochs", 5,
             "--feature", "cls2+patch_mean", check=True)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["cuda_graph"] is True  # the default MLP, dropout
+    from dinoprobe.train.graphed import GRAPHS_BY_DEFAULT
+
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["cuda_graph"] is GRAPHS_BY_DEFAULT  # MLP, dropout
     on_gpu = json.loads(run_cli("predict", "--run", tmp_path / "run", "--device", "cuda", "--format", "json",
                                 photos / "val", check=True).stdout)
     on_cpu = json.loads(run_cli("predict", "--run", tmp_path / "run", "--device", "cpu", "--format", "json",

@@ -102,7 +102,7 @@ def test_run_dir_holds_everything_a_user_relies_on(synthetic, tmp_path):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((run / "run.json").read_text())
     assert info["train_seconds"] > 0 and info["config"]["feature"] == "cls+patch_mean"
-    assert info["cuda_graph"] is False  # on a CPU; true on CUDA (test_gpu)
+    assert info["cuda_graph"] is False  # on a CPU (on CUDA: graphed.GRAPHS_BY_DEFAULT, test_gpu)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left behind
 
 

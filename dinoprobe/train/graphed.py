@@ -22,6 +22,11 @@ import torch
 
 from dinoprobe.cache.arrays import shuffled_batches
 
+# Whether training on CUDA uses graphs when the caller does not say (train_heads' static_epochs=None). Off until the
+# gpu tests (tests/test_gpu.py: graph against step by step, dropout included) have passed on a GPU: until then a
+# caller asks for graphs with static_epochs=True.
+GRAPHS_BY_DEFAULT = False
+
 
 class StaticEpochs:
     """An in-memory source's epochs (`InMemory.epoch_rows`, the order `epochs` uses) run by `train_batches(batches,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.train.config import TrainConfig
-from dinoprobe.train.graphed import StaticEpochs
+from dinoprobe.train.graphed import GRAPHS_BY_DEFAULT, StaticEpochs
 from dinoprobe.train.heads import Normalizer
 from dinoprobe.train.losses import sigmoid_cross_entropy, smoothed_eye, soft_targets, softmax_cross_entropy
 from dinoprobe.train.ranking import mean_average_precision
@@ -114,9 +114,9 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
     multi-label heads (2, C) weights each class's positive and negative targets (sigmoid_cross_entropy).
     `rows`, one index tensor per config, trains each head on its own rows of an in-memory `train` (few-shot
     tries): each head then sees exactly the batches it would see trained alone on train[rows].
-    `static_epochs`: run each epoch over fixed buffers, captured once as a CUDA graph and replayed (graphed.py).
-    None (default): on CUDA, for in-memory features; True elsewhere runs the same buffers without a graph (tests
-    hold it to the usual path).
+    `static_epochs`: run each epoch over fixed buffers, captured once as a CUDA graph and replayed (graphed.py),
+    for in-memory features on CUDA; True elsewhere runs the same buffers without a graph (tests hold it to the usual
+    path). None (default): graphed.GRAPHS_BY_DEFAULT on CUDA.
     """
     if not configs:
         raise DinoprobeError("no configurations to train")
@@ -192,7 +192,7 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
             record.neg_losses.append(neg_loss)
         return record
 
-    use_static = static_epochs if static_epochs is not None else device.type == "cuda"
+    use_static = static_epochs if static_epochs is not None else device.type == "cuda" and GRAPHS_BY_DEFAULT
     static = StaticEpochs(source, normalizer, first, steps_per_epoch, optimizer, factors, train_batches,
                           capture=device.type == "cuda", generator=heads.mask_generator if heads.dropout else None) \
         if use_static and isinstance(source, InMemory) else None  # on CUDA: an epoch is one graph replay
