@@ -9,7 +9,6 @@ the original second script. Each figure is a median over repeats after a warm-up
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import os
@@ -315,15 +314,13 @@ def target_section(cfg: dict, device) -> dict:
     # 100 linear epochs at batch 256 as CUDA graphs (static_epochs=True: one replay per epoch, graphed.py) against
     # the same epochs launched step by step (static_epochs=False), interleaved
     linear = TrainConfig(head="linear", epochs=cfg["head_epochs"], batch_size=256)
-    graphed, eager = [], []
+    runs = {True: [], False: []}
     for _ in range(2):
-        for times, static in ((graphed, True), (eager, False)):
-            result, = train_heads([linear], x, y, xv, yv, 10, static_epochs=static)
-            times.append(result.seconds)
-    out = {"graph_epochs": cfg["head_epochs"], "graph_s": statistics.median(graphed),
-           "graph_eager_s": statistics.median(eager),
-           "graph_used": train_heads([dataclasses.replace(linear, epochs=2)], x, y, xv, yv, 10,
-                                     static_epochs=True)[0].cuda_graph}
+        for static, results in runs.items():
+            results += train_heads([linear], x, y, xv, yv, 10, static_epochs=static)
+    out = {"graph_epochs": cfg["head_epochs"], "graph_used": runs[True][-1].cuda_graph,
+           **{key: statistics.median(r.seconds for r in runs[static])
+              for key, static in (("graph_s", True), ("graph_eager_s", False))}}
     x = (x - x.mean(0)) / x.std(0)
     fit_logreg_batched(x[:1000], y[:1000], 10, DEFAULT_C_GRID[:2])  # warm-up
     start = time.perf_counter()

@@ -60,12 +60,12 @@ def test_schedule_is_torchs_warmup_and_cosine(warmup):
 
 
 @pytest.mark.parametrize("numbers", ["floats", "tensors"])  # tensors: 0-d, as a CUDA graph reads them
-@pytest.mark.parametrize("shared", [False, True], ids=["per-head", "shared"])
+@pytest.mark.parametrize("common", [False, True], ids=["per-head", "common"])
 @pytest.mark.parametrize("optimizer,nesterov", [("adam", False), ("adamw", False), ("sgd", False), ("sgd", True)])
-def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov, shared, numbers):
-    """Three stacked heads with their own (or one shared) lr, weight decay and momentum, 12 steps with random
+def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov, common, numbers):
+    """Three stacked heads with their own (or one common) lr, weight decay and momentum, 12 steps with random
     gradients and a changing schedule factor: each head equals its own torch.optim optimiser."""
-    settings = ((0.1, 0.01, 0.9),) * 3 if shared else ((0.1, 0.0, 0.9), (0.03, 0.01, 0.5), (0.2, 0.1, 0.8))
+    settings = ((0.1, 0.01, 0.9),) * 3 if common else ((0.1, 0.0, 0.9), (0.03, 0.01, 0.5), (0.2, 0.1, 0.8))
     configs = [TrainConfig(head="mlp", hidden=5, optimizer=optimizer, nesterov=nesterov, lr=lr, weight_decay=wd,
                            momentum=m) for lr, wd, m in settings]
     heads = StackedHeads(configs, 6, 3, "cpu")
@@ -85,10 +85,8 @@ def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov, shar
             for group in opt.param_groups:
                 group["lr"] = configs[i].lr * factor
             opt.step()
-        if numbers == "floats":
-            update.step(factor)
-        else:
-            update.apply(*(torch.tensor(v, dtype=torch.float32) for v in update.scalars(factor)))
+        scalars = update.scalars(factor)
+        update.apply(*(scalars if numbers == "floats" else (torch.tensor(v, dtype=torch.float32) for v in scalars)))
     for i, p in enumerate(params):
         for name, tensor in p.items():
             torch.testing.assert_close(named(heads.layers)[name][i], tensor.detach(), atol=1e-6, rtol=1e-5)
@@ -179,7 +177,7 @@ def test_training_leaves_global_random_state_alone():
 
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_heads_on_their_own_rows_equal_each_trained_alone_on_those_rows(head):
-    """Few-shot tries: each head its own training rows (one shared order), with dropout and per-head smoothing."""
+    """Few-shot tries: each head its own training rows (one common order), with dropout and per-head smoothing."""
     x, y, xv, yv = DATA
     gen = torch.Generator().manual_seed(4)
     rows = [torch.sort(torch.randperm(len(x), generator=gen)[:100]).values for _ in range(3)]

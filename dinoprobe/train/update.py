@@ -47,10 +47,6 @@ class HeadwiseOptimizer:
             return float(values[0])
         return torch.tensor(values, dtype=heads.theta.dtype, device=heads.theta.device)[heads.head_index]
 
-    def step(self, factor: float) -> None:
-        """One update with every head's learning rate multiplied by the schedule's `factor`."""
-        self.apply(*self.scalars(factor))
-
     def scalars(self, factor: float) -> tuple[float, float, float]:
         """The next update's step-dependent numbers: (factor, factor / Adam's first bias correction, the square root
         of its second). Counts the step. A CUDA graph gets them for a whole epoch ahead, as device tensors."""
@@ -61,8 +57,8 @@ class HeadwiseOptimizer:
 
     @torch.no_grad()
     def apply(self, factor, factor_over_bias1, root_bias2) -> None:
-        """One update from `scalars`: Python floats, or 0-d device tensors (inside a CUDA graph, where the numbers
-        of each replay are read from memory)."""
+        """One update, every head's learning rate multiplied by the schedule's factor, from `scalars(factor)`:
+        Python floats, or 0-d device tensors (inside a CUDA graph, where each replay reads them from memory)."""
         p, g, lr, wd = self.theta, self.grad, self.lr, self.wd
         if self.kind != "adamw" and (not isinstance(wd, float) or wd):
             g = g.add(p * wd)  # L2 penalty folded into the gradient (torch's SGD and Adam)
