@@ -66,8 +66,9 @@ def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov, comm
     """Three stacked heads with their own (or one common) lr, weight decay and momentum, 12 steps with random
     gradients and a changing schedule factor: each head equals its own torch.optim optimiser."""
     settings = ((0.1, 0.01, 0.9),) * 3 if common else ((0.1, 0.0, 0.9), (0.03, 0.01, 0.5), (0.2, 0.1, 0.8))
+    # eps 0.3: large enough next to the gradients' scale that a wrong epsilon term shows
     configs = [TrainConfig(head="mlp", hidden=5, optimizer=optimizer, nesterov=nesterov, lr=lr, weight_decay=wd,
-                           momentum=m) for lr, wd, m in settings]
+                           momentum=m, eps=0.3) for lr, wd, m in settings]
     heads = StackedHeads(configs, 6, 3, "cpu")
     update = HeadwiseOptimizer(heads, configs)
     def named(layers):
@@ -90,6 +91,21 @@ def test_headwise_update_gives_each_head_torchs_update(optimizer, nesterov, comm
     for i, p in enumerate(params):
         for name, tensor in p.items():
             torch.testing.assert_close(named(heads.layers)[name][i], tensor.detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("numbers", ["floats", "tensors"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_a_step_whose_learning_rate_is_zero_leaves_the_heads_where_they_are(optimizer, numbers):
+    """A schedule factor of 0 (a long cosine's last steps round to it) is torch.optim's no-op, not 0 / 0: Adam's
+    folded numbers divide by the step size."""
+    configs = [TrainConfig(head="linear", optimizer=optimizer, lr=0.1, weight_decay=0.1, momentum=0.9)]
+    heads = StackedHeads(configs, 6, 3, "cpu")
+    update, start = HeadwiseOptimizer(heads, configs), heads.theta.clone()
+    for step in range(3):
+        heads.grad.copy_(torch.randn(heads.grad.shape) * step)  # zero gradients first: 0 / 0 if it divided
+        scalars = update.scalars(0.0)
+        update.apply(*(scalars if numbers == "floats" else (torch.tensor(v, dtype=torch.float32) for v in scalars)))
+    assert torch.equal(heads.theta, start)
 
 
 def test_heads_side_by_side_equal_heads_alone():

@@ -4,7 +4,7 @@ Training a head on cached features is launch-bound on a GPU: a step of a linear 
 few microseconds each, and the host takes longer to launch them than the GPU to run them. A CUDA graph records
 one epoch's kernels once and launches them all with one call per epoch. A graph replays the same kernels on the
 same memory, so everything that changes from epoch to epoch lives in buffers the graph reads: the epoch's row
-order (copied in before each replay) and the optimizer's step-dependent numbers (learning-rate factor, Adam's
+order (copied in before each replay) and the optimizer's step-dependent numbers (learning rate, Adam's
 bias corrections) for each of its steps. What the epoch leaves for its bookkeeping (losses, predictions) are the
 graph's outputs, refreshed by every replay.
 
