@@ -54,9 +54,15 @@ def make_jpeg_folder(root, classes=("ants", "bees"), counts=None, sizes=(300, 50
 
 
 if __name__ == "__main__":  # python -m bench.sample_images FOLDER: demo photos when you have none at hand
+    import argparse
     import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m bench.sample_images FOLDER")
-    folder = make_jpeg_folder(sys.argv[1])
+    parser = argparse.ArgumentParser(prog="python -m bench.sample_images",
+                                     description="Write 70 photograph-like JPEGs (classes ants and bees, 50 train "
+                                                 "and 20 val) into FOLDER/train and FOLDER/val.")
+    parser.add_argument("folder", help="a new or empty folder")
+    folder = Path(parser.parse_args().folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        sys.exit(f"{folder} exists and is not an empty folder; name a new one (nothing was written)")
+    make_jpeg_folder(folder)
     print(f"wrote 70 JPEGs to {folder}/train and {folder}/val (classes ants, bees)")

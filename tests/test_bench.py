@@ -4,6 +4,8 @@ CI never runs `make bench` (it takes minutes); this keeps the benchmark from rot
 """
 import json
 import math
+import os
+from pathlib import Path
 
 from bench import benchmark as bench
 
@@ -51,3 +53,28 @@ def test_the_features_profile_runs_and_writes_its_summary(tmp_path):
     assert "aten::" in (tmp_path / "profile.txt").read_text() and (tmp_path / "profile.json").stat().st_size > 0
     stages = (tmp_path / "stages.txt").read_text()  # the host's time per named stage of the pipeline
     assert all(f"dinoprobe.{stage}" in stages for stage in ("forward", "store", "wait_for_features")), stages
+
+
+def test_the_demo_photo_writer_never_writes_into_a_folder_that_holds_files(tmp_path):
+    """`python -m bench.sample_images FOLDER` (the README's "no images at hand?") writes 70 JPEGs into a new
+    folder; a folder that already holds files (a user's photos named 00000.jpg...) is refused untouched, and
+    --help is help, not a folder named '--help'."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def sample(*args):
+        return subprocess.run([sys.executable, "-m", "bench.sample_images", *map(str, args)], capture_output=True,
+                              text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+
+    made = sample(tmp_path / "demo")
+    assert made.returncode == 0 and len(list((tmp_path / "demo").rglob("*.jpg"))) == 70
+    mine = tmp_path / "mine" / "train" / "ants" / "00000.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own photo")
+    refused = sample(tmp_path / "mine")
+    assert refused.returncode != 0 and "not an empty folder" in refused.stderr and "Traceback" not in refused.stderr
+    assert mine.read_bytes() == b"my own photo" and len(list((tmp_path / "mine").rglob("*"))) == 3
+    helped = sample("--help")
+    assert helped.returncode == 0 and "FOLDER" in helped.stdout.upper() and not (tmp_path / "--help").exists()
