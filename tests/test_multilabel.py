@@ -482,3 +482,33 @@ def test_predict_refuses_threshold_for_a_single_label_head(tmp_path):
     run_cli("probe", "--cache", tmp_path / "cache", "--out", tmp_path / "run", "--epochs", 1, check=True)
     proc = run_cli("predict", "--run", tmp_path / "run", "--threshold", 0.5, root / "val")
     assert_clean_error(proc, "--threshold applies to multi-label heads", "--top-k")
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_give_the_multilabel_rows_of_one(tagged_sources, tmp_path):
+    """torchrun (2 gloo processes, each its own shards) on a multi-label file list: the features and the (N, classes)
+    label rows of one process, whichever rank wrote which shard."""
+    import subprocess
+    import sys
+
+    from dinoprobe.cache import store
+
+    from conftest import REPO
+
+    root, sources, _ = tagged_sources
+    args = ["features", "--data", sources["csv"], "--label-sep", "|", "--weights", "random", "--image-size", SIZE,
+            "--workers", 0, "--batch-size", 2, "--shard-size", 4, "--dtype", "float32"]
+    run_cli(*args, "--cache", tmp_path / "one", check=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "dinoprobe", *map(str, args), "--cache", str(tmp_path / "two")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert store.verify(tmp_path / "two") == []
+    assert store.read_manifest(tmp_path / "two")["task"] == "multilabel"
+    for split in ("train", "val", "test"):
+        one, two = (store.load(tmp_path / c, split, "cls") for c in ("one", "two"))
+        order_one, order_two = np.argsort(one["index"]), np.argsort(two["index"])
+        assert two["labels"].dtype == np.uint8 and len(two["labels"]) == len(one["labels"]) > 0
+        np.testing.assert_array_equal(two["labels"][order_two], one["labels"][order_one])
+        np.testing.assert_array_equal(two["cls"][order_two], one["cls"][order_one])
+        assert list(np.asarray(two["path"])[order_two]) == list(np.asarray(one["path"])[order_one])
