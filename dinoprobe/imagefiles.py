@@ -30,6 +30,6 @@ def expand_inputs(paths) -> tuple[list[str], list[tuple[str, str]]]:
             files += list_images(path)
         elif path.is_file():
             files.append(str(path))
-        else:
-            errors.append((str(path), "no such file or folder"))
+        else:  # a device, a pipe or a socket would be read forever or block: not an image file
+            errors.append((str(path), "not a regular file or folder" if path.exists() else "no such file or folder"))
     return files, errors
