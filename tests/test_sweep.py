@@ -182,6 +182,27 @@ def test_knn_cli(synthetic, tmp_path):
     assert_clean_error(run_cli("knn", "--cache", tmp_path / "nope", "--out", tmp_path / "k2"), "does not exist")
 
 
+def test_knn_run_searches_each_split_once_and_reports_what_the_estimator_scores(synthetic, tmp_path, monkeypatch):
+    """run_knn: one neighbour search per split (fit's on val, one on test giving every k), and the metrics it
+    writes are those of the fitted KNN's own predict_proba and score_per_k."""
+    from dinoprobe.cache.arrays import load_cache
+    from dinoprobe.estimators import knn as knn_module
+    from dinoprobe.runs.experiments import run_knn
+    from dinoprobe.runs.reports import evaluate
+
+    searches = []
+    real = knn_module.knn_scores
+    monkeypatch.setattr(knn_module, "knn_scores", lambda bank_x, *a, **kw: searches.append(len(a[1])) or real(
+        bank_x, *a, **kw))
+    estimator = knn_module.KNN(ks=(5, 10, 1000))
+    metrics = run_knn(synthetic, tmp_path / "k", estimator)
+    data = load_cache(synthetic, "cls", "cpu")
+    assert searches == [len(data.y["val"]), len(data.y["val"]), len(data.y["test"])]  # fit, val metrics, test
+    monkeypatch.setattr(knn_module, "knn_scores", real)
+    assert metrics["test"] == evaluate(estimator, data, splits=("test",))["test"]
+    assert metrics["top1_per_k"]["test"] == pytest.approx(estimator.score_per_k(data.x["test"], data.y["test"]))
+
+
 def test_logreg_shows_its_progress_and_refuses_non_finite_cs(synthetic, capsys):
     """A long logreg run shows a bar per L-BFGS iteration with the C values still running; bad Cs are refused."""
     from dinoprobe import LogReg, load_cache

@@ -87,6 +87,10 @@ class KNN(_Classifier):
             return float(mean_average_precision(votes, y.float()).nan_to_num(0.0))
         return (votes.argmax(1) == y).sum().item() / len(y)
 
+    def predict_proba_per_k(self, X) -> dict[int, np.ndarray]:
+        """predict_proba for every k in ks (capped at the number of training rows), from one neighbour search."""
+        return {k: self._probabilities(v) for k, v in self._scores(self._features(X), sorted(self.ks)).items()}
+
     def score_per_k(self, X, y) -> dict[int, float]:
         """Accuracy (multi-label: macro mAP) on (X, y) for every k in ks (capped at the number of training rows)."""
         X, y = self._features(X), as_labels(y, len(X))

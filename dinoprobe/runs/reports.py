@@ -21,11 +21,13 @@ from dinoprobe.runs.metrics import (
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_map")
 
 
-def full_scores(estimator, X, num_classes: int) -> np.ndarray:
+def full_scores(estimator, X, num_classes: int, probabilities: np.ndarray | None = None) -> np.ndarray:
     """predict_proba's columns (estimator.classes_, cache label ids) placed in a (rows, num_classes) matrix, so
-    metrics cover every class of the cache, including any the training split lacked."""
+    metrics cover every class of the cache, including any the training split lacked. `probabilities`: predict_proba's
+    result on X when the caller already has it."""
     out = np.zeros((len(X), num_classes))
-    out[:, np.asarray(estimator.classes_, dtype=np.int64)] = estimator.predict_proba(X)
+    out[:, np.asarray(estimator.classes_, dtype=np.int64)] = (estimator.predict_proba(X) if probabilities is None
+                                                              else probabilities)
     return out
 
 
