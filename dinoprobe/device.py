@@ -63,3 +63,31 @@ def default_workers(device: torch.device, ranks: int = 1) -> int:
     if device.type == "cpu":
         return 0 if cores <= 4 else max(1, cores // 8)
     return min(8, max(1, cores - 1))
+
+
+# what a result depends on beyond its settings: numerics move by ulps between releases of these
+PACKAGES = ("dinoprobe", "torch", "torchvision", "timm", "numpy", "scikit-learn", "h5py")
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """What produced a result, for run.json, the cache manifest and evaluate's table: when (UTC), Python and package
+    versions (read from the installed metadata, so nothing is imported), and the device."""
+    import datetime
+    import importlib.metadata
+    import platform
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    packages = {name: version(name) for name in PACKAGES}
+    packages["torch"] = torch.__version__  # with its build (+cu130, +cpu), which the metadata leaves out
+    info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "packages": packages}
+    if device is not None:
+        device = torch.device(device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{usable_cores()} cores"
+        info["device"] = f"{device} ({name})"
+    return info

@@ -47,6 +47,8 @@ def test_shard_and_manifest_round_trip(backbone, tmp_path):
     _extract(backbone, root, tmp_path / "c")
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog"] and manifest["feature_dim"] == 384
+    assert manifest["environment"]["packages"]["torch"] == torch.__version__  # the run that made the features
+    assert manifest["environment"]["device"].startswith("cpu (")
     assert [s["file"] for s in manifest["splits"]["train"]["shards"]] == [
         "train/shard-00000.h5", "train/shard-00001.h5", "train/shard-00002.h5"]
     with h5py.File(tmp_path / "c" / "train" / "shard-00001.h5") as fh:

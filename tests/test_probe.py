@@ -103,6 +103,15 @@ def test_run_dir_holds_everything_a_user_relies_on(synthetic, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["train_seconds"] > 0 and info["config"]["feature"] == "cls+patch_mean"
     assert info["cuda_graph"] is False  # on a CPU (on CUDA: graphed.GRAPHS_BY_DEFAULT, test_gpu)
+    # what produced the numbers, for a paper's reproducibility section: versions as the packages report them
+    import platform
+
+    import sklearn
+
+    env = info["environment"]
+    assert env["packages"]["torch"] == torch.__version__ and env["packages"]["scikit-learn"] == sklearn.__version__
+    assert env["python"] == platform.python_version() and env["device"].startswith("cpu (")
+    assert env["created"].endswith("+00:00")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left behind
 
 

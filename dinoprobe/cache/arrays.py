@@ -96,6 +96,10 @@ class FeatureSplits:
     index: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # each row's `index` in the cache
 
     @property
+    def device(self) -> torch.device:
+        return self.y["train"].device  # labels are always in memory, where the features are
+
+    @property
     def X_train(self):
         if self.stream is not None:
             return self.stream

@@ -30,7 +30,14 @@ from dinoprobe.cache.store import (
     shard_path,
     write_shard,
 )
-from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision, usable_cores
+from dinoprobe.device import (
+    autocast,
+    default_workers,
+    environment,
+    resolve_device,
+    resolve_precision,
+    usable_cores,
+)
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import Backbone, token_features
 from dinoprobe.extract.datasets import collate
@@ -267,6 +274,7 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
     extra = {"feature_dim": backbone.feature_dim, "dtype": o.dtype, "last_blocks": o.last_blocks,
              "features": ["cls", "patch_mean"] + (["cls_blocks"] if o.last_blocks else []),
              "weights_location": backbone.weights.location, "val_split": source.val_split,
+             "environment": environment(dev),  # of the run that created the cache (a resumed one keeps it)
              **({"task": "multilabel"} if source.multilabel else {})}
     summary = ExtractionSummary()
     rank, world = o.rank, o.world

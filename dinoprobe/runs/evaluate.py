@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dinoprobe.atomic import write_json, write_text
 from dinoprobe.cache.store import open_manifest
+from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.knn import KNN
 from dinoprobe.estimators.logreg import LogReg
@@ -134,18 +135,18 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
         if linear_overrides:
             row["linear_overrides"] = json.dumps(linear_overrides, sort_keys=True)
         rows.append(row)
-    write_table(out, rows, protocol)
+    write_table(out, rows, protocol, resolve_device(device))
     return rows
 
 
-def write_table(out: Path, rows: list[dict], protocol: str) -> None:
+def write_table(out: Path, rows: list[dict], protocol: str, device=None) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     write_text(out / "results.csv", buffer.getvalue())
-    write_json(out / "results.json", {"protocol": protocol, "rows": rows})
+    write_json(out / "results.json", {"protocol": protocol, "rows": rows, "environment": environment(device)})
     write_text(out / "results.md", markdown(rows, protocol))
 
 

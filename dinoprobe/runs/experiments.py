@@ -18,7 +18,7 @@ from sklearn.base import clone
 from dinoprobe import __version__
 from dinoprobe.atomic import write_json
 from dinoprobe.cache.arrays import load_cache, load_features
-from dinoprobe.device import resolve_device
+from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.knn import KNN
 from dinoprobe.estimators.logreg import LogReg
@@ -111,7 +111,7 @@ def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = 
                                   {"command": "probe", "sweep": str(out), "train_features": mode})
         write_json(tmp / "run.json", {"command": "sweep", "cache": str(cache_dir), "features": list(features),
                                       "configurations": len(rows), "train_features": mode,
-                                      "dinoprobe_version": __version__})
+                                      "dinoprobe_version": __version__, "environment": environment(best[1].device)})
     return rows, {**metrics, "train_features": mode}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dinoprobe import __version__
+from dinoprobe.device import environment
 from dinoprobe.estimators.base import sample_std
 from dinoprobe.runs.metrics import (
     classification_metrics,
@@ -70,7 +71,7 @@ def write_run_files(out: Path, metrics: dict, data, config: dict, run_info: dict
     """metrics.json, run.json, confusion.png, and history.csv + curves.png when there is a history."""
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     info = {"config": config, "cache": data.cache_dir, "cache_fingerprint": data.manifest["fingerprint"],
-            "dinoprobe_version": __version__, **(run_info or {})}
+            "dinoprobe_version": __version__, **(run_info or {}), "environment": environment(data.device)}
     (out / "run.json").write_text(json.dumps(info, indent=1))
     split = "test" if "test" in metrics else "val"
     if split in metrics and data.multilabel:
