@@ -49,7 +49,7 @@ SCALES = {
 # enough images that a pipeline run lasts seconds (first run on an H200: bench/results-h200.json).
 GPU_OVERRIDES = {
     "small": dict(image_size=256, batch_size=256, batch_sizes=(256,), pipeline_images=4096, array_images=4096,
-                  process_images=2048, target_rows=50_000),
+                  process_images=2048, target_rows=50_000, decode_images=512),
     "full": dict(image_size=256, batch_size=256, batch_sizes=(64, 128, 256, 512), pipeline_images=16384,
                  array_images=16384, process_images=8192),
 }
@@ -496,8 +496,9 @@ def run(scale: str, out_dir: Path, data_root: Path | None, device: str = "auto",
             bare = statistics.median(runs["bare"])
             pipeline = {"batch_size": batch, "workers": workers, "bare_forward_images_per_s": bare,
                         **{f"{name}_images_per_s": statistics.median(v) for name, v in runs.items() if name != "bare"}}
-            pipeline["decode_only"] = decode_rates([p for p, _ in source.splits["train"]], backbone.data_config,
-                                                   reps)
+            # one process, so a few hundred images tell its rate (the 4,096 of a GPU run are 70 photos cycled)
+            decode_paths = [p for p, _ in source.splits["train"]][:cfg.get("decode_images")]
+            pipeline["decode_only"] = decode_rates(decode_paths, backbone.data_config, reps)
             # on one GPU the two ranks share it, each with its own decoding workers
             pipeline["processes"] = processes_section(jpeg_folder(tmp / "procs", jpegs, cfg["process_images"]),
                                                       size, batch)

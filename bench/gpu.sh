@@ -9,7 +9,8 @@
 # profile-pil/, profile-torchvision/.
 # Usage: bash bench/gpu.sh [OUT]            (PYTHON=python3.12 bash bench/gpu.sh OUT to pick the interpreter;
 #        TESTS_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT seconds bound each step, so a short lease gets every step;
-#        BENCH_ARGS=--no-compile skips the bench's minute or more of compiling)
+#        BENCH_ARGS=--no-compile skips the bench's minute or more of compiling; the tests print each result as
+#        it comes (-v), so a run cut short by its timeout still says which passed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,7 +25,7 @@ print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0), 'x', torc
   "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
     || { echo "pip install -e . failed; using PYTHONPATH=$PWD"; export PYTHONPATH=$PWD; }
   echo "== gpu tests"
-  timeout "${TESTS_TIMEOUT:-1800}" "$PY" -m pytest -q -rs -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+  timeout "${TESTS_TIMEOUT:-1800}" "$PY" -m pytest -v --tb=short -rs -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
   tests=${PIPESTATUS[0]}
   echo "== bench (GPU scale)"
   timeout "${BENCH_TIMEOUT:-1800}" "$PY" -m bench.benchmark --scale small --device cuda --out "$OUT" \
