@@ -20,7 +20,7 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.run import extract
 from dinoprobe.extract.sources import open_source
 
-from conftest import REPO, cache_rows, features_cmd, make_folder, run_cli, write_image
+from conftest import REPO, assert_clean_error, cache_rows, features_cmd, make_folder, run_cli, write_image
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,71 @@ def test_a_failing_write_is_a_clear_error_and_the_cache_stays_valid(backbone, sm
     monkeypatch.setattr(extract_module, "write_shard", real_write)
     summary = extract(backbone, open_source(str(small_folder)), tmp_path / "c", **kwargs)
     assert summary.rows["train"] == 20 and cache.verify(tmp_path / "c") == []
+
+
+def test_a_decoding_worker_killed_by_the_system_is_a_clear_error_and_the_rerun_resumes(small_folder, reference,
+                                                                                        tmp_path, monkeypatch,
+                                                                                        backbone):
+    """The kernel's OOM killer, or a bus error when /dev/shm fills (Docker's default is 64 MB), stops a DataLoader
+    worker: one line naming the fix, not torch's traceback, and the shards written before it are kept."""
+    import dinoprobe.extract.datasets as datasets_module
+
+    real = datasets_module.ImageFileDataset.__getitem__
+
+    def killed_in_val(self, index):
+        if index == 12 and f"{os.sep}val{os.sep}" in self.samples[index][0]:
+            os.kill(os.getpid(), signal.SIGKILL)  # in the worker process, once the train split is done
+        return real(self, index)
+
+    monkeypatch.setattr(datasets_module.ImageFileDataset, "__getitem__", killed_in_val)
+    args = features_cmd(small_folder, tmp_path / "c")[3:]
+    proc = run_cli(*args[:args.index("--workers")], "--workers", 2, *args[args.index("--workers") + 2:])
+    assert_clean_error(proc, "decoding worker process died", "--workers", "resume")
+    splits = json.loads((tmp_path / "c" / "manifest.json").read_text())["splits"]
+    kept = splits["train"]["shards"] + splits["val"]["shards"]
+    assert len(splits["train"]["shards"]) == 5  # written before the worker died, and not computed again below
+    monkeypatch.setattr(datasets_module.ImageFileDataset, "__getitem__", real)
+    summary = extract(backbone, open_source(str(small_folder)), tmp_path / "c", batch_size=2, workers=0,
+                      shard_size=4, dtype="float32", progress=False)
+    assert summary.computed == 40 - sum(s["rows"] for s in kept)
+    _assert_same_rows(reference, tmp_path / "c")
+
+
+def test_shared_memory_bounds_the_batches_loader_workers_keep(monkeypatch):
+    """Workers hold prefetch_factor batches each in /dev/shm: 4 where they fit, fewer where shared memory is small,
+    and a warning that names the fix where not even one each fits."""
+    from dinoprobe import device
+
+    mb = 2**20
+    monkeypatch.setattr(device, "shared_memory_free", lambda path=device.SHARED_MEMORY: 64 * mb)
+    assert device.loader_prefetch(0, 10 * mb) == (None, None)  # in-process decoding keeps nothing there
+    assert device.loader_prefetch(2, 8 * mb) == (4, None)  # 2 x 4 x 8 MB = 64 MB
+    assert device.loader_prefetch(8, 2 * mb) == (4, None)
+    assert device.loader_prefetch(8, 4 * mb) == (2, None)  # 8 x 2 x 4 MB = 64 MB
+    prefetch, warning = device.loader_prefetch(8, 9 * mb)
+    assert prefetch == 1 and "--workers" in warning and "--batch-size" in warning and "64 MB" in warning
+    monkeypatch.setattr(device, "shared_memory_free", lambda path=device.SHARED_MEMORY: None)  # no /dev/shm
+    assert device.loader_prefetch(8, 1024 * mb) == (4, None)
+
+
+def test_features_with_little_shared_memory_warns_and_keeps_one_batch_per_worker(small_folder, reference, tmp_path,
+                                                                                  monkeypatch):
+    from dinoprobe import device
+
+    monkeypatch.setattr(device, "shared_memory_free", lambda path=device.SHARED_MEMORY: 1024)  # 1 KB free
+    built = []
+
+    class Recorded(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Recorded)
+    args = features_cmd(small_folder, tmp_path / "c")[3:]
+    proc = run_cli(*args[:args.index("--workers")], "--workers", 2, *args[args.index("--workers") + 2:], check=True)
+    assert "Warning: 2 loader workers x 1 batch" in proc.stderr and "--batch-size" in proc.stderr
+    assert [kw["prefetch_factor"] for kw in built] == [1, 1]  # train and val
+    _assert_same_rows(reference, tmp_path / "c")
 
 
 @pytest.mark.slow
