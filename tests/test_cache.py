@@ -200,3 +200,36 @@ def test_compiled_forward_sees_one_batch_shape_and_gives_the_eager_features(back
     for key in got:
         torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4)
     assert len(shapes) == 1  # compiled once, for the (4, 3, S, S) shape only
+
+
+def test_a_shard_stays_readable_while_a_process_forked_during_its_write_lives(tmp_path, monkeypatch):
+    """DataLoader workers forked while the writer thread has a shard open inherit its descriptor (the next split's
+    workers start while the last shard of this one is written); an HDF5 file lock would go with it and make the
+    finished shard unreadable ('unable to lock file') for as long as they live."""
+    real_file = h5py.File
+    read_end, write_end = os.pipe()
+    children = []
+
+    def file_then_fork(name, mode="r", *args, **kwargs):
+        handle = real_file(name, mode, *args, **kwargs)
+        if mode == "w":
+            pid = os.fork()
+            if pid == 0:  # the "worker": holds what it inherited until told to go
+                os.read(read_end, 1)
+                os._exit(0)
+            children.append(pid)
+        return handle
+
+    monkeypatch.setattr(h5py, "File", file_then_fork)
+    rows = {"cls": np.ones((3, 4), np.float32), "patch_mean": np.zeros((3, 4), np.float32),
+            "label": np.array([0, 1, 0]), "index": np.arange(3), "path": ["a", "b", "c"]}
+    (tmp_path / "train").mkdir()
+    try:
+        entry = cache.write_shard(tmp_path, "train", 0, 0, 3, rows, "float32", [])
+        assert children  # the child is alive, holding the written file's descriptor
+        got = cache.read_shard(tmp_path / entry["file"], ("cls", "label"))
+        np.testing.assert_array_equal(got["cls"], rows["cls"])
+    finally:
+        os.write(write_end, b"x" * len(children))
+        for pid in children:
+            os.waitpid(pid, 0)

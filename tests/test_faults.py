@@ -138,6 +138,25 @@ def test_a_decoding_worker_killed_by_the_system_is_a_clear_error_and_the_rerun_r
     _assert_same_rows(reference, tmp_path / "c")
 
 
+def test_predict_with_a_killed_decoding_worker_is_a_clear_error(small_folder, tmp_path, monkeypatch, backbone):
+    import dinoprobe.extract.datasets as datasets_module
+    from dinoprobe import Probe
+    from dinoprobe.runs.experiments import run_probe
+
+    extract(backbone, open_source(str(small_folder)), tmp_path / "c", batch_size=4, workers=0, progress=False)
+    run_probe(tmp_path / "c", tmp_path / "run", Probe(head="linear", epochs=1))
+    real = datasets_module.ImageFileDataset.__getitem__
+
+    def killed(self, index):
+        if index == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, index)
+
+    monkeypatch.setattr(datasets_module.ImageFileDataset, "__getitem__", killed)
+    proc = run_cli("predict", "--run", tmp_path / "run", "--workers", 2, "--batch-size", 2, small_folder / "val")
+    assert_clean_error(proc, "decoding worker process died", "--workers 0")
+
+
 def test_shared_memory_bounds_the_batches_loader_workers_keep(monkeypatch):
     """Workers hold prefetch_factor batches each in /dev/shm: 4 where they fit, fewer where shared memory is small,
     and a warning that names the fix where not even one each fits."""

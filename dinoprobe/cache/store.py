@@ -126,7 +126,9 @@ def write_shard(cache_dir: Path, split: str, number: int, start: int, stop: int,
     final = Path(cache_dir) / shard_file(split, number)
     n = len(rows["index"])
     with atomic_path(final) as tmp:
-        with h5py.File(tmp, "w") as fh:
+        # no HDF5 file lock: the cache has its own (CacheLock), and DataLoader workers forked while this thread
+        # writes would inherit the lock with the descriptor and make the finished shard unreadable while they live
+        with h5py.File(tmp, "w", locking=False) as fh:
             for kind in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS):
                 if kind in rows:
                     fh.create_dataset(kind, data=rows[kind].astype(dtype, copy=False))

@@ -1,11 +1,17 @@
 """What the extraction's DataLoader iterates: image files or bytes (decoded and transformed in the workers) and
-CIFAR-style arrays, each item with its label, index, skip reason and augmented views; `collate` keeps the skips."""
+CIFAR-style arrays, each item with its label, index, skip reason and augmented views; `collate` keeps the skips;
+`DecodingLoader` is the DataLoader `features` and `predict` run them with."""
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dinoprobe.device import SHARED_MEMORY, loader_prefetch, shared_memory_free
+from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, SkippedInput, load_rgb
 from dinoprobe.extract.transforms import DataConfig, Views, worker_transform
 
@@ -66,3 +72,44 @@ def collate(batch):
     pixels = torch.stack(pixels) if all(p.dim() == 3 for p in pixels) else pixels
     return (pixels, torch.tensor([b[1] for b in good], dtype=torch.long),
             torch.tensor([b[2] for b in good], dtype=torch.long), skipped, views)
+
+
+class DecodingLoader:
+    """torch's DataLoader over one of these datasets, `collate`d, for `features` and `predict`: each worker keeps as
+    many batches in shared memory as /dev/shm holds (device.loader_prefetch, which warns where not even one fits).
+    Iterate it inside `with loader.explaining_failures():`, which turns a worker the system stopped (out of memory,
+    or a bus error when /dev/shm fills) into an error that names the fix instead of torch's traceback: torch
+    reports it from its SIGCHLD handler, wherever the main process is at that moment, so the whole loop is covered,
+    not only the fetching of batches. `input_bytes`: one input's decoded size in the batch."""
+
+    def __init__(self, dataset, batch_size: int, workers: int, input_bytes: int, pin_memory: bool = False,
+                 warn: bool = True):
+        self.batch_bytes, self.workers = batch_size * input_bytes, workers
+        self.prefetch, warning = loader_prefetch(workers, self.batch_bytes)
+        if warning and warn:
+            warnings.warn(warning, RuntimeWarning, stacklevel=2)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                                  collate_fn=collate, pin_memory=pin_memory,
+                                                  prefetch_factor=self.prefetch, persistent_workers=False)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    @contextlib.contextmanager
+    def explaining_failures(self):
+        try:
+            yield
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err):
+                raise
+            reason = str(err)[:120].strip()
+        else:
+            return
+        free = shared_memory_free()
+        where = (f"; {SHARED_MEMORY} has {free / 2**20:.0f} MB free and this run keeps up to {self.workers} x "
+                 f"{self.prefetch} batches of {self.batch_bytes / 2**20:.1f} MB there"
+                 if free is not None and self.batch_bytes else "")
+        raise DinoprobeError(f"a decoding worker process died ({reason}): the system stopped it, most often for lack "
+                             f"of memory{where}. Outputs already written are kept: rerun with fewer --workers, a "
+                             "smaller --batch-size, or --workers 0 (a `features` rerun resumes; in Docker, "
+                             "--shm-size raises the shared memory)")

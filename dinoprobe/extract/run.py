@@ -9,7 +9,6 @@ import os
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,19 +31,16 @@ from dinoprobe.cache.store import (
     write_shard,
 )
 from dinoprobe.device import (
-    SHARED_MEMORY,
     autocast,
     default_workers,
     environment,
-    loader_prefetch,
     resolve_device,
     resolve_precision,
-    shared_memory_free,
     usable_cores,
 )
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import Backbone, token_features
-from dinoprobe.extract.datasets import collate
+from dinoprobe.extract.datasets import DecodingLoader
 from dinoprobe.extract.datasource import DataSource, indicator
 from dinoprobe.extract.decode import DeviceDecoder, TorchvisionDecode
 from dinoprobe.extract.transforms import Preprocess, Views
@@ -457,12 +453,8 @@ class SplitRun:
         dataset = torch.utils.data.Subset(source.dataset(split, config, o.max_pixels, views, self.decode), indices)
         # decoded batches (uint8 pixels, views included) wait in shared memory; encoded ones are much smaller
         input_bytes = 0 if self.device_decoder else 3 * config.image_size ** 2 * (1 + (views.count if views else 0))
-        prefetch, warning = loader_prefetch(self.workers, o.batch_size * input_bytes)
-        if warning and o.rank == 0:
-            warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=o.batch_size, shuffle=False, num_workers=self.workers, collate_fn=collate,
-            pin_memory=dev.type == "cuda", prefetch_factor=prefetch, persistent_workers=False)
+        loader = DecodingLoader(dataset, o.batch_size, self.workers, input_bytes, pin_memory=dev.type == "cuda",
+                                warn=o.rank == 0)
         by_start = {start: (number, stop) for number, start, stop in pending}
         buffers: dict[int, ShardBuffer] = {}
 
@@ -500,9 +492,8 @@ class SplitRun:
         bar = tqdm(total=len(indices), desc=f"features {split}", unit="img", disable=not (o.progress and o.rank == 0),
                    dynamic_ncols=True)
         try:
-            with torch.inference_mode():
-                for pixels, labels, idx, skipped, view_pixels in _survived(loader, o.batch_size * input_bytes,
-                                                                                   prefetch):
+            with torch.inference_mode(), loader.explaining_failures():
+                for pixels, labels, idx, skipped, view_pixels in loader:
                     if isinstance(pixels, list):  # JPEG bytes: decode on the device (decode.py)
                         with record_function("dinoprobe.decode_on_device"):
                             pixels, kept, failed = self.device_decoder(pixels)
@@ -542,24 +533,6 @@ class SplitRun:
                 vf = self.forward(self.preprocess(view_pixels.flatten(0, 1).to(dev, non_blocking=True)))
                 feats.update({f"{name}_views": vf[name].view(b, k, -1) for name in ("cls", "patch_mean")})
         return Features.copy_to_host({k: v.float() for k, v in feats.items()})
-
-
-def _survived(loader, batch_bytes: int, prefetch: int | None):
-    """The loader's batches. A decoding worker that died (the system kills it for memory: RAM, or the shared memory
-    batches wait in) becomes an error that names the fix instead of torch's traceback; the shards written so far
-    stay, so the rerun it asks for resumes."""
-    try:
-        yield from loader
-    except RuntimeError as err:
-        if "DataLoader worker" not in str(err):
-            raise
-        free = shared_memory_free()
-        where = (f"; {SHARED_MEMORY} has {free / 2**20:.0f} MB free and this run keeps up to {loader.num_workers} x "
-                 f"{prefetch} batches of {batch_bytes / 2**20:.1f} MB there") if free is not None and batch_bytes else ""
-        raise DinoprobeError(f"a decoding worker process died ({str(err)[:120]}): the system stopped it, most often "
-                             f"for lack of memory{where}. The shards already written are kept: rerun with fewer "
-                             "--workers, a smaller --batch-size, or --workers 0 to resume (in Docker, --shm-size "
-                             "raises the shared memory)") from None
 
 
 class Features:

@@ -12,7 +12,7 @@ from dinoprobe.extract.backbone import Backbone, build_backbone, create_model, l
 from dinoprobe.extract.transforms import DataConfig
 from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, load_rgb
 from dinoprobe.imagefiles import expand_inputs
-from dinoprobe.extract.datasets import ImageFileDataset, collate
+from dinoprobe.extract.datasets import DecodingLoader, ImageFileDataset
 from dinoprobe.extract.transforms import Preprocess, worker_transform
 from dinoprobe.extract.decode import TorchvisionDecode
 from dinoprobe.errors import DinoprobeError
@@ -73,9 +73,9 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
     model, preprocess = backbone.to(dev), Preprocess(backbone.data_config).to(dev)
     head, normalizer = head_file.head.to(dev), head_file.normalizer.to(dev)
     dataset = prediction_dataset(head_file, files, backbone.data_config, max_pixels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    loader = DecodingLoader(dataset, batch_size, workers, 3 * backbone.data_config.image_size ** 2)
     results: dict[int, dict] = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), loader.explaining_failures():
         for pixels, _, idx, skipped, _ in loader:
             errors += [(files[i], reason) for i, reason in skipped]
             if pixels is None:
