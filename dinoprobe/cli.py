@@ -155,6 +155,21 @@ class Group(click.Group):
         except KeyboardInterrupt:
             _echo_err("\nInterrupted; nothing was left half-written (a run directory appears only when complete).")
             ctx.exit(130)
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise click.ClickException(f"out of memory ({reason}); use a smaller --batch-size, or --max-memory for "
+                                       "probe and sweep (train features then stream from disk; a sweep trains fewer "
+                                       "heads at once), or --device cpu. Complete outputs are kept (a `features` "
+                                       "rerun resumes)") from None
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """The host's MemoryError, or torch's OutOfMemoryError on a GPU (torch is never imported just to ask: a command
+    that did not import it cannot have raised it)."""
+    torch = sys.modules.get("torch")
+    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
 
 
 def _echo_err(message: str) -> None:

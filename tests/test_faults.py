@@ -157,6 +157,40 @@ def test_predict_with_a_killed_decoding_worker_is_a_clear_error(small_folder, tm
     assert_clean_error(proc, "decoding worker process died", "--workers 0")
 
 
+def test_running_out_of_memory_is_a_clear_error_and_nothing_complete_is_lost(small_folder, reference, tmp_path,
+                                                                             monkeypatch, backbone):
+    """A GPU's OutOfMemoryError in the forward (--batch-size too large for the card) or the host's MemoryError in
+    training: one line naming the fixes, not a traceback; a features rerun resumes to the reference rows, and a
+    probe leaves no run directory."""
+    import dinoprobe.extract.run as run_module
+    import dinoprobe.runs.experiments as experiments_module
+
+    real, calls = run_module.token_features, []
+
+    def third_batch_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "token_features", third_batch_fails)
+    proc = run_cli(*features_cmd(small_folder, tmp_path / "c")[3:])
+    assert_clean_error(proc, "out of memory", "CUDA out of memory", "--batch-size")
+    monkeypatch.setattr(run_module, "token_features", real)
+    run_cli(*features_cmd(small_folder, tmp_path / "c")[3:], check=True)
+    _assert_same_rows(reference, tmp_path / "c")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(experiments_module, "load_cache", no_memory)
+    proc = run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run")
+    assert_clean_error(proc, "out of memory (MemoryError)", "--max-memory")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(experiments_module, "load_cache", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
+    assert "Traceback" in run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run").stderr  # only OOM
+
+
 def test_shared_memory_bounds_the_batches_loader_workers_keep(monkeypatch):
     """Workers hold prefetch_factor batches each in /dev/shm: 4 where they fit, fewer where shared memory is small,
     and a warning that names the fix where not even one each fits."""
