@@ -135,13 +135,32 @@ DEVICE_OPTION = click.option("--device", type=DeviceType(), default="auto", show
                              help="auto (a GPU when there is one), cpu, cuda, cuda:N or mps")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, a scheduler preempting the job), raised where Ctrl-C's KeyboardInterrupt would
+    be, so a command stops the way Ctrl-C stops it: complete outputs kept, nothing half-written, exit code 143."""
+
+
+def _stop_code(err: KeyboardInterrupt) -> int:
+    return 143 if isinstance(err, Terminated) else 130
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 class Group(click.Group):
     """Turns DinoprobeError into a one-line `Error: ...` with exit code 1 (click's usage errors exit 2), and Ctrl-C
-    into one line with exit code 130: every command writes its outputs only when complete, so nothing is half-done."""
+    (or SIGTERM) into one line with exit code 130 (143): every command writes its outputs only when complete, so
+    nothing is half-done. The SIGTERM handler is the command's, installed for its run and put back after."""
 
     def invoke(self, ctx):
+        import signal
+        import threading
         import warnings
 
+        previous = None
+        if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+            previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             with warnings.catch_warnings():  # a library warning is one line for the user, not a source location
                 warnings.showwarning = lambda message, *_: _echo_err(f"Warning: {message}")
@@ -152,9 +171,10 @@ class Group(click.Group):
             where = f" ({err.filename})" if err.filename else ""
             raise click.ClickException(f"{err.strerror or err}{where}; check free disk space, permissions and the "
                                        "path, then rerun (complete outputs are kept; nothing half-written is)") from None
-        except KeyboardInterrupt:
-            _echo_err("\nInterrupted; nothing was left half-written (a run directory appears only when complete).")
-            ctx.exit(130)
+        except KeyboardInterrupt as err:
+            _echo_err(f"\n{'Terminated' if isinstance(err, Terminated) else 'Interrupted'}; nothing was left "
+                      "half-written (a run directory appears only when complete).")
+            ctx.exit(_stop_code(err))
         except (MemoryError, RuntimeError) as err:
             if not _out_of_memory(err):
                 raise
@@ -163,6 +183,9 @@ class Group(click.Group):
                                        "probe and sweep (train features then stream from disk; a sweep trains fewer "
                                        "heads at once), or --device cpu. Complete outputs are kept (a `features` "
                                        "rerun resumes)") from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -324,10 +347,10 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     rank, world = distributed_context(resolve_device(device))  # torchrun: the process group lives here
     try:
         summary = extract(backbone, source, cache_dir, dataclasses.replace(options, rank=rank, world=world))
-    except KeyboardInterrupt:
-        _echo_err(f"\nInterrupted. Complete shards in {cache_dir} are kept; the shard in progress was discarded. "
-                  "Rerun the same command to resume.")
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        _echo_err(f"\n{'Terminated' if isinstance(err, Terminated) else 'Interrupted'}. Complete shards in "
+                  f"{cache_dir} are kept; the shard in progress was discarded. Rerun the same command to resume.")
+        sys.exit(_stop_code(err))
     finally:
         end_distributed()
     if not main_process:

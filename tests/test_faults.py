@@ -63,7 +63,10 @@ def test_sigkill_at_random_moments_never_loses_or_doubles_rows(small_folder, ref
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(small_folder, reference, tmp_path):
+@pytest.mark.parametrize("stop,code,word", [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(small_folder, reference, tmp_path, stop, code, word):
+    """Ctrl-C, and SIGTERM (`kill`, `docker stop`, a scheduler preempting the job) the same way."""
     cache_dir = tmp_path / "c"
     proc = subprocess.Popen(features_cmd(small_folder, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
@@ -75,10 +78,10 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(small_folder, reference, tm
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "Rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert proc.returncode == code, stderr
+    assert word in stderr and "Rerun the same command to resume" in stderr and "Traceback" not in stderr
     assert not list(cache_dir.glob("*/.shard-*.tmp-*"))  # nothing half-written left behind
     assert not (cache_dir / ".lock").exists()
     problems = cache.verify(cache_dir)

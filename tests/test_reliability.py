@@ -219,7 +219,7 @@ def test_mixed_label_types_are_a_value_error_naming_them():
         KNN().fit([[0.0, 1.0]] * 4, ["cat", 1, "dog", None])
 
 
-def test_ctrl_c_during_training_is_one_line_and_leaves_no_run(tiny, tmp_path, monkeypatch):
+def test_ctrl_c_or_sigterm_during_training_is_one_line_and_leaves_no_run(tiny, tmp_path, monkeypatch):
     import dinoprobe.estimators.sweep as sweep_module
 
     def interrupted(*args, **kwargs):
@@ -229,6 +229,19 @@ def test_ctrl_c_during_training_is_one_line_and_leaves_no_run(tiny, tmp_path, mo
     proc = run_cli("sweep", "--cache", tiny, "--out", tmp_path / "s", "--lr", "1e-3,1e-2", "--epochs", 1)
     assert proc.returncode == 130 and "Traceback" not in proc.stderr and "Interrupted" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+    # SIGTERM (kill, docker stop, a preempted job) the same way, exit code 143; the command's handler is put back
+    import os
+    import signal
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sweep_module, "train_heads", terminated)
+    proc = run_cli("sweep", "--cache", tiny, "--out", tmp_path / "s", "--lr", "1e-3,1e-2", "--epochs", 1)
+    assert proc.returncode == 143 and "Traceback" not in proc.stderr and "Terminated" in proc.stderr
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_damaged_export_is_refused_naming_it(tiny, tmp_path):
