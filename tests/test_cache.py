@@ -233,3 +233,26 @@ def test_a_shard_stays_readable_while_a_process_forked_during_its_write_lives(tm
         os.write(write_end, b"x" * len(children))
         for pid in children:
             os.waitpid(pid, 0)
+
+
+def test_readers_do_not_depend_on_file_locks_and_a_lockless_filesystem_is_named(backbone, tmp_path, monkeypatch):
+    """Shards are immutable once renamed in, so reading them takes no HDF5 file lock: a shard stays readable while
+    something holds a lock on it, and on filesystems without flock (NFS without a lock daemon, Lustre without
+    -o flock), where HDF5's locking reads fail. The writer's own lock there is refused in one line naming the fix."""
+    import errno
+    import fcntl
+
+    root = make_folder(tmp_path / "d", per_class=6)
+    _extract(backbone, root, tmp_path / "c")
+    shard = tmp_path / "c" / "train" / "shard-00000.h5"
+    with open(shard, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert cache.verify(tmp_path / "c") == []
+        assert len(cache.load(tmp_path / "c", "train", features="cls")["cls"]) == 12
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    proc = run_cli(*features_cmd(root, tmp_path / "c2")[3:])
+    assert_clean_error(proc, "does not support file locks", "local disk")

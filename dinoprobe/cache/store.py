@@ -171,7 +171,7 @@ def adopt_finished_shards(cache_dir: Path, manifest: dict) -> int:
 
 
 def read_shard(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    with h5py.File(path, "r") as fh:
+    with h5py.File(path, "r", locking=False) as fh:
         return _columns(fh, path, columns)
 
 
@@ -215,7 +215,7 @@ class ShardReader:
                                  "the manifest (edited or corrupt); delete it and rerun the same `dinoprobe "
                                  "features` command to recompute it")
         self.checked[entry["file"]] = before
-        with h5py.File(io.BytesIO(data), "r") as fh:
+        with h5py.File(io.BytesIO(data), "r", locking=False) as fh:
             return _columns(fh, path, columns)
 
 
@@ -267,7 +267,7 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
                                 f"it and {fix}")
                 continue
             try:
-                with h5py.File(path, "r") as fh:
+                with h5py.File(path, "r", locking=False) as fh:
                     lengths = {k: len(fh[k]) for k in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS, "label", "labels",
                                                        "index", "path") if k in fh}
                     label = label_column(manifest)
@@ -381,6 +381,12 @@ class CacheLock:
                 os.close(fd)
                 raise DinoprobeError(f"another dinoprobe process (pid {holder}) is writing {self.path.parent}; "
                                      "wait for it to finish (the lock is released when it exits)") from None
+            except OSError as err:  # ENOLCK, ENOSYS, EOPNOTSUPP: a filesystem without flock
+                os.close(fd)
+                raise DinoprobeError(f"the filesystem of {self.path.parent} does not support file locks (flock: "
+                                     f"{err.strerror}), which keep two writers off one cache — common on NFS without "
+                                     "a lock daemon and on Lustre mounted without -o flock; put the cache on a local "
+                                     "disk or a filesystem with locks, and copy it where you need it") from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
