@@ -211,6 +211,26 @@ def test_shared_memory_bounds_the_batches_loader_workers_keep(monkeypatch):
     assert device.loader_prefetch(8, 1024 * mb) == (4, None)
 
 
+@pytest.mark.parametrize("kind", ["files", "files+views", "arrays", "arrays+views"])
+def test_the_shared_memory_budget_counts_what_a_batch_really_holds(small_folder, backbone, kind):
+    """DecodingLoader's budget uses each dataset's input_bytes: held to the bytes of a real collated batch (pixels
+    and views), so stored arrays (CIFAR's 32 x 32) are not budgeted as model-size images, nor views forgotten."""
+    from dinoprobe.extract.datasets import DecodingLoader
+    from dinoprobe.extract.datasource import DataSource
+    from dinoprobe.extract.transforms import Views
+
+    views = Views(backbone.data_config, 2, "light") if kind.endswith("views") else None
+    if kind.startswith("files"):
+        source = open_source(str(small_folder))
+    else:
+        arrays = {"train": np.random.default_rng(0).integers(0, 256, (6, 48, 40, 3), dtype=np.uint8)}
+        source = DataSource("cifar10", "t", ["a", "b"], {"train": [(f"t:{i}", i % 2) for i in range(6)]}, None, arrays)
+    dataset = source.dataset("train", backbone.data_config, views=views)
+    pixels, _, _, _, view_pixels = next(iter(DecodingLoader(dataset, 3, 0, dataset.input_bytes)))
+    held = pixels.nbytes + (view_pixels.nbytes if view_pixels is not None else 0)
+    assert dataset.input_bytes == held // 3 > 0
+
+
 def test_features_with_little_shared_memory_warns_and_keeps_one_batch_per_worker(small_folder, reference, tmp_path,
                                                                                   monkeypatch):
     from dinoprobe import device

@@ -25,6 +25,10 @@ class ImageFileDataset(torch.utils.data.Dataset):
         self.samples, self.transform, self.max_pixels, self.views = samples, worker_transform(config), max_pixels, views
         self.decode, self.reader = decode, reader  # reader: key -> bytes, for sources whose keys are not files
         self.resize_to = config.resize_size
+        pixels = 3 * config.image_size ** 2
+        # one item's size in a batch, for the loader's shared-memory budget: decoded pixels and views (JPEG bytes
+        # left for the device to decode are far smaller, and not counted)
+        self.input_bytes = (0 if getattr(decode, "encoded", False) else pixels) + pixels * (views.count if views else 0)
 
     def __len__(self):
         return len(self.samples)
@@ -48,8 +52,11 @@ class ImageFileDataset(torch.utils.data.Dataset):
 class ArrayDataset(torch.utils.data.Dataset):
     """CIFAR-style uint8 HWC arrays; resizing happens batched on the device (`Preprocess`)."""
 
-    def __init__(self, array: np.ndarray, samples: list[tuple[str, int]], views: Views | None = None):
+    def __init__(self, array: np.ndarray, samples: list[tuple[str, int]], views: Views | None = None,
+                 image_size: int = 0):
         self.array, self.samples, self.views = array, samples, views
+        # one item's size in a batch: the array as stored (resized later, on the device), and any views
+        self.input_bytes = (array[0].nbytes if len(array) else 0) + 3 * image_size ** 2 * (views.count if views else 0)
 
     def __len__(self):
         return len(self.samples)
@@ -80,7 +87,7 @@ class DecodingLoader:
     Iterate it inside `with loader.explaining_failures():`, which turns a worker the system stopped (out of memory,
     or a bus error when /dev/shm fills) into an error that names the fix instead of torch's traceback: torch
     reports it from its SIGCHLD handler, wherever the main process is at that moment, so the whole loop is covered,
-    not only the fetching of batches. `input_bytes`: one input's decoded size in the batch."""
+    not only the fetching of batches. `input_bytes`: one input's size in a batch (the datasets' `input_bytes`)."""
 
     def __init__(self, dataset, batch_size: int, workers: int, input_bytes: int, pin_memory: bool = False,
                  warn: bool = True):

@@ -67,7 +67,7 @@ class DataSource:
             samples = [(key, -1) for key, _ in samples]
         if self.encoded:
             return ImageFileDataset(samples, config, max_pixels, views, decode, self.reader)
-        return ArrayDataset(self.arrays[split], self.splits[split], views)
+        return ArrayDataset(self.arrays[split], self.splits[split], views, config.image_size)
 
 
 def with_val(kind, root, classes, splits, val_fraction, seed, reader=None, content_id="",

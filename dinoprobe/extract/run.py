@@ -450,11 +450,9 @@ class SplitRun:
             return 0
         indices = [i for _, start, stop in pending for i in range(start, stop)]
         config = self.model.backbone.data_config
-        dataset = torch.utils.data.Subset(source.dataset(split, config, o.max_pixels, views, self.decode), indices)
-        # decoded batches (uint8 pixels, views included) wait in shared memory; encoded ones are much smaller
-        input_bytes = 0 if self.device_decoder else 3 * config.image_size ** 2 * (1 + (views.count if views else 0))
-        loader = DecodingLoader(dataset, o.batch_size, self.workers, input_bytes, pin_memory=dev.type == "cuda",
-                                warn=o.rank == 0)
+        dataset = source.dataset(split, config, o.max_pixels, views, self.decode)
+        loader = DecodingLoader(torch.utils.data.Subset(dataset, indices), o.batch_size, self.workers,
+                                dataset.input_bytes, pin_memory=dev.type == "cuda", warn=o.rank == 0)
         by_start = {start: (number, stop) for number, start, stop in pending}
         buffers: dict[int, ShardBuffer] = {}
 

@@ -73,7 +73,7 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
     model, preprocess = backbone.to(dev), Preprocess(backbone.data_config).to(dev)
     head, normalizer = head_file.head.to(dev), head_file.normalizer.to(dev)
     dataset = prediction_dataset(head_file, files, backbone.data_config, max_pixels)
-    loader = DecodingLoader(dataset, batch_size, workers, 3 * backbone.data_config.image_size ** 2)
+    loader = DecodingLoader(dataset, batch_size, workers, dataset.input_bytes)
     results: dict[int, dict] = {}
     with torch.inference_mode(), loader.explaining_failures():
         for pixels, _, idx, skipped, _ in loader:
