@@ -67,8 +67,9 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def machine_info() -> dict:
-    import timm
+    from dinoprobe.device import environment
 
+    env = environment()  # the versions run.json and the manifest record, read the same way
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,7 +81,7 @@ def machine_info() -> dict:
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+            "python": env["python"], "torch": env["packages"]["torch"], "timm": env["packages"]["timm"]}
 
 
 # --------------------------------------------------------------------------------------------- 1. roofline
