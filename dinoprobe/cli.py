@@ -274,7 +274,8 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--cache", "cache_dir", default=None, help="Cache folder [default: cache/<data>-<model>-<size>px-<weights>]")
 @click.option("--image-size", type=click.IntRange(min=16, max=4096), default=DEFAULT_IMAGE_SIZE, show_default=True,
               help="Input size in pixels, a multiple of the patch size (16)")
-@click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True)
+@click.option("--batch-size", type=POSITIVE_INT, default=64, show_default=True,
+              help="Images per forward pass (lower it if memory runs out)")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help=WORKERS_HELP)
 @DEVICE_OPTION
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
@@ -293,7 +294,8 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--augment", type=click.Choice(["timm", "light"]), default="light", show_default=True,
               help="Views: timm's training transform (crop, flip, colour jitter) or light (crop + flip)")
 @click.option("--compile", "compile_", is_flag=True,
-              help="torch.compile the backbone: ~1 min of compiling for a few % more images/s (long runs only)")
+              help="torch.compile the backbone: ~1 min of compiling; it pays only where the forward bounds the "
+                   "run (on the measured H200 it did not: README, Performance)")
 @click.option("--last-blocks", type=click.IntRange(0), default=4, show_default=True,
               help="Also store the CLS token of each of the last N blocks (for --feature clsN, DINOv3's linear eval)")
 @click.option("--transform", type=click.Choice(TRANSFORMS), default="timm", show_default=True,
@@ -552,7 +554,8 @@ def probe(cache_dir, out, overwrite, shots, tries, feature, class_weight, views,
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
               help="Multi-label heads: report every class with at least this probability [default: each class's "
                    "threshold tuned on val, stored with the head]")
-@click.option("--batch-size", type=POSITIVE_INT, default=32, show_default=True)
+@click.option("--batch-size", type=POSITIVE_INT, default=32, show_default=True,
+              help="Images per forward pass (lower it if memory runs out)")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help=WORKERS_HELP)
 @DEVICE_OPTION
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
