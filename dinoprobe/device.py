@@ -123,3 +123,21 @@ def loader_prefetch(workers: int, batch_bytes: int, wanted: int = 4) -> tuple[in
     return 1, (f"{workers} loader workers x 1 batch of {batch_bytes / 2**20:.1f} MB need more shared memory than "
                f"{SHARED_MEMORY} has free ({free / 2**20:.0f} MB): workers may die with a bus error. Use fewer "
                "--workers or a smaller --batch-size (in Docker, --shm-size raises it)")
+
+
+def memory_available(device: torch.device) -> int | None:
+    """Bytes this device can still give: a GPU's free memory, or the host's MemAvailable (Linux); None where it
+    cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -134,6 +134,42 @@ def test_grouping_by_stream_shape_and_memory():
     assert len(plan_groups(configs, 32, 5, max_memory=1)) == len(configs)  # tiny budget: one head at a time
 
 
+def test_by_default_side_by_side_heads_fit_half_the_available_memory(monkeypatch):
+    """Without max_memory a grid is split to half of what the device has available (a grid of thousands of MLP
+    heads would otherwise exhaust it), and every head ends exactly where it ends in one big group."""
+    import dinoprobe.train.loop as loop_module
+    from dinoprobe.train.loop import head_bytes
+
+    configs = [TrainConfig(head="mlp", hidden=16, lr=lr, batch_size=64, epochs=2) for lr in (1e-3, 3e-3, 1e-2, 3e-2)]
+    monkeypatch.setattr(loop_module, "memory_available", lambda device: 2 * 2 * head_bytes(configs[0], 24, 5))
+    split = train_heads(configs, *DATA, 5)
+    assert [r.group_size for r in split] == [2, 2, 2, 2] and {r.group for r in split} == {0, 1}
+    monkeypatch.setattr(loop_module, "memory_available", lambda device: None)  # unknown: no limit, as before
+    together = train_heads(configs, *DATA, 5)
+    assert [r.group_size for r in together] == [4] * 4
+    for a, b in zip(split, together):
+        assert a.history == b.history
+        for (wa, ba), (wb, bb) in zip(a.best_layers, b.best_layers):
+            torch.testing.assert_close(wa, wb, atol=1e-6, rtol=0)
+            torch.testing.assert_close(ba, bb, atol=1e-6, rtol=0)
+
+
+def test_many_heads_evaluate_validation_in_smaller_chunks():
+    """Side by side, N heads' validation forward takes fewer rows at a time (their hidden activations stay near a
+    training batch's), with the same predictions as one head at a time."""
+    configs = [TrainConfig(head="mlp", hidden=8, seed=s) for s in range(40)]
+    heads = StackedHeads(configs, 24, 5, "cpu")
+    x = torch.randn(1000, 24)
+    calls = []
+    real = heads.forward
+    heads.forward = lambda part, train=False: calls.append(len(part)) or real(part, train)
+    predictions = heads.predict(x)
+    assert max(calls) == 256 and sum(calls) == 1000
+    for i, config in enumerate(configs[:3]):
+        alone = StackedHeads([config], 24, 5, "cpu")
+        torch.testing.assert_close(alone.predict(x)[0], predictions[i])
+
+
 def test_patience_stops_each_head_on_its_own():
     """A head stops `patience` epochs after its best one, whatever the others do; without patience it runs on."""
     x, y, xv, yv = DATA

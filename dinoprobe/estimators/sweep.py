@@ -28,8 +28,8 @@ class Sweep(_Classifier):
     linear head initialised N(0, 0.01), SGD momentum 0.9 without weight decay, batch 128, 10 epochs of 1,250
     iterations from an endless shuffled stream, cosine to 0 per iteration, 13 learning rates x batch / 256, the
     final iteration's heads with the best chosen on validation. param_grid entries replace the preset's.
-    `max_memory` (bytes) caps the heads trained at once. A grid key that is not a training setting, or a value out
-    of its range, is refused before any training starts.
+    `max_memory` (bytes) caps the heads trained at once (default: half of the device's available memory). A grid
+    key that is not a training setting, or a value out of its range, is refused before any training starts.
 
     Fitted attributes: results_ (one dict per configuration, in grid order, ready for pandas.DataFrame), configs_,
     best_index_, best_params_, best_score_, best_estimator_ (a fitted Probe), classes_, n_features_in_. With a

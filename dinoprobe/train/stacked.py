@@ -90,15 +90,20 @@ class StackedHeads:
         affine_backward(x, g, *self.grads[0])
         return neg_loss, logits
 
-    @torch.no_grad()
-    def scores(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        """Eval-mode logits of every head on shared rows, (N, rows, C)."""
-        return torch.cat([self.forward(part)[0] for part in x.split(chunk)], 1)
+    def _chunk(self) -> int:
+        # rows evaluated at once: 8,192 for one head, fewer side by side, so N heads' hidden activations on val
+        # stay near a training batch's (what plan_groups budgets), not N x 8,192 rows
+        return max(256, 8192 // self.n)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits of every head on shared rows, (N, rows, C)."""
+        return torch.cat([self.forward(part)[0] for part in x.split(self._chunk())], 1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-mode predictions of every head on shared rows, (N, rows)."""
-        preds = [self.forward(part)[0].argmax(-1) for part in x.split(chunk)]
+        preds = [self.forward(part)[0].argmax(-1) for part in x.split(self._chunk())]
         return torch.cat(preds, 1) if preds else torch.zeros(self.n, 0, dtype=torch.long, device=x.device)
 
     def finite(self) -> torch.Tensor:
