@@ -112,3 +112,23 @@ def test_each_shard_is_hashed_once_while_read(sharded, monkeypatch):
     train_heads([TrainConfig(head="linear", epochs=3, batch_size=64)], data.X_train, data.y_train, data.X_val,
                 data.y_val, 6)
     assert shard_hashes() == len(entries)  # streamed epochs re-read columns, not hashes
+
+
+def test_features_that_cannot_fit_in_memory_are_refused_naming_max_memory(tmp_path, monkeypatch):
+    """Past the available memory Linux's OOM killer would end the load with no message: refused up front, naming
+    --max-memory, which then streams the train split instead."""
+    import dinoprobe.cache.arrays as arrays_module
+    from dinoprobe.errors import DinoprobeError
+
+    from conftest import assert_clean_error
+
+    cache_dir = make_synthetic_cache(tmp_path / "c", n=(300, 60, 60), dim=16)
+    need = (300 + 60 + 60) * 16 * 4  # float32 cls rows of every split
+    monkeypatch.setattr(arrays_module, "memory_available", lambda device: need - 1)
+    with pytest.raises(DinoprobeError, match="--max-memory"):
+        load_cache(cache_dir, "cls")
+    assert_clean_error(run_cli("probe", "--cache", cache_dir, "--out", tmp_path / "r"), "need about", "--max-memory")
+    assert not (tmp_path / "r").exists()
+    assert load_cache(cache_dir, "cls", max_memory=1000).stream is not None  # streamed: no refusal
+    monkeypatch.setattr(arrays_module, "memory_available", lambda device: need)
+    assert load_cache(cache_dir, "cls").x["train"].shape == (300, 16)

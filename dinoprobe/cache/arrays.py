@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dinoprobe.cache import store as cache
-from dinoprobe.device import resolve_device
+from dinoprobe.device import memory_available, resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.cache.specs import blocks_needed, columns, parse_feature, select, width
 from dinoprobe.cache.stream import StreamedTrainSplit, no_epoch_length
@@ -191,6 +191,25 @@ def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool 
     return load_features(cache_dir, (feature,), device, require_val, views, max_memory)[feature]
 
 
+def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device) -> None:
+    """Refuse, naming the fix, features that cannot fit where they would be held: past the available memory the
+    system would kill the process mid-load (Linux overcommits, then its OOM killer strikes), with no message."""
+    dim = manifest.get("feature_dim", 0)
+    rows = sum(s["rows"] for info in manifest["splits"].values() for s in info["shards"])
+    train = sum(s["rows"] for s in manifest["splits"].get("train", {}).get("shards", []))
+    per_row = sum(width(parts, dim) for parts in wanted.values()) * 4  # float32 features, each choice its own copy
+    view_count = manifest["fingerprint"].get("views", {}).get("count", 0) if views else 0
+    need = rows * per_row + train * per_row * view_count
+    for where in dict.fromkeys([torch.device("cpu"), device]):
+        available = memory_available(where)
+        if available is not None and need > available:
+            raise DinoprobeError(
+                f"cache {cache_dir}'s features need about {need / 2**30:.1f} GiB in {where.type} memory and "
+                f"{available / 2**30:.1f} GiB are available; give probe or sweep --max-memory "
+                f"{max(1, available // 2**31)}GB to stream the train split from disk (its batch order then differs "
+                "from in-memory training), choose a narrower --feature, or use a machine with more memory")
+
+
 def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
                   max_memory: int | None = None) -> dict[str, FeatureSplits]:
     """`load_cache` for several feature choices at once (a sweep's): every shard is read and verified once."""
@@ -215,6 +234,8 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     streamed = bool(max_memory) and train_rows * widest * 4 > max_memory
     if streamed and views:
         raise DinoprobeError("--views needs the train views in memory; raise --max-memory or drop --views")
+    if not streamed:
+        check_memory(cache_dir, manifest, wanted, views, device)
     rows, y = {}, {}
     for split in manifest["splits"]:
         rows[split] = cache.load(cache_dir, split, () if split == "train" and streamed else columns(parts),
