@@ -76,3 +76,28 @@ def test_probe_and_sweep_with_views_agree_and_need_a_view_cache(view_cache, tmp_
 
     with pytest.raises(DinoprobeError, match="features --views K"):
         load_cache(make_synthetic_cache(tmp_path / "plain"), "cls", views=True)
+
+
+def test_view_forwards_take_at_most_a_batch_and_give_each_views_features(view_cache, backbone, tmp_path,
+                                                                         monkeypatch):
+    """K views per image go through the backbone in forwards of at most --batch-size images (memory follows the
+    batch size, not K), and each view's stored features are the backbone's on that view alone."""
+    import dinoprobe.extract.run as run_module
+    from dinoprobe.extract.backbone import token_features
+
+    root, _, _, kw = view_cache
+    sizes = []
+    monkeypatch.setattr(run_module, "token_features", lambda model, pixels, *a: sizes.append(len(pixels)) or
+                        token_features(model, pixels, *a))
+    extract(backbone, open_source(str(root)), tmp_path / "c", **kw)
+    assert max(sizes) == kw["batch_size"] and sum(sizes) > 3 * 10  # views ran, never more than a batch at once
+    # independent of the batching: one image's views regenerated (they are seeded per image and view) and run
+    # through timm's model one at a time
+    from dinoprobe.extract.decode import load_rgb
+    from dinoprobe.extract.transforms import Preprocess, Views
+
+    data = cache.load(tmp_path / "c", "train", "cls_views")
+    views = Views(backbone.data_config, 3, kw["augment"])(load_rgb(data["path"][0]), int(data["index"][0]))
+    with torch.inference_mode():
+        alone = [backbone.model.forward_features(Preprocess(backbone.data_config)(v[None]))[0, 0] for v in views]
+    np.testing.assert_allclose(data["cls_views"][0], torch.stack(alone).numpy(), atol=1e-4)

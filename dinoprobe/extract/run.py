@@ -528,8 +528,11 @@ class SplitRun:
             feats = self.forward(x)
             if view_pixels is not None:  # (B, K, 3, S, S) -> features (B, K, D)
                 b, k = view_pixels.shape[:2]
-                vf = self.forward(self.preprocess(view_pixels.flatten(0, 1).to(dev, non_blocking=True)))
-                feats.update({f"{name}_views": vf[name].view(b, k, -1) for name in ("cls", "patch_mean")})
+                # B x K images in forwards of at most --batch-size, so memory follows the batch size, not K
+                parts = [self.forward(self.preprocess(part.to(dev, non_blocking=True)))
+                         for part in view_pixels.flatten(0, 1).split(self.options.batch_size)]
+                feats.update({f"{name}_views": torch.cat([p[name] for p in parts]).view(b, k, -1)
+                              for name in ("cls", "patch_mean")})
         return Features.copy_to_host({k: v.float() for k, v in feats.items()})
 
 
