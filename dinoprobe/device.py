@@ -83,7 +83,7 @@ def environment(device: torch.device | None = None) -> dict:
             return None
 
     packages = {name: version(name) for name in PACKAGES}
-    packages["torch"] = torch.__version__  # with its build (+cu130, +cpu), which the metadata leaves out
+    packages["torch"] = str(torch.__version__)  # with its build (+cu130); a plain str (TorchVersion is a class)
     info = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "packages": packages}
     if device is not None:

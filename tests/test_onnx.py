@@ -59,6 +59,9 @@ def test_the_graph_has_one_input_and_its_metadata_round_trips(exports, photos):
     assert clf.transform == head.fingerprint["transform"]
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["fingerprint"]) == head.fingerprint
+    import torch as torch_module
+
+    assert json.loads(meta["environment"])["packages"]["torch"] == torch_module.__version__  # what wrote the file
     # the features output is the head's input: what dinoprobe's own exported classifier computes
     import torch
 

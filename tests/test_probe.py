@@ -236,6 +236,8 @@ def test_probe_predict_export_end_to_end(photos, backbone, tmp_path):
     from dinoprobe.runs.export import load_exported
 
     model = load_exported(tmp_path / "model.pt")
+    written_by = torch.load(tmp_path / "model.pt", weights_only=True)["environment"]  # whoever ships it can tell
+    assert written_by["packages"]["torch"] == torch.__version__ and written_by["python"]
     image = sorted((photos / "val" / "bees").iterdir())[0]
     probs = model(model.preprocess(image)[None]).softmax(-1)[0]
     expected = next(r for r in results if r["path"] == str(image))

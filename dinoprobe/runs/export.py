@@ -8,6 +8,7 @@ from torch import nn
 
 from dinoprobe.atomic import atomic_path
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select
+from dinoprobe.device import environment
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import Backbone, create_model, load_strict, token_features
 from dinoprobe.extract.decode import load_rgb
@@ -112,7 +113,8 @@ def export_onnx(head_file: HeadFile, backbone: Backbone, out: str | Path, overwr
                 "transform": json.dumps(backbone.data_config.to_dict()), "feature": head_file.feature,
                 "pixels": "float32 RGB in [0, 1], (N, 3, image_size, image_size), after the transform's resize and "
                           "crop; the mean/std normalisation is in the graph",
-                "fingerprint": json.dumps(head_file.fingerprint), "dinoprobe_version": __version__}
+                "fingerprint": json.dumps(head_file.fingerprint), "dinoprobe_version": __version__,
+                "environment": json.dumps(environment())}
     if head_file.multilabel:  # probabilities are then each class's sigmoid
         metadata.update(task="multilabel", thresholds=json.dumps(head_file.thresholds))
     with atomic_path(out) as tmp:
@@ -156,6 +158,7 @@ def export(head_file: HeadFile, backbone: Backbone, out: str | Path, overwrite: 
         "feature": head_file.feature,
         "class_names": head_file.class_names,
         "fingerprint": head_file.fingerprint,
+        "environment": environment(),  # what wrote this file, for whoever ships it
         **({"thresholds": head_file.thresholds} if head_file.multilabel else {}),
     }
     with atomic_path(out) as tmp:
