@@ -140,8 +140,9 @@ class Terminated(KeyboardInterrupt):
     be, so a command stops the way Ctrl-C stops it: complete outputs kept, nothing half-written, exit code 143."""
 
 
-def _stop_code(err: KeyboardInterrupt) -> int:
-    return 143 if isinstance(err, Terminated) else 130
+def _stopped(err: KeyboardInterrupt) -> tuple[str, int]:
+    """How a stop reads and the exit code it gives: Ctrl-C 130, SIGTERM 143 (128 + the signal)."""
+    return ("Terminated", 143) if isinstance(err, Terminated) else ("Interrupted", 130)
 
 
 def _terminate(signum, frame):
@@ -172,9 +173,9 @@ class Group(click.Group):
             raise click.ClickException(f"{err.strerror or err}{where}; check free disk space, permissions and the "
                                        "path, then rerun (complete outputs are kept; nothing half-written is)") from None
         except KeyboardInterrupt as err:
-            _echo_err(f"\n{'Terminated' if isinstance(err, Terminated) else 'Interrupted'}; nothing was left "
-                      "half-written (a run directory appears only when complete).")
-            ctx.exit(_stop_code(err))
+            word, code = _stopped(err)
+            _echo_err(f"\n{word}; nothing was left half-written (a run directory appears only when complete).")
+            ctx.exit(code)
         except (MemoryError, RuntimeError) as err:
             if not _out_of_memory(err):
                 raise
@@ -350,9 +351,10 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     try:
         summary = extract(backbone, source, cache_dir, dataclasses.replace(options, rank=rank, world=world))
     except KeyboardInterrupt as err:
-        _echo_err(f"\n{'Terminated' if isinstance(err, Terminated) else 'Interrupted'}. Complete shards in "
-                  f"{cache_dir} are kept; the shard in progress was discarded. Rerun the same command to resume.")
-        sys.exit(_stop_code(err))
+        word, code = _stopped(err)
+        _echo_err(f"\n{word}. Complete shards in {cache_dir} are kept; the shard in progress was discarded. Rerun "
+                  "the same command to resume.")
+        sys.exit(code)
     finally:
         end_distributed()
     if not main_process:

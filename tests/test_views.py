@@ -93,11 +93,15 @@ def test_view_forwards_take_at_most_a_batch_and_give_each_views_features(view_ca
     assert max(sizes) == kw["batch_size"] and sum(sizes) > 3 * 10  # views ran, never more than a batch at once
     # independent of the batching: one image's views regenerated (they are seeded per image and view) and run
     # through timm's model one at a time
+    from torchvision.transforms.v2.functional import normalize
+
     from dinoprobe.extract.decode import load_rgb
-    from dinoprobe.extract.transforms import Preprocess, Views
+    from dinoprobe.extract.transforms import Views
 
     data = cache.load(tmp_path / "c", "train", "cls_views")
     views = Views(backbone.data_config, 3, kw["augment"])(load_rgb(data["path"][0]), int(data["index"][0]))
+    cfg = backbone.data_config
     with torch.inference_mode():
-        alone = [backbone.model.forward_features(Preprocess(backbone.data_config)(v[None]))[0, 0] for v in views]
+        alone = [backbone.model.forward_features(normalize(v[None].float() / 255, cfg.mean, cfg.std))[0, 0]
+                 for v in views]
     np.testing.assert_allclose(data["cls_views"][0], torch.stack(alone).numpy(), atol=1e-4)

@@ -93,9 +93,9 @@ class KNN(_Classifier):
 
     def score_per_k(self, X, y) -> dict[int, float]:
         """Accuracy (multi-label: macro mAP) on (X, y) for every k in ks (capped at the number of training rows)."""
-        X, y = self._features(X), as_labels(y, len(X))
+        y = as_labels(y, len(X))
         y = y.astype(np.float32) if self.multilabel_ else self._encode(y)
-        return {k: self._score(s, y) for k, s in self._scores(X, sorted(self.ks)).items()}
+        return {k: self._score(torch.from_numpy(p), y) for k, p in self.predict_proba_per_k(X).items()}
 
     def _probabilities(self, votes: torch.Tensor) -> np.ndarray:
         votes = votes.double()
