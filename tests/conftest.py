@@ -1,7 +1,6 @@
 """Shared fixtures: the real ViT-S/16 DINOv3 architecture with random weights, tiny images, tiny folders."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -146,17 +145,21 @@ def cache_rows(cache_dir):
     return out
 
 
+def finished_shards(cache_dir) -> int:
+    """Shards written so far by a running `features`: each gets its sidecar entry the moment it is renamed into
+    place (the manifest catches up every few seconds)."""
+    return len(list(Path(cache_dir).glob("*/shard-*.json")))
+
+
 def kill_during_extraction(root, cache_dir, after_shards: int, timeout=120, jitter: float = 0.0) -> bool:
     """Start `features`, SIGKILL it once `after_shards` shards are recorded (0: during start-up, after
     `jitter` seconds); True if it was killed before finishing."""
     proc = subprocess.Popen(features_cmd(root, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=REPO)
     deadline = time.time() + timeout
-    manifest_path = cache_dir / "manifest.json"
     while proc.poll() is None and time.time() < deadline:
         try:
-            if after_shards == 0 or sum(len(s["shards"]) for s in
-                                        json.loads(manifest_path.read_text())["splits"].values()) >= after_shards:
+            if after_shards == 0 or finished_shards(cache_dir) >= after_shards:
                 time.sleep(jitter)
                 if proc.poll() is not None:
                     break

@@ -256,3 +256,26 @@ def test_readers_do_not_depend_on_file_locks_and_a_lockless_filesystem_is_named(
     monkeypatch.setattr(fcntl, "flock", no_locks)
     proc = run_cli(*features_cmd(root, tmp_path / "c2")[3:])
     assert_clean_error(proc, "does not support file locks", "local disk")
+
+
+def test_the_manifest_is_rewritten_every_few_seconds_not_after_every_shard(tmp_path, monkeypatch):
+    """20,000 small shards rewriting an ever-longer manifest after each one took minutes of the writer's time."""
+    import dinoprobe.extract.run as run_module
+
+    writes = []
+    real_write_json = run_module.write_json
+    monkeypatch.setattr(run_module, "write_json", lambda path, data: (writes.append(path), real_write_json(path,
+                                                                                                           data)))
+    tmp_path.joinpath("train").mkdir()
+    manifest = cache.new_manifest({"test": 1}, ["a"], {"train": 60}, shard_size=1)
+    writer = run_module.ShardWriter(tmp_path, manifest, "float32")
+    row = lambda i: {"cls": np.full((1, 4), i, np.float32), "label": np.zeros(1), "index": np.array([i]),  # noqa: E731
+                     "path": [f"{i}.png"]}
+    for i in [*range(60), 0]:  # shard 0 (in the manifest since the first write) recomputed: its entry is replaced
+        writer.submit("train", i, i, i + 1, row(i), [])
+    writer.close()
+    assert writes.count(tmp_path / cache.MANIFEST) <= 3  # the first shard, perhaps one a few seconds later, the end
+    written = json.loads((tmp_path / cache.MANIFEST).read_text())["splits"]["train"]["shards"]
+    assert [s["start"] for s in written] == list(range(60)) and written == manifest["splits"]["train"]["shards"]
+    assert len(list(tmp_path.glob("train/shard-*.json"))) == 60  # every shard recorded beside it at once
+    assert [cache.read_shard(tmp_path / s["file"], ("cls",))["cls"][0, 0] for s in written] == list(range(60))

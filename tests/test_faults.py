@@ -20,7 +20,16 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.run import extract
 from dinoprobe.extract.sources import open_source
 
-from conftest import REPO, assert_clean_error, cache_rows, features_cmd, make_folder, run_cli, write_image
+from conftest import (
+    REPO,
+    assert_clean_error,
+    cache_rows,
+    features_cmd,
+    finished_shards,
+    make_folder,
+    run_cli,
+    write_image,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +82,9 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(small_folder, re
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
-            if json.loads((cache_dir / "manifest.json").read_text())["splits"]["train"]["shards"]:
+            if finished_shards(cache_dir):
                 break
-        except (OSError, ValueError, KeyError):
+        except OSError:
             pass
         time.sleep(0.01)
     proc.send_signal(stop)

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
-from tqdm import tqdm
 
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.base import _Classifier, class_weights, names_for
+from dinoprobe.progress import progress_bar
 from dinoprobe.settings import DEFAULT_C_GRID
 from dinoprobe.train.headfile import save_head
 from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
@@ -102,12 +102,12 @@ def _fit_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter:
     f, g = _objective(theta, x, onehot, lam, num_classes, weights, multilabel)
     iterations = [max_iter] * k
     active = torch.ones(k, dtype=torch.bool, device=x.device)
-    bar = tqdm(total=max_iter, desc=desc, unit="iter", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(max_iter, desc, "iter", enabled=progress)
     for it in range(max_iter):
         active &= g.abs().amax(1) > tol
         running = int(active.sum())
+        bar.set_postfix(running=f"{running}/{k} C", refresh=False)
         bar.update(1)
-        bar.set_postfix(running=f"{running}/{k} C")
         if not running:
             break
         a = active.nonzero().squeeze(1)

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.profiler import record_function
-from tqdm import tqdm
 
 from dinoprobe import __version__
 from dinoprobe.atomic import write_json
@@ -44,6 +43,7 @@ from dinoprobe.extract.datasets import DecodingLoader
 from dinoprobe.extract.datasource import DataSource, indicator
 from dinoprobe.extract.decode import DeviceDecoder, TorchvisionDecode
 from dinoprobe.extract.transforms import Preprocess, Views
+from dinoprobe.progress import progress_bar
 from dinoprobe.settings import DECODERS, DEFAULT_MAX_PIXELS
 
 
@@ -86,14 +86,21 @@ class ExtractionSummary:
 class ShardWriter:
     """Writes finished shards on a background thread so HDF5 + sha256 overlap the next forward passes.
 
-    It is also the only mutator of the manifest while extraction runs, so updates need no lock.
+    It is also the only mutator of the manifest while extraction runs, so updates need no lock. Each shard's
+    sidecar records it the moment it is written (a resumed run adopts those); the manifest, which holds every
+    entry, is rewritten at most every MANIFEST_EVERY_S seconds and when the writer closes — after every shard, a
+    run of 20,000 small shards would spend minutes rewriting an ever-longer file.
     """
+
+    MANIFEST_EVERY_S = 2.0
 
     def __init__(self, cache_dir: Path, manifest: dict, dtype: str, update_manifest: bool = True):
         self.cache_dir, self.manifest, self.dtype = cache_dir, manifest, dtype
         self.update_manifest = update_manifest  # torchrun ranks only write shards; rank 0 merges at the end
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
+        self._unrecorded: dict[str, dict[int, dict]] = {}  # split -> start -> entry, not in the manifest yet
+        self._manifest_written = -float("inf")
         self.thread = threading.Thread(target=self._run, name="dinoprobe-shard-writer", daemon=True)
         self.thread.start()
 
@@ -120,14 +127,27 @@ class ShardWriter:
             try:
                 with record_function("dinoprobe.write_shard"):
                     entry = write_shard(self.cache_dir, split, number, start, stop, rows, self.dtype, skipped)
-                if not self.update_manifest:
-                    continue
-                shards = self.manifest["splits"][split]["shards"]
-                shards[:] = sorted([s for s in shards if s["start"] != start] + [entry], key=lambda s: s["start"])
-                self.manifest["updated"] = now()
-                write_json(self.cache_dir / MANIFEST, self.manifest)
+                if self.update_manifest:
+                    self._unrecorded.setdefault(split, {})[start] = entry
+                    if time.monotonic() - self._manifest_written >= self.MANIFEST_EVERY_S:
+                        self._write_manifest()
             except BaseException as err:  # noqa: BLE001 - reported in the main thread
                 self.error = err
+        if self._unrecorded and self.error is None:
+            try:
+                self._write_manifest()  # the manifest is whole before close() returns, also after Ctrl-C
+            except BaseException as err:  # noqa: BLE001 - reported in the main thread
+                self.error = err
+
+    def _write_manifest(self) -> None:
+        for split, entries in self._unrecorded.items():
+            shards = self.manifest["splits"][split]["shards"]  # a recomputed shard replaces its old entry
+            shards[:] = sorted([s for s in shards if s["start"] not in entries] + list(entries.values()),
+                               key=lambda s: s["start"])
+        self._unrecorded = {}
+        self.manifest["updated"] = now()
+        write_json(self.cache_dir / MANIFEST, self.manifest)
+        self._manifest_written = time.monotonic()
 
 
 def drop_broken_shards(cache_dir: Path, manifest: dict) -> list[str]:
@@ -487,8 +507,7 @@ class SplitRun:
         # share (loading, device decoding, copies, shard buffers) overlaps the forward instead of following it.
         # The same code runs on a CPU, where the forward is synchronous and the lag only holds one batch longer.
         in_flight: collections.deque[InFlight] = collections.deque()
-        bar = tqdm(total=len(indices), desc=f"features {split}", unit="img", disable=not (o.progress and o.rank == 0),
-                   dynamic_ncols=True)
+        bar = progress_bar(len(indices), f"features {split}", "img", enabled=o.progress and o.rank == 0)
         try:
             with torch.inference_mode(), loader.explaining_failures():
                 for pixels, labels, idx, skipped, view_pixels in loader:

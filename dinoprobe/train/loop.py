@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from tqdm import tqdm
 
 from dinoprobe.device import memory_available
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.progress import progress_bar
 from dinoprobe.train.config import TrainConfig
 from dinoprobe.train.graphed import GRAPHS_BY_DEFAULT, StaticEpochs
 from dinoprobe.train.heads import Normalizer
@@ -139,7 +139,7 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
     results: list[TrainResult | None] = [None] * len(configs)
     total = sum(configs[g[0]].epochs for g in groups)
     label = desc if len(configs) == 1 else f"{desc}: {len(configs)} heads in {len(groups)} group(s)"
-    with tqdm(total=total, desc=label, unit="epoch", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total, label, "epoch", enabled=progress) as bar:
         for number, members in enumerate(groups):
             group_rows = None if rows is None else torch.stack([torch.as_tensor(rows[i]) for i in members])
             group_source = source if rows is None else PerHeadRows(train, group_rows)
@@ -152,7 +152,7 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
 
 
 def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch.Tensor, x_val: torch.Tensor,
-                 y_val: torch.Tensor, num_classes: int, bar: tqdm,
+                 y_val: torch.Tensor, num_classes: int, bar,
                  class_weights: torch.Tensor | None = None, static_epochs: bool | None = None) -> list[TrainResult]:
     first, n = configs[0], len(configs)
     device = y_train.device
@@ -251,11 +251,11 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
                 stale[i] += 1
                 if configs[i].patience and stale[i] >= configs[i].patience:
                     active[i] = False
-        bar.update(1)
         if n == 1 and results[0].history:
             bar.set_postfix({"loss": f"{results[0].history[-1]['train_loss']:.4f}",
                              "val_map" if multilabel else "val_acc": f"{val_acc[0]:.4f}",
-                             "best": f"{results[0].best_val_acc:.4f}"})
+                             "best": f"{results[0].best_val_acc:.4f}"}, refresh=False)
+        bar.update(1)
         if not active.any():
             bar.update(first.epochs - epoch)
             break

@@ -1,0 +1,72 @@
+"""Progress: a bar redrawn in place on a terminal; readable timed lines in a log file (SLURM, nohup, CI)."""
+import io
+import re
+
+import dinoprobe.progress
+from dinoprobe.progress import progress_bar
+
+from conftest import features_cmd, make_folder, make_synthetic_cache, run_cli
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def draw(stream, updates=50):
+    bar = progress_bar(updates, "work", "item", stream=stream)
+    for _ in range(updates):
+        bar.set_postfix(loss="0.5", refresh=False)
+        bar.update(1)
+    bar.close()
+    return stream.getvalue()
+
+
+def test_a_terminal_gets_a_bar_redrawn_in_place():
+    out = draw(Terminal())
+    assert out.count("\r") >= 2 and out.count("\n") <= 1  # tqdm's carriage-return redraws, one line in the end
+
+
+def test_a_log_file_gets_one_line_per_redraw_at_most_every_interval():
+    out = draw(io.StringIO())  # far less than LOG_INTERVAL_S: only the first and the final state
+    assert "\r" not in out
+    assert out.splitlines() == [line for line in out.splitlines() if line.startswith("work: ")]
+    assert len(out.splitlines()) == 2, out
+    assert re.fullmatch(r"work: 100% 50/50 \[.*item/s, loss=0.5\]", out.splitlines()[-1]), out
+
+
+def test_a_log_file_line_is_written_whenever_the_interval_has_passed(monkeypatch):
+    monkeypatch.setattr(dinoprobe.progress, "LOG_INTERVAL_S", 0.0)
+    lines = draw(io.StringIO(), updates=5).splitlines()
+    assert [line.split(" [")[0] for line in lines] == ["work:   0% 0/5", "work:  20% 1/5", "work:  40% 2/5",
+                                                       "work:  60% 3/5", "work:  80% 4/5", "work: 100% 5/5"]
+
+
+def test_disabled_writes_nothing():
+    stream = io.StringIO()
+    bar = progress_bar(3, "work", "item", enabled=False, stream=stream)
+    bar.update(3)
+    bar.close()
+    assert stream.getvalue() == ""
+
+
+def test_probe_and_logreg_logs_hold_lines_not_carriage_returns(tmp_path):
+    cache = make_synthetic_cache(tmp_path / "cache", n=(120, 40, 40), dim=8, num_classes=3)
+    probe = run_cli("probe", "--cache", cache, "--out", tmp_path / "run", "--epochs", "40", "--head", "linear",
+                    check=True)
+    assert "\r" not in probe.stderr
+    assert re.search(r"^probe: 100% 40/40 \[.*epoch/s, loss=[0-9.]+, val_acc=[0-9.]+, best=[0-9.]+\]$",
+                     probe.stderr, re.M), probe.stderr
+    assert len(probe.stderr.splitlines()) < 10, probe.stderr  # not a line per epoch
+    logreg = run_cli("logreg", "--cache", cache, "--out", tmp_path / "logreg", check=True)
+    assert "\r" not in logreg.stderr
+    assert re.search(r"^logreg: 45 C values: .*running=0/45 C\]$", logreg.stderr, re.M), logreg.stderr
+    assert len(logreg.stderr.splitlines()) < 12, logreg.stderr  # not a line per L-BFGS iteration
+
+
+def test_features_log_holds_one_line_per_split_state(tmp_path):
+    root = make_folder(tmp_path / "data", per_class=3)
+    proc = run_cli(*features_cmd(root, tmp_path / "cache")[3:], check=True)
+    assert "\r" not in proc.stderr
+    assert re.search(r"^features train: 100% 6/6 \[.*img/s\]$", proc.stderr, re.M), proc.stderr
+    assert re.search(r"^features val: 100% 6/6 \[.*img/s\]$", proc.stderr, re.M), proc.stderr
