@@ -732,10 +732,7 @@ def evaluate(caches, out, protocol, shots, tries, epochs, epoch_length, device):
     """Every protocol on every cache: linear, logistic regression, k-NN (and few-shot); one results table."""
     from dinoprobe.runs.evaluate import evaluate as run_evaluate
     from dinoprobe.runs.evaluate import markdown
-    from dinoprobe.splits import parse_shots
 
-    for k in shots or ():
-        parse_shots(k)
     overrides = {k: v for k, v in (("epochs", epochs), ("epoch_length", epoch_length)) if v is not None}
     rows = run_evaluate(list(caches), out, protocol=protocol, shots=shots or (), tries=tries, device=device,
                         linear_overrides=overrides, log=_echo_err)

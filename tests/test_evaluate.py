@@ -85,3 +85,24 @@ def test_runs_of_another_cache_are_never_reused(caches, tmp_path):
     shutil.copytree(caches[1], other)
     proc = run_cli("evaluate", "--cache", other, "--out", tmp_path / "e", *QUICK)
     assert proc.returncode == 1 and "runs of another cache" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_cache_is_checked_before_any_cache_is_trained(caches, tmp_path, monkeypatch):
+    """The suite takes hours per cache: a broken, repeated or multi-label (with --shots) cache given last is refused
+    before the first one is trained, and nothing is written."""
+    from conftest import make_synthetic_cache
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("trained before every cache was checked")
+
+    monkeypatch.setattr(evaluate_module, "run_sweep", must_not_run)
+    broken = make_synthetic_cache(tmp_path / "broken", n=(30, 12, 12), dim=8, num_classes=3)
+    next(broken.glob("val/shard-*.h5")).unlink()
+    tags = make_synthetic_cache(tmp_path / "tags", n=(30, 12, 12), dim=8, num_classes=3)
+    manifest = json.loads((tags / "manifest.json").read_text())
+    (tags / "manifest.json").write_text(json.dumps({**manifest, "task": "multilabel"}))  # all the check reads
+    for last, message in [(broken, "failed verification"), (caches[0], "given twice"), (tags, "multi-label")]:
+        out = tmp_path / f"e-{last.name}"
+        proc = run_cli("evaluate", "--cache", caches[0], "--cache", last, "--out", out, "--shots", "2", *QUICK)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not out.exists()

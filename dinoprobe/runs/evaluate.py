@@ -25,6 +25,7 @@ from dinoprobe.runs.experiments import run_knn, run_logreg, run_sweep
 from dinoprobe.runs.rundir import run_command
 from dinoprobe.settings import EVAL_SUITES as SUITES
 from dinoprobe.settings import PROTOCOLS
+from dinoprobe.splits import parse_shots
 
 
 def content_id(manifest: dict) -> str:
@@ -79,25 +80,38 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
     if not caches:
         raise DinoprobeError("no cache to evaluate; pass one or more --cache")
     out = Path(out)
-    for cache_dir in caches:  # before anything is written: OUT never lands inside a cache, nor a cache inside OUT
+    for shot in shots:
+        parse_shots(shot)
+    # Every cache is checked before anything is written or trained: the suite takes hours per cache, and a fault in
+    # the last one must not wait for the others. OUT never lands inside a cache, nor a cache inside OUT.
+    manifests, seen = [], {}
+    for cache_dir in caches:
         a, b = out.resolve(), cache_dir.resolve()
         if a == b or b in a.parents or a in b.parents:
             raise DinoprobeError(f"--out '{out}' overlaps the cache {cache_dir}; write the evaluation elsewhere")
+        if b in seen:
+            raise DinoprobeError(f"cache {cache_dir} is given twice (also as {seen[b]}); pass each cache once")
+        seen[b] = cache_dir
+        manifest = open_manifest(cache_dir)  # a cache that is not sound fails here
+        if manifest.get("task") == "multilabel" and shots:
+            raise DinoprobeError(f"cache {cache_dir} is multi-label, and few-shot draws K images per class, which "
+                                 "a multi-label image does not belong to one of; drop --shots, or evaluate that "
+                                 "cache without it")
+        manifests.append(manifest)
     out.mkdir(parents=True, exist_ok=True)
-    preset = SUITES[protocol]
-    overrides = {k: [v] for k, v in (linear_overrides or {}).items()}
-    rows, taken = [], set()
-    for cache_dir in caches:
-        manifest = open_manifest(cache_dir)  # a cache that is not sound fails here, before any training
+    bases, taken = [], set()
+    for cache_dir, manifest in zip(caches, manifests):
         name = cache_name(cache_dir, taken)
         taken.add(name)
-        base = out / name
-        claim(base, cache_dir, manifest)
+        claim(out / name, cache_dir, manifest)
+        bases.append(out / name)
+    preset = SUITES[protocol]
+    overrides = {k: [v] for k, v in (linear_overrides or {}).items()}
+    rows = []
+    for cache_dir, manifest, base in zip(caches, manifests, bases):
+        name = base.name
         fp = manifest["fingerprint"]
         multilabel = manifest.get("task") == "multilabel"
-        if multilabel and shots:
-            raise DinoprobeError(f"cache {cache_dir} is multi-label, and few-shot draws K images per class, which "
-                                 "a multi-label image does not belong to one of; drop --shots for it")
         score, metric = ("map_macro", "map") if multilabel else ("top1", "top1")  # what each protocol reports
         transform = fp.get("transform", {})
         row = {"cache": name, "model": fp.get("model"), "weights": fp.get("weights", {}).get("source"),
