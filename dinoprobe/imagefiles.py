@@ -26,7 +26,9 @@ def expand_inputs(paths) -> tuple[list[str], list[tuple[str, str]]]:
     files, errors = [], []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if "://" in str(raw) and not path.exists():
+            errors.append((str(raw), "a URL: only local files are read; download it first (e.g. `curl -O URL`)"))
+        elif path.is_dir():
             files += list_images(path)
         elif path.is_file():
             files.append(str(path))

@@ -216,10 +216,11 @@ def test_probe_predict_export_end_to_end(photos, backbone, tmp_path):
     assert len(results) == 20 and all(r["labels"][0] in ("ants", "bees") for r in results)
     assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 for r in results)
     assert "skipped" in proc.stderr and "bad.jpg" in proc.stderr
-    # a device (read forever) and a missing path: each skipped with what it is, the rest predicted
+    # a device (read forever), a missing path and a URL: each skipped with what it is, the rest predicted
     proc = run_cli("predict", "--run", tmp_path / "run", "/dev/zero", tmp_path / "gone.jpg", photos / "val" / "ants",
-                   check=True)
+                   "https://example.com/cat.jpg", check=True)
     assert "/dev/zero: not a regular file" in proc.stderr and "gone.jpg: no such file" in proc.stderr
+    assert "https://example.com/cat.jpg: a URL: only local files are read; download it first" in proc.stderr
     table = run_cli("predict", "--run", tmp_path / "run", "--format", "csv", photos / "val" / "ants", check=True)
     assert table.stdout.splitlines()[0] == "path,label_1,probability_1,label_2,probability_2"
     # weights the head was not trained on are refused unless explicitly allowed

@@ -180,6 +180,9 @@ def test_knn_cli(synthetic, tmp_path):
     assert metrics["k"] in (5, 10, 600) and set(metrics["top1_per_k"]["val"]) == {"5", "10", "600"}
     assert set(metrics["top1_per_k"]["test"]) == {"5", "10", "600"} and "chosen k" in proc.stdout
     assert_clean_error(run_cli("knn", "--cache", tmp_path / "nope", "--out", tmp_path / "k2"), "does not exist")
+    for command in (["predict", "--run", tmp_path / "k", "photo.jpg"], ["export", "--run", tmp_path / "k", "--out",
+                                                                        tmp_path / "k.pt"]):
+        assert_clean_error(run_cli(*command), "is a k-NN run", "predict with a probe, sweep or logreg run")
 
 
 def test_knn_run_searches_each_split_once_and_reports_what_the_estimator_scores(synthetic, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ original script's nn.Sequential keys (`0.weight`[, `3.weight`]) and its `num_cla
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,9 @@ def load_head_file(path: str | Path) -> HeadFile:
     if path.is_dir():
         path = path / "head.pt"
     if not path.is_file():
+        if _command_of(path.parent) == "knn":
+            raise DinoprobeError(f"'{path.parent}' is a k-NN run, which has no head file: k-NN predicts from the "
+                                 "cached training features themselves; predict with a probe, sweep or logreg run")
         raise DinoprobeError(f"head file '{path}' does not exist; train one with `dinoprobe probe --out RUN_DIR`")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -131,3 +135,12 @@ def load_head_file(path: str | Path) -> HeadFile:
                              "again or use another --run") from None
     return HeadFile(head.eval(), spec, normalizer, names, feature, fingerprint, raw.get("weights_location", ""), raw,
                     path, thresholds)
+
+
+def _command_of(run_dir: Path) -> str | None:
+    """The command recorded in a run directory's run.json, for messages; None when there is none."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info.get("command") if isinstance(info, dict) else None
