@@ -50,6 +50,17 @@ def test_classes_must_agree_across_splits(tmp_path):
         open_source(str(root))
 
 
+def test_a_train_class_folder_without_images_is_named_with_the_fix(tmp_path):
+    root = make_folder(tmp_path / "d", classes=("cat", "dog", "emu", "owl"), per_class=2, splits=("train",))
+    for name in ("emu", "owl"):
+        for image in (root / "train" / name).iterdir():
+            image.unlink()
+    (root / "train" / "owl" / "notes.txt").write_text("not an image")
+    with pytest.raises(DinoprobeError, match=r"train/ classes with no images: \['emu', 'owl'\]; add images to them "
+                                             r"or remove those folders"):
+        open_source(str(root))
+
+
 @pytest.mark.parametrize("name", ["val", "valid", "validation", "Validation"])
 def test_every_validation_folder_name_is_used_and_unknown_folders_are_refused(tmp_path, name):
     root = make_folder(tmp_path / "d", per_class=3, splits=("train", name))

@@ -60,9 +60,12 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> DataSource:
                                                          else "") if p))
         splits[split] = [(os.path.abspath(p), label)
                          for label, name in enumerate(classes) for p in list_images(split_dir / name)]
-        empty = [name for label, name in enumerate(classes) if not any(lb == label for _, lb in splits[split])]
-        if split == "train" and empty:
-            raise DinoprobeError(f"train/ classes with no images: {empty}")
+        if split == "train":
+            present = {label for _, label in splits[split]}
+            empty = [name for label, name in enumerate(classes) if label not in present]
+            if empty:
+                raise DinoprobeError(f"train/ classes with no images: {empty}; add images to them or remove those "
+                                     "folders")
     return with_val("folder", str(root.resolve()), classes, splits, val_fraction, seed)
 
 
