@@ -30,12 +30,13 @@ SCALES = {
                   original_size=64, original_images=4, original_epochs=(5, 100), original_workers=0,
                   head_rows=50_000, head_epochs=100, reference_epochs=10, mlp_epochs=5, large_batch=True,
                   sweep_configs=32, sweep_rows=5_000, sweep_epochs=10, logreg_rows=1_500,
-                  transformers_images=8),
+                  metrics_rows=20_000, metrics_classes=2_000, transformers_images=8),
     "full": dict(image_size=224, batch_size=8, batch_sizes=(1, 8, 16, 32, 64), repeats=5, pipeline_images=256,
                  array_images=256, worker_processes=True, process_images=256,
                  original_size=224, original_images=70, original_epochs=(5, 100), original_workers=2,
                  head_rows=50_000, head_epochs=100, reference_epochs=100, mlp_epochs=100, large_batch=True,
-                 sweep_configs=32, sweep_rows=50_000, sweep_epochs=100, logreg_rows=50_000, transformers_images=32),
+                 sweep_configs=32, sweep_rows=50_000, sweep_epochs=100, logreg_rows=50_000, transformers_images=32,
+                 metrics_rows=50_000, metrics_classes=5_000),
     # smoke: every section at toy sizes in well under a minute; checks that the benchmark runs (tests use it),
     # its figures mean nothing
     "smoke": dict(image_size=32, batch_size=4, batch_sizes=(4,), repeats=1, pipeline_images=8, array_images=8,
@@ -43,7 +44,7 @@ SCALES = {
                   original_size=32, original_images=4, original_epochs=(1, 2), original_workers=0,
                   head_rows=1_000, head_epochs=2, reference_epochs=1, mlp_epochs=1, large_batch=True,
                   sweep_configs=4, sweep_rows=500, sweep_epochs=2, logreg_rows=300, transformers_images=2,
-                  target_rows=300, preset_epoch_length=2),
+                  target_rows=300, preset_epoch_length=2, metrics_rows=200, metrics_classes=50),
 }
 # On CUDA the CPU sizes would measure launch overhead: issue 4's GPU goal is at 256 px with large batches, and
 # enough images that a pipeline run lasts seconds (first run on an H200: bench/results-h200.json).
@@ -297,9 +298,39 @@ def heads_section(cfg: dict, device) -> dict:
     sklearn_s = time.perf_counter() - start
     out.update({"logreg_rows": cfg["logreg_rows"], "logreg_cs": len(DEFAULT_C_GRID), "logreg_torch_s": torch_s,
                 "logreg_sklearn_s": sklearn_s, "logreg_speedup": sklearn_s / torch_s})
+    out.update(metrics_section(cfg["metrics_rows"], cfg["metrics_classes"]))
     if cfg.get("target_rows"):  # the GPU issue's head-training targets, at their sizes
         out.update(target_section(cfg, device))
     return out
+
+
+def metrics_section(rows: int, classes: int) -> dict:
+    """A run's metrics at many classes (iNaturalist-like): dinoprobe's classification_metrics against the
+    scikit-learn calls it replaced (confusion_matrix, balanced_accuracy_score, top_k_accuracy_score), same scores;
+    the numbers must agree."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
+
+    from dinoprobe.runs.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, classes, rows)
+    scores = rng.random((rows, classes))
+    scores[np.arange(rows), y] += rng.random(rows) * 0.01  # some rows right, most wrong
+    names = [f"class_{i}" for i in range(classes)]
+    start = time.perf_counter()
+    ours = classification_metrics(scores, y, names)
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    pred, labels = scores.argmax(1), np.arange(classes)
+    confusion_matrix(y, pred, labels=labels)
+    reference = {"balanced_accuracy": balanced_accuracy_score(y, pred),
+                 "top5": top_k_accuracy_score(y, scores, k=5, labels=labels)}
+    sklearn_s = time.perf_counter() - start
+    for key, value in reference.items():
+        if abs(ours[key] - value) > 1e-12:
+            raise AssertionError(f"classification_metrics {key} {ours[key]} != scikit-learn's {value}")
+    return {"metrics_rows": rows, "metrics_classes": classes, "metrics_s": ours_s, "metrics_sklearn_s": sklearn_s,
+            "metrics_speedup": sklearn_s / ours_s}
 
 
 def target_section(cfg: dict, device) -> dict:
@@ -639,6 +670,11 @@ def markdown(r: dict) -> str:
     lines.append(f"| logreg, {h['logreg_cs']} C values, batched torch L-BFGS ({h['logreg_rows']:,} x 384) | "
                  f"{h['logreg_torch_s']:.1f} s | scikit-learn looping over C {h['logreg_sklearn_s']:.1f} s | "
                  f"**{h['logreg_speedup']:.1f}x** |")
+    if "metrics_s" in h:
+        lines.append(f"| a run's metrics (top-1/5, balanced, confusion), {h['metrics_rows']:,} rows x "
+                     f"{h['metrics_classes']:,} classes | {h['metrics_s']:.2f} s | scikit-learn's confusion_matrix, "
+                     f"balanced_accuracy_score, top_k_accuracy_score {h['metrics_sklearn_s']:.2f} s | "
+                     f"**{h['metrics_speedup']:.1f}x** |")
     o = r.get("onnx")
     if o:
         lines.append(f"| `predict --model model.onnx` (ONNX Runtime, CPU, {o['image_size']} px, batch {o['batch_size']}) | "

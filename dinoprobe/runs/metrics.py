@@ -5,35 +5,59 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    top_k_accuracy_score,
-)
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+
+# Up to this many classes metrics.json holds the whole confusion matrix and the run draws confusion.png; beyond
+# (iNaturalist's 10,000 species: 10^8 cells, a 1.4 GB metrics.json), only its nonzero cells, at most one per row.
+CONFUSION_MATRIX_MAX_CLASSES = 1000
+TICK_LABELS_MAX_CLASSES = 100  # class names along confusion.png's axes; beyond, class indices
 
 
 def classification_metrics(logits: torch.Tensor | np.ndarray, labels, class_names: list[str]) -> dict:
-    """top1 / top5 / balanced accuracy / per-class accuracy / confusion matrix, accuracies as fractions."""
+    """top1 / top5 / balanced accuracy / per-class accuracy / confusion matrix, accuracies as fractions.
+
+    Only the scores are rows x classes: the counts come from bincounts over the rows, and top-5 from comparing each
+    row's scores with its true class's score. scikit-learn's balanced_accuracy_score and top_k_accuracy_score give
+    the same numbers (tested) but allocate a classes x classes matrix and sort every row, which at 10,000 classes
+    takes gigabytes and minutes."""
     scores = logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
-    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    all_labels = np.arange(len(class_names))
+    y = (labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)).astype(np.int64)
+    n = len(class_names)
     pred = scores.argmax(1)
-    matrix = confusion_matrix(y, pred, labels=all_labels)
-    support = matrix.sum(1)
+    support = np.bincount(y, minlength=n)
+    correct = np.bincount(y[pred == y], minlength=n)
+    seen = support > 0
     out = {
         "n": int(len(y)),
-        "top1": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(y) else 0.0,
-        "per_class_accuracy": {name: (float(matrix[i, i] / support[i]) if support[i] else None)
+        "top1": float(accuracy_score(y, pred)) if len(y) else 0.0,
+        "balanced_accuracy": float(np.mean(correct[seen] / support[seen])) if len(y) else 0.0,
+        "per_class_accuracy": {name: (float(correct[i] / support[i]) if support[i] else None)
                                for i, name in enumerate(class_names)},
-        "confusion_matrix": matrix.tolist(),
     }
-    if len(class_names) > 5:  # with 5 or fewer classes top-5 is always 1.0
-        out["top5"] = float(top_k_accuracy_score(y, scores, k=5, labels=all_labels))
+    cells, counts = np.unique(y * n + pred, return_counts=True)
+    if n <= CONFUSION_MATRIX_MAX_CLASSES:
+        matrix = np.zeros((n, n), dtype=np.int64)
+        matrix[cells // n, cells % n] = counts
+        out["confusion_matrix"] = matrix.tolist()
+    else:
+        out["confusion_cells"] = np.stack([cells // n, cells % n, counts], 1).tolist()  # [true, predicted, count]
+    if n > 5:  # with 5 or fewer classes top-5 is always 1.0
+        out["top5"] = float(top_k_hits(scores, y, 5).mean()) if len(y) else 0.0
     return out
+
+
+def top_k_hits(scores: np.ndarray, y: np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
+    """Whether each row's true class is among its k best scores, ties ranked as scikit-learn's top_k_accuracy_score
+    ranks them (a stable sort, reversed: of equal scores the higher class index comes first). Rows in chunks, so
+    the temporaries stay small."""
+    hits = np.empty(len(y), dtype=bool)
+    index = np.arange(scores.shape[1])
+    for start in range(0, len(y), chunk):
+        block, truth = scores[start:start + chunk], y[start:start + chunk]
+        true_score = block[np.arange(len(truth)), truth][:, None]
+        rank = (block > true_score).sum(1) + ((block == true_score) & (index > truth[:, None])).sum(1)
+        hits[start:start + chunk] = rank < k
+    return hits
 
 
 def multilabel_metrics(probabilities, targets, class_names: list[str], thresholds) -> dict:
@@ -94,10 +118,11 @@ def plot_confusion(matrix, class_names: list[str], path: Path, title: str = "") 
     normed = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     image = ax.imshow(normed, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
-    ax.set_xticks(range(n), class_names, rotation=90 if n > 6 else 0, fontsize=max(4, 10 - n // 15))
-    ax.set_yticks(range(n), class_names, fontsize=max(4, 10 - n // 15))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    if n <= TICK_LABELS_MAX_CLASSES:
+        ax.set_xticks(range(n), class_names, rotation=90 if n > 6 else 0, fontsize=max(4, 10 - n // 15))
+        ax.set_yticks(range(n), class_names, fontsize=max(4, 10 - n // 15))
+    ax.set_xlabel("predicted" if n <= TICK_LABELS_MAX_CLASSES else "predicted class (index)")
+    ax.set_ylabel("true" if n <= TICK_LABELS_MAX_CLASSES else "true class (index)")
     if n <= 30:
         for i in range(n):
             for j in range(n):

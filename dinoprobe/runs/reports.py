@@ -26,9 +26,12 @@ def full_scores(estimator, X, num_classes: int, probabilities: np.ndarray | None
     """predict_proba's columns (estimator.classes_, cache label ids) placed in a (rows, num_classes) matrix, so
     metrics cover every class of the cache, including any the training split lacked. `probabilities`: predict_proba's
     result on X when the caller already has it."""
+    probabilities = estimator.predict_proba(X) if probabilities is None else probabilities
+    columns = np.asarray(estimator.classes_, dtype=np.int64)
+    if np.array_equal(columns, np.arange(num_classes)):
+        return probabilities  # every class already has its column: no second (rows, classes) matrix
     out = np.zeros((len(X), num_classes))
-    out[:, np.asarray(estimator.classes_, dtype=np.int64)] = (estimator.predict_proba(X) if probabilities is None
-                                                              else probabilities)
+    out[:, columns] = probabilities
     return out
 
 
@@ -78,7 +81,7 @@ def write_run_files(out: Path, metrics: dict, data, config: dict, run_info: dict
         m = metrics[split]
         plot_average_precision(m["per_class_ap"], out / "ap.png", f"{split} average precision per class "
                                f"(mAP {m['map_macro'] or 0:.3f}, n={m['n']})")
-    elif split in metrics:
+    elif split in metrics and "confusion_matrix" in metrics[split]:
         plot_confusion(metrics[split]["confusion_matrix"], data.classes, out / "confusion.png",
                        f"{split} confusion (top-1 {metrics[split]['top1']:.3f})")
     if history:

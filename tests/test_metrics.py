@@ -1,0 +1,50 @@
+"""Single-label metrics against scikit-learn's, at any number of classes."""
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, recall_score, top_k_accuracy_score
+
+from dinoprobe.runs import metrics as metrics_module
+from dinoprobe.runs.metrics import classification_metrics
+
+from conftest import make_synthetic_cache, run_cli
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["distinct", "tied"])
+def test_classification_metrics_are_scikit_learns(tied):
+    rng = np.random.default_rng(0)
+    classes = [f"c{i}" for i in range(12)]
+    y = rng.integers(0, 11, 500)  # class 11 never occurs, but is predicted: balanced accuracy leaves it out
+    scores = rng.random((500, 12)) + np.eye(12)[y] * rng.random((500, 1))
+    if tied:  # k-NN votes: most classes exactly 0, and equal votes
+        scores = np.where(scores > 1.0, np.round(scores, 1), 0.0)
+    m = classification_metrics(scores, y, classes)
+    pred = scores.argmax(1)
+    assert m["top1"] == pytest.approx(np.mean(pred == y))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["top5"] == pytest.approx(top_k_accuracy_score(y, scores, k=5, labels=np.arange(12)))
+    np.testing.assert_array_equal(m["confusion_matrix"], confusion_matrix(y, pred, labels=np.arange(12)))
+    recall = recall_score(y, pred, labels=np.arange(11), average=None, zero_division=0)
+    assert [m["per_class_accuracy"][c] for c in classes[:11]] == pytest.approx(recall)
+    assert m["per_class_accuracy"]["c11"] is None
+
+
+def test_past_the_matrix_limit_only_the_nonzero_cells_are_kept(monkeypatch):
+    monkeypatch.setattr(metrics_module, "CONFUSION_MATRIX_MAX_CLASSES", 8)
+    rng = np.random.default_rng(1)
+    y, scores = rng.integers(0, 12, 300), rng.random((300, 12))
+    m = classification_metrics(scores, y, [f"c{i}" for i in range(12)])
+    dense = confusion_matrix(y, scores.argmax(1), labels=np.arange(12))
+    assert "confusion_matrix" not in m
+    assert m["confusion_cells"] == [[i, j, int(dense[i, j])] for i, j in zip(*np.nonzero(dense))]
+    assert m["top5"] == pytest.approx(top_k_accuracy_score(y, scores, k=5, labels=np.arange(12)))
+
+
+def test_a_run_with_many_classes_writes_cells_and_no_confusion_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics_module, "CONFUSION_MATRIX_MAX_CLASSES", 5)
+    cache = make_synthetic_cache(tmp_path / "cache", n=(120, 60, 60), dim=8, num_classes=6)
+    run_cli("probe", "--cache", cache, "--out", tmp_path / "run", "--epochs", 2, "--head", "linear", check=True)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert sum(count for _, _, count in metrics["test"]["confusion_cells"]) == metrics["test"]["n"] == 60
+    assert not (tmp_path / "run" / "confusion.png").exists() and (tmp_path / "run" / "curves.png").exists()
