@@ -194,14 +194,14 @@ def test_knn_run_searches_each_split_once_and_reports_what_the_estimator_scores(
     from dinoprobe.runs.reports import evaluate
 
     searches = []
-    real = knn_module.knn_scores
-    monkeypatch.setattr(knn_module, "knn_scores", lambda bank_x, *a, **kw: searches.append(len(a[1])) or real(
+    real = knn_module.knn_scores_per_k  # every search goes through it (knn_scores included)
+    monkeypatch.setattr(knn_module, "knn_scores_per_k", lambda bank_x, *a, **kw: searches.append(len(a[1])) or real(
         bank_x, *a, **kw))
     estimator = knn_module.KNN(ks=(5, 10, 1000))
     metrics = run_knn(synthetic, tmp_path / "k", estimator)
     data = load_cache(synthetic, "cls", "cpu")
     assert searches == [len(data.y["val"]), len(data.y["val"]), len(data.y["test"])]  # fit, val metrics, test
-    monkeypatch.setattr(knn_module, "knn_scores", real)
+    monkeypatch.setattr(knn_module, "knn_scores_per_k", real)
     assert metrics["test"] == evaluate(estimator, data, splits=("test",))["test"]
     assert metrics["top1_per_k"]["test"] == pytest.approx(estimator.score_per_k(data.x["test"], data.y["test"]))
 
@@ -347,3 +347,25 @@ def test_class_weight_from_the_command_line(synthetic, tmp_path):
     plain = run_cli("probe", "--cache", synthetic, "--out", tmp_path / "p", "--epochs", 2, "--head", "linear",
                     check=True)
     assert plain.returncode == 0 and json.loads((tmp_path / "p" / "metrics.json").read_text()) != weighted
+
+
+def test_knn_holds_one_ks_probabilities_at_a_time(synthetic, tmp_path, monkeypatch):
+    """At 10,000 classes and 100,000 queries one k's probabilities are 8 GB: run_knn scores each k and lets it go
+    before the next is computed, from one neighbour search."""
+    import weakref
+
+    from dinoprobe.estimators import knn as knn_module
+    from dinoprobe.runs.experiments import run_knn
+
+    alive, most = [], []
+    real = knn_module.KNN._probabilities
+
+    def tracked(self, votes):
+        most.append(sum(ref() is not None for ref in alive))  # earlier ks' arrays still held when this one starts
+        result = real(self, votes)
+        alive.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(knn_module.KNN, "_probabilities", tracked)
+    run_knn(synthetic, tmp_path / "k", knn_module.KNN(ks=(1, 2, 5, 10, 20)))
+    assert len(most) == 6 and max(most) <= 1, most  # val metrics at the chosen k, then test's five ks

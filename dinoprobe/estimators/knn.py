@@ -16,7 +16,16 @@ def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperatu
                max_block: int = 1 << 25) -> dict[int, torch.Tensor]:
     """Weighted k-NN on L2-normalised features (DINO): class scores sum exp(cos / T) over the k nearest.
     Multi-label train_y (N, classes) 0/1: each class's score is the share of the k neighbours' weight whose rows
-    carry it (per-class weighted votes, in [0, 1]).
+    carry it (per-class weighted votes, in [0, 1]). Every k in one dict; `knn_scores_per_k` yields them one at a
+    time."""
+    return dict(knn_scores_per_k(train_x, train_y, query_x, num_classes, ks, temperature, max_block))
+
+
+def knn_scores_per_k(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
+                     max_block: int = 1 << 25):
+    """(k, scores (queries, classes)) for each k, smallest first, from one neighbour search. Only the nearest
+    max(ks) of each query are held between ks (queries x max(ks) numbers), and one k's scores at a time: at 10,000
+    classes and 100,000 queries each k's scores are 4 GB.
 
     The similarity matrix is computed in row blocks of at most `max_block` entries, never whole.
     """
@@ -25,20 +34,24 @@ def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperatu
     ks = sorted({min(k, len(train)) for k in ks})
     top = ks[-1]
     rows = max(1, max_block // max(1, len(train)))
-    out = {k: torch.zeros(len(query), num_classes) for k in ks}
+    sims = torch.empty(len(query), top, device=query.device)
+    nearest = torch.empty(len(query), top, dtype=torch.long, device=query.device)
     for start in range(0, len(query), rows):
-        sims, idx = (query[start:start + rows] @ train.t()).topk(top, dim=1)
-        labels, weights = train_y[idx], (sims / temperature).exp()
-        for k in ks:
-            if labels.dim() == 3:  # multi-label rows (block, top, classes): shares in float64, stored in float32,
+        sims[start:start + rows], nearest[start:start + rows] = (query[start:start + rows] @ train.t()).topk(top, dim=1)
+    weights = (sims / temperature).exp()
+    for k in ks:
+        out = torch.zeros(len(query), num_classes)
+        for start in range(0, len(query), rows):
+            labels, w = train_y[nearest[start:start + rows, :k]], weights[start:start + rows, :k]
+            if labels.dim() == 3:  # multi-label rows (block, k, classes): shares in float64, stored in float32,
                 # so that equal shares (unanimous neighbours: exactly 1) are equal and tie in the average precision
-                w = weights[:, :k].double()
-                votes = (torch.einsum("qk,qkc->qc", w, labels[:, :k].double()) / w.sum(1, keepdim=True)).float()
+                w = w.double()
+                votes = (torch.einsum("qk,qkc->qc", w, labels.double()) / w.sum(1, keepdim=True)).float()
             else:
-                votes = torch.zeros(len(idx), num_classes, device=weights.device)
-                votes.scatter_add_(1, labels[:, :k], weights[:, :k])
-            out[k][start:start + rows] = votes.cpu()
-    return out
+                votes = torch.zeros(len(labels), num_classes, device=w.device)
+                votes.scatter_add_(1, labels, w)
+            out[start:start + rows] = votes.cpu()
+        yield k, out
 
 
 class KNN(_Classifier):
@@ -68,17 +81,17 @@ class KNN(_Classifier):
             raise DinoprobeError(f"temperature must be > 0, got {self.temperature}")
         self.device_ = resolve_device(self.device)
         self.bank_x_, self.bank_y_ = x_tr.to(self.device_), y_tr.to(self.device_)
-        scores = knn_scores(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
-                            self.temperature)
-        self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores.items()}
+        scores = knn_scores_per_k(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
+                                  self.temperature)
+        self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores}
         self.best_k_ = max(self.val_score_per_k_, key=lambda k: (self.val_score_per_k_[k], -k))
         self.best_score_ = self.val_score_per_k_[self.best_k_]
         return self
 
-    def _scores(self, X, ks=None):
-        scores = knn_scores(self.bank_x_, self.bank_y_, X.to(self.device_), len(self.classes_),
-                            ks or [self.best_k_], self.temperature)
-        return scores if ks else scores[min(self.best_k_, len(self.bank_y_))]
+    def _scores(self, X):
+        scores = knn_scores(self.bank_x_, self.bank_y_, X.to(self.device_), len(self.classes_), [self.best_k_],
+                            self.temperature)
+        return scores[min(self.best_k_, len(self.bank_y_))]
 
     def _score(self, votes: torch.Tensor, y) -> float:
         """Accuracy of votes (N, classes) against encoded labels, or macro mAP against multi-label rows."""
@@ -87,15 +100,23 @@ class KNN(_Classifier):
             return float(mean_average_precision(votes, y.float()).nan_to_num(0.0))
         return (votes.argmax(1) == y).sum().item() / len(y)
 
+    def iter_proba_per_k(self, X):
+        """(k, predict_proba with that k) for every k in ks (capped at the number of training rows), smallest first,
+        from one neighbour search; one k's probabilities in memory at a time."""
+        scores = knn_scores_per_k(self.bank_x_, self.bank_y_, self._features(X).to(self.device_), len(self.classes_),
+                                  sorted(self.ks), self.temperature)
+        for k, votes in scores:
+            yield k, self._probabilities(votes)
+
     def predict_proba_per_k(self, X) -> dict[int, np.ndarray]:
         """predict_proba for every k in ks (capped at the number of training rows), from one neighbour search."""
-        return {k: self._probabilities(v) for k, v in self._scores(self._features(X), sorted(self.ks)).items()}
+        return dict(self.iter_proba_per_k(X))
 
     def score_per_k(self, X, y) -> dict[int, float]:
         """Accuracy (multi-label: macro mAP) on (X, y) for every k in ks (capped at the number of training rows)."""
         y = as_labels(y, len(X))
         y = y.astype(np.float32) if self.multilabel_ else self._encode(y)
-        return {k: self._score(torch.from_numpy(p), y) for k, p in self.predict_proba_per_k(X).items()}
+        return {k: self._score(torch.from_numpy(p), y) for k, p in self.iter_proba_per_k(X)}
 
     def _probabilities(self, votes: torch.Tensor) -> np.ndarray:
         votes = votes.double()

@@ -155,7 +155,7 @@ def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool =
     per_k, metrics = {"val": knn.val_score_per_k_}, evaluate(knn, data, splits=("val",))
     if data.x.get("test") is not None:  # one neighbour search gives every k's test score and the chosen k's metrics
         by_k = {k: split_metrics(knn, full_scores(knn, data.x["test"], data.num_classes, p), data, "test")
-                for k, p in knn.predict_proba_per_k(data.x["test"]).items()}
+                for k, p in knn.iter_proba_per_k(data.x["test"])}
         metrics["test"] = by_k[knn.best_k_]
         per_k["test"] = {k: m["map_macro" if data.multilabel else "top1"] for k, m in by_k.items()}
     metrics.update({"k": knn.best_k_, "temperature": knn.temperature,
