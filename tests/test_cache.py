@@ -115,6 +115,26 @@ def test_verify_catches_truncated_edited_missing_and_extra_shards(backbone, tmp_
     assert proc.stderr.count("problem:") == 4
 
 
+def test_shards_finished_after_the_last_manifest_write_are_named_as_adoptable(backbone, tmp_path):
+    """A run killed between manifest writes leaves finished shards that only their sidecars record: verify says the
+    rerun adopts them (not "remove it"), and the rerun does, computing nothing again."""
+    root = make_folder(tmp_path / "d", per_class=6)
+    _extract(backbone, root, tmp_path / "c")
+    manifest = cache.read_manifest(tmp_path / "c")
+    manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][:1]  # the manifest lagged
+    manifest["splits"]["train"]["complete"] = False
+    cache.write_json(tmp_path / "c" / "manifest.json", manifest)
+    (tmp_path / "c" / "train" / "shard-00002.json").write_text("{}")  # a sidecar that does not match: a stray
+    problems = cache.verify(tmp_path / "c")
+    assert "train/shard-00001.h5: finished, but not yet in the manifest (the run that wrote it stopped first); " \
+           "rerunning the same `dinoprobe features` command adopts it" in problems
+    assert "train/shard-00002.h5: shard not in the manifest (left by another run?); remove it or rebuild with " \
+           "--overwrite" in problems
+    (tmp_path / "c" / "train" / "shard-00002.h5").unlink()
+    summary = _extract(backbone, root, tmp_path / "c")
+    assert summary.computed == 2 and cache.verify(tmp_path / "c") == []  # shard 1 adopted; shard 2 (2 rows) redone
+
+
 def test_manifest_edited_to_another_row_count_is_caught(backbone, tmp_path):
     root = make_folder(tmp_path / "d", per_class=3)
     _extract(backbone, root, tmp_path / "c")

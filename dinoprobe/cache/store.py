@@ -154,20 +154,27 @@ def adopt_finished_shards(cache_dir: Path, manifest: dict) -> int:
     for split, info in manifest["splits"].items():
         known = {s["file"] for s in info["shards"]}
         for sidecar in sorted((Path(cache_dir) / split).glob("shard-*.json")):
-            entry_file = f"{split}/{sidecar.with_suffix('.h5').name}"
-            shard = Path(cache_dir) / entry_file
-            if entry_file in known or not shard.is_file():
+            if f"{split}/{sidecar.with_suffix('.h5').name}" in known:
                 continue
-            try:
-                entry = json.loads(sidecar.read_text())
-            except (OSError, ValueError):
-                continue
-            if entry.get("file") == entry_file and shard.stat().st_size == entry.get("bytes") \
-                    and sha256_file(shard) == entry.get("sha256"):
+            entry = finished_entry(Path(cache_dir), sidecar.with_suffix(".h5"))
+            if entry is not None:
                 info["shards"].append(entry)
                 adopted += 1
         info["shards"].sort(key=lambda s: s["start"])
     return adopted
+
+
+def finished_entry(cache_dir: Path, shard: Path, check_hash: bool = True) -> dict | None:
+    """The sidecar entry of a finished shard (its file, size and sha256 as the entry records them), else None."""
+    entry_file = f"{shard.parent.name}/{shard.name}"
+    try:
+        entry = json.loads(shard.with_suffix(".json").read_text())
+        size = shard.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or entry.get("file") != entry_file or size != entry.get("bytes"):
+        return None
+    return entry if not check_hash or sha256_file(shard) == entry.get("sha256") else None
 
 
 def read_shard(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -285,7 +292,12 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
             elif len(index) and (index.min() < shard["start"] or index.max() >= shard["stop"]):
                 problems.append(f"{shard['file']}: indices outside [{shard['start']}, {shard['stop']}); {fix}")
     for path in sorted(cache_dir.glob("*/shard-*.h5")):
-        if path.resolve() not in known:
+        if path.resolve() in known:
+            continue
+        if finished_entry(cache_dir, path, check_hashes) is not None:  # the manifest catches up every few seconds
+            problems.append(f"{path.relative_to(cache_dir)}: finished, but not yet in the manifest (the run that "
+                            "wrote it stopped first); rerunning the same `dinoprobe features` command adopts it")
+        else:
             problems.append(f"{path.relative_to(cache_dir)}: shard not in the manifest (left by another run?); "
                             "remove it or rebuild with --overwrite")
     return problems
