@@ -197,7 +197,12 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 def _echo_err(message: str) -> None:
-    click.echo(message, err=True)
+    """A note on stderr. One that cannot be written (stderr closed, or `2> log` on a full disk) does not stop the
+    command: its results go elsewhere."""
+    try:
+        click.echo(message, err=True)
+    except (OSError, ValueError):
+        pass
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -416,7 +421,7 @@ def cache_skipped(cache_dir, fmt):
     else:
         for r in rows:
             click.echo(f"{r['split']}\t{r['path']}\t{r['reason']}")
-        click.echo(f"{len(rows)} skipped input(s) in {cache_dir}", err=True)
+        _echo_err(f"{len(rows)} skipped input(s) in {cache_dir}")
 
 
 # ------------------------------------------------------------------------------------------------------ probe

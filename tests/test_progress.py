@@ -70,3 +70,40 @@ def test_features_log_holds_one_line_per_split_state(tmp_path):
     assert "\r" not in proc.stderr
     assert re.search(r"^features train: 100% 6/6 \[.*img/s\]$", proc.stderr, re.M), proc.stderr
     assert re.search(r"^features val: 100% 6/6 \[.*img/s\]$", proc.stderr, re.M), proc.stderr
+
+
+class Full(io.StringIO):
+    """`2> log` on a full disk."""
+
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+
+def test_progress_never_stops_the_work_it_reports_on():
+    for stream in (Full(), Terminal()):
+        if isinstance(stream, Terminal):
+            stream.write = Full().write  # a terminal that went away
+        bar = progress_bar(3, "work", "item", stream=stream)
+        bar.update(3)
+        bar.close()
+
+
+def test_commands_run_to_the_end_with_stderr_closed_or_on_a_full_disk(tmp_path):
+    """The results (run directory, cache, stdout) do not depend on stderr, which only carries notes and progress."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cache = make_synthetic_cache(tmp_path / "cache", n=(60, 30, 30), dim=8, num_classes=3)
+    root = make_folder(tmp_path / "data", per_class=3)
+    for where, redirect in (("full", "2>/dev/full"), ("closed", "2>&-")):
+        probe = f"{sys.executable} -m dinoprobe probe --cache {cache} --out {tmp_path / where} --epochs 3"
+        features = " ".join(map(str, features_cmd(root, tmp_path / f"cache-{where}")))
+        stdout = []
+        for command in (probe, features):
+            proc = subprocess.run(f"{command} {redirect}", shell=True, cwd=REPO, stdout=subprocess.PIPE, text=True)
+            assert proc.returncode == 0, (command, redirect, proc.stdout)
+            stdout.append(proc.stdout)
+        assert "run saved to" in stdout[0] and (tmp_path / where / "head.pt").is_file()
+        assert "12 computed" in stdout[1] and (tmp_path / f"cache-{where}" / "manifest.json").is_file()
