@@ -220,6 +220,24 @@ def test_shared_memory_bounds_the_batches_loader_workers_keep(monkeypatch):
     assert device.loader_prefetch(8, 1024 * mb) == (4, None)
 
 
+@pytest.mark.parametrize("broken", [EOFError(), ConnectionResetError(104, "Connection reset by peer"),
+                                    ConnectionRefusedError(111, "Connection refused")], ids=type)
+def test_a_worker_killed_while_handing_over_a_batch_is_the_same_clear_error(small_folder, backbone, broken):
+    """Killed mid-handover, a worker can break the pipe or the socket its batch's shared memory comes through before
+    torch notices it is gone: that EOFError or ConnectionError is the same one-line error, not click's "Aborted!" nor
+    the disk-space advice of an OSError. Without workers nothing is handed over: such an error is not ours."""
+    from dinoprobe.extract.datasets import DecodingLoader
+
+    dataset = open_source(str(small_folder)).dataset("train", backbone.data_config)
+    with pytest.raises(DinoprobeError, match=rf"a decoding worker process died \({type(broken).__name__} from a "
+                                             r"worker's connection.*--workers"):
+        with DecodingLoader(dataset, 2, 2, dataset.input_bytes).explaining_failures():
+            raise broken
+    with pytest.raises(type(broken)):
+        with DecodingLoader(dataset, 2, 0, dataset.input_bytes).explaining_failures():
+            raise broken
+
+
 @pytest.mark.parametrize("kind", ["files", "files+views", "arrays", "arrays+views"])
 def test_the_shared_memory_budget_counts_what_a_batch_really_holds(small_folder, backbone, kind):
     """DecodingLoader's budget uses each dataset's input_bytes: held to the bytes of a real collated batch (pixels

@@ -110,6 +110,12 @@ class DecodingLoader:
             if "DataLoader worker" not in str(err):
                 raise
             reason = str(err)[:120].strip()
+        except (EOFError, ConnectionError) as err:
+            # a worker killed while it hands a batch over: the pipe or the socket its tensors' shared memory is
+            # passed through breaks before torch has noticed the worker is gone (seen once, in a full test run)
+            if not self.workers:
+                raise
+            reason = f"{type(err).__name__} from a worker's connection{': ' + str(err)[:80] if str(err) else ''}"
         else:
             return
         free = shared_memory_free()
