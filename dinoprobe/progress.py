@@ -1,8 +1,8 @@
 """Progress bars for every long loop: tqdm's bar on a terminal, plain timed lines in a log file.
 
 tqdm redraws its bar in place with carriage returns. Written to a file (a SLURM or nohup log, CI, `2> log`),
-every redraw is appended to one ever-growing line, ten a second, which neither `tail -f` nor `grep` can read. So
-when stderr is not a terminal, each redraw becomes its own line, at most one every LOG_INTERVAL_S seconds (and
+every redraw is appended to one ever-growing line, up to ten a second, which grep and log viewers show as one
+endless line. So when stderr is not a terminal, each redraw becomes its own line, at most one every LOG_INTERVAL_S seconds (and
 the last one when the loop ends).
 """
 from __future__ import annotations
