@@ -48,3 +48,20 @@ def test_a_run_with_many_classes_writes_cells_and_no_confusion_plot(tmp_path, mo
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert sum(count for _, _, count in metrics["test"]["confusion_cells"]) == metrics["test"]["n"] == 60
     assert not (tmp_path / "run" / "confusion.png").exists() and (tmp_path / "run" / "curves.png").exists()
+
+
+def test_single_label_splits_are_scored_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    """A run's metrics never hold a split's (rows x classes) probabilities whole (8 GB at iNaturalist 2021's size),
+    and the blocks give exactly the numbers of the whole."""
+    from dinoprobe import Probe
+    from dinoprobe.cache.arrays import load_cache
+    from dinoprobe.runs import reports
+
+    data = load_cache(make_synthetic_cache(tmp_path / "c", n=(120, 50, 50), dim=8, num_classes=7), "cls", "cpu")
+    probe = Probe(head="linear", epochs=3).fit(data.X_train, data.y_train)
+    whole = {s: classification_metrics(probe.predict_proba(data.x[s]), data.y[s], data.classes) for s in ("val", "test")}
+    rows, real = [], probe.predict_proba
+    probe.predict_proba = lambda X: rows.append(len(X)) or real(X)
+    monkeypatch.setattr(reports, "ROWS_PER_BLOCK", 16)
+    assert reports.evaluate(probe, data) == whole
+    assert max(rows) == 16 and sum(rows) == 100

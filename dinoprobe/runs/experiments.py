@@ -126,9 +126,7 @@ def run_logreg(cache_dir, out, logreg: LogReg, *, feature: str = "cls", overwrit
     seconds = time.perf_counter() - start
 
     def selection_scores(fitted, d):
-        scores = np.zeros((len(d.x["val"]), d.num_classes))
-        scores[:, fitted.classes_] = fitted.selection_predict_proba(d.x["val"])
-        return scores
+        return full_scores(fitted, d.x["val"], d.num_classes, fitted.selection_predict_proba(d.x["val"]))
 
     metrics = evaluate(logreg, data, ("test",))
     if data.x.get("val") is not None:

@@ -22,8 +22,15 @@ def classification_metrics(logits: torch.Tensor | np.ndarray, labels, class_name
     takes gigabytes and minutes."""
     scores = logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
     y = (labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)).astype(np.int64)
+    return ranked_metrics(scores.argmax(1), top_k_hits(scores, y, 5) if len(class_names) > 5 else None, y,
+                          class_names)
+
+
+def ranked_metrics(pred: np.ndarray, top5: np.ndarray | None, y: np.ndarray, class_names: list[str]) -> dict:
+    """classification_metrics from what it keeps of each row: its prediction and whether its class is among its 5
+    best scores (None with 5 or fewer classes), so scores can be ranked a block of rows at a time."""
+    y = np.asarray(y, dtype=np.int64)
     n = len(class_names)
-    pred = scores.argmax(1)
     support = np.bincount(y, minlength=n)
     correct = np.bincount(y[pred == y], minlength=n)
     seen = support > 0
@@ -41,8 +48,8 @@ def classification_metrics(logits: torch.Tensor | np.ndarray, labels, class_name
         out["confusion_matrix"] = matrix.tolist()
     else:
         out["confusion_cells"] = np.stack([cells // n, cells % n, counts], 1).tolist()  # [true, predicted, count]
-    if n > 5:  # with 5 or fewer classes top-5 is always 1.0
-        out["top5"] = float(top_k_hits(scores, y, 5).mean()) if len(y) else 0.0
+    if top5 is not None:  # with 5 or fewer classes top-5 is always 1.0
+        out["top5"] = float(np.mean(top5)) if len(y) else 0.0
     return out
 
 
