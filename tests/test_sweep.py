@@ -369,3 +369,17 @@ def test_knn_holds_one_ks_probabilities_at_a_time(synthetic, tmp_path, monkeypat
     monkeypatch.setattr(knn_module.KNN, "_probabilities", tracked)
     run_knn(synthetic, tmp_path / "k", knn_module.KNN(ks=(1, 2, 5, 10, 20)))
     assert len(most) == 6 and max(most) <= 1, most  # val metrics at the chosen k, then test's five ks
+
+
+def test_knn_scores_test_a_block_of_rows_at_a_time_with_the_numbers_of_the_whole(synthetic, tmp_path, monkeypatch):
+    from dinoprobe.estimators import knn as knn_module
+    from dinoprobe.runs import reports
+    from dinoprobe.runs.experiments import run_knn
+
+    whole = run_knn(synthetic, tmp_path / "whole", knn_module.KNN(ks=(1, 5, 20)))
+    rows, real = [], knn_module.KNN.iter_proba_per_k
+    monkeypatch.setattr(knn_module.KNN, "iter_proba_per_k", lambda self, X: rows.append(len(X)) or real(self, X))
+    monkeypatch.setattr(reports, "ROWS_PER_BLOCK", 64)
+    blocks = run_knn(synthetic, tmp_path / "blocks", knn_module.KNN(ks=(1, 5, 20)))
+    assert blocks == whole
+    assert rows and max(rows) == 64 and sum(rows) == 200  # the test split, 64 rows at a time

@@ -26,8 +26,8 @@ from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
 from dinoprobe.runs.metrics import classification_metrics
 from dinoprobe.runs.sweep_table import RESULT_FIELDS, plot_sweep, ranked, write_results
-from dinoprobe.runs.reports import (evaluate, few_shot_metrics, full_scores, split_metrics, write_probe_run,
-                                    write_run_files)
+from dinoprobe.runs.reports import (evaluate, few_shot_metrics, full_scores, ranked_blocks, split_metrics,
+                                    write_probe_run, write_run_files)
 from dinoprobe.runs.rundir import check_run_dir, run_directory
 
 __all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
@@ -152,8 +152,12 @@ def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool =
     knn.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     per_k, metrics = {"val": knn.val_score_per_k_}, evaluate(knn, data, splits=("val",))
     if data.x.get("test") is not None:  # one neighbour search gives every k's test score and the chosen k's metrics
-        by_k = {k: split_metrics(knn, full_scores(knn, data.x["test"], data.num_classes, p), data, "test")
-                for k, p in knn.iter_proba_per_k(data.x["test"])}
+        if data.multilabel:  # average precision ranks every row: whole probabilities, one k at a time
+            by_k = {k: split_metrics(knn, full_scores(knn, data.x["test"], data.num_classes, p), data, "test")
+                    for k, p in knn.iter_proba_per_k(data.x["test"])}
+        else:  # a block of rows at a time, every k from the block's one search
+            by_k = ranked_blocks(data, "test", lambda x: ((k, full_scores(knn, x, data.num_classes, p))
+                                                          for k, p in knn.iter_proba_per_k(x)))
         metrics["test"] = by_k[knn.best_k_]
         per_k["test"] = {k: m["map_macro" if data.multilabel else "top1"] for k, m in by_k.items()}
     metrics.update({"k": knn.best_k_, "temperature": knn.temperature,

@@ -41,24 +41,31 @@ def full_scores(estimator, X, num_classes: int, probabilities: np.ndarray | None
 
 
 def evaluate(estimator, data, splits=("val", "test")) -> dict[str, dict]:
-    """Each split's metrics from the estimator's predict_proba: single-label ones a block of rows at a time (a row's
-    prediction and top-5 hit are all they keep of it); multi-label ones whole, as average precision ranks every
-    row of a class."""
+    """Each split's metrics from the estimator's predict_proba: single-label ones a block of rows at a time
+    (`ranked_blocks`); multi-label ones whole, as average precision ranks every row of a class."""
     out = {}
     for split in (s for s in splits if data.x.get(s) is not None):
-        x, y = data.x[split], data.y[split]
         if data.multilabel:
-            out[split] = split_metrics(estimator, full_scores(estimator, x, data.num_classes), data, split)
-            continue
-        y = y.cpu().numpy() if hasattr(y, "cpu") else np.asarray(y)
-        preds, hits = [], []
-        for start in range(0, len(x), ROWS_PER_BLOCK):
-            scores = full_scores(estimator, x[start:start + ROWS_PER_BLOCK], data.num_classes)
-            preds.append(scores.argmax(1))
-            hits.append(top_k_hits(scores, y[start:start + ROWS_PER_BLOCK], 5))
-        pred, hit = (np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in (preds, hits))
-        out[split] = ranked_metrics(pred, hit if data.num_classes > 5 else None, y, data.classes)
+            out[split] = split_metrics(estimator, full_scores(estimator, data.x[split], data.num_classes), data, split)
+        else:
+            out[split] = ranked_blocks(data, split, lambda x: [(None, full_scores(estimator, x, data.num_classes))])[None]
     return out
+
+
+def ranked_blocks(data, split: str, probabilities) -> dict:
+    """Single-label metrics of a split under one or more scorings, ROWS_PER_BLOCK rows at a time: a row's prediction
+    and top-5 hit are all the metrics keep of it. `probabilities(block)` gives (key, (rows, classes) probabilities)
+    pairs for a block of rows — one pair for an estimator, one per k for k-NN — and the result maps each key to
+    its metrics."""
+    x, y = data.x[split], data.y[split]
+    y = y.cpu().numpy() if hasattr(y, "cpu") else np.asarray(y)
+    preds, hits = {}, {}
+    for start in range(0, max(len(x), 1), ROWS_PER_BLOCK):
+        for key, scores in probabilities(x[start:start + ROWS_PER_BLOCK]):
+            preds.setdefault(key, []).append(scores.argmax(1))
+            hits.setdefault(key, []).append(top_k_hits(scores, y[start:start + ROWS_PER_BLOCK], 5))
+    return {key: ranked_metrics(np.concatenate(preds[key]), np.concatenate(hits[key]) if data.num_classes > 5
+                                else None, y, data.classes) for key in preds}
 
 
 def split_metrics(estimator, probabilities, data, split: str) -> dict:
