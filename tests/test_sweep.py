@@ -383,3 +383,22 @@ def test_knn_scores_test_a_block_of_rows_at_a_time_with_the_numbers_of_the_whole
     blocks = run_knn(synthetic, tmp_path / "blocks", knn_module.KNN(ks=(1, 5, 20)))
     assert blocks == whole
     assert rows and max(rows) == 64 and sum(rows) == 200  # the test split, 64 rows at a time
+
+
+def test_knn_chooses_k_on_validation_blocks_with_the_numbers_of_the_whole(synthetic, monkeypatch):
+    from dinoprobe.cache.arrays import load_cache
+    from dinoprobe.estimators import knn as knn_module
+
+    data = load_cache(synthetic, "cls", "cpu")
+    fit = lambda: knn_module.KNN(ks=(1, 5, 20, 50)).fit(data.X_train, data.y_train, X_val=data.x["val"],  # noqa: E731
+                                                        y_val=data.y["val"])
+    whole = fit()
+    expected = {k: float((s.argmax(1) == data.y["val"]).float().mean()) for k, s in knn_module.knn_scores(
+        data.X_train, data.y_train, data.x["val"], 6, (1, 5, 20, 50)).items()}
+    rows, real = [], knn_module.knn_scores_per_k
+    monkeypatch.setattr(knn_module, "knn_scores_per_k", lambda bx, by, q, *a, **kw: rows.append(len(q)) or real(
+        bx, by, q, *a, **kw))
+    monkeypatch.setattr(knn_module.KNN, "VAL_ROWS_PER_BLOCK", 48)
+    blocks = fit()
+    assert blocks.val_score_per_k_ == whole.val_score_per_k_ == pytest.approx(expected)
+    assert blocks.best_k_ == whole.best_k_ and rows == [48, 48, 48, 48, 8]  # 200 validation rows

@@ -63,6 +63,9 @@ class KNN(_Classifier):
     Fitted attributes: best_k_, val_score_per_k_ ({k: accuracy}), classes_, n_features_in_.
     """
 
+    VAL_ROWS_PER_BLOCK = 8192  # validation rows scored at once: at 10,000 classes one k's scores for 100,000
+    # rows would be 4 GB
+
     def __init__(self, ks=KNN_KS, temperature=KNN_TEMPERATURE, val_fraction=0.1, seed=0, shots=None, tries=1,
                  device="auto"):
         self.ks = ks
@@ -81,9 +84,18 @@ class KNN(_Classifier):
             raise DinoprobeError(f"temperature must be > 0, got {self.temperature}")
         self.device_ = resolve_device(self.device)
         self.bank_x_, self.bank_y_ = x_tr.to(self.device_), y_tr.to(self.device_)
-        scores = knn_scores_per_k(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
-                                  self.temperature)
-        self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores}
+        if self.multilabel_:  # macro mAP ranks every validation row of a class: all rows' scores, a k at a time
+            scores = knn_scores_per_k(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
+                                      self.temperature)
+            self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores}
+        else:  # accuracy counts rows: a block of them at a time, every k from the block's one search
+            y_val, correct = torch.as_tensor(y_val), {}
+            for start in range(0, max(len(x_val), 1), self.VAL_ROWS_PER_BLOCK):
+                block = slice(start, start + self.VAL_ROWS_PER_BLOCK)
+                for k, s in knn_scores_per_k(self.bank_x_, self.bank_y_, x_val[block].to(self.device_),
+                                             len(self.classes_), ks, self.temperature):
+                    correct[k] = correct.get(k, 0) + int((s.argmax(1) == y_val[block]).sum())
+            self.val_score_per_k_ = {k: c / len(y_val) for k, c in correct.items()}
         self.best_k_ = max(self.val_score_per_k_, key=lambda k: (self.val_score_per_k_[k], -k))
         self.best_score_ = self.val_score_per_k_[self.best_k_]
         return self
