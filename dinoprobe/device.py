@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -46,8 +47,6 @@ def autocast(device: torch.device, precision: str):
 def usable_cores() -> int:
     """The cores this process may run on: its CPU affinity where the OS has one (taskset, SLURM's --cpus-per-task,
     container cpusets pin a process to fewer cores than the machine has), else every core."""
-    import os
-
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # macOS and Windows have no affinity call
@@ -98,8 +97,6 @@ SHARED_MEMORY = "/dev/shm"  # where DataLoader workers hand their batches to the
 
 def shared_memory_free(path: str = SHARED_MEMORY) -> int | None:
     """Bytes free in the shared-memory filesystem, None where there is none to measure (macOS, Windows)."""
-    import os
-
     try:
         stat = os.statvfs(path)
     except (AttributeError, OSError):

@@ -62,6 +62,40 @@ def test_single_label_splits_are_scored_a_block_of_rows_at_a_time(tmp_path, monk
     whole = {s: classification_metrics(probe.predict_proba(data.x[s]), data.y[s], data.classes) for s in ("val", "test")}
     rows, real = [], probe.predict_proba
     probe.predict_proba = lambda X: rows.append(len(X)) or real(X)
-    monkeypatch.setattr(reports, "ROWS_PER_BLOCK", 16)
+    from dinoprobe import settings
+
+    monkeypatch.setattr(settings, "SCORING_ROWS_PER_BLOCK", 16)
     assert reports.evaluate(probe, data) == whole
     assert max(rows) == 16 and sum(rows) == 100
+
+
+@pytest.mark.parametrize("shots", [None, "10"], ids=["full", "few-shot"])
+def test_logreg_val_metrics_are_the_train_only_models(tmp_path, shots):
+    """The refit model has seen val: run_logreg scores val with the model chosen on train alone at best C (in
+    few-shot too, where refit=True makes the tries refit), and test with the refit one."""
+    from dinoprobe import LogReg
+    from dinoprobe.cache.arrays import load_cache
+    from dinoprobe.runs.experiments import run_logreg
+
+    cache = make_synthetic_cache(tmp_path / "c", n=(150, 150, 100), dim=32, num_classes=7, separation=0.25, seed=3)
+    metrics = run_logreg(cache, tmp_path / "run", LogReg(Cs=[0.1, 100.0], refit=True, shots=shots, tries=2))
+    data = load_cache(cache, "cls", "cpu")
+    if shots is None:
+        fitted = [metrics]
+        train_only = [LogReg(Cs=[metrics["best_c"]], refit=False).fit(data.X_train, data.y_train, X_val=data.x["val"],
+                                                                      y_val=data.y["val"])]
+        refit = [LogReg(Cs=[metrics["best_c"]], refit=True).fit(data.X_train, data.y_train, X_val=data.x["val"],
+                                                                y_val=data.y["val"])]
+    else:
+        fitted = metrics["few_shot"]["per_try"]
+        rows = [np.searchsorted(data.index["train"], t["train_index"]) for t in fitted]
+        train_only, refit = [], []
+        for r in rows:
+            for models, refit_it in ((train_only, False), (refit, True)):
+                models.append(LogReg(Cs=[0.1, 100.0], refit=refit_it).fit(data.X_train[r], data.y_train[r],
+                                                                           X_val=data.x["val"], y_val=data.y["val"]))
+    for got, alone, seen in zip(fitted, train_only, refit):
+        want = classification_metrics(alone.predict_proba(data.x["val"]), data.y["val"], data.classes)
+        other = classification_metrics(seen.predict_proba(data.x["val"]), data.y["val"], data.classes)
+        assert want["top1"] != other["top1"]  # the refit scores val differently: the test can tell them apart
+        assert got["val"]["top1"] == want["top1"] and got["val"]["balanced_accuracy"] == want["balanced_accuracy"]

@@ -373,13 +373,14 @@ def test_knn_holds_one_ks_probabilities_at_a_time(synthetic, tmp_path, monkeypat
 
 def test_knn_scores_test_a_block_of_rows_at_a_time_with_the_numbers_of_the_whole(synthetic, tmp_path, monkeypatch):
     from dinoprobe.estimators import knn as knn_module
-    from dinoprobe.runs import reports
     from dinoprobe.runs.experiments import run_knn
 
     whole = run_knn(synthetic, tmp_path / "whole", knn_module.KNN(ks=(1, 5, 20)))
     rows, real = [], knn_module.KNN.iter_proba_per_k
     monkeypatch.setattr(knn_module.KNN, "iter_proba_per_k", lambda self, X: rows.append(len(X)) or real(self, X))
-    monkeypatch.setattr(reports, "ROWS_PER_BLOCK", 64)
+    from dinoprobe import settings
+
+    monkeypatch.setattr(settings, "SCORING_ROWS_PER_BLOCK", 64)
     blocks = run_knn(synthetic, tmp_path / "blocks", knn_module.KNN(ks=(1, 5, 20)))
     assert blocks == whole
     assert rows and max(rows) == 64 and sum(rows) == 200  # the test split, 64 rows at a time
@@ -398,7 +399,9 @@ def test_knn_chooses_k_on_validation_blocks_with_the_numbers_of_the_whole(synthe
     rows, real = [], knn_module.knn_scores_per_k
     monkeypatch.setattr(knn_module, "knn_scores_per_k", lambda bx, by, q, *a, **kw: rows.append(len(q)) or real(
         bx, by, q, *a, **kw))
-    monkeypatch.setattr(knn_module.KNN, "VAL_ROWS_PER_BLOCK", 48)
+    from dinoprobe import settings
+
+    monkeypatch.setattr(settings, "SCORING_ROWS_PER_BLOCK", 48)
     blocks = fit()
     assert blocks.val_score_per_k_ == whole.val_score_per_k_ == pytest.approx(expected)
     assert blocks.best_k_ == whole.best_k_ and rows == [48, 48, 48, 48, 8]  # 200 validation rows

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from dinoprobe.cache import store as cache
-from dinoprobe.device import memory_available, resolve_device
-from dinoprobe.errors import DinoprobeError
 from dinoprobe.cache.specs import blocks_needed, columns, parse_feature, select, width
 from dinoprobe.cache.stream import StreamedTrainSplit, no_epoch_length
+from dinoprobe.device import memory_available, resolve_device
+from dinoprobe.errors import DinoprobeError
 
 
 def shuffled_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int):
@@ -60,7 +60,7 @@ class AugmentedViews:
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.clean.mean(0), self.clean.std(0)
 
-    def to(self, device) -> "AugmentedViews":
+    def to(self, device) -> AugmentedViews:
         return AugmentedViews(self.views.to(device), self.clean.to(device))
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dinoprobe.errors import DinoprobeError
 from dinoprobe.cache.specs import columns, select, width
+from dinoprobe.errors import DinoprobeError
 
 
 def no_epoch_length(kind: str, epoch_length: int | None) -> None:

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinoprobe import settings
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.base import _Classifier, as_labels
@@ -63,9 +64,6 @@ class KNN(_Classifier):
     Fitted attributes: best_k_, val_score_per_k_ ({k: accuracy}), classes_, n_features_in_.
     """
 
-    VAL_ROWS_PER_BLOCK = 8192  # validation rows scored at once: at 10,000 classes one k's scores for 100,000
-    # rows would be 4 GB
-
     def __init__(self, ks=KNN_KS, temperature=KNN_TEMPERATURE, val_fraction=0.1, seed=0, shots=None, tries=1,
                  device="auto"):
         self.ks = ks
@@ -90,8 +88,9 @@ class KNN(_Classifier):
             self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores}
         else:  # accuracy counts rows: a block of them at a time, every k from the block's one search
             y_val, correct = torch.as_tensor(y_val), {}
-            for start in range(0, max(len(x_val), 1), self.VAL_ROWS_PER_BLOCK):
-                block = slice(start, start + self.VAL_ROWS_PER_BLOCK)
+            rows = settings.SCORING_ROWS_PER_BLOCK
+            for start in range(0, max(len(x_val), 1), rows):
+                block = slice(start, start + rows)
                 for k, s in knn_scores_per_k(self.bank_x_, self.bank_y_, x_val[block].to(self.device_),
                                              len(self.classes_), ks, self.temperature):
                     correct[k] = correct.get(k, 0) + int((s.argmax(1) == y_val[block]).sum())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 from sklearn.base import clone
 
 from dinoprobe import __version__
@@ -24,11 +23,17 @@ from dinoprobe.estimators.knn import KNN
 from dinoprobe.estimators.logreg import LogReg
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
-from dinoprobe.runs.metrics import classification_metrics
-from dinoprobe.runs.sweep_table import RESULT_FIELDS, plot_sweep, ranked, write_results
-from dinoprobe.runs.reports import (evaluate, few_shot_metrics, full_scores, ranked_blocks, split_metrics,
-                                    write_probe_run, write_run_files)
+from dinoprobe.runs.reports import (
+    evaluate,
+    few_shot_metrics,
+    full_scores,
+    ranked_blocks,
+    split_metrics,
+    write_probe_run,
+    write_run_files,
+)
 from dinoprobe.runs.rundir import check_run_dir, run_directory
+from dinoprobe.runs.sweep_table import RESULT_FIELDS, plot_sweep, ranked, write_results
 
 __all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
 
@@ -125,13 +130,9 @@ def run_logreg(cache_dir, out, logreg: LogReg, *, feature: str = "cls", overwrit
     logreg.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     seconds = time.perf_counter() - start
 
-    def selection_scores(fitted, d):
-        return full_scores(fitted, d.x["val"], d.num_classes, fitted.selection_predict_proba(d.x["val"]))
-
-    metrics = evaluate(logreg, data, ("test",))
-    if data.x.get("val") is not None:
-        metrics["val"] = split_metrics(logreg, selection_scores(logreg, data), data, "val")
-    few_shot = few_shot_metrics(logreg, data, selection_scores if data.x.get("val") is not None else None)
+    # val is scored by the train-only model at the chosen C (selection_predict_proba): the refit has seen val
+    metrics = {**evaluate(logreg, data, ("val",), logreg.selection_predict_proba), **evaluate(logreg, data, ("test",))}
+    few_shot = few_shot_metrics(logreg, data, lambda fitted: fitted.selection_predict_proba)
     if few_shot:
         metrics["few_shot"] = few_shot
     metrics.update({"best_c": logreg.best_C_, "c_grid": logreg.Cs_,

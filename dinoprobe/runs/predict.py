@@ -2,26 +2,20 @@
 Also `export`: backbone + head as one self-contained, weights_only-loadable file."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from dinoprobe.extract.backbone import Backbone, build_backbone, create_model, load_strict, token_features
-from dinoprobe.extract.transforms import DataConfig
-from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, load_rgb
-from dinoprobe.imagefiles import expand_inputs
-from dinoprobe.extract.datasets import DecodingLoader, ImageFileDataset
-from dinoprobe.extract.transforms import Preprocess, worker_transform
-from dinoprobe.extract.decode import TorchvisionDecode
-from dinoprobe.errors import DinoprobeError
-from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
-from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
-from dinoprobe.train.headfile import HeadFile
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select, width
+from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.extract.backbone import Backbone, build_backbone
+from dinoprobe.extract.datasets import DecodingLoader, ImageFileDataset
+from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, TorchvisionDecode
+from dinoprobe.extract.transforms import DataConfig, Preprocess
+from dinoprobe.imagefiles import expand_inputs
 from dinoprobe.runs.labelling import check_threshold, labelled
-
+from dinoprobe.train.headfile import HeadFile
 
 
 def backbone_for_head(head_file: HeadFile, weights: str | None = None, allow_weights_mismatch: bool = False,

@@ -8,23 +8,20 @@ from pathlib import Path
 
 import numpy as np
 
-from dinoprobe import __version__
+from dinoprobe import __version__, settings
 from dinoprobe.device import environment
 from dinoprobe.estimators.base import sample_std
 from dinoprobe.runs.metrics import (
     classification_metrics,
     multilabel_metrics,
-    ranked_metrics,
-    top_k_hits,
     plot_average_precision,
     plot_confusion,
     plot_curves,
+    ranked_metrics,
+    top_k_hits,
 )
 
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_acc", "val_map")
-# single-label splits are scored this many rows at a time: a (rows x classes) float64 matrix of probabilities is
-# 8 GB at iNaturalist 2021's 100,000 validation images and 10,000 classes, a block of them 0.7 GB
-ROWS_PER_BLOCK = 8192
 
 
 def full_scores(estimator, X, num_classes: int, probabilities: np.ndarray | None = None) -> np.ndarray:
@@ -40,30 +37,35 @@ def full_scores(estimator, X, num_classes: int, probabilities: np.ndarray | None
     return out
 
 
-def evaluate(estimator, data, splits=("val", "test")) -> dict[str, dict]:
-    """Each split's metrics from the estimator's predict_proba: single-label ones a block of rows at a time
-    (`ranked_blocks`); multi-label ones whole, as average precision ranks every row of a class."""
+def evaluate(estimator, data, splits=("val", "test"), proba=None) -> dict[str, dict]:
+    """Each split's metrics from the estimator's predict_proba (or `proba`, another of its scorings, such as
+    LogReg's selection model): single-label ones a block of rows at a time (`ranked_blocks`); multi-label ones
+    whole, as average precision ranks every row of a class."""
+    proba = proba or estimator.predict_proba
     out = {}
     for split in (s for s in splits if data.x.get(s) is not None):
         if data.multilabel:
-            out[split] = split_metrics(estimator, full_scores(estimator, data.x[split], data.num_classes), data, split)
+            x = data.x[split]
+            out[split] = split_metrics(estimator, full_scores(estimator, x, data.num_classes, proba(x)), data, split)
         else:
-            out[split] = ranked_blocks(data, split, lambda x: [(None, full_scores(estimator, x, data.num_classes))])[None]
+            out[split] = ranked_blocks(data, split, lambda x: [(None, full_scores(estimator, x, data.num_classes,
+                                                                                  proba(x)))])[None]
     return out
 
 
 def ranked_blocks(data, split: str, probabilities) -> dict:
-    """Single-label metrics of a split under one or more scorings, ROWS_PER_BLOCK rows at a time: a row's prediction
-    and top-5 hit are all the metrics keep of it. `probabilities(block)` gives (key, (rows, classes) probabilities)
-    pairs for a block of rows — one pair for an estimator, one per k for k-NN — and the result maps each key to
-    its metrics."""
+    """Single-label metrics of a split under one or more scorings, settings.SCORING_ROWS_PER_BLOCK rows at a time:
+    a row's prediction and top-5 hit are all the metrics keep of it. `probabilities(block)` gives (key,
+    (rows, classes) probabilities) pairs for a block of rows — one pair for an estimator, one per k for k-NN — and
+    the result maps each key to its metrics."""
     x, y = data.x[split], data.y[split]
     y = y.cpu().numpy() if hasattr(y, "cpu") else np.asarray(y)
     preds, hits = {}, {}
-    for start in range(0, max(len(x), 1), ROWS_PER_BLOCK):
-        for key, scores in probabilities(x[start:start + ROWS_PER_BLOCK]):
+    rows = settings.SCORING_ROWS_PER_BLOCK
+    for start in range(0, max(len(x), 1), rows):
+        for key, scores in probabilities(x[start:start + rows]):
             preds.setdefault(key, []).append(scores.argmax(1))
-            hits.setdefault(key, []).append(top_k_hits(scores, y[start:start + ROWS_PER_BLOCK], 5))
+            hits.setdefault(key, []).append(top_k_hits(scores, y[start:start + rows], 5))
     return {key: ranked_metrics(np.concatenate(preds[key]), np.concatenate(hits[key]) if data.num_classes > 5
                                 else None, y, data.classes) for key in preds}
 
@@ -75,17 +77,16 @@ def split_metrics(estimator, probabilities, data, split: str) -> dict:
     return classification_metrics(probabilities, data.y[split], data.classes)
 
 
-def few_shot_metrics(estimator, data, val_scores=None) -> dict | None:
+def few_shot_metrics(estimator, data, val_proba=None) -> dict | None:
     """metrics.json's `few_shot`: per try its seed, the cache `index` of its training rows and its val/test
     metrics, and mean and standard deviation over tries; None for an estimator fitted without shots.
-    val_scores(try_estimator, X) overrides the val scores (LogReg's train-only selection model)."""
+    val_proba(try_estimator) gives the scoring of val (LogReg's train-only selection model) instead of predict_proba."""
     if getattr(estimator, "tries_", None) is None:
         return None
     per_try, summary = [], {}
     for record, fitted in zip(estimator.tries_, estimator.try_estimators_):
-        metrics = evaluate(fitted, data)
-        if val_scores is not None and "val" in metrics:
-            metrics["val"] = classification_metrics(val_scores(fitted, data), data.y["val"], data.classes)
+        metrics = {**evaluate(fitted, data, ("val",), val_proba(fitted) if val_proba else None),
+                   **evaluate(fitted, data, ("test",))}
         entry = {"seed": record["seed"], "train_index": data.index["train"][record["train_index"]].tolist()}
         for split, m in metrics.items():
             entry[split] = {k: m[k] for k in ("top1", "top5", "balanced_accuracy", "n") if k in m}

@@ -15,7 +15,6 @@ from pathlib import Path
 from dinoprobe.atomic import fsync_dir, fsync_file, leftovers, temporary_name
 from dinoprobe.errors import DinoprobeError
 
-
 # what a run directory holds; --overwrite replaces a folder only when it holds nothing else
 RUN_FILES = {"head.pt", "metrics.json", "run.json", "history.csv", "curves.png", "confusion.png", "results.csv",
              "results.json", "sweep.png", "best", "per_class_ap.png"}

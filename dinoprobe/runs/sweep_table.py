@@ -7,8 +7,8 @@ from pathlib import Path
 
 from dinoprobe.runs.metrics import figure
 
-RESULT_FIELDS = ("val_top1", "val_top1_std", "val_map", "val_map_std", "tries", "best_epoch", "epochs_run", "diverged_epoch", "group",
-                 "group_size", "group_seconds")
+RESULT_FIELDS = ("val_top1", "val_top1_std", "val_map", "val_map_std", "tries", "best_epoch", "epochs_run",
+                 "diverged_epoch", "group", "group_size", "group_seconds")
 
 
 def score_key(rows: list[dict]) -> str:
