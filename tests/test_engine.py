@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from bench.reference import torch_optimizer, torch_scheduler, train_on_tensors
 from dinoprobe.train.config import TrainConfig
 from dinoprobe.train.loop import plan_groups, train_heads
-from dinoprobe.train.losses import smoothed_eye, soft_targets, softmax_cross_entropy
+from dinoprobe.train.losses import softmax_cross_entropy
 from dinoprobe.train.stacked import StackedHeads
 from dinoprobe.train.update import HeadwiseOptimizer, lr_factors
 
@@ -198,19 +198,28 @@ def test_engine_dropout_is_torchs_inverted_dropout():
     assert abs(dropped.mean().item() / clean.mean().item() - 1) < 0.03  # the expectation is kept
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class-weighted"])
+@pytest.mark.parametrize("per_head_rows", [False, True], ids=["shared-rows", "own-rows"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2, [0.0, 0.1, 0.3]])
-def test_closed_form_cross_entropy_equals_autograd(smoothing):
+def test_closed_form_cross_entropy_equals_autograd(smoothing, per_head_rows, weighted):
+    """softmax_cross_entropy: torch's F.cross_entropy(weight=, label_smoothing=) and its autograd gradient, per
+    head, for labels shared by the heads or each head's own, one smoothing for all or one per head."""
     gen = torch.Generator().manual_seed(0)
-    heads = 3 if isinstance(smoothing, list) else 1
+    heads = 3 if isinstance(smoothing, list) or per_head_rows else 1
     logits = torch.randn(16, heads, 7, generator=gen, requires_grad=True)
-    target = torch.randint(0, 7, (16,), generator=gen)
-    s = smoothing if isinstance(smoothing, list) else [smoothing]
-    expected = torch.stack([F.cross_entropy(logits[:, i], target, label_smoothing=s[i]) for i in range(heads)])
+    target = torch.randint(0, 7, (heads, 16) if per_head_rows else (16,), generator=gen)
+    s = smoothing if isinstance(smoothing, list) else [smoothing] * heads
+    w = torch.rand(7, generator=gen) * 3 + 0.1 if weighted else None
+    rows = [target[i] if per_head_rows else target for i in range(heads)]
+    expected = torch.stack([F.cross_entropy(logits[:, i], rows[i], weight=w, label_smoothing=s[i])
+                            for i in range(heads)])
     expected.sum().backward()
-    neg_loss, grad = softmax_cross_entropy(logits.detach().transpose(0, 1), soft_targets(smoothed_eye(7, smoothing), target))
-    grad = grad.transpose(0, 1)
-    torch.testing.assert_close(-neg_loss / 16, expected.detach())
-    torch.testing.assert_close(grad, logits.grad)
+    shared = torch.tensor(s if isinstance(smoothing, list) else s[:1]) if any(s) else None
+    denom = None if w is None else w[target].sum(-1).view(-1, 1, 1)
+    neg_loss, grad = softmax_cross_entropy(logits.detach().transpose(0, 1), target, shared, w, denom)
+    per_row = 16 if denom is None else denom.view(-1)
+    torch.testing.assert_close(-neg_loss / per_row, expected.detach())
+    torch.testing.assert_close(grad.transpose(0, 1), logits.grad)
 
 
 def test_training_leaves_global_random_state_alone():

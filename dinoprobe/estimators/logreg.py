@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 
 from dinoprobe.device import resolve_device
@@ -22,25 +21,23 @@ from dinoprobe.train.losses import sigmoid_cross_entropy, softmax_cross_entropy
 from dinoprobe.train.ranking import mean_average_precision
 
 
-def _objective(theta, x, onehot, lam, num_classes, weights=None, multilabel=False):
+def _objective(theta, x, targets, lam, num_classes, weights=None, multilabel=False):
     """Per-problem mean cross-entropy + lam/2 ||W||^2 (intercept unpenalised), and its gradient. (K,), (K,P).
 
     Two classes are scikit-learn's binary problem: one logit z = w.x + b, i.e. softmax over (0, z) with the first
     class's row held at zero (its gradient is zeroed), so the penalty is lam/2 ||w||^2 as in scikit-learn.
-    multilabel: `onehot` is the (n, classes) 0/1 targets and each class its own binary problem (one-vs-rest): the
-    sum over classes of each one's mean binary cross-entropy + lam/2 ||w_c||^2, which separates into scikit-learn's
-    per-class objectives, so its optimum is OneVsRestClassifier(LogisticRegression(C))'s."""
+    `targets` are the (n,) labels. Multi-label, they are the (n, classes) 0/1 targets and each class its own binary
+    problem (one-vs-rest): the sum over classes of each one's mean binary cross-entropy + lam/2 ||w_c||^2, which
+    separates into scikit-learn's per-class objectives, so its optimum is OneVsRestClassifier(LogisticRegression(C))'s."""
     k, (n, d) = theta.shape[0], x.shape
     w = theta[:, : num_classes * d].view(k, num_classes, d)
     b = theta[:, num_classes * d:]
     logits = (x @ w.reshape(k * num_classes, d).t()).view(n, k, num_classes).transpose(0, 1) + b[:, None, :]
-    weighted = weights is not None  # scikit-learn's class_weight: each row's loss times its class's weight
     if multilabel:  # the loss is a mean over classes too: scale back to a sum of the per-class problems
-        neg_loss, dlogits = sigmoid_cross_entropy(logits, onehot, weights)
+        neg_loss, dlogits = sigmoid_cross_entropy(logits, targets, weights)
         neg_loss, dlogits = neg_loss * num_classes, dlogits.mul_(num_classes)
     else:
-        neg_loss, dlogits = softmax_cross_entropy(logits, onehot * weights if weighted else onehot,
-                                                  torch.tensor(float(n), dtype=x.dtype) if weighted else None)
+        neg_loss, dlogits = softmax_cross_entropy(logits, targets, weights=weights)  # scikit-learn's sum / n
     loss = -neg_loss / n + 0.5 * lam * w.pow(2).sum((1, 2))
     grad_w = torch.bmm(dlogits.transpose(1, 2), x.expand(k, n, d)) + lam[:, None, None] * w
     grad_b = dlogits.sum(1)
@@ -93,13 +90,13 @@ def _fit_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter:
     ftol = 64 * torch.finfo(dtype).eps  # scipy's L-BFGS-B default in scikit-learn
     lam = 1.0 / (torch.tensor(cs, dtype=dtype, device=x.device) * n)
     multilabel = y.dim() == 2  # (n, classes) 0/1 targets: one-vs-rest
-    onehot = y.to(dtype) if multilabel else F.one_hot(y, num_classes).to(dtype)
+    targets = y.to(dtype) if multilabel else y
     theta = torch.zeros(k, num_classes * d + num_classes, device=x.device, dtype=dtype)
     S = torch.zeros(k, memory, theta.shape[1], device=x.device, dtype=dtype)
     Y = torch.zeros_like(S)
     rho = torch.zeros(k, memory, device=x.device, dtype=dtype)  # rho = 0 marks an empty history slot
     weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=dtype, device=x.device)
-    f, g = _objective(theta, x, onehot, lam, num_classes, weights, multilabel)
+    f, g = _objective(theta, x, targets, lam, num_classes, weights, multilabel)
     iterations = [max_iter] * k
     active = torch.ones(k, dtype=torch.bool, device=x.device)
     bar = progress_bar(max_iter, desc, "iter", enabled=progress)
@@ -124,7 +121,7 @@ def _fit_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter:
         todo = torch.arange(len(a), device=x.device)
         for _ in range(20):  # backtracking Armijo line search, all pending problems evaluated together
             trial = theta[a[todo]] + step[todo, None] * direction[todo]
-            tf, tg = _objective(trial, x, onehot, lam[a[todo]], num_classes, weights, multilabel)
+            tf, tg = _objective(trial, x, targets, lam[a[todo]], num_classes, weights, multilabel)
             ok = tf <= f[a[todo]] + 1e-4 * step[todo] * slope[todo]
             new_theta[todo[ok]], new_f[todo[ok]], new_g[todo[ok]] = trial[ok], tf[ok], tg[ok]
             todo = todo[~ok]

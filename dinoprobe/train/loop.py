@@ -23,7 +23,7 @@ from dinoprobe.progress import progress_bar
 from dinoprobe.train.config import TrainConfig
 from dinoprobe.train.graphed import GRAPHS_BY_DEFAULT, StaticEpochs
 from dinoprobe.train.heads import Normalizer
-from dinoprobe.train.losses import sigmoid_cross_entropy, smoothed_eye, soft_targets, softmax_cross_entropy
+from dinoprobe.train.losses import sigmoid_cross_entropy, softmax_cross_entropy
 from dinoprobe.train.ranking import mean_average_precision
 from dinoprobe.train.sources import InMemory, PerHeadRows, TrainSource, as_train_source
 from dinoprobe.train.stacked import StackedHeads
@@ -169,10 +169,9 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
         raise DinoprobeError("label smoothing applies to single-label (softmax) heads; use label_smoothing=0 for "
                              "multi-label data")
     weights = None if class_weights is None else class_weights.to(device, torch.float32)
-    eye = None if multilabel else smoothed_eye(num_classes, smoothing if len(set(smoothing)) > 1 else smoothing[0],
-                                               device)
-    if weights is not None and not multilabel:  # each target row scaled by its class's weight (torch's weighted CE)
-        eye = eye * weights
+    # one smoothing shared by every head (1,), or one per head (N,); None when no head smooths
+    smoothing = None if not any(smoothing) else torch.tensor(smoothing if len(set(smoothing)) > 1 else smoothing[:1],
+                                                             dtype=torch.float32, device=device)
     x_val = normalizer(x_val)
     results = [TrainResult(c, heads.head_layers(i), normalizer) for i, c in enumerate(configs)]
     best = heads.theta.clone()
@@ -190,8 +189,8 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
                 record.sizes.append(target.shape[-2])
             else:
                 denom = None if weights is None else weights[target].sum(-1).view(-1, 1, 1)  # (1 or N, 1, 1)
-                neg_loss, logits = heads.step(features, partial(softmax_cross_entropy, soft=soft_targets(eye, target),
-                                                                denom=denom))
+                neg_loss, logits = heads.step(features, partial(softmax_cross_entropy, target=target,
+                                                                smoothing=smoothing, weights=weights, denom=denom))
                 record.sizes.append(target.shape[-1])
                 if denom is not None:
                     record.denoms.append(denom.view(-1).expand(n))
