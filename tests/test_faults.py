@@ -332,6 +332,43 @@ def test_hostile_and_odd_inputs_are_converted_or_skipped_with_reasons(backbone, 
     assert np.isfinite(train["cls"]).all()
 
 
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_an_input_larger_than_any_image_within_the_guard_is_skipped_unread(backbone, tmp_path, decoder):
+    """A 30 x 30 JPEG followed by 16 MB (sparse) decodes fine, but no image within a 5,000-pixel guard needs more
+    than 8 bytes a pixel + 16 MiB: skipped before anything reads it whole, whichever the decoder."""
+    from dinoprobe.extract.datasets import ImageFileDataset
+    from dinoprobe.extract.decode import max_encoded_bytes
+
+    root = make_folder(tmp_path / "d", per_class=2)
+    padded = root / "train" / "cat" / "padded.jpg"
+    write_image(padded, 3, (30, 30))
+    with open(padded, "r+b") as f:
+        f.truncate(max_encoded_bytes(5_000) + 1)
+    extract(backbone, open_source(str(root)), tmp_path / "c", batch_size=4, workers=0, progress=False,
+            max_pixels=5_000, decoder=decoder)
+    skipped = cache.skipped_inputs(cache.read_manifest(tmp_path / "c"))
+    assert [os.path.basename(s["path"]) for s in skipped] == ["padded.jpg"]
+    assert "more than any image within the 5,000-pixel guard" in skipped[0]["reason"]
+
+    class Member:  # a tar member or any source that knows sizes before reading: never read
+        def size(self, key):
+            return max_encoded_bytes(5_000) + 1
+
+        def read(self, key):
+            raise AssertionError("read whole")
+
+    class Row(Member):  # Hugging Face rows: sizes known only once read
+        def size(self, key):
+            return -1
+
+        def read(self, key):
+            return padded.read_bytes()
+
+    for reader in (Member(), Row()):
+        item = ImageFileDataset([("k", 0)], backbone.data_config, 5_000, reader=reader)[0]
+        assert item[0] is None and "pixel guard" in item[3]
+
+
 def test_flipped_bytes_and_a_manifest_from_another_cache_are_caught(backbone, tmp_path):
     root = make_folder(tmp_path / "d", per_class=3)
     kw = dict(batch_size=4, workers=0, progress=False, shard_size=4)

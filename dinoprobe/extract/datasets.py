@@ -4,6 +4,7 @@ CIFAR-style arrays, each item with its label, index, skip reason and augmented v
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from dinoprobe.device import SHARED_MEMORY, loader_prefetch, shared_memory_free
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, SkippedInput, load_rgb
+from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, SkippedInput, check_encoded_size, load_rgb
 from dinoprobe.extract.transforms import DataConfig, Views, worker_transform
 
 
@@ -36,7 +37,10 @@ class ImageFileDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
+            check_encoded_size(self._size(path), self.max_pixels)
             source = path if self.reader is None else self.reader.read(path)
+            if isinstance(source, bytes):  # a source that cannot tell the size before reading (Hugging Face rows)
+                check_encoded_size(len(source), self.max_pixels)
             if self.decode is None:
                 image = load_rgb(source, self.max_pixels, self.resize_to)
                 pixels = self.transform(image)
@@ -47,6 +51,16 @@ class ImageFileDataset(torch.utils.data.Dataset):
         except SkippedInput as err:
             return None, label, index, str(err), None
         return pixels, label, index, None, self.views(image, index) if self.views else None
+
+
+    def _size(self, path: str) -> int:
+        """The input's size in bytes before reading it, -1 when unknown (a missing file: the read reports it)."""
+        if self.reader is not None:
+            return self.reader.size(path)
+        try:
+            return os.path.getsize(path)
+        except OSError:
+            return -1
 
 
 class ArrayDataset(torch.utils.data.Dataset):

@@ -47,6 +47,22 @@ def check_size(width: int, height: int, max_pixels: int, resize_to: int | None) 
                            "(an extreme aspect ratio)")
 
 
+def max_encoded_bytes(max_pixels: int) -> int:
+    """The most bytes an encoded image within the pixel guard can need: 8 a pixel (16-bit RGBA stored
+    uncompressed, the largest common layout) and 16 MiB of metadata (EXIF, ICC profiles, embedded previews)."""
+    return 8 * max_pixels + (16 << 20)
+
+
+def check_encoded_size(nbytes: int, max_pixels: int) -> None:
+    """The guard on what an input holds before it is read whole (tar members, bytes for torchvision's decoder): a
+    file or member larger than any image within the pixel guard is skipped, not read (a header of 1 x 1 pixels
+    followed by gigabytes would otherwise be). Applied to every encoded input, so the decoder and the source
+    never change which inputs are skipped."""
+    if nbytes > max_encoded_bytes(max_pixels):
+        raise SkippedInput(f"{nbytes:,} bytes: more than any image within the {max_pixels:,}-pixel guard can hold "
+                           f"({max_encoded_bytes(max_pixels):,} bytes); raise --max-pixels to accept it")
+
+
 def load_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS, resize_to: int | None = None) -> Image.Image:
     """Open any common image, a file path or its encoded bytes, as 8-bit RGB, EXIF rotation applied; raise
     SkippedInput with a reason otherwise (unreadable, or past the size guards of `check_size`)."""
