@@ -95,10 +95,12 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 
 def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes=6, separation=0.4, seed=0,
                          splits=("train", "val", "test"), shard_rows: int | None = None,
-                         train_classes: int | None = None, test_label: int | None = None) -> Path:
+                         train_classes: int | None = None, test_label: int | None = None,
+                         absent: int | None = None) -> Path:
     """A cache of Gaussian class clusters: separable but not trivially (a few % of errors), written through
     the real shard writer so readers see exactly what `features` produces. train_classes: train holds only the
-    first ones; test_label: the first test row's label (e.g. one outside the class list)."""
+    first ones; test_label: the first test row's label (e.g. one outside the class list); absent: a class of the
+    list that no split holds."""
     from dinoprobe.cache import store as cache
 
     rng = np.random.default_rng(seed)
@@ -110,6 +112,8 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
                                   extra={"feature_dim": dim, "features": ["cls", "patch_mean"]})
     for split, count in counts.items():
         labels = rng.integers(0, (train_classes or num_classes) if split == "train" else num_classes, count)
+        if absent is not None:
+            labels[labels == absent] = (absent + 1) % num_classes
         x = centres[labels % num_classes] + rng.normal(0, 1.0, (count, dim))
         if split == "test" and test_label is not None:
             labels[0] = test_label

@@ -85,6 +85,30 @@ def test_validation_and_test_labels_outside_the_training_classes_are_refused(tmp
                                           y_val=data.y_val)
 
 
+def test_a_class_no_split_holds_leaves_every_prediction_on_its_own_class(tmp_path):
+    """A class in the cache's list with no rows anywhere (a Hugging Face ClassLabel name or a tar .cls index that
+    no image uses) is not refused; the heads know only the classes train holds, and a run's metrics put each
+    prediction back on the cache's class ids: its top-1 is scikit-learn's accuracy of the estimator's predict."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score
+
+    from dinoprobe import KNN, LogReg, Probe, load_cache
+    from dinoprobe.runs.experiments import run_knn, run_logreg, run_probe
+
+    cache_dir = make_synthetic_cache(tmp_path / "c", n=(300, 100, 100), dim=8, num_classes=4, separation=1.0,
+                                     absent=1)
+    data = load_cache(cache_dir, "cls")
+    y_test = data.y["test"].numpy()
+    assert 1 not in set(data.y_train.tolist()) | set(y_test.tolist())
+    for run, estimator in ((run_probe, Probe(head="linear", epochs=3)), (run_logreg, LogReg(Cs=[0.1])),
+                           (run_knn, KNN(ks=[3]))):
+        test = run(cache_dir, tmp_path / run.__name__, estimator)["test"]
+        assert estimator.classes_.tolist() == [0, 2, 3]
+        assert test["top1"] == accuracy_score(y_test, estimator.predict(data.x["test"].numpy())) < 1
+        assert test["per_class_accuracy"]["class_1"] is None
+        assert np.array(test["confusion_matrix"])[:, 1].sum() == 0  # nothing predicted as the absent class
+
+
 def test_a_label_outside_the_class_list_fails_before_training(tmp_path):
     bad = make_synthetic_cache(tmp_path / "c", n=(90, 30, 30), dim=8, num_classes=3, test_label=99)
     for command, extra in (("probe", ["--epochs", 1]), ("logreg", ["--c-grid", "1"]), ("knn", ["--k", "1"])):
