@@ -138,6 +138,22 @@ def test_thresholds_maximise_each_classes_f1():
     assert f1_thresholds(p, np.zeros_like(y)).tolist() == [0.5, 0.5, 0.5]  # no positives: 0.5
 
 
+def test_predictions_label_what_the_metrics_count_at_the_tuned_thresholds():
+    """Each tuned threshold is a validation row's own probability: predict's labels (p >= t, best first) are the
+    metrics' positives for every row, that one included."""
+    from dinoprobe.runs.labelling import labelled
+
+    gen = np.random.default_rng(2)
+    y = (gen.random((60, 4)) < 0.4).astype(int)
+    p = np.clip(y * 0.3 + gen.random((60, 4)) * 0.7, 0, 1)
+    t, names = f1_thresholds(p, y), ["a", "b", "c", "d"]
+    assert all(t[c] in p[:, c] for c in range(4))
+    for row in p:
+        got = labelled("x", row, names, 5, thresholds=t)["labels"]
+        assert got == [names[c] for c in np.argsort(-row, kind="stable") if row[c] >= t[c]]
+        assert set(got) == {names[c] for c in np.flatnonzero(row >= t)}
+
+
 # --------------------------------------------------------------------------------------------- estimators
 @pytest.mark.parametrize("class_weight", [None, "balanced"])
 def test_one_vs_rest_logreg_equals_scikit_learns(class_weight):
