@@ -17,11 +17,12 @@ from sklearn.utils.class_weight import compute_class_weight
 from bench.reference import train_on_tensors
 from dinoprobe import KNN, LogReg, Probe, Sweep
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.estimators.base import f1_thresholds, label_weights
+from dinoprobe.estimators.base import label_weights
 from dinoprobe.runs.metrics import multilabel_metrics
 from dinoprobe.train.config import TrainConfig
 from dinoprobe.train.loop import train_heads
 from dinoprobe.train.ranking import average_precision
+from dinoprobe.train.ranking import f1_thresholds as torch_f1_thresholds
 
 from conftest import SIZE, assert_clean_error, make_folder, run_cli, write_image
 
@@ -94,8 +95,21 @@ def test_label_smoothing_is_refused_for_multilabel_heads():
 
 
 # ------------------------------------------------------------------------------------------------ metrics
+@pytest.fixture(params=["whole", "blocks"])
+def ranking_blocks(request, monkeypatch):
+    """Rankings whole, or a few pairs at a time (blocks of classes, chunks of sorted positions; ties straddling
+    chunk boundaries) with every count carried over, and metrics a few rows at a time."""
+    if request.param == "blocks":
+        from dinoprobe.runs import metrics
+        from dinoprobe.train import ranking
+
+        monkeypatch.setattr(ranking, "RANKED_PAIRS_PER_BLOCK", 7)
+        monkeypatch.setattr(metrics, "SCORING_ROWS_PER_BLOCK", 9)
+    return request.param
+
+
 @pytest.mark.parametrize("tied", [False, True])
-def test_average_precision_equals_scikit_learns(tied):
+def test_average_precision_equals_scikit_learns(tied, ranking_blocks):
     gen = torch.Generator().manual_seed(3)
     scores = torch.randint(0, 5, (3, 80, 5), generator=gen).float() if tied else torch.randn(3, 80, 5, generator=gen)
     targets = (torch.rand(80, 5, generator=gen) < 0.3).float()
@@ -108,15 +122,20 @@ def test_average_precision_equals_scikit_learns(tied):
     assert torch.isnan(ours[:, 4]).all()
 
 
-def test_multilabel_metrics_are_scikit_learns():
+@pytest.mark.parametrize("tied", [False, True])
+def test_multilabel_metrics_are_scikit_learns(tied, ranking_blocks):
     gen = np.random.default_rng(0)
     y = (gen.random((60, 4)) < 0.35).astype(int)
     y[:, 3] = 0
+    y[:5] = 0  # images without labels: samples F1 counts those with none predicted as right
     p = np.clip(y * 0.4 + gen.random((60, 4)) * 0.6, 0, 1)
-    t = np.array([0.5, 0.4, 0.6, 0.5])
+    p = np.round(p * 4) / 4 if tied else p
+    p[:3], p[3] = 0.1, 0.995  # three of them with nothing predicted, one with everything
+    t = np.array([0.5, 0.4, 0.6, 0.99])
     names = ["a", "b", "c", "d"]
     m = multilabel_metrics(p, y, names, t)
     pred = (p >= t).astype(int)
+    assert (pred[:5].sum(1) == 0).any() and (pred[:5].sum(1) > 0).any()
     assert m["map_macro"] == pytest.approx(np.mean([average_precision_score(y[:, c], p[:, c]) for c in range(3)]))
     assert m["map_micro"] == pytest.approx(average_precision_score(y, p, average="micro"))
     assert m["per_class_ap"]["b"] == pytest.approx(average_precision_score(y[:, 1], p[:, 1]))
@@ -125,17 +144,53 @@ def test_multilabel_metrics_are_scikit_learns():
     assert m["f1_macro"] == pytest.approx(f1_score(y[:, :3], pred[:, :3], average="macro"))
     assert m["f1_samples"] == pytest.approx(f1_score(y, pred, average="samples", zero_division=1.0))
     assert m["subset_accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["n"] == 60 and m["thresholds"]["c"] == 0.6
 
 
-def test_thresholds_maximise_each_classes_f1():
+def f1_thresholds(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return torch_f1_thresholds(torch.from_numpy(p), torch.from_numpy(y)).numpy()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_thresholds_maximise_each_classes_f1(tied, ranking_blocks):
+    """The threshold of the highest F1 among scikit-learn's precision_recall_curve thresholds, the lowest of equals."""
+    from sklearn.metrics import precision_recall_curve
+
     gen = np.random.default_rng(1)
     y = (gen.random((80, 3)) < 0.4).astype(int)
     p = np.clip(y * 0.3 + gen.random((80, 3)) * 0.7, 0, 1)
+    p = np.round(p * 8) / 8 if tied else p
     t = f1_thresholds(p, y)
     for c in range(3):
-        best = max(f1_score(y[:, c], p[:, c] >= cut) for cut in np.unique(p[:, c]))
-        assert f1_score(y[:, c], p[:, c] >= t[c]) == pytest.approx(best)
+        precision, recall, cuts = precision_recall_curve(y[:, c], p[:, c])
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        assert t[c] == cuts[np.flatnonzero(np.isclose(f1, f1.max(), rtol=1e-12, atol=0))[0]]
+        assert f1_score(y[:, c], p[:, c] >= t[c]) == pytest.approx(f1.max())
     assert f1_thresholds(p, np.zeros_like(y)).tolist() == [0.5, 0.5, 0.5]  # no positives: 0.5
+    # F1 2/3 at 0.9 (1 of 1 right) and at 0.6 (2 of 4): the lower, precision_recall_curve's first maximum
+    assert f1_thresholds(np.array([[0.9], [0.8], [0.7], [0.6]]), np.array([[1], [0], [0], [1]])).tolist() == [0.6]
+
+
+def test_ap_plot_names_each_class_up_to_100_and_draws_one_curve_beyond(tmp_path):
+    from dinoprobe.runs.metrics import plot_average_precision
+
+    few = plot_average_precision({"b": 0.5, "a": 0.9, "none": None}, tmp_path / "few.png").axes[0]
+    assert [t.get_text() for t in few.get_yticklabels()] == ["a", "b"] and len(few.patches) == 2
+    many = plot_average_precision({f"c{i}": i / 150 for i in range(150)}, tmp_path / "many.png").axes[0]
+    assert len(many.patches) == 0 and len(many.collections) == 1  # no 150 bars and names: one filled curve
+    assert "150 classes" in many.get_xlabel() and (tmp_path / "many.png").stat().st_size > 0
+
+
+def test_micro_average_precision_in_chunks_is_scikit_learns(monkeypatch):
+    from dinoprobe.train import ranking
+
+    gen = np.random.default_rng(5)
+    y = (gen.random((50, 6)) < 0.3).astype(int)
+    p = np.round(np.clip(y * 0.3 + gen.random((50, 6)) * 0.7, 0, 1) * 10) / 10  # ties across the chunks
+    expected = average_precision_score(y, p, average="micro")
+    for pairs in (1 << 22, 13, 1):
+        monkeypatch.setattr(ranking, "RANKED_PAIRS_PER_BLOCK", pairs)
+        assert ranking.micro_average_precision(torch.from_numpy(p), torch.from_numpy(y)) == pytest.approx(expected)
 
 
 def test_predictions_label_what_the_metrics_count_at_the_tuned_thresholds():

@@ -12,6 +12,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.splits import carve_indices, sample_shots
+from dinoprobe.train.ranking import f1_thresholds
 from dinoprobe.train.sources import TrainSource
 
 # with few-shot training and no validation data, DINOv3 carves 1 % of train (dinov3/eval/log_regression.py)
@@ -194,7 +195,8 @@ class _Classifier(ClassifierMixin, BaseEstimator):
         """Multi-label: each class's decision threshold on its probability, the one that maximises its F1 on the
         validation rows (0.5 for a class without validation positives)."""
         if self.multilabel_:
-            self.thresholds_ = f1_thresholds(self._validation_probabilities(x_val.cpu()), y_val.cpu().numpy())
+            self.thresholds_ = f1_thresholds(torch.from_numpy(self._validation_probabilities(x_val.cpu())),
+                                             y_val.cpu()).numpy()
         else:  # a refit on single-label data must not keep an earlier multi-label fit's thresholds
             self.__dict__.pop("thresholds_", None)
         return self
@@ -240,20 +242,6 @@ class _Classifier(ClassifierMixin, BaseEstimator):
         tags.non_deterministic = False
         tags.classifier_tags.multi_label = True
         return tags
-
-
-def f1_thresholds(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per class, the probability threshold (predict p >= t) with the best F1 on (probabilities, 0/1 targets), from
-    scikit-learn's precision_recall_curve; 0.5 for a class without positives."""
-    from sklearn.metrics import precision_recall_curve
-
-    out = np.full(targets.shape[1], 0.5)
-    for c in range(targets.shape[1]):
-        if targets[:, c].any():
-            precision, recall, cuts = precision_recall_curve(targets[:, c], probabilities[:, c])
-            f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-            out[c] = cuts[int(np.argmax(f1))]
-    return out
 
 
 def class_weights(class_weight, classes: np.ndarray, y_enc: np.ndarray):

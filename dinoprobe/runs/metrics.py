@@ -5,7 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+from sklearn.metrics import accuracy_score
+
+from dinoprobe.settings import SCORING_ROWS_PER_BLOCK
+from dinoprobe.train.ranking import average_precision, micro_average_precision
 
 # Up to this many classes metrics.json holds the whole confusion matrix and the run draws confusion.png; beyond
 # (iNaturalist's 10,000 species: 10^8 cells, a 1.4 GB metrics.json), only its nonzero cells, at most one per row.
@@ -68,44 +71,76 @@ def top_k_hits(scores: np.ndarray, y: np.ndarray, k: int, chunk: int = 4096) -> 
 
 
 def multilabel_metrics(probabilities, targets, class_names: list[str], thresholds) -> dict:
-    """Multi-label numbers, all scikit-learn's: mAP (macro: the mean of each class's average precision over the
-    classes with a positive in this split; micro: every (image, class) pair pooled), per-class AP, F1 at the tuned
-    thresholds (micro; macro over the classes with positives; samples, where an image with no labels and none
-    predicted counts as right) and subset accuracy (every label of an image right)."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    y = (targets.cpu().numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)).astype(np.int64)
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    pred = (p >= thresholds).astype(np.int64)
-    present = np.flatnonzero(y.sum(0) > 0)
-    per_class = {name: (float(average_precision_score(y[:, c], p[:, c])) if c in present else None)
-                 for c, name in enumerate(class_names)}
+    """Multi-label numbers, scikit-learn's (tested equal): mAP (macro: the mean of each class's average precision
+    over the classes with a positive in this split; micro: every (image, class) pair pooled), per-class AP, F1 at
+    the tuned thresholds (micro; macro over the classes with positives; samples, where an image with no labels and
+    none predicted counts as right) and subset accuracy (every label of an image right).
+
+    The F1s and subset accuracy come from counts of true and false positives per class and per image, a block of
+    rows at a time, and the APs from ranking.py (one sort per class, bounded temporaries), not from scikit-learn's
+    calls, which copy and sort every pair several times (19 s and 3 GB at 20,000 images x 1,000 classes)."""
+    p = torch.as_tensor(np.asarray(probabilities, dtype=np.float64))
+    y = (targets.cpu() if isinstance(targets, torch.Tensor) else torch.as_tensor(np.asarray(targets))).bool()
+    thresholds = torch.as_tensor(np.asarray(thresholds, dtype=np.float64))
+    rows, classes = y.shape
+    true_pos, false_pos, positives = (torch.zeros(classes, dtype=torch.int64) for _ in range(3))
+    samples_f1, exact = 0.0, 0
+    for start in range(0, rows, SCORING_ROWS_PER_BLOCK):
+        truth = y[start:start + SCORING_ROWS_PER_BLOCK]
+        pred = p[start:start + SCORING_ROWS_PER_BLOCK] >= thresholds
+        hit = pred & truth
+        true_pos += hit.sum(0)
+        false_pos += (pred & ~truth).sum(0)
+        positives += truth.sum(0)
+        row_hits, row_wrong = hit.sum(1), (pred ^ truth).sum(1)  # wrong: false positives + false negatives
+        denominator = 2 * row_hits + row_wrong
+        samples_f1 += float(torch.where(denominator > 0, 2 * row_hits / denominator.clamp_min(1), 1.0).sum())
+        exact += int((row_wrong == 0).sum())
+    present = torch.nonzero(positives > 0).flatten().tolist()
+    ap = average_precision(p, y).tolist()
+    per_class = {name: (ap[c] if positives[c] > 0 else None) for c, name in enumerate(class_names)}
+    false_neg = positives - true_pos
+    class_f1 = (2 * true_pos / (2 * true_pos + false_pos + false_neg).clamp_min(1)).double()
+    total = int(2 * true_pos.sum() + false_pos.sum() + false_neg.sum())
     return {
-        "n": int(len(y)),
+        "n": rows,
         "task": "multilabel",
-        "map_macro": float(np.mean([per_class[class_names[c]] for c in present])) if len(present) else None,
-        "map_micro": float(average_precision_score(y, p, average="micro")) if len(present) else None,
-        "f1_micro": float(f1_score(y, pred, average="micro", zero_division=0)),
-        "f1_macro": float(f1_score(y, pred, average="macro", labels=present, zero_division=0)) if len(present) else None,
-        "f1_samples": float(f1_score(y, pred, average="samples", zero_division=1.0)) if len(y) else None,
-        "subset_accuracy": float(accuracy_score(y, pred)) if len(y) else None,
+        "map_macro": float(np.mean([ap[c] for c in present])) if present else None,
+        "map_micro": micro_average_precision(p, y) if present else None,
+        "f1_micro": 2 * int(true_pos.sum()) / total if total else 0.0,
+        "f1_macro": float(class_f1[present].mean()) if present else None,
+        "f1_samples": samples_f1 / rows if rows else None,
+        "subset_accuracy": exact / rows if rows else None,
         "per_class_ap": per_class,
-        "classes_without_positives": [class_names[c] for c in range(len(class_names)) if c not in present],
-        "thresholds": {name: float(t) for name, t in zip(class_names, thresholds)},
+        "classes_without_positives": [class_names[c] for c in range(classes) if positives[c] == 0],
+        "thresholds": {name: float(t) for name, t in zip(class_names, thresholds.tolist())},
     }
 
 
-def plot_average_precision(per_class_ap: dict, path: Path, title: str = "") -> None:
-    """Each class's average precision as a horizontal bar, best first; classes without positives are left out."""
+def plot_average_precision(per_class_ap: dict, path: Path, title: str = ""):
+    """Each class's average precision, best first: a named bar per class up to TICK_LABELS_MAX_CLASSES classes;
+    beyond, the sorted values as one filled curve over the class rank (thousands of bars and names take minutes
+    to draw and cannot be read). Classes without positives are left out."""
     items = sorted(((ap, name) for name, ap in per_class_ap.items() if ap is not None), reverse=True)
-    fig, ax = figure(8, min(3 + 0.25 * len(items), 40))
-    ax.barh(range(len(items)), [ap for ap, _ in items], color="tab:blue")
-    ax.set_yticks(range(len(items)), [name for _, name in items], fontsize=max(4, 9 - len(items) // 30))
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("average precision")
+    if len(items) <= TICK_LABELS_MAX_CLASSES:
+        fig, ax = figure(8, 3 + 0.25 * len(items))
+        ax.barh(range(len(items)), [ap for ap, _ in items], color="tab:blue")
+        ax.set_yticks(range(len(items)), [name for _, name in items], fontsize=max(4, 9 - len(items) // 30))
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("average precision")
+    else:
+        fig, ax = figure(8, 5)
+        values = [ap for ap, _ in items]
+        ax.fill_between(range(1, len(values) + 1), values, step="mid", color="tab:blue", alpha=0.6)
+        ax.set_xlim(1, len(values))
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"class, by average precision ({len(values):,} classes; per_class_ap in metrics.json)")
+        ax.set_ylabel("average precision")
     ax.set_title(title or "per-class average precision")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def figure(width: float, height: float, columns: int = 1):
