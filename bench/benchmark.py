@@ -30,13 +30,14 @@ SCALES = {
                   original_size=64, original_images=4, original_epochs=(5, 100), original_workers=0,
                   head_rows=50_000, head_epochs=100, reference_epochs=10, mlp_epochs=5, large_batch=True,
                   sweep_configs=32, sweep_rows=5_000, sweep_epochs=10, logreg_rows=1_500,
-                  metrics_rows=20_000, metrics_classes=2_000, transformers_images=8),
+                  metrics_rows=20_000, metrics_classes=2_000, multilabel_rows=10_000, multilabel_classes=500,
+                  transformers_images=8),
     "full": dict(image_size=224, batch_size=8, batch_sizes=(1, 8, 16, 32, 64), repeats=5, pipeline_images=256,
                  array_images=256, worker_processes=True, process_images=256,
                  original_size=224, original_images=70, original_epochs=(5, 100), original_workers=2,
                  head_rows=50_000, head_epochs=100, reference_epochs=100, mlp_epochs=100, large_batch=True,
                  sweep_configs=32, sweep_rows=50_000, sweep_epochs=100, logreg_rows=50_000, transformers_images=32,
-                 metrics_rows=50_000, metrics_classes=5_000),
+                 metrics_rows=50_000, metrics_classes=5_000, multilabel_rows=20_000, multilabel_classes=1_000),
     # smoke: every section at toy sizes in well under a minute; checks that the benchmark runs (tests use it),
     # its figures mean nothing
     "smoke": dict(image_size=32, batch_size=4, batch_sizes=(4,), repeats=1, pipeline_images=8, array_images=8,
@@ -44,7 +45,8 @@ SCALES = {
                   original_size=32, original_images=4, original_epochs=(1, 2), original_workers=0,
                   head_rows=1_000, head_epochs=2, reference_epochs=1, mlp_epochs=1, large_batch=True,
                   sweep_configs=4, sweep_rows=500, sweep_epochs=2, logreg_rows=300, transformers_images=2,
-                  target_rows=300, preset_epoch_length=2, metrics_rows=200, metrics_classes=50),
+                  target_rows=300, preset_epoch_length=2, metrics_rows=200, metrics_classes=50,
+                  multilabel_rows=200, multilabel_classes=20),
 }
 # On CUDA the CPU sizes would measure launch overhead: issue 4's GPU goal is at 256 px with large batches, and
 # enough images that a pipeline run lasts seconds (first run on an H200: bench/results-h200.json).
@@ -299,6 +301,7 @@ def heads_section(cfg: dict, device) -> dict:
     out.update({"logreg_rows": cfg["logreg_rows"], "logreg_cs": len(DEFAULT_C_GRID), "logreg_torch_s": torch_s,
                 "logreg_sklearn_s": sklearn_s, "logreg_speedup": sklearn_s / torch_s})
     out.update(metrics_section(cfg["metrics_rows"], cfg["metrics_classes"]))
+    out.update(multilabel_metrics_section(cfg["multilabel_rows"], cfg["multilabel_classes"]))
     if cfg.get("target_rows"):  # the GPU issue's head-training targets, at their sizes
         out.update(target_section(cfg, device))
     return out
@@ -338,6 +341,58 @@ def metrics_section(rows: int, classes: int) -> dict:
             raise AssertionError(f"classification_metrics {key} {ours[key]} != scikit-learn's {value}")
     return {"metrics_rows": rows, "metrics_classes": classes, "metrics_s": ours_s, "metrics_sklearn_s": sklearn_s,
             "metrics_speedup": sklearn_s / ours_s}
+
+
+def multilabel_metrics_section(rows: int, classes: int) -> dict:
+    """A multi-label run's scoring at many classes: the F1-best threshold of every class and the metrics
+    (ranking.f1_thresholds + multilabel_metrics) against the scikit-learn calls they replaced (precision_recall_curve
+    per class; average_precision_score per class and micro; f1_score micro, macro and samples; accuracy_score), same
+    probabilities, interleaved medians of 3; the numbers must agree."""
+    import torch
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score, precision_recall_curve
+
+    from dinoprobe.runs.metrics import multilabel_metrics
+    from dinoprobe.train.ranking import f1_thresholds
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((rows, classes)) < 3 / classes).astype(np.int64)  # about 3 labels an image
+    y[0] = 1  # every class has a positive
+    p = np.clip(y * 0.3 + rng.random((rows, classes)) * 0.7, 0, 1)
+    names = [f"class_{i}" for i in range(classes)]
+
+    def ours():
+        thresholds = f1_thresholds(torch.from_numpy(p), torch.from_numpy(y)).numpy()
+        return thresholds, multilabel_metrics(p, y, names, thresholds)
+
+    def scikit_learn(thresholds):
+        best_f1 = []
+        for c in range(classes):
+            precision, recall, _ = precision_recall_curve(y[:, c], p[:, c])
+            best_f1.append(np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12)))
+        pred = (p >= thresholds).astype(np.int64)
+        return best_f1, {"map_macro": np.mean([average_precision_score(y[:, c], p[:, c]) for c in range(classes)]),
+                         "map_micro": average_precision_score(y, p, average="micro"),
+                         "f1_micro": f1_score(y, pred, average="micro"), "f1_macro": f1_score(y, pred, average="macro"),
+                         "f1_samples": f1_score(y, pred, average="samples", zero_division=1.0),
+                         "subset_accuracy": accuracy_score(y, pred)}
+
+    ours_times, sklearn_times = [], []
+    for _ in range(3):  # interleaved, medians: the machine drifts
+        start = time.perf_counter()
+        thresholds, metrics = ours()
+        ours_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        best_f1, reference = scikit_learn(thresholds)
+        sklearn_times.append(time.perf_counter() - start)
+    for key, value in reference.items():
+        if abs(metrics[key] - value) > 1e-9:
+            raise AssertionError(f"multilabel_metrics {key} {metrics[key]} != scikit-learn's {value}")
+    reached = [f1_score(y[:, c], p[:, c] >= thresholds[c]) for c in range(classes)]
+    if not np.allclose(reached, best_f1, rtol=0, atol=1e-9):
+        raise AssertionError("f1_thresholds does not reach each class's best F1 on precision_recall_curve")
+    ours_s, sklearn_s = statistics.median(ours_times), statistics.median(sklearn_times)
+    return {"multilabel_rows": rows, "multilabel_classes": classes, "multilabel_s": ours_s,
+            "multilabel_sklearn_s": sklearn_s, "multilabel_speedup": sklearn_s / ours_s}
 
 
 def target_section(cfg: dict, device) -> dict:
@@ -682,6 +737,11 @@ def markdown(r: dict) -> str:
                      f"{h['metrics_classes']:,} classes | {h['metrics_s']:.2f} s | scikit-learn's confusion_matrix, "
                      f"balanced_accuracy_score, top_k_accuracy_score {h['metrics_sklearn_s']:.2f} s | "
                      f"**{h['metrics_speedup']:.1f}x** |")
+    if "multilabel_s" in h:
+        lines.append(f"| a multi-label run's scoring (F1 thresholds, mAP, micro mAP, F1s, subset accuracy), "
+                     f"{h['multilabel_rows']:,} rows x {h['multilabel_classes']:,} classes | {h['multilabel_s']:.2f} s | "
+                     f"scikit-learn's precision_recall_curve, average_precision_score, f1_score, accuracy_score "
+                     f"{h['multilabel_sklearn_s']:.2f} s | **{h['multilabel_speedup']:.1f}x** |")
     o = r.get("onnx")
     if o:
         lines.append(f"| `predict --model model.onnx` (ONNX Runtime, CPU, {o['image_size']} px, batch {o['batch_size']}) | "

@@ -94,13 +94,13 @@ def multilabel_metrics(probabilities, targets, class_names: list[str], threshold
         positives += truth.sum(0)
         row_hits, row_wrong = hit.sum(1), (pred ^ truth).sum(1)  # wrong: false positives + false negatives
         denominator = 2 * row_hits + row_wrong
-        samples_f1 += float(torch.where(denominator > 0, 2 * row_hits / denominator.clamp_min(1), 1.0).sum())
+        samples_f1 += float(torch.where(denominator > 0, 2 * row_hits.double() / denominator.clamp_min(1), 1.0).sum())
         exact += int((row_wrong == 0).sum())
     present = torch.nonzero(positives > 0).flatten().tolist()
     ap = average_precision(p, y).tolist()
     per_class = {name: (ap[c] if positives[c] > 0 else None) for c, name in enumerate(class_names)}
     false_neg = positives - true_pos
-    class_f1 = (2 * true_pos / (2 * true_pos + false_pos + false_neg).clamp_min(1)).double()
+    class_f1 = 2 * true_pos.double() / (2 * true_pos + false_pos + false_neg).clamp_min(1)
     total = int(2 * true_pos.sum() + false_pos.sum() + false_neg.sum())
     return {
         "n": rows,
