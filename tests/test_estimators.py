@@ -121,6 +121,16 @@ def test_logreg_lands_within_two_tenths_of_a_point_of_scikit_learn(synthetic):
     assert same_solver.best_C_ == ours.best_C_ and ours.n_iter_[0] >= 1
 
 
+def test_knn_takes_the_smallest_of_equally_good_ks():
+    """Well-separated clusters: every k is right on every validation row, and the smallest k is kept."""
+    gen = np.random.default_rng(0)
+    centres = np.array([[10.0, 0.0], [0.0, 10.0], [-10.0, 0.0]])
+    y, y_val = gen.integers(0, 3, 120), gen.integers(0, 3, 30)
+    x, x_val = centres[y] + gen.normal(0, 0.1, (120, 2)), centres[y_val] + gen.normal(0, 0.1, (30, 2))
+    knn = KNN(ks=(20, 3, 10)).fit(x, y, X_val=x_val, y_val=y_val)
+    assert knn.val_score_per_k_ == {3: 1.0, 10: 1.0, 20: 1.0} and knn.best_k_ == 3
+
+
 def test_knn_agrees_with_scikit_learns_weighted_neighbours(synthetic):
     from sklearn.neighbors import KNeighborsClassifier
 

@@ -170,6 +170,7 @@ def test_thresholds_maximise_each_classes_f1(tied, ranking_blocks):
         assert t[c] == cuts[np.flatnonzero(np.isclose(f1, f1.max(), rtol=1e-12, atol=0))[0]]
         assert f1_score(y[:, c], p[:, c] >= t[c]) == pytest.approx(f1.max())
     assert f1_thresholds(p, np.zeros_like(y)).tolist() == [0.5, 0.5, 0.5]  # no positives: 0.5
+    assert f1_thresholds(p[:0], y[:0]).tolist() == [0.5, 0.5, 0.5]  # no rows
     # F1 2/3 at 0.9 (1 of 1 right) and at 0.6 (2 of 4): the lower, precision_recall_curve's first maximum
     assert f1_thresholds(np.array([[0.9], [0.8], [0.7], [0.6]]), np.array([[1], [0], [0], [1]])).tolist() == [0.6]
 

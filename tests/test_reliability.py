@@ -151,6 +151,17 @@ def test_a_head_file_with_nan_weights_or_missing_fields_is_refused(tiny, tmp_pat
         del broken[field]
         torch.save(broken, tmp_path / f"no-{field}.pt")
         assert_clean_error(run_cli("predict", "--run", tmp_path / f"no-{field}.pt", tmp_path), "damaged head file")
+    # nor written: a head whose weights went non-finite after fit (edited in Python) is not saved
+    from dinoprobe import Probe, load_cache
+    from dinoprobe.errors import DinoprobeError
+
+    data = load_cache(tiny, "cls")
+    probe = Probe(head="linear", epochs=1).fit(data.X_train, data.y_train, X_val=data.X_val, y_val=data.y_val)
+    with torch.no_grad():
+        probe.head_[0].weight[0, 0] = float("inf")
+    with pytest.raises(DinoprobeError, match="not all finite"):
+        probe.save(tmp_path / "inf.pt")
+    assert not (tmp_path / "inf.pt").exists()
 
 
 def test_the_cache_lock_is_held_by_one_process_at_a_time(tmp_path):

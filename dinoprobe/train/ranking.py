@@ -92,6 +92,8 @@ def f1_thresholds(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     flat = scores.to(dtype).t().contiguous()
     truth = targets.t().bool()
     out = torch.full((flat.shape[0],), 0.5, dtype=dtype)
+    if flat.shape[1] == 0:  # no rows: no class has a positive
+        return out
     for start, ranked, hits in _sorted_blocks(flat, truth):
         true_pos = hits.to(dtype).cumsum(-1)
         rank = torch.arange(1, ranked.shape[1] + 1, device=ranked.device, dtype=dtype)
