@@ -2,8 +2,8 @@
 
 tqdm redraws its bar in place with carriage returns. Written to a file (a SLURM or nohup log, CI, `2> log`),
 every redraw is appended to one ever-growing line, up to ten a second, which grep and log viewers show as one
-endless line. So when stderr is not a terminal, each redraw becomes its own line, at most one every LOG_INTERVAL_S seconds (and
-the last one when the loop ends).
+endless line. So when stderr is not a terminal, each redraw becomes its own line, at most one every
+LOG_INTERVAL_S seconds (and the last one when the loop ends).
 """
 from __future__ import annotations
 
