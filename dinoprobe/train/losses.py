@@ -26,7 +26,7 @@ def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing:
     picked = logp.gather(-1, index).squeeze(-1)  # (N, B): log p of each row's label
     w_y = None if weights is None else weights[target]  # (1 or N, B)
     neg_loss = (picked if w_y is None else picked * w_y).sum(-1)
-    hit = -torch.ones((), dtype=logits.dtype, device=logits.device) if w_y is None else -w_y.unsqueeze(-1)
+    hit = logits.new_full((), -1.0) if w_y is None else -w_y.unsqueeze(-1)  # what the scatter adds at each label
     if smoothing is not None:
         keep, spread = (1 - smoothing).view(-1, 1, 1), (smoothing / classes).view(-1, 1, 1)
         every = logp.sum(-1) if weights is None else logp @ weights  # (N, B): sum_c w_c log p_c
