@@ -88,6 +88,38 @@ def atomic_path(path: str | Path):
     fsync_dir(path.parent)
 
 
+class _KeepsWriteErrors:
+    """A binary file that remembers the OSError a write met. torch.save turns a failed write into its own
+    RuntimeError ("unexpected pos 2752 vs 2646") and drops the system's reason (No space left on device)."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """`atomic_path` for writers that take an open binary file (torch.save): a failed write is raised as the
+    system's OSError, whatever the writer made of it."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        keeper = _KeepsWriteErrors(fh)
+        try:
+            yield keeper
+        except Exception:
+            if keeper.error is not None:
+                raise keeper.error from None
+            raise
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

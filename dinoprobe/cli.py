@@ -625,9 +625,10 @@ def _print_predictions(results: list[dict], errors: list, fmt: str, topk: int) -
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="File to write, e.g. model.pt (outside the run directory)")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file")
-@click.option("--format", "fmt", type=click.Choice(["pt", "onnx"]), default="pt", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(["pt", "onnx"]), default=None,
               help="pt: torch, weights_only-loadable; onnx: one graph (pixels -> probabilities, features) with the "
-                   "transform and class names in its metadata, for ONNX Runtime")
+                   "transform and class names in its metadata, for ONNX Runtime  [default: onnx for a .onnx file, "
+                   "else pt]")
 @click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True, help="ONNX opset (onnx only)")
 @click.option("--fp16", is_flag=True, help="ONNX only: float16 weights (half the file; probabilities within 3e-4)")
 @click.option("--weights", default=None, help="Backbone weights [default: those recorded in the head file]")
@@ -639,6 +640,7 @@ def export(head_path, out, overwrite, fmt, opset, fp16, weights, allow_weights_m
     from dinoprobe.runs.predict import backbone_for_head
     from dinoprobe.train.headfile import load_head_file
 
+    fmt = _export_format(out, fmt)
     head_file = load_head_file(head_path)
     check_export_target(out, head_file, overwrite)  # before the backbone is built
     backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
@@ -652,6 +654,17 @@ def export(head_path, out, overwrite, fmt, opset, fp16, weights, allow_weights_m
     path = run_export(head_file, backbone, out, overwrite)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); load with "
                "dinoprobe.runs.export.load_exported(path)")
+
+
+def _export_format(out: str, fmt: str | None) -> str:
+    """The format a file's name says, unless --format says otherwise; a torch file named .onnx (or an ONNX graph
+    named .pt) is refused, since every tool that opens it by its name would fail."""
+    suffix = Path(out).suffix.lower()
+    named = "onnx" if suffix == ".onnx" else "pt" if suffix in (".pt", ".pth") else None
+    if fmt is not None and named is not None and fmt != named:
+        raise click.UsageError(f"--format {fmt} does not match the file name '{out}': name it "
+                               f"{Path(out).with_suffix('.onnx' if fmt == 'onnx' else '.pt').name}, or drop --format")
+    return fmt or named or "pt"
 
 
 # ------------------------------------------------------------------------------------------------------ sweep

@@ -83,6 +83,13 @@ def run_cli(*args, check=False, env=None, timeout=300, in_process=True) -> subpr
     return proc
 
 
+def with_file_size_limit(cmd: list[str], kib: int) -> list[str]:
+    """`cmd` as a process whose writes fail with EFBIG past `kib` KiB per file — a full disk met by whatever library
+    writes (HDF5, torch.save, ONNX), not a Python function a test swapped. bash's `ulimit -f` sets RLIMIT_FSIZE;
+    SIGXFSZ ignored (it survives exec) makes the write fail instead of killing the process."""
+    return ["bash", "-c", 'trap "" XFSZ; ulimit -f "$0"; exec "$@"', str(kib), *map(str, cmd)]
+
+
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit != 0, an 'Error:' line naming the problem, and no Python traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr

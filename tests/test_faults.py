@@ -28,6 +28,7 @@ from conftest import (
     finished_shards,
     make_folder,
     run_cli,
+    with_file_size_limit,
     write_image,
 )
 
@@ -120,6 +121,24 @@ def test_a_failing_write_is_a_clear_error_and_the_cache_stays_valid(backbone, sm
     monkeypatch.setattr(extract_module, "write_shard", real_write)
     summary = extract(backbone, open_source(str(small_folder)), tmp_path / "c", **kwargs)
     assert summary.rows["train"] == 20 and cache.verify(tmp_path / "c") == []
+
+
+@pytest.mark.slow
+def test_a_write_failing_inside_hdf5_is_one_line_and_the_rerun_completes_the_cache(small_folder, reference, tmp_path):
+    """A shard larger than the file-size limit: its write fails as on a full disk. HDF5 writing the file itself
+    printed errors h5py could not raise and segfaulted at exit (found on a real full tmpfs); shards are now built in
+    memory and written by Python."""
+    cache_dir = tmp_path / "c"
+    proc = subprocess.run(with_file_size_limit(features_cmd(small_folder, cache_dir), kib=8), capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 1, proc.stderr  # not 139 (SIGSEGV)
+    assert_clean_error(proc, "writing the cache failed", "File too large", "rerun")
+    assert "Exception ignored" not in proc.stderr and "HDF5" not in proc.stderr, proc.stderr
+    assert not list(cache_dir.glob("*/.shard-*"))  # the partial temporary file is removed
+    problems = cache.verify(cache_dir)
+    assert problems and all("incomplete" in p for p in problems)
+    subprocess.run(features_cmd(small_folder, cache_dir), check=True, capture_output=True, cwd=REPO)
+    _assert_same_rows(reference, cache_dir)
 
 
 def test_a_decoding_worker_killed_by_the_system_is_a_clear_error_and_the_rerun_resumes(small_folder, reference,

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_clean_error, run_cli
+from conftest import REPO, assert_clean_error, run_cli, with_file_size_limit
 
 onnx = pytest.importorskip("onnx")  # the `onnx` extra; the dev extras include it
 ort = pytest.importorskip("onnxruntime")
@@ -24,7 +24,8 @@ def exports(photos, tmp_path_factory):
                                       ("linear48", 48, "linear", "cls")):
         run_cli("probe", "--cache", base / f"c{size}", "--out", base / name, "--head", head, "--feature", feature,
                 "--epochs", 5, "--hidden", 32, check=True)
-        run_cli("export", "--run", base / name, "--out", base / f"{name}.onnx", "--format", "onnx", check=True)
+        fmt = () if name == "linear48" else ("--format", "onnx")  # linear48: the format a .onnx name says
+        run_cli("export", "--run", base / name, "--out", base / f"{name}.onnx", *fmt, check=True)
         made[name] = (base / name, base / f"{name}.onnx")
     return made
 
@@ -110,6 +111,26 @@ def test_onnx_errors_name_the_fix(exports, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(DinoprobeError, match=r"pip install 'dinoprobe\[onnx\]'"):
         OnnxClassifier(path)
+
+
+def test_a_format_the_file_name_contradicts_is_refused(exports, tmp_path):
+    run, _ = exports["linear32"]
+    for fmt, name in (("pt", "model.onnx"), ("onnx", "model.pt")):
+        proc = run_cli("export", "--run", run, "--out", tmp_path / name, "--format", fmt)
+        assert proc.returncode == 2 and "does not match the file name" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["pt", "onnx"])
+def test_a_full_disk_under_an_export_is_one_line_and_leaves_nothing(exports, tmp_path, fmt):
+    """Writes past 1 MiB fail with EFBIG, as on a full disk: torch.save reported it as 'unexpected pos' (a
+    traceback), the ONNX exporter's OSError was blamed on the model."""
+    run, _ = exports["linear32"]
+    cmd = [sys.executable, "-m", "dinoprobe", "export", "--run", run, "--out", tmp_path / f"model.{fmt}"]
+    proc = subprocess.run(with_file_size_limit(cmd, kib=1024), capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert_clean_error(proc, "File too large", "free disk space")
+    assert list(tmp_path.iterdir()) == []  # no partial file, no temporary left
 
 
 def test_the_readmes_onnxruntime_example_runs_verbatim(exports, photos, tmp_path, monkeypatch):

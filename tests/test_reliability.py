@@ -1,12 +1,14 @@
 """Attacks on run directories, caches and inputs: nothing lost, nothing silently wrong, one `Error:` line."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from dinoprobe.cache import store as cache
 
-from conftest import assert_clean_error, make_synthetic_cache, run_cli
+from conftest import REPO, assert_clean_error, make_synthetic_cache, run_cli, with_file_size_limit
 
 DEAD_PID = 4_194_999  # above Linux's largest pid: no process can hold it
 
@@ -288,6 +290,17 @@ def test_a_damaged_export_is_refused_naming_it(tiny, tmp_path):
     torch.save({"format": EXPORT_FORMAT, "model_name": "vit_small_patch16_dinov3.lvd1689m"}, tmp_path / "x.pt")
     with pytest.raises(DinoprobeError, match="damaged dinoprobe export"):
         load_exported(tmp_path / "x.pt")
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_torch_save_is_the_systems_reason(tiny, tmp_path):
+    """head.pt (45 KB here) is the run's first file past 16 KiB: its write fails with EFBIG, which torch.save
+    reports as 'unexpected pos 2752 vs 2646' unless the file under it keeps the system's error."""
+    cmd = [sys.executable, "-m", "dinoprobe", "probe", "--cache", tiny, "--out", tmp_path / "run", "--head", "mlp",
+           "--hidden", 1024, "--epochs", 2]
+    proc = subprocess.run(with_file_size_limit(cmd, kib=16), capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert_clean_error(proc, "writing the run directory", "File too large")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_read_only_or_full_disk_at_the_run_directory_is_one_line_and_keeps_the_old_run(tiny, tmp_path, monkeypatch):

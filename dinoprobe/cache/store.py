@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dinoprobe.atomic import atomic_path, write_json
+from dinoprobe.atomic import write_bytes, write_json
 from dinoprobe.errors import DinoprobeError
 
 MANIFEST = "manifest.json"
@@ -124,28 +124,34 @@ def write_shard(cache_dir: Path, split: str, number: int, start: int, stop: int,
                 dtype: str, skipped: list[dict]) -> dict:
     """Write one complete shard atomically and return its manifest entry."""
     final = Path(cache_dir) / shard_file(split, number)
-    n = len(rows["index"])
-    with atomic_path(final) as tmp:
-        # no HDF5 file lock: the cache has its own (CacheLock), and DataLoader workers forked while this thread
-        # writes would inherit the lock with the descriptor and make the finished shard unreadable while they live
-        with h5py.File(tmp, "w", locking=False) as fh:
-            for kind in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS):
-                if kind in rows:
-                    fh.create_dataset(kind, data=rows[kind].astype(dtype, copy=False))
-            if "labels" in rows:  # multi-label: (N, classes) 0/1
-                fh.create_dataset("labels", data=rows["labels"].astype(np.uint8, copy=False))
-            else:
-                fh.create_dataset("label", data=rows["label"].astype(np.int64, copy=False))
-            fh.create_dataset("index", data=rows["index"].astype(np.int64, copy=False))
-            fh.create_dataset("path", data=np.asarray(rows["path"], dtype=object),
-                              dtype=h5py.string_dtype("utf-8"))
-            fh.attrs.update({"split": split, "start": start, "stop": stop, "format": FORMAT_VERSION})
-        entry = {"file": shard_file(split, number), "start": start, "stop": stop, "rows": n,
-                 "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), "skipped": skipped}
+    image = shard_image(split, start, stop, rows, dtype)
+    # HDF5 builds the file in memory and Python's own writes put it on disk: HDF5 writing a file itself meets a full
+    # disk inside its C library (h5py then prints errors it cannot raise and the process may segfault at exit),
+    # while a plain write raises OSError — one clear line, and the partial temporary file is removed
+    write_bytes(final, image)
+    entry = {"file": shard_file(split, number), "start": start, "stop": stop, "rows": len(rows["index"]),
+             "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest(), "skipped": skipped}
     # the entry also lives beside the shard, so a shard finished by any process (another torchrun rank, or a run
     # killed between this rename and its manifest update) can be adopted into the manifest later
     write_json(final.with_suffix(".json"), entry)
     return entry
+
+
+def shard_image(split: str, start: int, stop: int, rows: dict[str, np.ndarray], dtype: str) -> memoryview:
+    """The bytes of one shard's HDF5 file."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as fh:
+        for kind in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS):
+            if kind in rows:
+                fh.create_dataset(kind, data=rows[kind].astype(dtype, copy=False))
+        if "labels" in rows:  # multi-label: (N, classes) 0/1
+            fh.create_dataset("labels", data=rows["labels"].astype(np.uint8, copy=False))
+        else:
+            fh.create_dataset("label", data=rows["label"].astype(np.int64, copy=False))
+        fh.create_dataset("index", data=rows["index"].astype(np.int64, copy=False))
+        fh.create_dataset("path", data=np.asarray(rows["path"], dtype=object), dtype=h5py.string_dtype("utf-8"))
+        fh.attrs.update({"split": split, "start": start, "stop": stop, "format": FORMAT_VERSION})
+    return buffer.getbuffer()
 
 
 def adopt_finished_shards(cache_dir: Path, manifest: dict) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dinoprobe.atomic import atomic_path
+from dinoprobe.atomic import atomic_file, atomic_path
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select
 from dinoprobe.device import environment
 from dinoprobe.errors import DinoprobeError
@@ -123,6 +123,8 @@ def export_onnx(head_file: HeadFile, backbone: Backbone, out: str | Path, overwr
                               output_names=["probabilities", "features"],
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
                               opset_version=opset, external_data=False, verbose=False)
+        except OSError:
+            raise  # the disk's or folder's fault (full, read-only), not the model's: the CLI names the system's reason
         except Exception as err:
             raise DinoprobeError(f"ONNX export of {backbone.model_name} failed at opset {opset} "
                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); export the .pt format "
@@ -161,8 +163,8 @@ def export(head_file: HeadFile, backbone: Backbone, out: str | Path, overwrite: 
         "environment": environment(),  # what wrote this file, for whoever ships it
         **({"thresholds": head_file.thresholds} if head_file.multilabel else {}),
     }
-    with atomic_path(out) as tmp:
-        torch.save(payload, tmp)
+    with atomic_file(out) as fh:
+        torch.save(payload, fh)
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dinoprobe import __version__
-from dinoprobe.atomic import atomic_path
+from dinoprobe.atomic import atomic_file
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
 
@@ -83,8 +83,8 @@ def save_head(path, head, spec, normalizer, class_names, cache=None, train_confi
     if not all(torch.isfinite(v).all() for v in payload["classifier_state_dict"].values()):
         raise DinoprobeError("the head's weights are not all finite (training diverged); not saved — lower the "
                              "learning rate and train again")
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_file(path) as fh:
+        torch.save(payload, fh)
     return path
 
 
