@@ -153,8 +153,9 @@ def pipeline_rate(backbone, source, tmp: Path, batch: int, workers: int, device:
 
 def decode_rates(paths: list[str], config, repeats: int) -> dict:
     """Decode + resize + crop alone (no backbone), images/s: PIL's reference path vs --decoder torchvision."""
-    from dinoprobe.extract.decode import TorchvisionDecode, load_rgb
+    from dinoprobe.extract.decode import TorchvisionDecode
     from dinoprobe.extract.transforms import worker_transform
+    from dinoprobe.imagefiles import load_rgb
 
     pil, tv = worker_transform(config), TorchvisionDecode(config)
     decoders = {"pil": lambda p: pil(load_rgb(p)), "torchvision": tv}

@@ -7,9 +7,9 @@ from PIL import Image
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.datasets import ImageFileDataset
-from dinoprobe.extract.decode import SkippedInput, load_rgb
 from dinoprobe.extract.sources import open_source
 from dinoprobe.extract.transforms import Preprocess, worker_transform
+from dinoprobe.imagefiles import SkippedInput, load_rgb
 from dinoprobe.splits import carve_val
 
 from conftest import make_folder, write_image

@@ -10,10 +10,11 @@ from PIL import Image
 from dinoprobe.cache import store as cache
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.datasets import collate
-from dinoprobe.extract.decode import DeviceDecoder, SkippedInput, TorchvisionDecode, load_rgb
+from dinoprobe.extract.decode import DeviceDecoder, TorchvisionDecode
 from dinoprobe.extract.run import extract
 from dinoprobe.extract.sources import open_source
 from dinoprobe.extract.transforms import worker_transform
+from dinoprobe.imagefiles import SkippedInput, load_rgb
 
 from conftest import SIZE, assert_clean_error, run_cli, write_image
 

@@ -90,8 +90,8 @@ def test_dinov2_preset_searches_blocks_patch_mean_and_13_learning_rates(block_ca
 def test_dinov3_transform_gives_torchvision_v2_pixels(photos):
     from torchvision.transforms import v2
 
-    from dinoprobe.extract.decode import load_rgb
     from dinoprobe.extract.transforms import worker_transform
+    from dinoprobe.imagefiles import load_rgb
 
     backbone = build_backbone(MODEL, "random", 224, log=lambda *_: None, transform="dinov3")
     config = backbone.data_config
@@ -109,8 +109,8 @@ def test_dinov3_transform_gives_torchvision_v2_pixels(photos):
 def test_dinov3_transform_at_crop_pct_1_is_its_logistic_regressions(photos):
     from torchvision.transforms import v2
 
-    from dinoprobe.extract.decode import load_rgb
     from dinoprobe.extract.transforms import worker_transform
+    from dinoprobe.imagefiles import load_rgb
 
     config = build_backbone(MODEL, "random", 224, log=lambda *_: None, transform="dinov3", crop_pct=1.0).data_config
     assert (config.resize_size, config.image_size, config.crop_pct) == (224, 224, 1.0)
@@ -128,8 +128,8 @@ def test_square_transform_is_the_readmes_make_transform_and_the_hugging_face_pro
     from torchvision.transforms import v2
     from transformers import DINOv3ViTImageProcessor
 
-    from dinoprobe.extract.decode import load_rgb
     from dinoprobe.extract.transforms import Preprocess, worker_transform
+    from dinoprobe.imagefiles import load_rgb
 
     config = build_backbone(MODEL, "random", size, log=lambda *_: None, transform="square").data_config
     assert (config.name, config.resize_size, config.crop_pct, config.interpolation) == ("square", size, 1.0, "bilinear")

@@ -356,7 +356,7 @@ def test_an_input_larger_than_any_image_within_the_guard_is_skipped_unread(backb
     """A 30 x 30 JPEG followed by 16 MB (sparse) decodes fine, but no image within a 5,000-pixel guard needs more
     than 8 bytes a pixel + 16 MiB: skipped before anything reads it whole, whichever the decoder."""
     from dinoprobe.extract.datasets import ImageFileDataset
-    from dinoprobe.extract.decode import max_encoded_bytes
+    from dinoprobe.imagefiles import max_encoded_bytes
 
     root = make_folder(tmp_path / "d", per_class=2)
     padded = root / "train" / "cat" / "padded.jpg"

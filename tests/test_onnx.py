@@ -44,6 +44,33 @@ def test_onnx_runtime_gives_predicts_probabilities(exports, photos, name):
             np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-4)
 
 
+def test_odd_and_hostile_images_are_opened_as_predict_opens_them(exports, tmp_path):
+    """16-bit, palette + transparency and CMYK files give `predict --run`'s probabilities (ONNX's own PIL path
+    clipped 16-bit to white), and a 3 KB 1,000,000 x 1 PNG is skipped with the same reason (ONNX's path resized it
+    to 32,000,000 x 32 pixels here, 224,000,000 x 224 at 224 px: a memory bomb)."""
+    from PIL import Image
+
+    from conftest import write_image
+
+    run, model = exports["linear32"]
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 65536, (40, 30), dtype=np.uint16)).save(tmp_path / "deep.png")
+    palette = Image.fromarray(rng.integers(0, 4, (30, 40), dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] * 64)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    write_image(tmp_path / "cmyk.jpg", 1, (40, 30), "CMYK")
+    Image.new("L", (1_000_000, 1)).save(tmp_path / "wide.png")
+    ours = run_cli("predict", "--run", run, "--format", "json", "--top-k", 2, tmp_path, check=True)
+    theirs = run_cli("predict", "--model", model, "--format", "json", "--top-k", 2, tmp_path, check=True)
+    skipped = [line for line in theirs.stderr.splitlines() if line.startswith("skipped")]
+    assert skipped == [line for line in ours.stderr.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and "wide.png" in skipped[0] and "extreme aspect ratio" in skipped[0]
+    ours, theirs = json.loads(ours.stdout), json.loads(theirs.stdout)
+    assert [r["path"] for r in theirs] == [r["path"] for r in ours] and len(ours) == 3
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-4, err_msg=a["path"])
+
+
 def test_the_graph_has_one_input_and_its_metadata_round_trips(exports, photos):
     from dinoprobe.runs.onnx_predict import OnnxClassifier
     from dinoprobe.train.headfile import load_head_file

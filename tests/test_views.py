@@ -95,8 +95,8 @@ def test_view_forwards_take_at_most_a_batch_and_give_each_views_features(view_ca
     # through timm's model one at a time
     from torchvision.transforms.v2.functional import normalize
 
-    from dinoprobe.extract.decode import load_rgb
     from dinoprobe.extract.transforms import Views
+    from dinoprobe.imagefiles import load_rgb
 
     data = cache.load(tmp_path / "c", "train", "cls_views")
     views = Views(backbone.data_config, 3, kw["augment"])(load_rgb(data["path"][0]), int(data["index"][0]))

@@ -13,8 +13,9 @@ from PIL import Image
 
 from dinoprobe.device import SHARED_MEMORY, loader_prefetch, shared_memory_free
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, SkippedInput, check_encoded_size, load_rgb
 from dinoprobe.extract.transforms import DataConfig, Views, worker_transform
+from dinoprobe.imagefiles import SkippedInput, check_encoded_size, load_rgb
+from dinoprobe.settings import DEFAULT_MAX_PIXELS
 
 
 class ImageFileDataset(torch.utils.data.Dataset):

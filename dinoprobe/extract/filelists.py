@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.datasource import SPLIT_NAMES, DataSource, detect_task, with_val
-from dinoprobe.extract.decode import SkippedInput
+from dinoprobe.imagefiles import SkippedInput
 from dinoprobe.network import hub_endpoint, reachable
 
 IMAGE_COLUMNS = ("image", "img", "picture", "photo")

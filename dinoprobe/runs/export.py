@@ -11,8 +11,8 @@ from dinoprobe.cache.specs import blocks_needed, parse_feature, select
 from dinoprobe.device import environment
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import Backbone, create_model, load_strict, token_features
-from dinoprobe.extract.decode import load_rgb
 from dinoprobe.extract.transforms import DataConfig, Preprocess, worker_transform
+from dinoprobe.imagefiles import load_rgb
 from dinoprobe.train.headfile import HeadFile
 from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
 

@@ -9,12 +9,13 @@ to within an intensity level; for timm's transform (the default) the pixels are 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.imagefiles import expand_inputs
+from dinoprobe.imagefiles import SkippedInput, check_encoded_size, expand_inputs, load_rgb, to_rgb
 from dinoprobe.runs.labelling import check_threshold, labelled
 from dinoprobe.settings import DEFAULT_MAX_PIXELS
 
@@ -58,18 +59,17 @@ class OnnxClassifier:
         self.size = int(self.transform["image_size"])
 
     def preprocess(self, image) -> np.ndarray:
-        """A path or PIL image -> (3, S, S) float32 RGB in [0, 1], as the metadata's transform says."""
-        from PIL import Image, ImageOps
+        """A path or PIL image -> (3, S, S) float32 RGB in [0, 1], as the metadata's transform says. A path is
+        opened as `dinoprobe predict --run` opens it: the same size guards (SkippedInput names the reason), the
+        same conversion of 16-bit, palette and CMYK images to RGB."""
+        from PIL import Image
 
-        if not isinstance(image, Image.Image):
-            with Image.open(image) as opened:
-                width, height = opened.size
-                if width * height > DEFAULT_MAX_PIXELS:
-                    raise DinoprobeError(f"{image}: {width}x{height} exceeds the {DEFAULT_MAX_PIXELS:,}-pixel guard")
-                image = ImageOps.exif_transpose(opened)
-                image.load()
-        image = image.convert("RGB")
         cfg, size = self.transform, self.size
+        if isinstance(image, Image.Image):
+            image = to_rgb(image)
+        else:
+            check_encoded_size(os.path.getsize(image), DEFAULT_MAX_PIXELS)
+            image = load_rgb(image, DEFAULT_MAX_PIXELS, resize_to=int(cfg["resize_size"]))
         resample = getattr(Image.Resampling, RESAMPLE.get(cfg.get("interpolation", "bicubic"), "BICUBIC"))
         if cfg.get("name") == "square":
             image = image.resize((size, size), resample)
@@ -103,9 +103,9 @@ class OnnxClassifier:
                 try:
                     batch.append(self.preprocess(file))
                     names.append(file)
-                except DinoprobeError as err:
+                except SkippedInput as err:  # unreadable, truncated, not an image, past a size guard
                     errors.append((file, str(err)))
-                except Exception as err:  # unreadable, truncated, not an image: a reason, not a crash
+                except Exception as err:  # a file gone since it was listed: a reason, not a crash
                     errors.append((file, f"{type(err).__name__}: {str(err)[:160]}"))
             if not batch:
                 continue

@@ -11,10 +11,11 @@ from dinoprobe.device import autocast, default_workers, resolve_device, resolve_
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import Backbone, build_backbone
 from dinoprobe.extract.datasets import DecodingLoader, ImageFileDataset
-from dinoprobe.extract.decode import DEFAULT_MAX_PIXELS, TorchvisionDecode
+from dinoprobe.extract.decode import TorchvisionDecode
 from dinoprobe.extract.transforms import DataConfig, Preprocess
 from dinoprobe.imagefiles import expand_inputs
 from dinoprobe.runs.labelling import check_threshold, labelled
+from dinoprobe.settings import DEFAULT_MAX_PIXELS
 from dinoprobe.train.headfile import HeadFile
 
 

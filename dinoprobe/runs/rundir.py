@@ -72,7 +72,8 @@ def check_run_dir(out: Path, overwrite: bool, command: str = "probe", protect=()
     if not parent.is_dir():
         raise DinoprobeError(f"cannot write '{out}': '{parent}' is a file, not a folder; choose another --out")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise DinoprobeError(f"cannot write into '{parent}' (permission denied); choose an --out you can write")
+        raise DinoprobeError(f"cannot write into '{parent}' (a read-only file system, or no write permission); "
+                             "choose an --out you can write")
 
 
 @contextlib.contextmanager
