@@ -146,16 +146,16 @@ def test_manifest_edited_to_another_row_count_is_caught(backbone, tmp_path):
 
 def test_second_writer_is_refused_and_stale_lock_recovered(tmp_path):
     (tmp_path / "c").mkdir()
-    with cache.CacheLock(tmp_path / "c"):
+    with cache.FolderLock(tmp_path / "c"):
         lock = (tmp_path / "c" / ".lock").read_text()
         assert lock == str(os.getpid())
-        child = subprocess.run([sys.executable, "-c", "import sys; from dinoprobe.cache.store import CacheLock\n"
-                                f"with CacheLock({str(tmp_path / 'c')!r}): pass"], capture_output=True, text=True)
+        child = subprocess.run([sys.executable, "-c", "import sys; from dinoprobe.cache.store import FolderLock\n"
+                                f"with FolderLock({str(tmp_path / 'c')!r}): pass"], capture_output=True, text=True)
         assert child.returncode != 0 and f"pid {os.getpid()}" in child.stderr
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "c" / ".lock").write_text(str(dead.pid))
-    with cache.CacheLock(tmp_path / "c"):
+    with cache.FolderLock(tmp_path / "c"):
         pass
     assert not (tmp_path / "c" / ".lock").exists()
 

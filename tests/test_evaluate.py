@@ -6,7 +6,7 @@ import pytest
 
 from dinoprobe.runs import evaluate as evaluate_module
 
-from conftest import make_synthetic_cache, run_cli
+from conftest import assert_clean_error, make_synthetic_cache, run_cli
 
 QUICK = ["--epochs", 1, "--epoch-length", 5]
 
@@ -74,6 +74,21 @@ def test_evaluate_refuses_a_bad_request_before_training(caches, tmp_path):
     assert run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", "--shots", "zero").returncode == 1
     proc = run_cli("evaluate", "--cache", caches[0], "--out", caches[0] / "eval")
     assert proc.returncode == 1 and "overlaps the cache" in proc.stderr and not (caches[0] / "eval").exists()
+
+
+def test_a_second_evaluate_on_the_same_out_waits_for_none_and_names_the_first(caches, tmp_path):
+    """A job submitted twice: the second would race the first for the same protocol runs. The lock is taken as
+    another process would (flock locks an open file, so this process's second open conflicts too)."""
+    import os
+
+    from dinoprobe.cache.store import FolderLock
+
+    with FolderLock(tmp_path / "e", what="evaluation"):
+        proc = run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK)
+        assert_clean_error(proc, f"another dinoprobe process (pid {os.getpid()}) is writing")
+        assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [".lock"]  # nothing trained
+    run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK, check=True)
+    assert not (tmp_path / "e" / ".lock").exists()
 
 
 def test_runs_of_another_cache_are_never_reused(caches, tmp_path):

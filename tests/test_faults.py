@@ -299,8 +299,8 @@ def test_features_with_little_shared_memory_warns_and_keeps_one_batch_per_worker
 
 @pytest.mark.slow
 def test_a_second_writer_on_the_same_cache_is_refused_until_the_first_dies(small_folder, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dinoprobe.cache.store import CacheLock\n"
-                               f"with CacheLock({str(tmp_path / 'c')!r}):\n    print('locked', flush=True)\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dinoprobe.cache.store import FolderLock\n"
+                               f"with FolderLock({str(tmp_path / 'c')!r}):\n    print('locked', flush=True)\n"
                                "    time.sleep(300)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert holder.stdout.readline().strip() == "locked"
     second = subprocess.run(features_cmd(small_folder, tmp_path / "c"), capture_output=True, text=True, cwd=REPO)

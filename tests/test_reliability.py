@@ -172,8 +172,8 @@ def test_the_cache_lock_is_held_by_one_process_at_a_time(tmp_path):
     import subprocess
     import sys
 
-    code = ("import os, sys, time\nfrom dinoprobe.cache.store import CacheLock\nfrom dinoprobe.errors import "
-            "DinoprobeError\nfor _ in range(40):\n    try:\n        with CacheLock(sys.argv[1]):\n"
+    code = ("import os, sys, time\nfrom dinoprobe.cache.store import FolderLock\nfrom dinoprobe.errors import "
+            "DinoprobeError\nfor _ in range(40):\n    try:\n        with FolderLock(sys.argv[1]):\n"
             "            fd = os.open(os.path.join(sys.argv[1], 'held'), os.O_CREAT | os.O_EXCL)\n"
             "            time.sleep(0.01)\n            os.close(fd)\n            os.unlink(os.path.join(sys.argv[1], "
             "'held'))\n        # what a killed writer leaves: a lock file naming a dead pid, for the others to take over\n"
@@ -223,7 +223,7 @@ def test_verify_reports_a_manifest_entry_without_its_hash(tiny, tmp_path):
 def test_temporary_files_never_follow_a_planted_symlink(tmp_path):
     """The old temporary name was predictable (.NAME.tmp-PID): a link planted there redirected the write."""
     from dinoprobe.atomic import write_json
-    from dinoprobe.cache.store import CacheLock
+    from dinoprobe.cache.store import FolderLock
     from dinoprobe.errors import DinoprobeError
 
     victim = tmp_path / "victim.txt"
@@ -233,7 +233,7 @@ def test_temporary_files_never_follow_a_planted_symlink(tmp_path):
     assert victim.read_text() == "precious" and json.loads((tmp_path / "manifest.json").read_text()) == {"a": 1}
     os.symlink(victim, tmp_path / ".lock")
     with pytest.raises(DinoprobeError, match="not a link"):
-        with CacheLock(tmp_path):
+        with FolderLock(tmp_path):
             pass
     assert victim.read_text() == "precious"
 

@@ -372,14 +372,15 @@ def skipped_inputs(manifest: dict, split: str | None = None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------- lock
-class CacheLock:
-    """One writer per cache: an exclusive `flock` on CACHE/.lock. The kernel grants it to one process at a time and
-    releases it when the holder exits or dies, so there is no stale lock to take over and no check-then-act race.
-    The file records the holder's pid for the message and is removed on exit; a process that locked a file just
-    removed (its inode no longer at the path) tries again, so two writers can never hold two different files."""
+class FolderLock:
+    """One writer per folder (a cache, an evaluation's --out): an exclusive `flock` on FOLDER/.lock. The kernel grants
+    it to one process at a time and releases it when the holder exits or dies, so there is no stale lock to take
+    over and no check-then-act race. The file records the holder's pid for the message and is removed on exit; a
+    process that locked a file just removed (its inode no longer at the path) tries again, so two writers can never
+    hold two different files. `what` names the folder in messages."""
 
-    def __init__(self, cache_dir: str | Path):
-        self.path = Path(cache_dir) / LOCK
+    def __init__(self, folder: str | Path, what: str = "cache"):
+        self.path, self.what = Path(folder) / LOCK, what
         self.fd: int | None = None
 
     def __enter__(self):
@@ -391,7 +392,8 @@ class CacheLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as err:
                 raise DinoprobeError(f"cannot create the lock file {self.path} ({err.strerror}); check that the "
-                                     "cache folder is writable, has free space and that .lock is not a link") from None
+                                     f"{self.what} folder is writable, has free space and that .lock is not a "
+                                     "link") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -402,9 +404,10 @@ class CacheLock:
             except OSError as err:  # ENOLCK, ENOSYS, EOPNOTSUPP: a filesystem without flock
                 os.close(fd)
                 raise DinoprobeError(f"the filesystem of {self.path.parent} does not support file locks (flock: "
-                                     f"{err.strerror}), which keep two writers off one cache — common on NFS without "
-                                     "a lock daemon and on Lustre mounted without -o flock; put the cache on a local "
-                                     "disk or a filesystem with locks, and copy it where you need it") from None
+                                     f"{err.strerror}), which keep two writers off one {self.what} — common on NFS "
+                                     "without a lock daemon and on Lustre mounted without -o flock; put the "
+                                     f"{self.what} on a local disk or a filesystem with locks, and copy it where you "
+                                     "need it") from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:

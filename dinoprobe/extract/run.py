@@ -20,7 +20,7 @@ from dinoprobe import __version__
 from dinoprobe.atomic import write_json
 from dinoprobe.cache.store import (
     MANIFEST,
-    CacheLock,
+    FolderLock,
     adopt_finished_shards,
     fingerprint_differences,
     new_manifest,
@@ -301,7 +301,7 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
     with contextlib.ExitStack() as stack:
         error = None
         if rank == 0:
-            stack.enter_context(CacheLock(cache_dir))
+            stack.enter_context(FolderLock(cache_dir))
             try:
                 manifest = prepare_manifest(cache_dir, fingerprint, source, o.shard_size, o.overwrite, extra)
                 summary.repaired = drop_broken_shards(cache_dir, manifest)

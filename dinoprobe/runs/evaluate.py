@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from dinoprobe.atomic import write_json, write_text
-from dinoprobe.cache.store import open_manifest
+from dinoprobe.cache.store import FolderLock, open_manifest
 from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.knn import KNN
@@ -99,58 +99,61 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
                                  "cache without it")
         manifests.append(manifest)
     out.mkdir(parents=True, exist_ok=True)
-    bases, taken = [], set()
-    for cache_dir, manifest in zip(caches, manifests):
-        name = cache_name(cache_dir, taken)
-        taken.add(name)
-        claim(out / name, cache_dir, manifest)
-        bases.append(out / name)
-    preset = SUITES[protocol]
-    overrides = {k: [v] for k, v in (linear_overrides or {}).items()}
-    rows = []
-    for cache_dir, manifest, base in zip(caches, manifests, bases):
-        name = base.name
-        fp = manifest["fingerprint"]
-        multilabel = manifest.get("task") == "multilabel"
-        score, metric = ("map_macro", "map") if multilabel else ("top1", "top1")  # what each protocol reports
-        transform = fp.get("transform", {})
-        row = {"cache": name, "model": fp.get("model"), "weights": fp.get("weights", {}).get("source"),
-               "image_size": transform.get("image_size"), "transform": transform.get("name", "timm"),
-               "crop_pct": transform.get("crop_pct")}
-        features = [f for f in PROTOCOLS[preset]["features"]]
-        log(f"{name}: linear ({preset})")
-        linear = _finished(base / "linear", "sweep")
-        if linear is None:
-            search = Sweep(Probe(device=device), preset=preset, param_grid=overrides)
-            _, linear = run_sweep(cache_dir, base / "linear", search, features=features)
-        best = json.loads((base / "linear" / "best" / "run.json").read_text())["config"]
-        row.update({f"linear_val_{metric}": linear.get("val", {}).get(score),
-                    f"linear_test_{metric}": linear.get("test", {}).get(score),
-                    "linear_best": f"{best['feature']} lr {best['lr']:g}"})
-        log(f"{name}: logistic regression")
-        logreg = _finished(base / "logreg", "logreg") or run_logreg(cache_dir, base / "logreg",
-                                                                   LogReg.dinov3(device=device))
-        row.update({f"logreg_val_{metric}": logreg.get("val", {}).get(score),
-                    f"logreg_test_{metric}": logreg.get("test", {}).get(score), "logreg_C": logreg["best_c"]})
-        log(f"{name}: k-NN")
-        knn = _finished(base / "knn", "knn") or run_knn(cache_dir, base / "knn", KNN(device=device))
-        knn_scores = knn[f"{metric}_per_k"]
-        per_k = knn_scores.get("test") or knn_scores["val"]
-        row.update({f"knn_{'test' if 'test' in knn_scores else 'val'}_{metric}_k{k}": v for k, v in per_k.items()})
-        row["knn_val_best_k"] = knn["k"]
-        for k in shots:
-            log(f"{name}: few-shot logistic regression, {k} per class x {tries}")
-            run = base / f"logreg-{k}shot"
-            few = _finished(run, "logreg") or run_logreg(cache_dir, run,
-                                                        LogReg.dinov3(shots=k, tries=tries, device=device))
-            split = "test" if "test" in few["few_shot"] else "val"
-            row[f"fewshot_{k}_{split}_top1_mean"] = few["few_shot"][split]["top1_mean"]
-            row[f"fewshot_{k}_{split}_top1_std"] = few["few_shot"][split]["top1_std"]
-        if linear_overrides:
-            row["linear_overrides"] = json.dumps(linear_overrides, sort_keys=True)
-        rows.append(row)
-    write_table(out, rows, protocol, resolve_device(device))
-    return rows
+    # one evaluation per folder at a time: a second one (a job submitted twice) would race the first for the same
+    # protocol runs; the lock makes it one line naming the first's pid
+    with FolderLock(out, what="evaluation"):
+        bases, taken = [], set()
+        for cache_dir, manifest in zip(caches, manifests):
+            name = cache_name(cache_dir, taken)
+            taken.add(name)
+            claim(out / name, cache_dir, manifest)
+            bases.append(out / name)
+        preset = SUITES[protocol]
+        overrides = {k: [v] for k, v in (linear_overrides or {}).items()}
+        rows = []
+        for cache_dir, manifest, base in zip(caches, manifests, bases):
+            name = base.name
+            fp = manifest["fingerprint"]
+            multilabel = manifest.get("task") == "multilabel"
+            score, metric = ("map_macro", "map") if multilabel else ("top1", "top1")  # what each protocol reports
+            transform = fp.get("transform", {})
+            row = {"cache": name, "model": fp.get("model"), "weights": fp.get("weights", {}).get("source"),
+                   "image_size": transform.get("image_size"), "transform": transform.get("name", "timm"),
+                   "crop_pct": transform.get("crop_pct")}
+            features = [f for f in PROTOCOLS[preset]["features"]]
+            log(f"{name}: linear ({preset})")
+            linear = _finished(base / "linear", "sweep")
+            if linear is None:
+                search = Sweep(Probe(device=device), preset=preset, param_grid=overrides)
+                _, linear = run_sweep(cache_dir, base / "linear", search, features=features)
+            best = json.loads((base / "linear" / "best" / "run.json").read_text())["config"]
+            row.update({f"linear_val_{metric}": linear.get("val", {}).get(score),
+                        f"linear_test_{metric}": linear.get("test", {}).get(score),
+                        "linear_best": f"{best['feature']} lr {best['lr']:g}"})
+            log(f"{name}: logistic regression")
+            logreg = _finished(base / "logreg", "logreg") or run_logreg(cache_dir, base / "logreg",
+                                                                       LogReg.dinov3(device=device))
+            row.update({f"logreg_val_{metric}": logreg.get("val", {}).get(score),
+                        f"logreg_test_{metric}": logreg.get("test", {}).get(score), "logreg_C": logreg["best_c"]})
+            log(f"{name}: k-NN")
+            knn = _finished(base / "knn", "knn") or run_knn(cache_dir, base / "knn", KNN(device=device))
+            knn_scores = knn[f"{metric}_per_k"]
+            per_k = knn_scores.get("test") or knn_scores["val"]
+            row.update({f"knn_{'test' if 'test' in knn_scores else 'val'}_{metric}_k{k}": v for k, v in per_k.items()})
+            row["knn_val_best_k"] = knn["k"]
+            for k in shots:
+                log(f"{name}: few-shot logistic regression, {k} per class x {tries}")
+                run = base / f"logreg-{k}shot"
+                few = _finished(run, "logreg") or run_logreg(cache_dir, run,
+                                                            LogReg.dinov3(shots=k, tries=tries, device=device))
+                split = "test" if "test" in few["few_shot"] else "val"
+                row[f"fewshot_{k}_{split}_top1_mean"] = few["few_shot"][split]["top1_mean"]
+                row[f"fewshot_{k}_{split}_top1_std"] = few["few_shot"][split]["top1_std"]
+            if linear_overrides:
+                row["linear_overrides"] = json.dumps(linear_overrides, sort_keys=True)
+            rows.append(row)
+        write_table(out, rows, protocol, resolve_device(device))
+        return rows
 
 
 def write_table(out: Path, rows: list[dict], protocol: str, device=None) -> None:
