@@ -168,10 +168,17 @@ class Group(click.Group):
                 return super().invoke(ctx)
         except DinoprobeError as err:
             raise click.ClickException(str(err)) from None
+        except BrokenPipeError as err:
+            if not _stdout_reader_gone():  # a pipe other than stdout: a real error
+                raise _system_error(err) from None
+            # `dinoprobe predict ... | head`: the reader has what it wanted. Exit as Unix tools do on SIGPIPE (141),
+            # silently; stdout goes to /dev/null so Python's flush at exit does not fail a second time
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except OSError as err:  # a full disk, a read-only folder, a path that vanished: the system's reason, one line
-            where = f" ({err.filename})" if err.filename else ""
-            raise click.ClickException(f"{err.strerror or err}{where}; check free disk space, permissions and the "
-                                       "path, then rerun (complete outputs are kept; nothing half-written is)") from None
+            raise _system_error(err) from None
         except KeyboardInterrupt as err:
             word, code = _stopped(err)
             _echo_err(f"\n{word}; nothing was left half-written (a run directory appears only when complete).")
@@ -187,6 +194,25 @@ class Group(click.Group):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+def _system_error(err: OSError) -> click.ClickException:
+    where = f" ({err.filename})" if err.filename else ""
+    return click.ClickException(f"{err.strerror or err}{where}; check free disk space, permissions and the path, then "
+                                "rerun (complete outputs are kept; nothing half-written is)")
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on the write end), as opposed to
+    a broken pipe anywhere else (a decoding worker's), which is a real error."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (a test runner's buffer), or closed
+        return False
 
 
 def _out_of_memory(err: BaseException) -> bool:

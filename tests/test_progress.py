@@ -107,3 +107,20 @@ def test_commands_run_to_the_end_with_stderr_closed_or_on_a_full_disk(tmp_path):
             stdout.append(proc.stdout)
         assert "run saved to" in stdout[0] and (tmp_path / where / "head.pt").is_file()
         assert "12 computed" in stdout[1] and (tmp_path / f"cache-{where}" / "manifest.json").is_file()
+
+
+def test_a_reader_that_closes_stdout_early_ends_the_command_quietly(tmp_path):
+    """`dinoprobe knn ... | head -1`: exit 141 as Unix tools do on SIGPIPE, with nothing on stderr (no 'Error: Broken
+    pipe; check free disk space...'), and the run directory, written before the table is printed, whole."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cache = make_synthetic_cache(tmp_path / "cache", n=(60, 30, 30), dim=8, num_classes=3)
+    # `| true`: the reader is gone before the first line (`head -1` may close only after the last one)
+    command = f"{sys.executable} -m dinoprobe knn --cache {cache} --out {tmp_path / 'run'} --k 1 | true"
+    proc = subprocess.run(["bash", "-c", f"{command}; echo ${{PIPESTATUS[0]}} >&2"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stderr.splitlines() == ["141"], proc.stderr
+    assert (tmp_path / "run" / "metrics.json").is_file()
