@@ -207,6 +207,43 @@ def test_a_cache_changing_under_a_streamed_run_stops_it(tiny, tmp_path):
         stream._read(0)
 
 
+@pytest.mark.parametrize("kind", ["compressed", "unwritten"])
+def test_a_shard_that_decodes_to_far_more_than_it_holds_is_refused_unread(tmp_path, kind):
+    """A shared cache is input too: 1,000,000 rows in a shard of a few hundred kilobytes (gzip of zeros, or chunks
+    never written, which read as the fill value), with a manifest that agrees — rows, bytes and sha256 — so only
+    the shard's own layout gives it away. dinoprobe writes every dataset whole and unfiltered."""
+    import hashlib
+
+    import h5py
+    import numpy as np
+
+    from dinoprobe.errors import DinoprobeError
+
+    cache_dir = make_synthetic_cache(tmp_path / "c", n=(60, 30), dim=8, num_classes=3, splits=("train", "val"))
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    entry, n = manifest["splits"]["train"]["shards"][0], 1_000_000
+    shard = cache_dir / entry["file"]
+    shard.unlink()
+    with h5py.File(shard, "w") as fh:
+        for name, shape, dtype in (("cls", (n, 8), "float32"), ("patch_mean", (n, 8), "float32"),
+                                   ("label", (n,), "int64")):
+            if kind == "compressed":
+                fh.create_dataset(name, data=np.zeros(shape, dtype), compression="gzip")
+            else:
+                fh.create_dataset(name, shape=shape, dtype=dtype, chunks=True)
+        fh.create_dataset("index", data=np.arange(n))  # in range, stored whole: verify's own checks pass
+        fh.create_dataset("path", data=np.array(["x"] * n, dtype=object), dtype=h5py.string_dtype("utf-8"))
+    data = shard.read_bytes()
+    entry.update(rows=n, stop=n, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest["splits"]["train"]["num_inputs"] = n
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    problems = cache.verify(cache_dir)
+    assert len(problems) == 1 and "'cls'" in problems[0] and "dinoprobe never writes" in problems[0], problems
+    with pytest.raises(DinoprobeError, match="'cls' .*dinoprobe never writes"):  # a reader that skips verify
+        cache.load(cache_dir, "train", verify_cache=False)
+    assert_clean_error(knn(cache_dir, tmp_path / "run"), "failed verification", "dinoprobe never writes")
+
+
 def test_verify_reports_a_manifest_entry_without_its_hash(tiny, tmp_path):
     import shutil
 

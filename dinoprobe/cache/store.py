@@ -193,8 +193,24 @@ def _columns(fh: h5py.File, path, columns: tuple[str, ...]) -> dict[str, np.ndar
     for col in columns:
         if col not in fh:
             raise DinoprobeError(f"{path} has no '{col}' dataset (has {sorted(fh)})")
+        if problem := not_stored_in_full(fh[col]):
+            raise DinoprobeError(f"{path}: '{col}' {problem}; rebuild the cache with `dinoprobe features`")
         out[col] = fh[col].asstr()[...] if col == "path" else fh[col][...]
     return out
+
+
+def not_stored_in_full(dataset: h5py.Dataset) -> str | None:
+    """Why reading `dataset` could take more memory than the file holds, or None. dinoprobe writes every dataset
+    whole and unfiltered; a compressed one, or one whose chunks were never written (they read as the fill value),
+    can make a shard of a few megabytes decode to gigabytes, and the manifest's row counts come from the same
+    hands as the shard."""
+    logical = dataset.size * dataset.dtype.itemsize
+    if dataset.id.get_create_plist().get_nfilters():
+        return f"is compressed or filtered ({logical:,} bytes when read), which dinoprobe never writes"
+    if dataset.id.get_storage_size() < logical:
+        return (f"holds {dataset.id.get_storage_size():,} bytes for {logical:,} when read (not written in full), "
+                "which dinoprobe never writes")
+    return None
 
 
 class ShardReader:
@@ -283,6 +299,11 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
                 with h5py.File(path, "r", locking=False) as fh:
                     lengths = {k: len(fh[k]) for k in (*FEATURE_KINDS, *BLOCK_KINDS, *VIEW_KINDS, "label", "labels",
                                                        "index", "path") if k in fh}
+                    bombs = [f"'{k}' {problem}" for k in lengths if (problem := not_stored_in_full(fh[k]))]
+                    if bombs:
+                        more = f" (and {len(bombs) - 1} more datasets)" if len(bombs) > 1 else ""
+                        problems.append(f"{shard['file']}: {bombs[0]}{more}; delete it and {fix}")
+                        continue
                     label = label_column(manifest)
                     if label not in fh or (label == "labels" and fh[label].shape[1:] != (len(manifest["classes"]),)):
                         problems.append(f"{shard['file']}: no {label} dataset for its {len(manifest['classes'])} "
