@@ -13,7 +13,8 @@ from dinoprobe.estimators.probe import ESTIMATOR_PARAMS
 from dinoprobe.train.config import TrainConfig, default
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dinoprobe"
-SHARED = {"dinoprobe", "errors", "settings", "atomic", "network", "device", "splits", "imagefiles", "progress"}
+SHARED = {"dinoprobe", "errors", "settings", "atomic", "network", "device", "splits", "imagefiles", "progress",
+          "torchfiles"}
 # what each stage may import, besides itself and the top-level modules
 ALLOWED = {"cache": set(), "extract": {"cache"}, "train": {"cache"}, "estimators": {"cache", "train"},
            "runs": {"cache", "extract", "train", "estimators"},

@@ -166,6 +166,54 @@ def test_a_head_file_with_nan_weights_or_missing_fields_is_refused(tiny, tmp_pat
     assert not (tmp_path / "inf.pt").exists()
 
 
+def test_torch_files_are_never_read_for_more_memory_than_they_hold(tiny, tmp_path, monkeypatch, backbone):
+    """Head files, exports and checkpoints come from others too. torch.load inflates deflated zip records (a 195 KB
+    file loaded 200 MB of zeros), and a spec or model name larger than the tensors would be built before the
+    shapes were compared."""
+    import zipfile
+
+    import torch
+
+    from dinoprobe.errors import DinoprobeError
+    from dinoprobe.extract.backbone import read_state_dict
+    from dinoprobe.runs import export as export_module
+    from dinoprobe.train import headfile
+
+    run_cli("probe", "--cache", tiny, "--out", tmp_path / "r", "--head", "linear", "--epochs", 1, check=True)
+    head = tmp_path / "r" / "head.pt"
+    with zipfile.ZipFile(head) as plain, zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as out:
+        for record in plain.infolist():
+            out.writestr(record.filename, plain.read(record.filename))
+    torch.save(torch.load(head, weights_only=True), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert torch.load(tmp_path / "deflated.pt", weights_only=True)["format"]  # torch itself would read both
+    assert_clean_error(run_cli("predict", "--run", tmp_path / "deflated.pt", tmp_path), "compressed")
+    assert_clean_error(run_cli("predict", "--run", tmp_path / "legacy.pt", tmp_path), "re-save it")
+    with pytest.raises(DinoprobeError, match="compressed"):
+        read_state_dict(tmp_path / "deflated.pt")  # --weights: the same check
+
+    raw = torch.load(head, weights_only=True)
+    raw["head"]["num_classes"] = raw["num_classes"] = 2**20  # 8 KB of weights claiming a 2**20-class head
+    raw["class_names"] = [str(i) for i in range(2**20)]
+    torch.save(raw, tmp_path / "huge.pt")
+    built = []
+    monkeypatch.setattr(headfile, "build_head", lambda *a, **k: built.append(1))
+    with pytest.raises(DinoprobeError, match="do not match its head spec"):
+        headfile.load_head_file(tmp_path / "huge.pt")
+    assert built == []  # refused from the shapes alone
+    monkeypatch.undo()
+
+    export_module.export(headfile.load_head_file(head), backbone, tmp_path / "model.pt")
+    raw = torch.load(tmp_path / "model.pt", weights_only=True)
+    raw["model_name"] = "vit_7b_patch16_dinov3.lvd1689m"  # 27 GB of parameters, from ViT-S's 88 MB of tensors
+    torch.save(raw, tmp_path / "7b.pt")
+    devices, real = [], export_module.create_model
+    monkeypatch.setattr(export_module, "create_model",
+                        lambda *a: devices.append(torch.empty(0).device.type) or real(*a))
+    with pytest.raises(DinoprobeError, match="do not fit"):
+        export_module.load_exported(tmp_path / "7b.pt")
+    assert devices == ["meta"]
+
+
 def test_the_cache_lock_is_held_by_one_process_at_a_time(tmp_path):
     """Eight processes race for the lock, each holding it briefly; a marker file created exclusively while held
     proves no two ever hold it at once (the takeover used to be check-then-act)."""

@@ -22,6 +22,7 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.transforms import DataConfig, resolve_data_config
 from dinoprobe.network import hub_endpoint, reachable
 from dinoprobe.settings import DEFAULT_MODEL
+from dinoprobe.torchfiles import check_torch_file
 
 RANDOM_SEED = 0
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -167,6 +168,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     checkpoints add a `teacher` entry and a `backbone.` prefix, handled here."""
     from timm.models import load_state_dict
 
+    if Path(path).suffix != ".safetensors":  # safetensors holds raw tensors: bounded by its size already
+        check_torch_file(path, "weights")
     try:
         obj = load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as err:
@@ -322,6 +325,12 @@ def hf_to_timm(state: dict[str, torch.Tensor], model: nn.Module, source="") -> d
 
 def load_strict(model: nn.Module, state: dict, source: Path | str) -> None:
     """Load all-or-nothing, naming the keys that do not line up."""
+    check_fits(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_fits(model: nn.Module, state: dict, source: Path | str) -> None:
+    """Every key of `model` in `state` with its shape, and nothing else; `model` may live on the meta device."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -335,7 +344,6 @@ def load_strict(model: nn.Module, state: dict, source: Path | str) -> None:
                  f"shape mismatches: {few(shapes)}" if shapes else ""]
         raise DinoprobeError(f"weights '{source}' do not fit {type(model).__name__} "
                              f"({'; '.join(p for p in parts if p)}); check --model matches the checkpoint")
-    model.load_state_dict(state, strict=True)
 
 
 # ------------------------------------------------------------------------------------------------ hashing

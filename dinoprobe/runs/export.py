@@ -10,9 +10,10 @@ from dinoprobe.atomic import atomic_file, atomic_path
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select
 from dinoprobe.device import environment
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.backbone import Backbone, create_model, load_strict, token_features
+from dinoprobe.extract.backbone import Backbone, check_fits, create_model, load_strict, token_features
 from dinoprobe.extract.transforms import DataConfig, Preprocess, worker_transform
 from dinoprobe.imagefiles import load_rgb
+from dinoprobe.torchfiles import check_torch_file
 from dinoprobe.train.headfile import HeadFile
 from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
 
@@ -170,6 +171,7 @@ def export(head_file: HeadFile, backbone: Backbone, out: str | Path, overwrite: 
 
 def load_exported(path: str | Path) -> ExportedClassifier:
     """Rebuild an exported classifier without unpickling code: `load_exported('model.pt')(pixels)` -> logits."""
+    check_torch_file(path, "exported model")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -179,6 +181,8 @@ def load_exported(path: str | Path) -> ExportedClassifier:
     try:
         cfg = raw["data_config"]
         data_config = DataConfig(**{**cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])})
+        with torch.device("meta"):  # the named model's shapes first: a file naming a larger model than its tensors
+            check_fits(create_model(raw["model_name"], data_config.image_size), raw["backbone_state_dict"], path)
         model = create_model(raw["model_name"], data_config.image_size)
         load_strict(model, raw["backbone_state_dict"], path)
         head = build_head(HeadSpec(**raw["head"]))

@@ -16,7 +16,8 @@ from torch import nn
 from dinoprobe import __version__
 from dinoprobe.atomic import atomic_file
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.train.heads import HeadSpec, Normalizer, build_head
+from dinoprobe.torchfiles import check_torch_file
+from dinoprobe.train.heads import HeadSpec, Normalizer, build_head, head_shapes
 
 HEAD_FORMAT = "dinoprobe-head/1"
 
@@ -97,6 +98,7 @@ def load_head_file(path: str | Path) -> HeadFile:
             raise DinoprobeError(f"'{path.parent}' is a k-NN run, which has no head file: k-NN predicts from the "
                                  "cached training features themselves; predict with a probe, sweep or logreg run")
         raise DinoprobeError(f"head file '{path}' does not exist; train one with `dinoprobe probe --out RUN_DIR`")
+    check_torch_file(path, "head file")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -112,11 +114,11 @@ def load_head_file(path: str | Path) -> HeadFile:
         if spec.num_classes != raw["num_classes"] or len(names) != spec.num_classes:
             raise DinoprobeError(f"'{path}' is inconsistent: {spec.num_classes} classes in the head spec, "
                                  f"{raw['num_classes']} in num_classes, {len(names)} class names")
-        head = build_head(spec)
-        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        expected = head_shapes(spec)  # a spec far larger than the file's weights is never allocated
         got = {k: tuple(v.shape) for k, v in state.items()}
         if expected != got:
             raise DinoprobeError(f"'{path}': classifier weights {got} do not match its head spec {expected}")
+        head = build_head(spec)
         if not all(torch.isfinite(v).all() for v in state.values()):
             raise DinoprobeError(f"'{path}' holds non-finite weights (NaN or infinity); its predictions would be "
                                  "meaningless — train the head again")

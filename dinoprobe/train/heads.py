@@ -51,17 +51,29 @@ def init_layers(kind: str, in_dim: int, num_classes: int, hidden: int, seed: int
 def build_head(spec: HeadSpec, layers: list[tuple[Tensor, Tensor]] | None = None, seed: int = 0) -> nn.Sequential:
     """The head as nn.Sequential, so its state-dict keys (0.weight[, 3.weight]) are the original script's
     classifier's; its linear layers hold `layers` (init_layers(spec, seed) when not given)."""
-    sizes = [(spec.in_dim, spec.num_classes)] if spec.kind == "linear" else \
-        [(spec.in_dim, spec.hidden), (spec.hidden, spec.num_classes)]
-    linears = [nn.utils.skip_init(nn.Linear, *size) for size in sizes]  # no draw from the global RNG
-    head = nn.Sequential(linears[0]) if spec.kind == "linear" else \
-        nn.Sequential(linears[0], nn.ReLU(), nn.Dropout(spec.dropout), linears[1])
+    head = _uninitialised_head(spec)
+    linears = [module for module in head if isinstance(module, nn.Linear)]
     layers = layers or init_layers(spec.kind, spec.in_dim, spec.num_classes, spec.hidden, seed)
     with torch.no_grad():
         for linear, (weight, bias) in zip(linears, layers):
             linear.weight.copy_(weight)
             linear.bias.copy_(bias)
     return head
+
+
+def _uninitialised_head(spec: HeadSpec) -> nn.Sequential:
+    sizes = [(spec.in_dim, spec.num_classes)] if spec.kind == "linear" else \
+        [(spec.in_dim, spec.hidden), (spec.hidden, spec.num_classes)]
+    linears = [nn.utils.skip_init(nn.Linear, *size) for size in sizes]  # no draw from the global RNG
+    return nn.Sequential(linears[0]) if spec.kind == "linear" else \
+        nn.Sequential(linears[0], nn.ReLU(), nn.Dropout(spec.dropout), linears[1])
+
+
+def head_shapes(spec: HeadSpec) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of build_head(spec), allocating nothing: a head file's spec is checked against the
+    weights it holds before a head of that spec is built."""
+    with torch.device("meta"):
+        return {key: tuple(value.shape) for key, value in _uninitialised_head(spec).state_dict().items()}
 
 
 class Normalizer(nn.Module):
