@@ -88,6 +88,8 @@ def load_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS, resize_to: int | None
     """Open any common image, a file path or its encoded bytes, as 8-bit RGB, EXIF rotation applied; raise
     SkippedInput with a reason otherwise (unreadable, or past the size guards of `check_size`)."""
     try:
+        if not isinstance(source, bytes) and not os.path.isfile(source):  # a pipe would block, a device never end
+            raise SkippedInput("not a regular file (a pipe, device or socket, or a link to one): not read")
         if len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0:
             raise SkippedInput("empty file (0 bytes)")
         with warnings.catch_warnings():

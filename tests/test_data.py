@@ -1,4 +1,6 @@
 """Sources, splits, decoding of odd images, and the evaluation transform against timm's."""
+import os
+
 import numpy as np
 import pytest
 import timm
@@ -135,12 +137,15 @@ def test_bad_files_are_skipped_with_a_reason(tmp_path):
     write_image(tmp_path / "good.jpg", 0, (64, 64))
     data = (tmp_path / "good.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    os.mkfifo(tmp_path / "pipe.jpg")  # opened, it would block until a writer came
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # read, it would never end
     reasons = {}
-    for name in ("empty.jpg", "text.jpg", "truncated.jpg"):
+    for name in ("empty.jpg", "text.jpg", "truncated.jpg", "pipe.jpg", "zero.png"):
         with pytest.raises(SkippedInput) as err:
             load_rgb(str(tmp_path / name))
         reasons[name] = str(err.value)
     assert "0 bytes" in reasons["empty.jpg"] and "truncated" in reasons["truncated.jpg"].lower()
+    assert "not a regular file" in reasons["pipe.jpg"] and "not a regular file" in reasons["zero.png"]
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     with pytest.raises(SkippedInput, match="pixel guard"):
         load_rgb(str(tmp_path / "big.png"), max_pixels=300 * 299)
