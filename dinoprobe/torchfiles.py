@@ -17,7 +17,9 @@ def check_torch_file(path: str | Path, what: str) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError):
+    except OSError as err:  # missing, a folder, unreadable
+        raise DinoprobeError(f"cannot read {what} '{path}': {err.strerror or err}") from None
+    except (zipfile.BadZipFile, ValueError):
         raise DinoprobeError(f"cannot read {what} '{path}': not a torch.save file (damaged, or saved before torch "
                              "1.6's zip format: where you trust it, re-save it with torch.save(torch.load(path), "
                              "new_path))") from None

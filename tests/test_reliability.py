@@ -375,6 +375,8 @@ def test_a_damaged_export_is_refused_naming_it(tiny, tmp_path):
     torch.save({"format": EXPORT_FORMAT, "model_name": "vit_small_patch16_dinov3.lvd1689m"}, tmp_path / "x.pt")
     with pytest.raises(DinoprobeError, match="damaged dinoprobe export"):
         load_exported(tmp_path / "x.pt")
+    with pytest.raises(DinoprobeError, match="cannot read exported model .*No such file"):
+        load_exported(tmp_path / "missing.pt")
 
 
 @pytest.mark.slow
