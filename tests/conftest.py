@@ -113,7 +113,9 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, separation, (num_classes, dim))
     fingerprint = {"model": MODEL, "weights": {"source": "random", "sha256": "synthetic"},
-                   "transform": {"image_size": SIZE}, "dtype": "float32", "data": {"kind": "synthetic"}}
+                   "transform": {"image_size": SIZE, "resize_size": SIZE, "interpolation": "bicubic",
+                                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 1.0},
+                   "dtype": "float32", "data": {"kind": "synthetic"}}
     counts = dict(zip(splits, n))
     manifest = cache.new_manifest(fingerprint, [f"class_{i}" for i in range(num_classes)], counts, shard_size=10**9,
                                   extra={"feature_dim": dim, "features": ["cls", "patch_mean"]})

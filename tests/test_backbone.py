@@ -149,6 +149,16 @@ def test_hugging_face_tensors_the_model_cannot_hold_are_refused(tmp_path):
         build_backbone(MODEL, str(tmp_path / "hf"), SIZE, log=lambda *_: None)
 
 
+def test_a_hugging_face_config_that_is_not_a_config_is_refused(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    for text, message in (("[1, 2]", "not a model config"), ("{bad", "not valid JSON"),
+                          ("[" * 200_000 + "]" * 200_000, "nested too deeply")):
+        (tmp_path / "hf" / "config.json").write_text(text)
+        with pytest.raises(DinoprobeError, match=message):
+            build_backbone(MODEL, str(tmp_path / "hf"), SIZE, log=lambda *_: None)
+
+
 def test_mismatched_checkpoint_lists_missing_and_unexpected_keys(tmp_path, backbone):
     state = dict(backbone.model.state_dict())
     state.pop("norm.weight")

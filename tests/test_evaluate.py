@@ -67,6 +67,19 @@ def test_an_interrupted_evaluate_resumes_without_recomputing_finished_protocols(
     assert after["rows"] == before["rows"] and after["protocol"] == before["protocol"]
 
 
+def test_a_finished_run_damaged_since_is_named_on_resume(caches, tmp_path):
+    """A resume reads the finished protocols' metrics back: edited or damaged since, they were a KeyError."""
+    run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK, check=True)
+    metrics = tmp_path / "e" / "alpha" / "logreg" / "metrics.json"
+    good = metrics.read_text()
+    for damaged in ('{"val": {}}', "[1, 2]", "[" * 200_000 + "]" * 200_000):
+        metrics.write_text(damaged)
+        proc = run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK)
+        assert_clean_error(proc, "alpha/logreg", "rerun the same `dinoprobe evaluate`")
+    metrics.write_text(good)
+    run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK, check=True)
+
+
 def test_evaluate_refuses_a_bad_request_before_training(caches, tmp_path):
     proc = run_cli("evaluate", "--cache", tmp_path / "nope", "--out", tmp_path / "e")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr

@@ -239,6 +239,32 @@ def test_shared_memory_bounds_the_batches_loader_workers_keep(monkeypatch):
     assert device.loader_prefetch(8, 1024 * mb) == (4, None)
 
 
+def test_no_worker_outlives_the_error_of_a_killed_one(small_folder, backbone, monkeypatch):
+    """The error's traceback held torch's iterator, so the other workers lived as long as the error; when they exited
+    later, torch's SIGCHLD handler raised its own error for the dead one wherever the CLI was by then — a traceback
+    after the clear line (seen once in a full test run)."""
+    import multiprocessing
+
+    import dinoprobe.extract.datasets as datasets_module
+
+    real = datasets_module.ImageFileDataset.__getitem__
+
+    def killed(self, index):
+        if index == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, index)
+
+    monkeypatch.setattr(datasets_module.ImageFileDataset, "__getitem__", killed)
+    dataset = open_source(str(small_folder)).dataset("train", backbone.data_config)
+    loader = datasets_module.DecodingLoader(dataset, 2, 2, dataset.input_bytes)
+    with pytest.raises(DinoprobeError, match="decoding worker process died") as caught:
+        with loader.explaining_failures():
+            for _ in loader:
+                pass
+    assert caught.value.__context__ is not None  # the error and what it happened during are still alive here...
+    assert multiprocessing.active_children() == []  # ...and no worker is
+
+
 @pytest.mark.parametrize("broken", [EOFError(), ConnectionResetError(104, "Connection reset by peer"),
                                     ConnectionRefusedError(111, "Connection refused")], ids=type)
 def test_a_worker_killed_while_handing_over_a_batch_is_the_same_clear_error(small_folder, backbone, broken):

@@ -134,6 +134,17 @@ def test_onnx_errors_name_the_fix(exports, tmp_path, monkeypatch):
     with pytest.raises(DinoprobeError, match="not a dinoprobe ONNX export"):
         OnnxClassifier(tmp_path / "plain.onnx")
     assert_clean_error(run_cli("predict", "--model", run / "head.pt", tmp_path), "cannot load")
+    for key, value, message in (("transform", lambda v: json.dumps({**json.loads(v), "image_size": 10**6}),
+                                 "transform.image_size: 1000000 is greater than the maximum"),
+                                ("class_names", lambda v: "[" * 200_000 + "]" * 200_000, "nested too deeply"),
+                                ("class_names", lambda v: json.dumps(["ants", 7]), r"class_names\[1\]: 7 is not of")):
+        edited = onnx.load(str(path))  # metadata edited by hand, or written by another tool
+        for prop in edited.metadata_props:
+            prop.value = value(prop.value) if prop.key == key else prop.value
+        onnx.save(edited, str(tmp_path / "edited.onnx"))
+        with pytest.raises(DinoprobeError, match=message):
+            OnnxClassifier(tmp_path / "edited.onnx")
+    assert_clean_error(run_cli("predict", "--model", tmp_path / "edited.onnx", tmp_path), "class_names[1]")
     assert run_cli("predict", "--run", run, "--model", path, tmp_path).returncode == 2  # one of the two
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(DinoprobeError, match=r"pip install 'dinoprobe\[onnx\]'"):

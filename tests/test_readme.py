@@ -17,6 +17,9 @@ def test_the_python_api_example_runs_verbatim_on_the_readme_cache(photos, tmp_pa
     assert 'load_cache("cache/ants"' in code
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's own example
     assert (tmp_path / "runs" / "ants-linear.pt").is_file()
+    schema_check = python_block_after("which other tools can use to check or read the same files")
+    assert "jsonschema.validate(manifest" in schema_check
+    exec(compile(schema_check, "README.md", "exec"), {})  # noqa: S102 - the cache format's schema example
 
 
 def test_the_run_functions_example_runs_verbatim(photos, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dinoprobe.cache import store as cache
@@ -69,7 +70,14 @@ def test_shard_paths_outside_the_cache_are_refused(tiny, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][0]["file"] = "../../etc/passwd"
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert any("outside the cache" in p for p in cache.verify(copy))
+    assert any("shards[0].file: '../../etc/passwd' is not SPLIT/shard-NNNNN.h5 inside the cache" in p
+               for p in cache.verify(copy))
+    assert_clean_error(knn(copy, tmp_path / "r"), "inside the cache")
+    manifest["splits"]["train"]["shards"][0]["file"] = "train/shard-00000.h5"  # the right name, a folder linked out
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shutil.move(copy / "train", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", copy / "train")
+    assert any("points outside the cache" in p for p in cache.verify(copy))
     assert_clean_error(knn(copy, tmp_path / "r"), "outside the cache")
 
 
@@ -192,8 +200,8 @@ def test_torch_files_are_never_read_for_more_memory_than_they_hold(tiny, tmp_pat
         read_state_dict(tmp_path / "deflated.pt")  # --weights: the same check
 
     raw = torch.load(head, weights_only=True)
-    raw["head"]["num_classes"] = raw["num_classes"] = 2**20  # 8 KB of weights claiming a 2**20-class head
-    raw["class_names"] = [str(i) for i in range(2**20)]
+    raw["head"]["num_classes"] = raw["num_classes"] = 2**16  # 8 KB of weights claiming a 2**16-class head
+    raw["class_names"] = [str(i) for i in range(2**16)]
     torch.save(raw, tmp_path / "huge.pt")
     built = []
     monkeypatch.setattr(headfile, "build_head", lambda *a, **k: built.append(1))
@@ -212,6 +220,20 @@ def test_torch_files_are_never_read_for_more_memory_than_they_hold(tiny, tmp_pat
     with pytest.raises(DinoprobeError, match="do not fit"):
         export_module.load_exported(tmp_path / "7b.pt")
     assert devices == ["meta"]
+    raw = torch.load(tmp_path / "model.pt", weights_only=True)
+    raw["data_config"]["image_size"] = 10**6  # a 62,500 x 62,500 patch grid for RoPE, even on meta
+    torch.save(raw, tmp_path / "huge-size.pt")
+    with pytest.raises(DinoprobeError, match="data_config.image_size: 1000000 is greater than the maximum"):
+        export_module.load_exported(tmp_path / "huge-size.pt")
+    assert devices == ["meta"]  # refused before any model was created
+    raw = torch.load(tmp_path / "model.pt", weights_only=True)
+    raw["head"]["num_classes"] = 2**16
+    raw["class_names"] = [str(i) for i in range(2**16)]
+    torch.save(raw, tmp_path / "huge-head.pt")
+    monkeypatch.setattr(export_module, "build_head", lambda *a, **k: built.append(1))
+    with pytest.raises(DinoprobeError, match="do not match its head spec"):
+        export_module.load_exported(tmp_path / "huge-head.pt")
+    assert built == []
 
 
 def test_the_cache_lock_is_held_by_one_process_at_a_time(tmp_path):
@@ -300,9 +322,9 @@ def test_verify_reports_a_manifest_entry_without_its_hash(tiny, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     del manifest["splits"]["val"]["shards"][0]["sha256"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert any("records no sha256" in p for p in cache.verify(copy))
+    assert any("shards[0]: 'sha256' is a required property" in p for p in cache.verify(copy))
     proc = run_cli("cache", "verify", copy)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "records no sha256" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "'sha256' is a required" in proc.stderr
 
 
 def test_temporary_files_never_follow_a_planted_symlink(tmp_path):
@@ -415,3 +437,116 @@ def test_a_read_only_or_full_disk_at_the_run_directory_is_one_line_and_keeps_the
     monkeypatch.setattr(rundir, "fsync_file", real_fsync)
     assert (run / "metrics.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+SHARD_EDITS = {
+    "integer features": (lambda c: c.update(cls=(c["cls"] * 100).astype(np.int64)), "'cls' holds int64, not floats"),
+    "narrow features": (lambda c: c.update(cls=c["cls"][:, :7]), "'cls' has shape (120, 7), not (rows, 8)"),
+    "one feature per row": (lambda c: c.update(patch_mean=c["patch_mean"][:, 0]), "'patch_mean' has shape (120,)"),
+    "float labels": (lambda c: c.update(label=c["label"] + 0.5), "'label' holds float64, not integers"),
+    "2-D labels": (lambda c: c.update(label=np.stack([c["label"]] * 2, 1)), "'label' has shape (120, 2), not (rows,)"),
+    "integer paths": (lambda c: c.update(path=np.arange(len(c["path"]))), "'path' holds int64, not strings"),
+    "a row twice": (lambda c: c["index"].__setitem__(1, 0), "are not each input of [0, 120) once"),
+}
+
+
+def rewritten(cache_dir, copy, changes: dict):
+    """A copy of the cache whose first shard of each split in `changes` has its columns changed by changes[split],
+    under a manifest that agrees with it (rows, bytes, sha256): what a cache from other hands can hold."""
+    import hashlib
+    import shutil
+
+    import h5py
+
+    shutil.copytree(cache_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for split, change in changes.items():
+        shard = copy / split / "shard-00000.h5"
+        with h5py.File(shard) as fh:
+            columns = {name: fh[name][...] for name in fh}
+        change(columns)
+        with h5py.File(shard, "w") as fh:
+            for name, values in columns.items():
+                strings = values.dtype.kind == "O"
+                fh.create_dataset(name, data=values, **({"dtype": h5py.string_dtype("utf-8")} if strings else {}))
+        data = shard.read_bytes()
+        manifest["splits"][split]["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        shard.with_suffix(".json").unlink()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("edit", list(SHARD_EDITS))
+def test_a_shard_whose_datasets_are_not_what_features_writes_is_refused(tiny, tmp_path, edit):
+    """A shard from other hands, under a manifest whose rows, bytes and sha256 agree: integer features or float
+    labels trained silently (labels truncated), the wrong width or a 1-D column failed deep inside numpy."""
+    change, message = SHARD_EDITS[edit]
+    copy = rewritten(tiny, tmp_path / "copy", {"train": change})
+    assert [p for p in cache.verify(copy) if message in p and "delete it and rerun" in p], cache.verify(copy)
+    assert_clean_error(knn(copy, tmp_path / "run"), "failed verification", message)
+
+
+def test_features_that_are_not_finite_are_refused_naming_rows_and_causes(tiny, tmp_path):
+    """NaN or infinity in a cache (damaged, or a backbone run in fp16, where DINOv3 overflows) stops training
+    before it starts, in memory and streamed, naming the rows — not 'X contains NaN' from the estimator."""
+    def poison(columns):
+        columns["cls"][[3, 5], 0] = [np.nan, np.inf]
+
+    copy = rewritten(tiny, tmp_path / "copy", {"val": poison})
+    assert cache.verify(copy) == []  # a float is a float: only training can tell
+    train = ["probe", "--head", "linear", "--epochs", 1, "--out", tmp_path / "r"]
+    assert_clean_error(run_cli(*train, "--cache", copy), "2 val row(s) hold NaN or infinite features",
+                       "(the first: synthetic:val:3)", "--precision bf16")
+    copy = rewritten(tiny, tmp_path / "copy2", {"train": poison})
+    assert_clean_error(run_cli(*train, "--cache", copy, "--max-memory", 1),  # streamed
+                       "2 train/shard-00000.h5 row(s) hold NaN or infinite features", "--precision bf16")
+
+
+def test_multilabel_targets_other_than_0_and_1_are_refused():
+    import torch
+
+    from dinoprobe.cache.arrays import check_label_sets
+    from dinoprobe.errors import DinoprobeError
+
+    labels = torch.tensor([[1, 0], [0, 1], [1, 1]])
+    check_label_sets("c", ["a", "b"], {"train": labels, "val": labels})
+    with pytest.raises(DinoprobeError, match="values other than 0 and 1"):
+        check_label_sets("c", ["a", "b"], {"train": labels, "val": labels * 2})
+
+
+def _cgroup(folder, limit, usage, inactive, v1=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(f"{limit}\n")
+    (folder / ("memory.usage_in_bytes" if v1 else "memory.current")).write_text(f"{usage}\n")
+    (folder / "memory.stat").write_text(f"anon 4096\n{'total_' if v1 else ''}inactive_file {inactive}\n")
+
+
+def test_a_containers_memory_limit_bounds_the_memory_available(tiny, tmp_path, monkeypatch):
+    """Docker's --memory, a Kubernetes limit, a SLURM job: /proc/meminfo is the whole machine's, and past the
+    container's limit the OOM killer ends the process without a word — so the up-front memory checks use the
+    least of the two. Like `docker stats`, inactive page cache counts as free; an ancestor's limit applies too."""
+    import torch
+
+    from dinoprobe import device
+
+    gib, proc = 2**30, tmp_path / "cgroup"
+    proc.write_text("0::/job/step\n")  # cgroup v2: a limited job, an unlimited step inside it
+    _cgroup(tmp_path / "v2" / "job", 4 * gib, 3 * gib, gib // 2)
+    _cgroup(tmp_path / "v2" / "job" / "step", "max", gib, 0)
+    assert device.cgroup_memory_left(proc, tmp_path / "v2") == 1.5 * gib
+    proc.write_text("5:cpu,cpuacct:/x\n4:memory:/docker/abc\n")  # v1, with an unlimited parent
+    _cgroup(tmp_path / "v1" / "memory", 9223372036854771712, 5 * gib, 0, v1=True)
+    _cgroup(tmp_path / "v1" / "memory" / "docker" / "abc", 2 * gib, 2 * gib, gib // 4, v1=True)
+    assert device.cgroup_memory_left(proc, tmp_path / "v1") == gib // 4
+    proc.write_text("0::/\n")  # a cgroup namespace: the container's own cgroup is the mount
+    _cgroup(tmp_path / "ns", gib, 0, 0)
+    assert device.cgroup_memory_left(proc, tmp_path / "ns") == gib
+    proc.write_text("0::/\n")
+    _cgroup(tmp_path / "none", "max", gib, 0)
+    assert device.cgroup_memory_left(proc, tmp_path / "none") is None
+    assert device.cgroup_memory_left(tmp_path / "no-such-file", tmp_path / "v2") is None
+
+    monkeypatch.setattr(device, "cgroup_memory_left", lambda: 123 * 2**20)
+    assert device.memory_available(torch.device("cpu")) == 123 * 2**20
+    monkeypatch.setattr(device, "cgroup_memory_left", lambda: 4096)  # features that do not fit the container
+    assert_clean_error(run_cli("probe", "--cache", tiny, "--out", tmp_path / "r", "--epochs", 1), "--max-memory")

@@ -283,6 +283,7 @@ def _tar(path, members, compress=False):
     ([("a.jpg", b"x"), ("a.cls", b"-1")], "non-negative class index"),
     ([("a.jpg", b"x"), ("a.cls", b"\xff\xfe")], "not UTF-8"),
     ([("a.jpg", b"x"), ("a.json", b"{not json")], "not valid JSON"),
+    ([("a.jpg", b"x"), ("a.json", b"[" * 200_000 + b"]" * 200_000)], r"not valid JSON \(nested too deeply\)"),
     ([("a.jpg", b"x"), ("a.json", b'{"label": null}')], "not a class name"),
     ([("a.jpg", b"x"), ("a.cls", b"0"), ("a.png", b"y")], "appears twice"),
     ([("a.jpg", b"x"), ("a.cls", b"100000000"), ("b.jpg", b"x"), ("b.cls", b"0")], "class index 100000000"),

@@ -17,7 +17,7 @@ import torch
 
 from dinoprobe.cache import store as cache
 from dinoprobe.cache.specs import blocks_needed, columns, parse_feature, select, width
-from dinoprobe.cache.stream import StreamedTrainSplit, no_epoch_length
+from dinoprobe.cache.stream import StreamedTrainSplit, check_finite, no_epoch_length
 from dinoprobe.device import memory_available, resolve_device
 from dinoprobe.errors import DinoprobeError
 
@@ -175,6 +175,9 @@ def check_label_sets(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) 
         if labels.shape[1] != len(classes):
             raise DinoprobeError(f"cache {cache_dir}: {split} labels have {labels.shape[1]} columns for "
                                  f"{len(classes)} classes; the cache is damaged — rebuild it with --overwrite")
+        if ((labels != 0) & (labels != 1)).any():
+            raise DinoprobeError(f"cache {cache_dir}: {split} labels hold values other than 0 and 1 (one column per "
+                                 "class, 1 where the image has it); the cache is damaged — rebuild it with --overwrite")
     if not y["train"].any():
         raise DinoprobeError(f"cache {cache_dir}: no train image has any label; nothing to learn")
     for split, what in (("train", "its head can only learn to say no"), ("val", "left out of the val mAP")):
@@ -258,10 +261,14 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     for feature, feature_part in wanted.items():
         x = {s: None if s == "train" and streamed else torch.from_numpy(select(rows[s], feature_part)).to(device)
              for s in splits}
+        for s in x:
+            if x[s] is not None:
+                check_finite(cache_dir, s, x[s], rows[s]["path"])
         train_views = None
         if view_rows is not None:
             train_views = torch.from_numpy(np.concatenate(
                 [view_rows[f"{p}_views"].astype(np.float32) for p in feature_part], axis=2)).to(device)
+            check_finite(cache_dir, "train view", train_views, view_rows["path"])
         stream = (StreamedTrainSplit(reader, manifest, feature_part, max_memory, device) if streamed
                   else None)
         out[feature] = FeatureSplits(x, {s: y[s].to(device) for s in splits}, classes, feature, manifest,

@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dinoprobe import documents
 from dinoprobe.atomic import write_bytes, write_json
 from dinoprobe.errors import DinoprobeError
 
@@ -86,13 +87,15 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
     path = Path(cache_dir) / MANIFEST
     if not path.exists():
         return None
+    fix = "rebuild the cache with `dinoprobe features ... --overwrite`"
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DinoprobeError(f"{path} is unreadable ({err}); rebuild the cache with `dinoprobe features ... "
-                             "--overwrite`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "splits" not in manifest:
-        raise DinoprobeError(f"{path} is not a dinoprobe v{FORMAT_VERSION} manifest; rebuild with --overwrite")
+        text = path.read_bytes()
+    except OSError as err:
+        raise DinoprobeError(f"{path} is unreadable ({err}); {fix}") from None
+    manifest = documents.parse(text, str(path), fix)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise DinoprobeError(f"{path} is not a dinoprobe v{FORMAT_VERSION} manifest; {fix}")
+    documents.check(manifest, "manifest", str(path), fix)
     return manifest
 
 
@@ -174,11 +177,11 @@ def finished_entry(cache_dir: Path, shard: Path, check_hash: bool = True) -> dic
     """The sidecar entry of a finished shard (its file, size and sha256 as the entry records them), else None."""
     entry_file = f"{shard.parent.name}/{shard.name}"
     try:
-        entry = json.loads(shard.with_suffix(".json").read_text())
+        entry = documents.parse(shard.with_suffix(".json").read_bytes(), "sidecar", "")
         size = shard.stat().st_size
-    except (OSError, ValueError):
+    except (OSError, DinoprobeError):
         return None
-    if not isinstance(entry, dict) or entry.get("file") != entry_file or size != entry.get("bytes"):
+    if documents.problem(entry, "shard") or entry["file"] != entry_file or size != entry["bytes"]:
         return None
     return entry if not check_hash or sha256_file(shard) == entry.get("sha256") else None
 
@@ -197,6 +200,39 @@ def _columns(fh: h5py.File, path, columns: tuple[str, ...]) -> dict[str, np.ndar
             raise DinoprobeError(f"{path}: '{col}' {problem}; rebuild the cache with `dinoprobe features`")
         out[col] = fh[col].asstr()[...] if col == "path" else fh[col][...]
     return out
+
+
+def layout_problem(fh: h5py.File, manifest: dict, split: str) -> str | None:
+    """How a shard's datasets depart from what `features` writes for this manifest — each present, one row per
+    input, features (rows, D) floats, labels integers, paths strings — or None. A shard from other hands with
+    integer features, float labels or the wrong width would otherwise train silently or fail deep inside numpy."""
+    dim = manifest.get("feature_dim")
+    if dim is None and "cls" in fh and len(fh["cls"].shape) == 2:  # caches from before feature_dim was recorded
+        dim = fh["cls"].shape[1]
+    label, classes = label_column(manifest), len(manifest["classes"])
+    views = manifest["fingerprint"].get("views", {})
+    blocks, views = manifest.get("last_blocks", 0), views.get("count", 0) if views.get("split") == split else 0
+    want = {"cls": ("floats", (dim,)), "patch_mean": ("floats", (dim,)),
+            label: ("integers", (classes,) if label == "labels" else ()), "index": ("integers", ()),
+            "path": ("strings", ()),
+            **({"cls_blocks": ("floats", (blocks, dim))} if blocks else {}),
+            **({k: ("floats", (views, dim)) for k in VIEW_KINDS} if views else {})}
+    rows = None
+    for name, (kind, tail) in want.items():
+        if name not in fh:
+            return f"no '{name}' dataset (a {'multi' if label == 'labels' else 'single'}-label cache of {classes} classes)"
+        data = fh[name]
+        if not isinstance(data, h5py.Dataset):
+            return f"'{name}' is not a dataset"
+        fits = {"floats": data.dtype.kind == "f", "integers": data.dtype.kind in "iub",
+                "strings": h5py.check_string_dtype(data.dtype) is not None}[kind]
+        if not fits:
+            return f"'{name}' holds {data.dtype}, not {kind}"
+        rows = data.shape[0] if rows is None and data.ndim else rows
+        if data.shape != (rows, *tail):
+            shape = ", ".join(["rows", *map(str, tail)])
+            return f"'{name}' has shape {data.shape}, not ({shape}{',' if not tail else ''}) with rows = {rows}"
+    return None
 
 
 def not_stored_in_full(dataset: h5py.Dataset) -> str | None:
@@ -275,7 +311,7 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
             problems.append(f"split '{split}' is incomplete ({len(info['shards'])} shards done); {fix}")
         for shard in info["shards"]:
             try:
-                path = shard_path(cache_dir, shard.get("file"))
+                path = shard_path(cache_dir, shard["file"])
             except DinoprobeError as err:
                 problems.append(str(err))
                 continue
@@ -283,13 +319,9 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
             if not path.is_file():
                 problems.append(f"{shard['file']}: missing; {fix}")
                 continue
-            if path.stat().st_size != shard.get("bytes", path.stat().st_size):
+            if path.stat().st_size != shard["bytes"]:
                 problems.append(f"{shard['file']}: size {path.stat().st_size} != {shard['bytes']} recorded "
                                 f"(truncated?); delete it and {fix}")
-                continue
-            if "sha256" not in shard or "rows" not in shard:
-                problems.append(f"{shard['file']}: the manifest records no sha256 or row count for it (edited?); "
-                                f"delete it and {fix}")
                 continue
             if check_hashes and sha256_file(path) != shard["sha256"]:
                 problems.append(f"{shard['file']}: sha256 differs from the manifest (edited or corrupt); delete "
@@ -304,11 +336,8 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
                         more = f" (and {len(bombs) - 1} more datasets)" if len(bombs) > 1 else ""
                         problems.append(f"{shard['file']}: {bombs[0]}{more}; delete it and {fix}")
                         continue
-                    label = label_column(manifest)
-                    if label not in fh or (label == "labels" and fh[label].shape[1:] != (len(manifest["classes"]),)):
-                        problems.append(f"{shard['file']}: no {label} dataset for its {len(manifest['classes'])} "
-                                        f"classes (a {'multi' if label == 'labels' else 'single'}-label cache); "
-                                        f"delete it and {fix}")
+                    if layout := layout_problem(fh, manifest, split):
+                        problems.append(f"{shard['file']}: {layout}; delete it and {fix}")
                         continue
                     index = fh["index"][...]
             except Exception as err:
@@ -318,6 +347,11 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
                 problems.append(f"{shard['file']}: row counts {lengths} != {shard['rows']} in the manifest; {fix}")
             elif len(index) and (index.min() < shard["start"] or index.max() >= shard["stop"]):
                 problems.append(f"{shard['file']}: indices outside [{shard['start']}, {shard['stop']}); {fix}")
+            elif len(np.unique(index)) != len(index) or \
+                    shard["rows"] + len(shard.get("skipped", [])) != shard["stop"] - shard["start"]:
+                problems.append(f"{shard['file']}: its {shard['rows']} rows and {len(shard.get('skipped', []))} "
+                                f"skipped inputs are not each input of [{shard['start']}, {shard['stop']}) once; "
+                                f"delete it and {fix}")
     for path in sorted(cache_dir.glob("*/shard-*.h5")):
         if path.resolve() in known:
             continue

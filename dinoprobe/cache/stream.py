@@ -13,6 +13,18 @@ from dinoprobe.cache.specs import columns, select, width
 from dinoprobe.errors import DinoprobeError
 
 
+def check_finite(cache_dir, where: str, x: torch.Tensor, paths=None) -> None:
+    """Refuse cached features that hold NaN or infinity, naming how many rows, the first one's input and the two
+    causes: a damaged cache, or a backbone run in fp16, where DINOv3's activations overflow."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        example = f" (the first: {paths[first]})" if paths is not None else ""
+        raise DinoprobeError(f"cache {cache_dir}: {int(bad.sum())} {where} row(s) hold NaN or infinite features"
+                             f"{example}; rebuild it with `dinoprobe features ... --overwrite` (with --precision bf16 "
+                             "or fp32 if it was extracted in fp16, where DINOv3's activations overflow)")
+
+
 def no_epoch_length(kind: str, epoch_length: int | None) -> None:
     if epoch_length is not None:
         raise DinoprobeError(f"epoch_length (a fixed number of iterations per epoch) needs in-memory features; "
@@ -65,9 +77,7 @@ class StreamedTrainSplit:
 
     def _read(self, shard: int) -> torch.Tensor:
         x = torch.from_numpy(select(self.reader.read(self.entries[shard], self.columns), self.parts))
-        if not torch.isfinite(x).all():  # the same refusal as in-memory training's
-            raise DinoprobeError(f"{self.entries[shard]['file']} holds NaN or infinite features; the cache is damaged "
-                                 "— rebuild it with `dinoprobe features ... --overwrite`")
+        check_finite(self.reader.cache_dir, self.entries[shard]["file"], x)  # as in-memory training checks
         return x
 
     def epochs(self, normalizer, batch_size: int, seed: int, epoch_length: int | None = None):

@@ -7,7 +7,6 @@ read with ``weights_only=True`` / safetensors (no unpickling) and loaded strictl
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from dinoprobe import documents
 from dinoprobe.cache.store import sha256_file as file_sha256
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.transforms import DataConfig, resolve_data_config
@@ -261,7 +261,10 @@ def _load_hf_folder(model: nn.Module, folder: Path) -> WeightsInfo:
     if not config_path.is_file() or not weights_path.is_file():
         raise DinoprobeError(f"'{folder}' is not a Hugging Face model folder: expected config.json and "
                              "model.safetensors (as written by save_pretrained)")
-    config = json.loads(config_path.read_text())
+    config = documents.parse(config_path.read_bytes(), str(config_path), "save the model again with save_pretrained")
+    if not isinstance(config, dict):
+        raise DinoprobeError(f"{config_path} is not a model config (a JSON object); save the model again with "
+                             "save_pretrained")
     expected = {"hidden_size": model.num_features, "num_hidden_layers": len(model.blocks),
                 "num_register_tokens": model.num_prefix_tokens - 1}
     wrong = {k: (config.get(k), v) for k, v in expected.items() if config.get(k) is not None and config.get(k) != v}

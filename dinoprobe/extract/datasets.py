@@ -113,9 +113,34 @@ class DecodingLoader:
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                                   collate_fn=collate, pin_memory=pin_memory,
                                                   prefetch_factor=self.prefetch, persistent_workers=False)
+        self._batches = None
 
     def __iter__(self):
-        return iter(self.loader)
+        self._batches = iter(self.loader)  # kept, so that a failure can stop its workers at once (_stop_workers)
+        return self._batches
+
+    def _stop_workers(self, err: BaseException) -> None:
+        """Shut the remaining workers down now. Left to themselves they live as long as the error does (its traceback
+        holds torch's iterator), and when they exit, torch's SIGCHLD handler raises its own "DataLoader worker exited
+        unexpectedly" for the dead one, wherever the main process is by then — while the CLI prints this error, say:
+        a traceback after all (seen once in a full test run). The handler is set aside (process-wide, so only
+        meanwhile) while the iterator, its last reference dropped, stops the workers and forgets their pids."""
+        import gc
+        import signal
+        import threading
+        import traceback
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main and hasattr(signal, "SIGCHLD") else None
+        try:
+            while err is not None:  # the frames of torch's iterator in this error and in the ones it happened during
+                traceback.clear_frames(err.__traceback__)
+                err = err.__context__
+            self._batches = None
+            gc.collect()  # in case the iterator sits in a reference cycle
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGCHLD, previous)
 
     @contextlib.contextmanager
     def explaining_failures(self):
@@ -124,12 +149,14 @@ class DecodingLoader:
         except RuntimeError as err:
             if "DataLoader worker" not in str(err):
                 raise
+            self._stop_workers(err)
             reason = str(err)[:120].strip()
         except (EOFError, ConnectionError) as err:
             # a worker killed while it hands a batch over: the pipe or the socket its tensors' shared memory is
             # passed through breaks before torch has noticed the worker is gone (seen once, in a full test run)
             if not self.workers:
                 raise
+            self._stop_workers(err)
             reason = f"{type(err).__name__} from a worker's connection{': ' + str(err)[:80] if str(err) else ''}"
         else:
             return

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import re
 import tarfile
 import warnings
 from pathlib import Path
 
+from dinoprobe import documents
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.datasource import SPLIT_NAMES, DataSource, detect_task, with_val
 from dinoprobe.imagefiles import SkippedInput
@@ -377,10 +377,7 @@ def _read_label(path: str, member, data: bytes, ext: str, label_field: str):
             raise DinoprobeError(f"{where} holds {text.strip()[:40]!r}; a .cls member holds a non-negative class "
                                  "index (put class names in a .json member's label field)")
         return int(text)
-    try:
-        record = json.loads(text)
-    except ValueError as err:
-        raise DinoprobeError(f"{where} is not valid JSON ({err})") from None
+    record = documents.parse(text, where, "a label member holds a class index or JSON")
     if not isinstance(record, dict) or label_field not in record:
         raise DinoprobeError(f"{where} has no field {label_field!r}; name the label field with --label-column")
     label = record[label_field]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
+from dinoprobe import documents
 from dinoprobe.atomic import write_json, write_text
 from dinoprobe.cache.store import FolderLock, open_manifest
 from dinoprobe.device import environment, resolve_device
@@ -43,11 +45,12 @@ def claim(base: Path, cache_dir, manifest: dict) -> None:
     path = base / "cache.json"
     if path.exists():
         try:
-            known = json.loads(path.read_text())
-        except ValueError:
+            known = documents.parse(path.read_bytes(), str(path), "")
+        except DinoprobeError:
             known = {}
+        known = known if isinstance(known, dict) else {}
         if known.get("content") != record["content"]:
-            raise DinoprobeError(f"'{base}' holds the runs of another cache ({known.get('cache')}), or of this one "
+            raise DinoprobeError(f"'{base}' holds the runs of another cache ({known.get('cache') or 'unknown'}), or of this one "
                                  "before it was rebuilt; evaluate into another --out, or remove that folder")
         return
     base.mkdir(parents=True, exist_ok=True)
@@ -57,8 +60,29 @@ def claim(base: Path, cache_dir, manifest: dict) -> None:
 def _finished(out: Path, command: str) -> dict | None:
     """The metrics of a protocol run that already finished in `out` (written by `command`), else None."""
     if out.is_dir() and run_command(out) == command:
-        return json.loads((out / ("best" if command == "sweep" else "") / "metrics.json").read_text())
+        path = out / ("best" if command == "sweep" else "") / "metrics.json"
+        with _reading(out):
+            metrics = documents.parse(path.read_bytes(), str(path), REDO.format(out))
+        if not isinstance(metrics, dict) or not metrics:
+            raise DinoprobeError(f"{path} holds no metrics; {REDO.format(out)}")
+        return metrics
     return None
+
+
+REDO = "remove '{}' and rerun the same `dinoprobe evaluate` to compute it again"
+
+
+@contextmanager
+def _reading(run: Path):
+    """What a finished protocol's files say, read back on a resume: a file edited or damaged since is one line naming
+    the run to compute again, not a KeyError from the middle of the table."""
+    try:
+        yield
+    except DinoprobeError:
+        raise
+    except (OSError, KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        raise DinoprobeError(f"'{run}' is a damaged run directory ({type(err).__name__}: {str(err)[:120]}); "
+                             f"{REDO.format(run)}") from None
 
 
 def cache_name(cache_dir, taken: set[str]) -> str:
@@ -126,29 +150,35 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
             if linear is None:
                 search = Sweep(Probe(device=device), preset=preset, param_grid=overrides)
                 _, linear = run_sweep(cache_dir, base / "linear", search, features=features)
-            best = json.loads((base / "linear" / "best" / "run.json").read_text())["config"]
-            row.update({f"linear_val_{metric}": linear.get("val", {}).get(score),
-                        f"linear_test_{metric}": linear.get("test", {}).get(score),
-                        "linear_best": f"{best['feature']} lr {best['lr']:g}"})
+            with _reading(base / "linear"):
+                best_run = base / "linear" / "best" / "run.json"
+                best = documents.parse(best_run.read_bytes(), str(best_run), REDO.format(base / "linear"))["config"]
+                row.update({f"linear_val_{metric}": linear.get("val", {}).get(score),
+                            f"linear_test_{metric}": linear.get("test", {}).get(score),
+                            "linear_best": f"{best['feature']} lr {best['lr']:g}"})
             log(f"{name}: logistic regression")
             logreg = _finished(base / "logreg", "logreg") or run_logreg(cache_dir, base / "logreg",
                                                                        LogReg.dinov3(device=device))
-            row.update({f"logreg_val_{metric}": logreg.get("val", {}).get(score),
-                        f"logreg_test_{metric}": logreg.get("test", {}).get(score), "logreg_C": logreg["best_c"]})
+            with _reading(base / "logreg"):
+                row.update({f"logreg_val_{metric}": logreg.get("val", {}).get(score),
+                            f"logreg_test_{metric}": logreg.get("test", {}).get(score), "logreg_C": logreg["best_c"]})
             log(f"{name}: k-NN")
             knn = _finished(base / "knn", "knn") or run_knn(cache_dir, base / "knn", KNN(device=device))
-            knn_scores = knn[f"{metric}_per_k"]
-            per_k = knn_scores.get("test") or knn_scores["val"]
-            row.update({f"knn_{'test' if 'test' in knn_scores else 'val'}_{metric}_k{k}": v for k, v in per_k.items()})
-            row["knn_val_best_k"] = knn["k"]
+            with _reading(base / "knn"):
+                knn_scores = knn[f"{metric}_per_k"]
+                per_k = knn_scores.get("test") or knn_scores["val"]
+                row.update({f"knn_{'test' if 'test' in knn_scores else 'val'}_{metric}_k{k}": v
+                            for k, v in per_k.items()})
+                row["knn_val_best_k"] = knn["k"]
             for k in shots:
                 log(f"{name}: few-shot logistic regression, {k} per class x {tries}")
                 run = base / f"logreg-{k}shot"
                 few = _finished(run, "logreg") or run_logreg(cache_dir, run,
                                                             LogReg.dinov3(shots=k, tries=tries, device=device))
-                split = "test" if "test" in few["few_shot"] else "val"
-                row[f"fewshot_{k}_{split}_top1_mean"] = few["few_shot"][split]["top1_mean"]
-                row[f"fewshot_{k}_{split}_top1_std"] = few["few_shot"][split]["top1_std"]
+                with _reading(run):
+                    split = "test" if "test" in few["few_shot"] else "val"
+                    row[f"fewshot_{k}_{split}_top1_mean"] = few["few_shot"][split]["top1_mean"]
+                    row[f"fewshot_{k}_{split}_top1_std"] = few["few_shot"][split]["top1_std"]
             if linear_overrides:
                 row["linear_overrides"] = json.dumps(linear_overrides, sort_keys=True)
             rows.append(row)

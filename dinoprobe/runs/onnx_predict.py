@@ -8,12 +8,12 @@ to within an intensity level; for timm's transform (the default) the pixels are 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from dinoprobe import documents
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.imagefiles import SkippedInput, check_encoded_size, expand_inputs, load_rgb, to_rgb
 from dinoprobe.runs.labelling import check_threshold, labelled
@@ -48,14 +48,22 @@ class OnnxClassifier:
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("dinoprobe.format") != ONNX_FORMAT:
             raise DinoprobeError(f"'{path}' is not a dinoprobe ONNX export ({ONNX_FORMAT} metadata missing)")
-        try:
-            self.class_names = json.loads(meta["class_names"])
-            self.transform = json.loads(meta["transform"])
-            self.feature = meta["feature"]
-            # multi-label exports: sigmoid probabilities and each class's threshold
-            self.thresholds = json.loads(meta["thresholds"]) if "thresholds" in meta else None
-        except (KeyError, ValueError) as err:
-            raise DinoprobeError(f"'{path}' has damaged dinoprobe metadata ({err}); export it again") from None
+        what, fix = f"'{path}'s dinoprobe metadata", "export it again"
+        missing = [k for k in ("class_names", "transform", "feature") if k not in meta]
+        if missing:
+            raise DinoprobeError(f"{what} lacks {', '.join(missing)}; {fix}")
+        self.feature = meta["feature"]
+        # multi-label exports: sigmoid probabilities and each class's threshold
+        self.class_names, self.transform, self.thresholds = (
+            documents.parse(meta[field], f"{what}: {field}", fix) if field in meta else None
+            for field in ("class_names", "transform", "thresholds"))
+        for field, definition in (("class_names", "class_names"), ("transform", "transform"),
+                                  ("thresholds", "thresholds")):
+            if field != "thresholds" or self.thresholds is not None:
+                documents.check(getattr(self, field), definition, what, fix, field)
+        if self.thresholds is not None and len(self.thresholds) != len(self.class_names):
+            raise DinoprobeError(f"{what} has {len(self.thresholds)} thresholds for {len(self.class_names)} classes; "
+                                 f"{fix}")
         self.size = int(self.transform["image_size"])
 
     def preprocess(self, image) -> np.ndarray:

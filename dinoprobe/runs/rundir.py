@@ -7,11 +7,11 @@ an existing run is replaced only when asked (--overwrite).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from pathlib import Path
 
+from dinoprobe import documents
 from dinoprobe.atomic import fsync_dir, fsync_file, leftovers, temporary_name
 from dinoprobe.errors import DinoprobeError
 
@@ -34,10 +34,10 @@ def recover(out: Path) -> None:
 def run_command(out: Path) -> str | None:
     """The command that wrote the run directory `out` (run.json's `command`), or None if it is not one."""
     try:
-        info = json.loads((out / "run.json").read_text())
-    except (OSError, ValueError):
+        info = documents.parse((out / "run.json").read_bytes(), "run.json", "")
+    except (OSError, DinoprobeError):
         return None
-    if not isinstance(info, dict) or "dinoprobe_version" not in info:
+    if documents.problem(info, "run"):
         return None
     if not {p.name for p in out.iterdir()} <= RUN_FILES:
         return None  # a run directory with the user's own files in it: not ours to delete

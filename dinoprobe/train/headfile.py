@@ -6,14 +6,13 @@ original script's nn.Sequential keys (`0.weight`[, `3.weight`]) and its `num_cla
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dinoprobe import __version__
+from dinoprobe import __version__, documents
 from dinoprobe.atomic import atomic_file
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.torchfiles import check_torch_file
@@ -111,6 +110,10 @@ def load_head_file(path: str | Path) -> HeadFile:
         state = raw["classifier_state_dict"]
         normalizer = Normalizer.from_dict(raw["normalization"])
         names, feature, fingerprint = list(raw["class_names"]), str(raw["feature"]), dict(raw["fingerprint"])
+        for field, definition in (("fingerprint", "fingerprint"), ("class_names", "class_names")):
+            if raw[field] or field != "fingerprint":  # an estimator fitted on arrays records no fingerprint
+                documents.check(raw[field], definition, f"head file '{path}'", "train it again or use another --run",
+                                field)
         if spec.num_classes != raw["num_classes"] or len(names) != spec.num_classes:
             raise DinoprobeError(f"'{path}' is inconsistent: {spec.num_classes} classes in the head spec, "
                                  f"{raw['num_classes']} in num_classes, {len(names)} class names")
@@ -142,7 +145,7 @@ def load_head_file(path: str | Path) -> HeadFile:
 def _command_of(run_dir: Path) -> str | None:
     """The command recorded in a run directory's run.json, for messages; None when there is none."""
     try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
+        info = documents.parse((run_dir / "run.json").read_bytes(), "run.json", "")
+    except (OSError, DinoprobeError):
         return None
-    return info.get("command") if isinstance(info, dict) else None
+    return None if documents.problem(info, "run") else info.get("command")
