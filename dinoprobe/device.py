@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 
@@ -123,18 +124,64 @@ def loader_prefetch(workers: int, batch_bytes: int, wanted: int = 4) -> tuple[in
 
 
 def memory_available(device: torch.device) -> int | None:
-    """Bytes this device can still give: a GPU's free memory, or the host's MemAvailable (Linux); None where it
-    cannot be read."""
+    """Bytes this device can still give: a GPU's free memory, or on the host the least of MemAvailable (Linux) and
+    what this process's memory cgroup still allows (cgroup_memory_left); None where neither can be read."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
+    host = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    limits = [v for v in (host, cgroup_memory_left()) if v is not None]
+    return min(limits) if limits else None
+
+
+UNLIMITED = 2**62  # cgroup v1 writes "no limit" as the largest page-aligned 64-bit number
+
+
+def cgroup_memory_left(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """What the memory limit of this process's cgroup (Docker's --memory, a Kubernetes limit, a SLURM job) still
+    allows, or None without one. MemAvailable is the whole machine's, and past a container's limit the kernel's
+    OOM killer ends the process without a word. Like `docker stats`, the page cache the kernel can drop
+    (inactive files) counts as free; every ancestor cgroup's limit applies too. cgroup v2 and v1."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    left = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":  # v2: one tree, memory.max / memory.current
+            mount, names = Path(root), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1: the memory controller's own tree
+            mount, names = (Path(root) / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                   "total_inactive_file"))  # v1's usage counts the children too
+        else:
+            continue
+        folder = mount / path.strip().lstrip("/")
+        while True:  # up to the mount, which is the container's own cgroup under a cgroup namespace
+            if (room := _cgroup_room(folder, *names)) is not None:
+                left.append(room)
+            if folder == mount or mount not in folder.parents:
+                break
+            folder = folder.parent
+    return min(left) if left else None
+
+
+def _cgroup_room(folder: Path, limit_file: str, usage_file: str, reclaimable: str) -> int | None:
+    try:
+        limit = (folder / limit_file).read_text().strip()
+        if limit == "max" or int(limit) >= UNLIMITED:
+            return None
+        usage = int((folder / usage_file).read_text())
+        stat = dict(line.split()[:2] for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+        return max(0, int(limit) - usage + int(stat.get(reclaimable, 0)))
+    except (OSError, ValueError):
+        return None

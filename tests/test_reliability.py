@@ -538,7 +538,7 @@ def test_a_containers_memory_limit_bounds_the_memory_available(tiny, tmp_path, m
     _cgroup(tmp_path / "v1" / "memory", 9223372036854771712, 5 * gib, 0, v1=True)
     _cgroup(tmp_path / "v1" / "memory" / "docker" / "abc", 2 * gib, 2 * gib, gib // 4, v1=True)
     assert device.cgroup_memory_left(proc, tmp_path / "v1") == gib // 4
-    proc.write_text("0::/\n")  # a cgroup namespace: the container's own cgroup is the mount
+    proc.write_text("0::/kubepods/pod1/ctr\n")  # a cgroup namespace: the container's own cgroup is the mount
     _cgroup(tmp_path / "ns", gib, 0, 0)
     assert device.cgroup_memory_left(proc, tmp_path / "ns") == gib
     proc.write_text("0::/\n")
