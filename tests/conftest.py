@@ -103,7 +103,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes=6, separation=0.4, seed=0,
                          splits=("train", "val", "test"), shard_rows: int | None = None,
                          train_classes: int | None = None, test_label: int | None = None,
-                         absent: int | None = None) -> Path:
+                         absent: int | None = None, dtype: str = "float32") -> Path:
     """A cache of Gaussian class clusters: separable but not trivially (a few % of errors), written through
     the real shard writer so readers see exactly what `features` produces. train_classes: train holds only the
     first ones; test_label: the first test row's label (e.g. one outside the class list); absent: a class of the
@@ -115,10 +115,10 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
     fingerprint = {"model": MODEL, "weights": {"source": "random", "sha256": "synthetic"},
                    "transform": {"image_size": SIZE, "resize_size": SIZE, "interpolation": "bicubic",
                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 1.0},
-                   "dtype": "float32", "data": {"kind": "synthetic"}}
+                   "dtype": dtype, "data": {"kind": "synthetic"}}
     counts = dict(zip(splits, n))
     manifest = cache.new_manifest(fingerprint, [f"class_{i}" for i in range(num_classes)], counts, shard_size=10**9,
-                                  extra={"feature_dim": dim, "features": ["cls", "patch_mean"]})
+                                  extra={"feature_dim": dim, "features": ["cls", "patch_mean"], "dtype": dtype})
     for split, count in counts.items():
         labels = rng.integers(0, (train_classes or num_classes) if split == "train" else num_classes, count)
         if absent is not None:
@@ -133,7 +133,7 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
             stop = min(start + step, count)
             part = {k: v[start:stop] for k, v in rows.items()}
             part["index"] = np.arange(start, stop)
-            entry = cache.write_shard(cache_dir, split, number, start, stop, part, "float32", [])
+            entry = cache.write_shard(cache_dir, split, number, start, stop, part, dtype, [])
             manifest["splits"][split]["shards"].append(entry)
         manifest["splits"][split]["complete"] = True
     cache.write_json(cache_dir / "manifest.json", manifest)

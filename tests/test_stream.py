@@ -114,6 +114,31 @@ def test_each_shard_is_hashed_once_while_read(sharded, monkeypatch):
     assert shard_hashes() == len(entries)  # streamed epochs re-read columns, not hashes
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("feature", ["cls", "cls+patch_mean"])
+def test_the_memory_a_load_takes_is_what_the_check_expects(tmp_path, dtype, feature):
+    """The up-front check is only as good as its estimate: a load peaked at 3.8 times the features it kept (parts
+    then their concatenation, a float32 copy of each stored column, torch.isfinite's |x| temporary), which the
+    check did not count, so a load it let through could still meet the OOM killer. tracemalloc sees numpy's and
+    Python's allocations, where the features live."""
+    import tracemalloc
+
+    from dinoprobe.cache.arrays import memory_needed
+
+    cache_dir = make_synthetic_cache(tmp_path / "c", n=(4000, 500, 500), dim=384, shard_rows=256, dtype=dtype)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    host, _ = memory_needed(manifest, {feature: tuple(feature.split("+"))})
+    load_cache(cache_dir, feature)  # once first: what the first load imports is not the load's memory
+    tracemalloc.start()
+    try:
+        data = load_cache(cache_dir, feature)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    kept = sum(x.numel() * 4 for x in data.x.values())
+    assert peak <= host <= 1.3 * peak, (peak / kept, host / kept)
+
+
 def test_features_that_cannot_fit_in_memory_are_refused_naming_max_memory(tmp_path, monkeypatch):
     """Past the available memory Linux's OOM killer would end the load with no message: refused up front, naming
     --max-memory, which then streams the train split instead."""
@@ -123,7 +148,7 @@ def test_features_that_cannot_fit_in_memory_are_refused_naming_max_memory(tmp_pa
     from conftest import assert_clean_error
 
     cache_dir = make_synthetic_cache(tmp_path / "c", n=(300, 60, 60), dim=16)
-    need = (300 + 60 + 60) * 16 * 4  # float32 cls rows of every split
+    need, _ = arrays_module.memory_needed(json.loads((cache_dir / "manifest.json").read_text()), {"cls": ("cls",)})
     monkeypatch.setattr(arrays_module, "memory_available", lambda device: need - 1)
     with pytest.raises(DinoprobeError, match="--max-memory"):
         load_cache(cache_dir, "cls")

@@ -194,16 +194,38 @@ def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool 
     return load_features(cache_dir, (feature,), device, require_val, views, max_memory)[feature]
 
 
-def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device) -> None:
-    """Refuse, naming the fix, features that cannot fit where they would be held: past the available memory the
-    system would kill the process mid-load (Linux overcommits, then its OOM killer strikes), with no message."""
+ROW_EXTRAS = 128  # bytes per row besides features: label, index, and its path as a Python string
+
+
+def memory_needed(manifest: dict, wanted: dict, views: bool = False) -> tuple[int, int]:
+    """(host, device) bytes that loading `wanted` ({feature: parts}) takes at its peak. The host holds the stored
+    columns read (float16 or float32; every stored block of cls_blocks), each feature choice's float32 copy (none
+    for a float32 cls or patch_mean, used as read), each row's label, index and path, and two shards' bytes as they
+    are read and hashed; a GPU holds the float32 features."""
     dim = manifest.get("feature_dim", 0)
-    rows = sum(s["rows"] for info in manifest["splits"].values() for s in info["shards"])
+    stored_size = 2 if manifest.get("dtype", "float16") == "float16" else 4
+    shards = [s for info in manifest["splits"].values() for s in info["shards"]]
+    rows = sum(s["rows"] for s in shards)
     train = sum(s["rows"] for s in manifest["splits"].get("train", {}).get("shards", []))
-    per_row = sum(width(parts, dim) for parts in wanted.values()) * 4  # float32 features, each choice its own copy
+    read = columns(tuple(p for parts in wanted.values() for p in parts))
+    stored = sum(int(manifest.get("last_blocks", 0)) * dim if c == "cls_blocks" else dim for c in read) * stored_size
+    features = sum(width(parts, dim) for parts in wanted.values()) * 4
+    copies = sum(0 if stored_size == 4 and tuple(parts) in (("cls",), ("patch_mean",)) else width(parts, dim)
+                 for parts in wanted.values()) * 4
     view_count = manifest["fingerprint"].get("views", {}).get("count", 0) if views else 0
-    need = rows * per_row + train * per_row * view_count
+    view_stored = sum(dim for c in read if c != "cls_blocks") * stored_size
+    host = rows * (stored + copies + ROW_EXTRAS) + train * view_count * (view_stored + features) + \
+        2 * max((s["bytes"] for s in shards), default=0)
+    return host, rows * features + train * view_count * features
+
+
+def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device) -> None:
+    """Refuse, naming the fix, features that cannot fit where they would be held (memory_needed): past the available
+    memory the system would kill the process mid-load (Linux overcommits, then its OOM killer strikes), with no
+    message."""
+    host, on_device = memory_needed(manifest, wanted, views)
     for where in dict.fromkeys([torch.device("cpu"), device]):
+        need = host if where.type == "cpu" else on_device
         available = memory_available(where)
         if available is not None and need > available:
             raise DinoprobeError(

@@ -69,4 +69,12 @@ def select(rows: dict, parts):
         return torch.cat([x.float() for x in pieces], dim=1)
     import numpy as np
 
-    return np.concatenate([x.astype(np.float32) for x in pieces], axis=1)
+    if len(pieces) == 1 and pieces[0].dtype == np.float32:
+        return np.ascontiguousarray(pieces[0])  # no copy of what is already the answer
+    # one float32 result filled piece by piece: no float32 copy of each piece, then a second of their concatenation
+    out = np.empty((pieces[0].shape[0], sum(x.shape[1] for x in pieces)), np.float32)
+    at = 0
+    for x in pieces:
+        out[:, at:at + x.shape[1]] = x
+        at += x.shape[1]
+    return out

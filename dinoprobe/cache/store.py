@@ -410,14 +410,27 @@ def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FE
     label = label_column(manifest)
     columns = (*features, label, "index", "path")
     reader = reader or ShardReader(cache_dir, check_hashes=verify_cache)
-    parts = [reader.read(s, columns)
-             for s in sorted(manifest["splits"][split]["shards"], key=lambda s: s["start"])]
-    if not parts:
+    entries = sorted(manifest["splits"][split]["shards"], key=lambda s: s["start"])
+    if not entries:
         dim = manifest.get("feature_dim", 0)
         empty = np.zeros((0, len(manifest["classes"])), np.uint8) if label == "labels" else np.zeros(0, np.int64)
         return {**{f: np.zeros((0, dim), np.float32) for f in features}, label: empty,
                 "index": np.zeros(0, np.int64), "path": np.zeros(0, object)}
-    return {col: np.concatenate([p[col] for p in parts]) for col in columns}
+    # each column allocated once and filled shard by shard: at most one shard more than the result is held (a
+    # list of parts and their concatenation would hold the split twice)
+    out, at, total = None, 0, sum(s["rows"] for s in entries)
+    for entry in entries:
+        part = reader.read(entry, columns)
+        if out is None:
+            out = {col: np.empty((total, *part[col].shape[1:]), part[col].dtype) for col in columns}
+        rows = len(part["index"])
+        if rows != entry["rows"] or any(part[col].shape[1:] != out[col].shape[1:] for col in columns):
+            raise DinoprobeError(f"cache {cache_dir}: {entry['file']} holds {rows} rows shaped unlike its manifest "
+                                 f"entry or the other shards; run `dinoprobe cache verify {cache_dir}`")
+        for col in columns:
+            out[col][at:at + rows] = part[col]
+        at += rows
+    return out
 
 
 def skipped_inputs(manifest: dict, split: str | None = None) -> list[dict]:

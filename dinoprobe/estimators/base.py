@@ -10,6 +10,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d
 
+from dinoprobe.cache.stream import non_finite_rows
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.splits import carve_indices, sample_shots
 from dinoprobe.train.ranking import f1_thresholds
@@ -39,7 +40,7 @@ def as_features(X, name: str = "X") -> torch.Tensor:
         if X.dim() != 2:
             raise DinoprobeError(f"{name} must be 2-D (samples, features), got shape {tuple(X.shape)}")
         X = X.detach().float()
-        if len(X) and not torch.isfinite(X).all():
+        if len(non_finite_rows(X)):
             raise DinoprobeError(f"{name} contains NaN or infinity; remove or impute those rows first")
         return X
     try:
