@@ -147,13 +147,19 @@ def test_features_that_cannot_fit_in_memory_are_refused_naming_max_memory(tmp_pa
 
     from conftest import assert_clean_error
 
-    cache_dir = make_synthetic_cache(tmp_path / "c", n=(300, 60, 60), dim=16)
+    cache_dir = make_synthetic_cache(tmp_path / "c", n=(3000, 100, 100), dim=256, shard_rows=256)
     need, _ = arrays_module.memory_needed(json.loads((cache_dir / "manifest.json").read_text()), {"cls": ("cls",)})
     monkeypatch.setattr(arrays_module, "memory_available", lambda device: need - 1)
     with pytest.raises(DinoprobeError, match="--max-memory"):
         load_cache(cache_dir, "cls")
-    assert_clean_error(run_cli("probe", "--cache", cache_dir, "--out", tmp_path / "r"), "need about", "--max-memory")
+    proc = run_cli("probe", "--cache", cache_dir, "--out", tmp_path / "r", "--epochs", 1)
+    assert_clean_error(proc, "need about", "--max-memory")
     assert not (tmp_path / "r").exists()
+    import re
+
+    budget = re.search(r"--max-memory (\d+[KMG]?B)", proc.stderr).group(1)  # the advice, taken as given, works
+    assert budget == f"{(need - 1) // 2 // 2**10}KB"
+    run_cli("probe", "--cache", cache_dir, "--out", tmp_path / "r", "--epochs", 1, "--max-memory", budget, check=True)
     assert load_cache(cache_dir, "cls", max_memory=1000).stream is not None  # streamed: no refusal
     monkeypatch.setattr(arrays_module, "memory_available", lambda device: need)
-    assert load_cache(cache_dir, "cls").x["train"].shape == (300, 16)
+    assert load_cache(cache_dir, "cls").x["train"].shape == (3000, 256)

@@ -228,11 +228,14 @@ def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: t
         need = host if where.type == "cpu" else on_device
         available = memory_available(where)
         if available is not None and need > available:
+            half = available // 2  # a budget that leaves the rest of the run room
+            budget = next(f"{half // scale}{unit}" for scale, unit in ((2**30, "GB"), (2**20, "MB"), (2**10, "KB"), (1, "B"))
+                          if half >= 10 * scale or scale == 1)  # two digits at least: 2338KB, not 2MB
             raise DinoprobeError(
                 f"cache {cache_dir}'s features need about {need / 2**30:.1f} GiB in {where.type} memory and "
-                f"{available / 2**30:.1f} GiB are available; give probe or sweep --max-memory "
-                f"{max(1, available // 2**31)}GB to stream the train split from disk (its batch order then differs "
-                "from in-memory training), choose a narrower --feature, or use a machine with more memory")
+                f"{available / 2**30:.1f} GiB are available; give probe or sweep --max-memory {budget} to stream "
+                "the train split from disk (its batch order then differs from in-memory training), choose a narrower "
+                "--feature, or use a machine with more memory")
 
 
 def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
