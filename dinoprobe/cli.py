@@ -187,6 +187,7 @@ class Group(click.Group):
             if not _out_of_memory(err):
                 raise
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            reason = reason.split("DefaultCPUAllocator: ")[-1]  # not torch's "[enforce fail at alloc_cpu.cpp:127]"
             raise click.ClickException(f"out of memory ({reason}); use a smaller --batch-size, or --max-memory for "
                                        "probe and sweep (train features then stream from disk; a sweep trains fewer "
                                        "heads at once), or --device cpu. Complete outputs are kept (a `features` "
@@ -216,10 +217,12 @@ def _stdout_reader_gone() -> bool:
 
 
 def _out_of_memory(err: BaseException) -> bool:
-    """The host's MemoryError, or torch's OutOfMemoryError on a GPU (torch is never imported just to ask: a command
-    that did not import it cannot have raised it)."""
+    """The host's MemoryError, torch's OutOfMemoryError on a GPU, or torch's CPU allocator refused by the system (a
+    plain RuntimeError: "DefaultCPUAllocator: can't allocate memory"). torch is never imported just to ask: a
+    command that did not import it cannot have raised it."""
     torch = sys.modules.get("torch")
-    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError)) or \
+        (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 def _echo_err(message: str) -> None:

@@ -141,6 +141,22 @@ def test_a_write_failing_inside_hdf5_is_one_line_and_the_rerun_completes_the_cac
     _assert_same_rows(reference, cache_dir)
 
 
+def kill_the_worker_at(monkeypatch, index: int, split: str | None = None):
+    """Make the decoding worker that loads item `index` (of `split`'s dataset, or any) die by SIGKILL, as the OOM
+    killer or a bus error stops it; returns the real __getitem__ (monkeypatch.undo() puts it back too)."""
+    import dinoprobe.extract.datasets as datasets_module
+
+    real = datasets_module.ImageFileDataset.__getitem__
+
+    def killed(self, i):
+        if i == index and (split is None or f"{os.sep}{split}{os.sep}" in self.samples[i][0]):
+            os.kill(os.getpid(), signal.SIGKILL)  # in the worker process
+        return real(self, i)
+
+    monkeypatch.setattr(datasets_module.ImageFileDataset, "__getitem__", killed)
+    return real
+
+
 def test_a_decoding_worker_killed_by_the_system_is_a_clear_error_and_the_rerun_resumes(small_folder, reference,
                                                                                         tmp_path, monkeypatch,
                                                                                         backbone):
@@ -148,14 +164,7 @@ def test_a_decoding_worker_killed_by_the_system_is_a_clear_error_and_the_rerun_r
     worker: one line naming the fix, not torch's traceback, and the shards written before it are kept."""
     import dinoprobe.extract.datasets as datasets_module
 
-    real = datasets_module.ImageFileDataset.__getitem__
-
-    def killed_in_val(self, index):
-        if index == 12 and f"{os.sep}val{os.sep}" in self.samples[index][0]:
-            os.kill(os.getpid(), signal.SIGKILL)  # in the worker process, once the train split is done
-        return real(self, index)
-
-    monkeypatch.setattr(datasets_module.ImageFileDataset, "__getitem__", killed_in_val)
+    real = kill_the_worker_at(monkeypatch, 12, "val")  # once the train split is done
     args = features_cmd(small_folder, tmp_path / "c")[3:]
     proc = run_cli(*args[:args.index("--workers")], "--workers", 2, *args[args.index("--workers") + 2:])
     assert_clean_error(proc, "decoding worker process died", "--workers", "resume")
@@ -170,20 +179,12 @@ def test_a_decoding_worker_killed_by_the_system_is_a_clear_error_and_the_rerun_r
 
 
 def test_predict_with_a_killed_decoding_worker_is_a_clear_error(small_folder, tmp_path, monkeypatch, backbone):
-    import dinoprobe.extract.datasets as datasets_module
     from dinoprobe import Probe
     from dinoprobe.runs.experiments import run_probe
 
     extract(backbone, open_source(str(small_folder)), tmp_path / "c", batch_size=4, workers=0, progress=False)
     run_probe(tmp_path / "c", tmp_path / "run", Probe(head="linear", epochs=1))
-    real = datasets_module.ImageFileDataset.__getitem__
-
-    def killed(self, index):
-        if index == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, index)
-
-    monkeypatch.setattr(datasets_module.ImageFileDataset, "__getitem__", killed)
+    kill_the_worker_at(monkeypatch, 3)
     proc = run_cli("predict", "--run", tmp_path / "run", "--workers", 2, "--batch-size", 2, small_folder / "val")
     assert_clean_error(proc, "decoding worker process died", "--workers 0")
 
@@ -218,6 +219,9 @@ def test_running_out_of_memory_is_a_clear_error_and_nothing_complete_is_lost(sma
     proc = run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run")
     assert_clean_error(proc, "out of memory (MemoryError)", "--max-memory")
     assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(experiments_module, "load_cache", lambda *a, **k: torch.empty(2**50))  # torch's CPU allocator
+    proc = run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run")  # refused: a RuntimeError of its own
+    assert_clean_error(proc, "out of memory (can't allocate memory: you tried to allocate 4503599627370496 bytes")
     monkeypatch.setattr(experiments_module, "load_cache", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug")))
     assert "Traceback" in run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run").stderr  # only OOM
 
@@ -247,14 +251,7 @@ def test_no_worker_outlives_the_error_of_a_killed_one(small_folder, backbone, mo
 
     import dinoprobe.extract.datasets as datasets_module
 
-    real = datasets_module.ImageFileDataset.__getitem__
-
-    def killed(self, index):
-        if index == 5:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, index)
-
-    monkeypatch.setattr(datasets_module.ImageFileDataset, "__getitem__", killed)
+    kill_the_worker_at(monkeypatch, 5)
     dataset = open_source(str(small_folder)).dataset("train", backbone.data_config)
     loader = datasets_module.DecodingLoader(dataset, 2, 2, dataset.input_bytes)
     with pytest.raises(DinoprobeError, match="decoding worker process died") as caught:

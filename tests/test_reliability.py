@@ -550,3 +550,21 @@ def test_a_containers_memory_limit_bounds_the_memory_available(tiny, tmp_path, m
     assert device.memory_available(torch.device("cpu")) == 123 * 2**20
     monkeypatch.setattr(device, "cgroup_memory_left", lambda: 4096)  # features that do not fit the container
     assert_clean_error(run_cli("probe", "--cache", tiny, "--out", tmp_path / "r", "--epochs", 1), "--max-memory")
+
+
+def test_a_head_larger_than_memory_is_refused_before_it_is_built(tiny, tmp_path, monkeypatch):
+    """--hidden 10^9: torch's allocator refused it with a traceback, and a head a little larger than the memory
+    (which Linux lets a process overcommit) would have been killed by the OOM killer once its weights were touched.
+    Refused up front naming the fix, for probe and sweep; a batch is counted at most as large as the rows."""
+    import dinoprobe.train.loop as loop_module
+
+    built = []
+    monkeypatch.setattr(loop_module, "StackedHeads", lambda *a, **k: built.append(1))
+    for command, extra in (("probe", ()), ("sweep", ("--lr", "0.1,0.2"))):
+        proc = run_cli(command, "--cache", tiny, "--out", tmp_path / command, "--hidden", 10**9, "--epochs", 1, *extra)
+        assert_clean_error(proc, "an MLP head 1000000000 wide on 8-wide features with 3 classes needs about",
+                           "use a smaller --hidden")
+        assert not (tmp_path / command).exists()
+    assert built == []
+    monkeypatch.undo()
+    run_cli("probe", "--cache", tiny, "--out", tmp_path / "big-batch", "--batch-size", 10**9, "--epochs", 1, check=True)

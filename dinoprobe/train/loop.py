@@ -84,7 +84,7 @@ def plan_groups(configs: list[TrainConfig], dim: int, num_classes: int, max_memo
     for members in buckets.values():
         chunk, used = [], 0
         for i in members:
-            need = head_bytes(configs[i], dim, num_classes)
+            need = head_bytes(configs[i], dim, num_classes, None if rows is None else len(rows[i]))
             if chunk and max_memory and used + need > max_memory:
                 groups.append(chunk)
                 chunk, used = [], 0
@@ -94,15 +94,33 @@ def plan_groups(configs: list[TrainConfig], dim: int, num_classes: int, max_memo
     return groups
 
 
-def head_bytes(cfg: TrainConfig, dim: int, num_classes: int) -> int:
+def head_bytes(cfg: TrainConfig, dim: int, num_classes: int, rows: int | None = None) -> int:
     """The peak footprint of one head in a group, in float32s per parameter: parameters, gradient, best copy, two
     optimiser states, per-entry learning rate and weight decay, the int64 head index (2), and the update's and the
     epoch's temporaries (about 5) — 14, rounded up to 16 — plus a batch's activations. (A 90,000-head MLP grid
     on a 2-core CPU with a 10.8 GB budget peaked at 18.5 GB resident when this said 8, at 11.2 GB with 16.)"""
     width = cfg.hidden if cfg.head == "mlp" else 0
     params = (dim * width + width + width * num_classes + num_classes) if width else dim * num_classes + num_classes
-    activations = cfg.batch_size * (3 * width + 3 * num_classes)
+    batch = cfg.batch_size if rows is None else min(cfg.batch_size, max(rows, 1))  # a batch is at most the rows
+    activations = batch * (3 * width + 3 * num_classes)
     return 4 * (16 * params + activations)
+
+
+def check_heads_fit(configs: list[TrainConfig], dim: int, num_classes: int, rows: int, available: int | None,
+                    device) -> None:
+    """Refuse a head that alone needs more memory than there is (a --hidden of 10^8): torch's allocator would refuse
+    it, or, where Linux lets it overcommit, its OOM killer would end the run without a word once the weights are
+    touched. Groups of heads are sized by plan_groups; one head cannot be split."""
+    if available is None:
+        return
+    largest = max(configs, key=lambda c: head_bytes(c, dim, num_classes, rows))
+    need = head_bytes(largest, dim, num_classes, rows)
+    if need > available:
+        what = f"an MLP head {largest.hidden} wide" if largest.head == "mlp" else "a linear head"
+        raise DinoprobeError(f"{what} on {dim}-wide features with {num_classes} classes needs about "
+                             f"{need / 2**30:.1f} GiB while it trains (weights, gradients, optimiser state, a batch's "
+                             f"activations) and {available / 2**30:.1f} GiB are available on {torch.device(device)}; "
+                             "use a smaller --hidden or --batch-size")
 
 
 def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val: torch.Tensor,
@@ -132,8 +150,9 @@ def train_heads(configs: list[TrainConfig], train, y_train: torch.Tensor, x_val:
         raise DinoprobeError("training rows per head need one index tensor per config and in-memory features")
     source = train if rows is not None else as_train_source(train)
     dim = train.shape[-1]
+    available = memory_available(y_train.device)
+    check_heads_fit(configs, dim, num_classes, len(y_train), available, y_train.device)
     if max_memory is None and len(configs) > 1:  # a grid of thousands of heads must not take the machine down
-        available = memory_available(y_train.device)
         max_memory = available // 2 if available else None
     groups = plan_groups(configs, dim, num_classes, max_memory, rows)
     results: list[TrainResult | None] = [None] * len(configs)
