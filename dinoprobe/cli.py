@@ -393,6 +393,8 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
         end_distributed()
     if not main_process:
         return
+    if summary.read_only:
+        click.echo(f"cache {cache_dir} is read-only here, and already complete for this request: nothing to compute")
     if summary.repaired:
         click.echo(f"recomputed {len(summary.repaired)} missing or truncated shard(s): "
                    f"{', '.join(summary.repaired[:5])}{' ...' if len(summary.repaired) > 5 else ''}")

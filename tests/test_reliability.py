@@ -568,3 +568,35 @@ def test_a_head_larger_than_memory_is_refused_before_it_is_built(tiny, tmp_path,
     assert built == []
     monkeypatch.undo()
     run_cli("probe", "--cache", tiny, "--out", tmp_path / "big-batch", "--batch-size", 10**9, "--epochs", 1, check=True)
+
+
+def test_a_complete_cache_this_process_cannot_write_is_used_without_a_lock(tmp_path, monkeypatch):
+    """A team's cache on a read-only mount, or a colleague's folder: rerunning the pipeline's `features` step failed
+    at the lock although nothing was left to compute. It now says so and succeeds; a request the cache does not
+    hold still fails at the lock, naming the read-only folder."""
+    import dinoprobe.extract.run as run_module
+    from dinoprobe.errors import DinoprobeError
+
+    from conftest import SIZE, make_folder
+
+    root = make_folder(tmp_path / "data", per_class=2)
+    args = ["features", "--data", root, "--weights", "random", "--image-size", SIZE, "--workers", 0, "--cache",
+            tmp_path / "c"]
+    run_cli(*args, check=True)
+    real_access = os.access
+    monkeypatch.setattr(run_module.os, "access", lambda path, mode: False if mode == os.W_OK else real_access(path, mode))
+
+    def no_lock(folder, what="cache"):  # what a read-only filesystem answers
+        raise DinoprobeError(f"cannot create the lock file {folder}/.lock (Read-only file system)")
+
+    monkeypatch.setattr(run_module, "FolderLock", no_lock)
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "read-only here, and already complete for this request: nothing to compute" in proc.stdout
+    assert "train 4, val 4 rows; 0 skipped input(s); 0 computed" in proc.stdout
+    assert_clean_error(run_cli(*args[:-4], "--image-size", 48, *args[-4:]), "Read-only file system")
+    assert_clean_error(run_cli(*args, "--overwrite"), "Read-only file system")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest["splits"]["val"]["complete"] = False  # left unfinished by whoever could write it
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_error(run_cli(*args), "Read-only file system")

@@ -27,6 +27,7 @@ from dinoprobe.cache.store import (
     now,
     read_manifest,
     shard_path,
+    verify,
     write_shard,
 )
 from dinoprobe.device import (
@@ -77,6 +78,7 @@ class ExtractionSummary:
     computed: int = 0  # inputs run through the backbone in this invocation (not resumed ones)
     repaired: list[str] = field(default_factory=list)  # recorded shards found missing or truncated, recomputed
     seconds: float = 0.0
+    read_only: bool = False  # a complete cache in a folder this process cannot write: nothing to do, nothing locked
 
     @property
     def images_per_second(self) -> float:
@@ -173,15 +175,37 @@ def drop_broken_shards(cache_dir: Path, manifest: dict) -> list[str]:
     return dropped
 
 
+def request_differences(manifest: dict, fingerprint: dict) -> list[str]:
+    """How a cache's fingerprint differs from the one requested (fingerprint_differences), reading the caches written
+    before these were recorded as they were made: PIL decoding, timm's transform, no per-block CLS tokens."""
+    manifest["fingerprint"].setdefault("decoder", {"name": "pil", "device": None})
+    manifest["fingerprint"].setdefault("last_blocks", 0)
+    manifest["fingerprint"]["transform"].setdefault("name", "timm")
+    return fingerprint_differences(manifest["fingerprint"], fingerprint)
+
+
+def finished_read_only(cache_dir: Path, fingerprint: dict) -> ExtractionSummary | None:
+    """The summary of a cache this process cannot write (a read-only mount, a colleague's folder) that is already
+    complete, sound and built from this very request: there is nothing to compute, and no lock can or need be taken
+    (nobody can write it through a read-only mount). None otherwise: then the lock's own error says what is wrong."""
+    if not cache_dir.is_dir() or os.access(cache_dir, os.W_OK):
+        return None
+    try:
+        manifest = read_manifest(cache_dir)
+        if manifest is None or request_differences(manifest, fingerprint) or verify(cache_dir, check_hashes=False):
+            return None
+    except DinoprobeError:
+        return None  # verify's problems include a split not yet complete
+    return ExtractionSummary(rows={s: sum(e["rows"] for e in info["shards"]) for s, info in manifest["splits"].items()},
+                             skipped={s: sum(len(e.get("skipped", [])) for e in info["shards"])
+                                      for s, info in manifest["splits"].items()}, read_only=True)
+
+
 def prepare_manifest(cache_dir: Path, fingerprint: dict, source: DataSource, shard_size: int, overwrite: bool,
                      extra: dict) -> dict:
     existing = read_manifest(cache_dir) if not overwrite else None
     if existing is not None:
-        # caches written before these were recorded: PIL decoding, timm's transform, no per-block CLS tokens
-        existing["fingerprint"].setdefault("decoder", {"name": "pil", "device": None})
-        existing["fingerprint"].setdefault("last_blocks", 0)
-        existing["fingerprint"]["transform"].setdefault("name", "timm")
-        diffs = fingerprint_differences(existing["fingerprint"], fingerprint)
+        diffs = request_differences(existing, fingerprint)
         if diffs:
             raise DinoprobeError(f"cache {cache_dir} was built from a different request ({'; '.join(diffs[:4])}); "
                                  "use another --cache, or --overwrite to rebuild it")
@@ -296,6 +320,8 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
              "weights_location": backbone.weights.location, "val_split": source.val_split,
              "environment": environment(dev),  # of the run that created the cache (a resumed one keeps it)
              **({"task": "multilabel"} if source.multilabel else {})}
+    if not o.overwrite and (finished := finished_read_only(cache_dir, fingerprint)) is not None:
+        return finished
     summary = ExtractionSummary()
     rank, world = o.rank, o.world
     with contextlib.ExitStack() as stack:
