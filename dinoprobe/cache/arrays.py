@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dinoprobe.cache import store as cache
-from dinoprobe.cache.specs import blocks_needed, columns, parse_feature, select, width
+from dinoprobe.cache.specs import blocks_needed, columns, parse_feature, width
 from dinoprobe.cache.stream import StreamedTrainSplit, check_finite, no_epoch_length
 from dinoprobe.device import memory_available, resolve_device
 from dinoprobe.errors import DinoprobeError
@@ -198,24 +198,21 @@ ROW_EXTRAS = 128  # bytes per row besides features: label, index, and its path a
 
 
 def memory_needed(manifest: dict, wanted: dict, views: bool = False) -> tuple[int, int]:
-    """(host, device) bytes that loading `wanted` ({feature: parts}) takes at its peak. The host holds the stored
-    columns read (float16 or float32; every stored block of cls_blocks), each feature choice's float32 copy (none
-    for a float32 cls or patch_mean, used as read), each row's label, index and path, and two shards' bytes as they
-    are read and hashed; a GPU holds the float32 features."""
+    """(host, device) bytes that loading `wanted` ({feature: parts}) takes at its peak. The host holds each feature
+    choice's float32 features (built shard by shard: the stored columns are never held whole), each row's label,
+    index and path, and a shard in flight four times over (its bytes as they are hashed, its columns, and their
+    float32 selection, twice the size of float16 columns); a GPU holds the float32 features. Augmented views are
+    read as stored, then made float32."""
     dim = manifest.get("feature_dim", 0)
     stored_size = 2 if manifest.get("dtype", "float16") == "float16" else 4
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
     rows = sum(s["rows"] for s in shards)
     train = sum(s["rows"] for s in manifest["splits"].get("train", {}).get("shards", []))
-    read = columns(tuple(p for parts in wanted.values() for p in parts))
-    stored = sum(int(manifest.get("last_blocks", 0)) * dim if c == "cls_blocks" else dim for c in read) * stored_size
     features = sum(width(parts, dim) for parts in wanted.values()) * 4
-    copies = sum(0 if stored_size == 4 and tuple(parts) in (("cls",), ("patch_mean",)) else width(parts, dim)
-                 for parts in wanted.values()) * 4
     view_count = manifest["fingerprint"].get("views", {}).get("count", 0) if views else 0
-    view_stored = sum(dim for c in read if c != "cls_blocks") * stored_size
-    host = rows * (stored + copies + ROW_EXTRAS) + train * view_count * (view_stored + features) + \
-        2 * max((s["bytes"] for s in shards), default=0)
+    view_stored = sum(dim for c in columns(tuple(p for ps in wanted.values() for p in ps)) if c != "cls_blocks")
+    host = rows * (features + ROW_EXTRAS) + train * view_count * (view_stored * stored_size + features) + \
+        4 * max((s["bytes"] for s in shards), default=0)
     return host, rows * features + train * view_count * features
 
 
@@ -266,8 +263,9 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
         check_memory(cache_dir, manifest, wanted, views, device)
     rows, y = {}, {}
     for split in manifest["splits"]:
-        rows[split] = cache.load(cache_dir, split, () if split == "train" and streamed else columns(parts),
-                                 manifest=manifest, reader=reader)
+        in_memory = not (split == "train" and streamed)
+        rows[split] = cache.load(cache_dir, split, columns(parts) if in_memory else (), manifest=manifest,
+                                 reader=reader, selections=wanted if in_memory else None)
         label = cache.label_column(manifest)
         y[split] = torch.from_numpy(rows[split][label].astype(np.float32 if label == "labels" else np.int64))
     classes = manifest["classes"]
@@ -284,8 +282,7 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
                                reader=reader)
     out = {}
     for feature, feature_part in wanted.items():
-        x = {s: None if s == "train" and streamed else torch.from_numpy(select(rows[s], feature_part)).to(device)
-             for s in splits}
+        x = {s: None if s == "train" and streamed else torch.from_numpy(rows[s][feature]).to(device) for s in splits}
         for s in x:
             if x[s] is not None:
                 check_finite(cache_dir, s, x[s], rows[s]["path"])

@@ -27,6 +27,7 @@ import numpy as np
 
 from dinoprobe import documents
 from dinoprobe.atomic import write_bytes, write_json
+from dinoprobe.cache.specs import select, width
 from dinoprobe.errors import DinoprobeError
 
 MANIFEST = "manifest.json"
@@ -381,10 +382,12 @@ def open_manifest(cache_dir: str | Path, verify_cache: bool = True) -> dict:
 
 # ------------------------------------------------------------------------------------------------- reader
 def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FEATURE_KINDS,
-         verify_cache: bool = True, manifest: dict | None = None, reader: ShardReader | None = None
-         ) -> dict[str, np.ndarray]:
+         verify_cache: bool = True, manifest: dict | None = None, reader: ShardReader | None = None,
+         selections: dict[str, tuple[str, ...]] | None = None) -> dict[str, np.ndarray]:
     """Read one split into memory: ``{feature: (N, D), 'label': (N,), 'index': (N,), 'path': (N,)}``, with
-    ``'labels': (N, classes)`` 0/1 in place of 'label' for a multi-label cache.
+    ``'labels': (N, classes)`` 0/1 in place of 'label' for a multi-label cache. With `selections` ({name: parts},
+    see specs.py), each name's (N, width) float32 features (specs.select) take the place of the stored columns
+    `features` they are read from, built shard by shard so the stored columns are never held whole.
 
     Rows come in `index` order; every shard's sha256 is checked as it is read (unless verify_cache=False).
     This is the public API for reading caches in your own code::
@@ -411,23 +414,28 @@ def load(cache_dir: str | Path, split: str, features: tuple[str, ...] | str = FE
     columns = (*features, label, "index", "path")
     reader = reader or ShardReader(cache_dir, check_hashes=verify_cache)
     entries = sorted(manifest["splits"][split]["shards"], key=lambda s: s["start"])
+    kept = (*(selections or features), label, "index", "path")
     if not entries:
         dim = manifest.get("feature_dim", 0)
         empty = np.zeros((0, len(manifest["classes"])), np.uint8) if label == "labels" else np.zeros(0, np.int64)
-        return {**{f: np.zeros((0, dim), np.float32) for f in features}, label: empty,
+        widths = {name: width(parts, dim) for name, parts in selections.items()} if selections else {}
+        return {**{f: np.zeros((0, widths.get(f, dim)), np.float32) for f in kept[:-3]}, label: empty,
                 "index": np.zeros(0, np.int64), "path": np.zeros(0, object)}
     # each column allocated once and filled shard by shard: at most one shard more than the result is held (a
     # list of parts and their concatenation would hold the split twice)
     out, at, total = None, 0, sum(s["rows"] for s in entries)
     for entry in entries:
         part = reader.read(entry, columns)
-        if out is None:
-            out = {col: np.empty((total, *part[col].shape[1:]), part[col].dtype) for col in columns}
         rows = len(part["index"])
-        if rows != entry["rows"] or any(part[col].shape[1:] != out[col].shape[1:] for col in columns):
+        if selections:
+            part = {**{name: select(part, parts) for name, parts in selections.items()},
+                    **{col: part[col] for col in kept[-3:]}}
+        if out is None:
+            out = {col: np.empty((total, *part[col].shape[1:]), part[col].dtype) for col in kept}
+        if rows != entry["rows"] or any(part[col].shape != (rows, *out[col].shape[1:]) for col in kept):
             raise DinoprobeError(f"cache {cache_dir}: {entry['file']} holds {rows} rows shaped unlike its manifest "
                                  f"entry or the other shards; run `dinoprobe cache verify {cache_dir}`")
-        for col in columns:
+        for col in kept:
             out[col][at:at + rows] = part[col]
         at += rows
     return out
