@@ -447,6 +447,9 @@ SHARD_EDITS = {
     "2-D labels": (lambda c: c.update(label=np.stack([c["label"]] * 2, 1)), "'label' has shape (120, 2), not (rows,)"),
     "integer paths": (lambda c: c.update(path=np.arange(len(c["path"]))), "'path' holds int64, not strings"),
     "a row twice": (lambda c: c["index"].__setitem__(1, 0), "are not each input of [0, 120) once"),
+    "a row also skipped": (lambda c: c.update({k: np.delete(v, 7, axis=0) for k, v in c.items()},
+                                              _skipped=[{"index": 3, "path": "x", "reason": "y"}]),
+                           "its 119 rows and 1 skipped inputs are not each input of [0, 120) once"),
 }
 
 
@@ -465,12 +468,16 @@ def rewritten(cache_dir, copy, changes: dict):
         with h5py.File(shard) as fh:
             columns = {name: fh[name][...] for name in fh}
         change(columns)
+        skipped = columns.pop("_skipped", None)  # the manifest's skipped inputs for the shard, when given
         with h5py.File(shard, "w") as fh:
             for name, values in columns.items():
                 strings = values.dtype.kind == "O"
                 fh.create_dataset(name, data=values, **({"dtype": h5py.string_dtype("utf-8")} if strings else {}))
         data = shard.read_bytes()
-        manifest["splits"][split]["shards"][0].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        entry = manifest["splits"][split]["shards"][0]
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), rows=len(columns["index"]))
+        if skipped is not None:
+            entry["skipped"] = skipped
         shard.with_suffix(".json").unlink()
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy

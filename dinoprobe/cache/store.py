@@ -211,8 +211,9 @@ def layout_problem(fh: h5py.File, manifest: dict, split: str) -> str | None:
     if dim is None and "cls" in fh and len(fh["cls"].shape) == 2:  # caches from before feature_dim was recorded
         dim = fh["cls"].shape[1]
     label, classes = label_column(manifest), len(manifest["classes"])
-    views = manifest["fingerprint"].get("views", {})
-    blocks, views = manifest.get("last_blocks", 0), views.get("count", 0) if views.get("split") == split else 0
+    view_info = manifest["fingerprint"].get("views", {})
+    blocks = manifest.get("last_blocks", 0)
+    views = view_info.get("count", 0) if view_info.get("split") == split else 0  # views of the train split only
     want = {"cls": ("floats", (dim,)), "patch_mean": ("floats", (dim,)),
             label: ("integers", (classes,) if label == "labels" else ()), "index": ("integers", ()),
             "path": ("strings", ()),
@@ -348,8 +349,8 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
                 problems.append(f"{shard['file']}: row counts {lengths} != {shard['rows']} in the manifest; {fix}")
             elif len(index) and (index.min() < shard["start"] or index.max() >= shard["stop"]):
                 problems.append(f"{shard['file']}: indices outside [{shard['start']}, {shard['stop']}); {fix}")
-            elif len(np.unique(index)) != len(index) or \
-                    shard["rows"] + len(shard.get("skipped", [])) != shard["stop"] - shard["start"]:
+            elif not np.array_equal(np.sort(np.concatenate([index, np.array(
+                    [s["index"] for s in shard.get("skipped", [])], np.int64)])), np.arange(shard["start"], shard["stop"])):
                 problems.append(f"{shard['file']}: its {shard['rows']} rows and {len(shard.get('skipped', []))} "
                                 f"skipped inputs are not each input of [{shard['start']}, {shard['stop']}) once; "
                                 f"delete it and {fix}")
