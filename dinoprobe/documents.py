@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from functools import cache
 from importlib.resources import files
+from pathlib import Path
 
 from dinoprobe.errors import DinoprobeError
 
@@ -56,6 +57,16 @@ def check(document: object, definition: str, what: str, fix: str, at: str = "$")
     found = problem(document, definition, at)
     if found is not None:
         raise DinoprobeError(f"{what} is damaged at {found}; {fix}")
+
+
+def run_info(folder: Path) -> dict | None:
+    """FOLDER/run.json as a run directory's `run` document, or None when there is none that fits (not a run
+    directory, or one whose run.json is damaged)."""
+    try:
+        info = parse((Path(folder) / "run.json").read_bytes(), "run.json", "")
+    except (OSError, DinoprobeError):
+        return None
+    return None if problem(info, "run") else info
 
 
 def schema() -> dict:

@@ -163,3 +163,19 @@ def test_features_that_cannot_fit_in_memory_are_refused_naming_max_memory(tmp_pa
     assert load_cache(cache_dir, "cls", max_memory=1000).stream is not None  # streamed: no refusal
     monkeypatch.setattr(arrays_module, "memory_available", lambda device: need)
     assert load_cache(cache_dir, "cls").x["train"].shape == (3000, 256)
+
+
+def test_non_finite_rows_are_found_across_blocks_as_numpy_finds_them():
+    """The check goes a block of rows at a time (torch.isfinite's |x| temporary is as large as its input): rows on
+    either side of a block boundary, and a 3-D tensor of views, are found as numpy's isfinite finds them."""
+    from dinoprobe.cache.stream import non_finite_rows
+
+    x = np.random.default_rng(0).normal(size=(10_000, 3, 4)).astype(np.float32)
+    for row, value in ((0, np.nan), (4095, np.inf), (4096, -np.inf), (8191, np.nan), (9_999, np.nan)):
+        x[row, row % 3, row % 4] = value
+    expected = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(1))
+    assert non_finite_rows(torch.from_numpy(x)).tolist() == expected.tolist() == [0, 4095, 4096, 8191, 9999]
+    plain = np.ascontiguousarray(x[:, 0])  # 2-D: the rows whose bad value sits in view 0
+    assert non_finite_rows(torch.from_numpy(plain)).tolist() == np.flatnonzero(~np.isfinite(plain).all(1)).tolist() \
+        == [0, 4095, 9999]
+    assert non_finite_rows(torch.zeros(0, 8)).tolist() == []

@@ -16,7 +16,7 @@ from dinoprobe.extract.transforms import DataConfig, Preprocess, worker_transfor
 from dinoprobe.imagefiles import load_rgb
 from dinoprobe.torchfiles import check_torch_file
 from dinoprobe.train.headfile import HeadFile
-from dinoprobe.train.heads import HeadSpec, Normalizer, build_head, head_shapes
+from dinoprobe.train.heads import HeadSpec, Normalizer, build_head, check_head_weights
 
 EXPORT_FORMAT = "dinoprobe-export/1"
 
@@ -180,11 +180,10 @@ def load_exported(path: str | Path) -> ExportedClassifier:
     if not isinstance(raw, dict) or raw.get("format") != EXPORT_FORMAT:
         raise DinoprobeError(f"'{path}' is not a dinoprobe export ({EXPORT_FORMAT})")
     try:
-        for field, definition in (("data_config", "transform"), ("fingerprint", "fingerprint"),
-                                  ("class_names", "class_names"), ("thresholds", "thresholds")):
-            if field in raw or field != "thresholds":
-                documents.check(raw[field], definition, f"exported model '{path}'", "export it again from its run",
-                                field)
+        checked = {"data_config": "transform", "fingerprint": "fingerprint", "class_names": "class_names",
+                   **({"thresholds": "thresholds"} if "thresholds" in raw else {})}  # multi-label exports only
+        for field, definition in checked.items():
+            documents.check(raw[field], definition, f"exported model '{path}'", "export it again from its run", field)
         cfg = raw["data_config"]
         data_config = DataConfig(**{**cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])})
         with torch.device("meta"):  # the named model's shapes first: a file naming a larger model than its tensors
@@ -192,9 +191,7 @@ def load_exported(path: str | Path) -> ExportedClassifier:
         model = create_model(raw["model_name"], data_config.image_size)
         load_strict(model, raw["backbone_state_dict"], path)
         spec, state = HeadSpec(**raw["head"]), raw["classifier_state_dict"]
-        expected, got = head_shapes(spec), {k: tuple(v.shape) for k, v in state.items()}
-        if expected != got:  # before build_head: a spec far larger than the file's weights is never allocated
-            raise DinoprobeError(f"'{path}': classifier weights {got} do not match its head spec {expected}")
+        check_head_weights(spec, state, path)
         counts = {"class names": len(raw["class_names"]), **({"thresholds": len(raw["thresholds"])}
                                                              if "thresholds" in raw else {})}
         if set(counts.values()) != {spec.num_classes}:

@@ -33,11 +33,8 @@ def recover(out: Path) -> None:
 
 def run_command(out: Path) -> str | None:
     """The command that wrote the run directory `out` (run.json's `command`), or None if it is not one."""
-    try:
-        info = documents.parse((out / "run.json").read_bytes(), "run.json", "")
-    except (OSError, DinoprobeError):
-        return None
-    if documents.problem(info, "run"):
+    info = documents.run_info(out)
+    if info is None:
         return None
     if not {p.name for p in out.iterdir()} <= RUN_FILES:
         return None  # a run directory with the user's own files in it: not ours to delete

@@ -16,7 +16,7 @@ from dinoprobe import __version__, documents
 from dinoprobe.atomic import atomic_file
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.torchfiles import check_torch_file
-from dinoprobe.train.heads import HeadSpec, Normalizer, build_head, head_shapes
+from dinoprobe.train.heads import HeadSpec, Normalizer, build_head, check_head_weights
 
 HEAD_FORMAT = "dinoprobe-head/1"
 
@@ -117,10 +117,7 @@ def load_head_file(path: str | Path) -> HeadFile:
         if spec.num_classes != raw["num_classes"] or len(names) != spec.num_classes:
             raise DinoprobeError(f"'{path}' is inconsistent: {spec.num_classes} classes in the head spec, "
                                  f"{raw['num_classes']} in num_classes, {len(names)} class names")
-        expected = head_shapes(spec)  # a spec far larger than the file's weights is never allocated
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != got:
-            raise DinoprobeError(f"'{path}': classifier weights {got} do not match its head spec {expected}")
+        check_head_weights(spec, state, path)
         head = build_head(spec)
         if not all(torch.isfinite(v).all() for v in state.values()):
             raise DinoprobeError(f"'{path}' holds non-finite weights (NaN or infinity); its predictions would be "
@@ -144,8 +141,5 @@ def load_head_file(path: str | Path) -> HeadFile:
 
 def _command_of(run_dir: Path) -> str | None:
     """The command recorded in a run directory's run.json, for messages; None when there is none."""
-    try:
-        info = documents.parse((run_dir / "run.json").read_bytes(), "run.json", "")
-    except (OSError, DinoprobeError):
-        return None
-    return None if documents.problem(info, "run") else info.get("command")
+    info = documents.run_info(run_dir)
+    return info.get("command") if info else None

@@ -69,11 +69,14 @@ def _uninitialised_head(spec: HeadSpec) -> nn.Sequential:
         nn.Sequential(linears[0], nn.ReLU(), nn.Dropout(spec.dropout), linears[1])
 
 
-def head_shapes(spec: HeadSpec) -> dict[str, tuple[int, ...]]:
-    """The state-dict shapes of build_head(spec), allocating nothing: a head file's spec is checked against the
-    weights it holds before a head of that spec is built."""
+def check_head_weights(spec: HeadSpec, state: dict, source) -> None:
+    """Refuse weights whose shapes are not build_head(spec)'s, comparing shapes only: a spec far larger than the
+    file's weights (a head file or an export edited to a million classes) is never allocated."""
     with torch.device("meta"):
-        return {key: tuple(value.shape) for key, value in _uninitialised_head(spec).state_dict().items()}
+        expected = {key: tuple(value.shape) for key, value in _uninitialised_head(spec).state_dict().items()}
+    got = {key: tuple(value.shape) for key, value in state.items()}
+    if expected != got:
+        raise DinoprobeError(f"'{source}': classifier weights {got} do not match its head spec {expected}")
 
 
 class Normalizer(nn.Module):
