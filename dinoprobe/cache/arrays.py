@@ -189,38 +189,48 @@ def check_label_sets(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) 
 
 
 def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True, views: bool = False,
-               max_memory: int | None = None) -> FeatureSplits:
+               max_memory: int | None = None, normalized: bool = False) -> FeatureSplits:
     """Read and validate a cache for training: a train split with >= 2 classes, a non-empty val split."""
-    return load_features(cache_dir, (feature,), device, require_val, views, max_memory)[feature]
+    return load_features(cache_dir, (feature,), device, require_val, views, max_memory, normalized)[feature]
 
 
 ROW_EXTRAS = 128  # bytes per row besides features: label, index, and its path as a Python string
 
 
-def memory_needed(manifest: dict, wanted: dict, views: bool = False) -> tuple[int, int]:
-    """(host, device) bytes that loading `wanted` ({feature: parts}) takes at its peak. The host holds each feature
-    choice's float32 features (built shard by shard: the stored columns are never held whole), each row's label,
-    index and path, and a shard in flight four times over (its bytes as they are hashed, its columns, and their
-    float32 selection, twice the size of float16 columns); a GPU holds the float32 features. Augmented views are
-    read as stored, then made float32."""
+def memory_needed(manifest: dict, wanted: dict, views: bool = False, normalized: bool = False,
+                  device=torch.device("cpu")) -> tuple[int, int]:
+    """(host, device) bytes that loading `wanted` ({feature: parts}) and training on it take at their peak.
+
+    Loading holds each feature choice's float32 features (built shard by shard: the stored columns are never held
+    whole), each row's label, index and path, and a shard in flight four times over (its bytes as they are hashed,
+    its columns, and their float32 selection, twice the size of float16 columns); a GPU holds the float32 features.
+    Augmented views are read as stored, then made float32. Training, once the load is done, works on one feature
+    choice at a time, and where it runs (`device`) adds a copy of its train and val rows when they are normalised
+    (`normalized`), and with views each epoch's pick of one view per train image."""
     dim = manifest.get("feature_dim", 0)
     stored_size = 2 if manifest.get("dtype", "float16") == "float16" else 4
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
-    rows = sum(s["rows"] for s in shards)
-    train = sum(s["rows"] for s in manifest["splits"].get("train", {}).get("shards", []))
+    rows = {split: sum(s["rows"] for s in info["shards"]) for split, info in manifest["splits"].items()}
+    total, train = sum(rows.values()), rows.get("train", 0)
     features = sum(width(parts, dim) for parts in wanted.values()) * 4
+    widest = max(width(parts, dim) for parts in wanted.values()) * 4
     view_count = manifest["fingerprint"].get("views", {}).get("count", 0) if views else 0
     view_stored = sum(dim for c in columns(tuple(p for ps in wanted.values() for p in ps)) if c != "cls_blocks")
-    host = rows * (features + ROW_EXTRAS) + train * view_count * (view_stored * stored_size + features) + \
-        4 * max((s["bytes"] for s in shards), default=0)
-    return host, rows * features + train * view_count * features
+    held = total * features + train * view_count * features
+    in_flight = 4 * max((s["bytes"] for s in shards), default=0)
+    working = normalized * (train + rows.get("val", 0)) * widest + bool(view_count) * train * widest
+    on_cpu = torch.device(device).type == "cpu"
+    host = held + total * ROW_EXTRAS + train * view_count * view_stored * stored_size + \
+        max(in_flight, working if on_cpu else 0)
+    return host, held + (0 if on_cpu else working)
 
 
-def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device) -> None:
-    """Refuse, naming the fix, features that cannot fit where they would be held (memory_needed): past the available
-    memory the system would kill the process mid-load (Linux overcommits, then its OOM killer strikes), with no
-    message."""
-    host, on_device = memory_needed(manifest, wanted, views)
+def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device,
+                 normalized: bool = False) -> None:
+    """Refuse, naming the fix, features that cannot fit where they would be held and trained on (memory_needed):
+    past the available memory the system would kill the process mid-run (Linux overcommits, then its OOM killer
+    strikes), with no message."""
+    host, on_device = memory_needed(manifest, wanted, views, normalized, device)
     for where in dict.fromkeys([torch.device("cpu"), device]):
         need = host if where.type == "cpu" else on_device
         available = memory_available(where)
@@ -236,8 +246,9 @@ def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: t
 
 
 def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
-                  max_memory: int | None = None) -> dict[str, FeatureSplits]:
-    """`load_cache` for several feature choices at once (a sweep's): every shard is read and verified once."""
+                  max_memory: int | None = None, normalized: bool = False) -> dict[str, FeatureSplits]:
+    """`load_cache` for several feature choices at once (a sweep's): every shard is read and verified once.
+    `normalized`: training will normalise the features (a copy of them), which the memory check then counts."""
     device = resolve_device(device)
     wanted = {f: parse_feature(f) for f in features}
     parts = tuple(dict.fromkeys(p for ps in wanted.values() for p in ps))
@@ -260,7 +271,7 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     if streamed and views:
         raise DinoprobeError("--views needs the train views in memory; raise --max-memory or drop --views")
     if not streamed:
-        check_memory(cache_dir, manifest, wanted, views, device)
+        check_memory(cache_dir, manifest, wanted, views, device, normalized)
     rows, y = {}, {}
     for split in manifest["splits"]:
         in_memory = not (split == "train" and streamed)

@@ -75,8 +75,9 @@ def run_probe(cache_dir, out, probe: Probe, *, feature: str = "cls", views: bool
               max_memory: int | None = None, overwrite: bool = False) -> dict:
     """Fit `probe` on a cache's train split (best epoch on val) and write its run directory; returns metrics."""
     _check(cache_dir, out, overwrite, probe, Probe, "probe")
-    probe.train_config()  # bad settings fail here, before the cache is read
-    data = load_cache(cache_dir, feature, resolve_device(probe.device), views=views, max_memory=max_memory)
+    config = probe.train_config()  # bad settings fail here, before the cache is read
+    data = load_cache(cache_dir, feature, resolve_device(probe.device), views=views, max_memory=max_memory,
+                      normalized=config.normalize != "none")
     probe.set_params(class_weight=by_class_index(probe.class_weight, data))
     probe.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     mode = train_mode(data, max_memory)
@@ -93,9 +94,10 @@ def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = 
     _check(cache_dir, out, overwrite, sweep, Sweep, "sweep")
     if isinstance(features, str) or not features:
         raise DinoprobeError("features must be a non-empty list of feature specs, e.g. ['cls', 'cls4+patch_mean']")
-    sweep.configurations()  # a bad grid fails here, before the cache is read
+    configs = sweep.configurations()  # a bad grid fails here, before the cache is read
     device = resolve_device(sweep.base_estimator().device)
-    loaded = load_features(cache_dir, list(features), device, views=views, max_memory=max_memory)
+    loaded = load_features(cache_dir, list(features), device, views=views, max_memory=max_memory,
+                           normalized=any(c.normalize != "none" for _, c in configs))
     rows, best = [], None
     for name, data in loaded.items():
         search = clone(sweep)
