@@ -39,11 +39,13 @@ def test_engine_follows_the_plain_pytorch_loop_step_by_step(head, optimizer, nes
     assert len(ours.step_losses) == len(plain.step_losses) == 4 * 8
     np.testing.assert_allclose(ours.step_losses, plain.step_losses, atol=1e-4, rtol=0)
     assert [h["val_acc"] for h in ours.history] == [h["val_acc"] for h in plain.history]
+    assert [h["train_acc"] for h in ours.history] == [h["train_acc"] for h in plain.history]
     assert [h["lr"] for h in ours.history] == pytest.approx([h["lr"] for h in plain.history], rel=1e-6)
     assert ours.best_epoch == plain.best_epoch
     for mine, theirs in zip(ours.best_layers, plain.best_layers, strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
     assert len(set(np.round(ours.step_losses, 5))) > 10  # the losses move, so the comparison means something
+    assert len({h["train_acc"] for h in ours.history}) > 1
 
 
 @pytest.mark.parametrize("warmup", [0, 2])

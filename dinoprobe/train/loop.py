@@ -60,14 +60,24 @@ class TrainResult:
 
 @dataclass
 class EpochRecord:
-    """What an epoch's steps leave for its bookkeeping, on the device: per step the heads' negative summed losses,
-    the batch size, the weighted denominators, the predictions and the targets (single-label)."""
+    """What an epoch's steps leave for its bookkeeping, on the device, in buffers made once per epoch: per step the
+    heads' negative summed losses and weighted denominators (steps, N), per head the training hits (N,), and per
+    step the batch size. Tensors kept step by step, a few bytes each, would sit between the steps' freed batches
+    and fragment the host's heap: on 200,000 rows it grew by the size of the features every epoch."""
 
-    neg_losses: list = field(default_factory=list)
+    neg_losses: torch.Tensor
+    hits: torch.Tensor
+    denoms: torch.Tensor | None = None
     sizes: list = field(default_factory=list)
-    denoms: list = field(default_factory=list)
-    preds: list = field(default_factory=list)
-    targets: list = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, steps: int, heads: int, device, weighted: bool) -> EpochRecord:
+        return cls(torch.zeros(steps, heads, device=device), torch.zeros(heads, dtype=torch.long, device=device),
+                   torch.zeros(steps, heads, device=device) if weighted else None)
+
+    @property
+    def steps(self) -> int:
+        return len(self.sizes)
 
 
 def plan_groups(configs: list[TrainConfig], dim: int, num_classes: int, max_memory: int | None = None,
@@ -199,8 +209,8 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
     def train_batches(batches, step_numbers) -> EpochRecord:
         """One epoch's steps: every head forward and backward on each batch, one update. `step_numbers` are the
         optimizer's (HeadwiseOptimizer.scalars) per step. What the epoch's bookkeeping needs stays on the device."""
-        record = EpochRecord()
-        for (features, rows), numbers in zip(batches, step_numbers):
+        record = EpochRecord.empty(steps_per_epoch, n, device, weighted=weights is not None and not multilabel)
+        for step, ((features, rows), numbers) in enumerate(zip(batches, step_numbers)):
             # (B,) or (N, B) labels; multi-label (B, C) or (N, B, C)
             target = y_train.index_select(0, rows) if rows.dim() == 1 else y_train[rows]
             if multilabel:
@@ -212,11 +222,10 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
                                                                 smoothing=smoothing, weights=weights, denom=denom))
                 record.sizes.append(target.shape[-1])
                 if denom is not None:
-                    record.denoms.append(denom.view(-1).expand(n))
-                record.preds.append(logits.argmax(-1))
-                record.targets.append(target.view(-1, target.shape[-1]))
+                    record.denoms[step] = denom.view(-1)
+                record.hits += (logits.argmax(-1) == target.view(-1, target.shape[-1])).sum(-1)
             optimizer.apply(*numbers)
-            record.neg_losses.append(neg_loss)
+            record.neg_losses[step] = neg_loss
         return record
 
     use_static = static_epochs if static_epochs is not None else device.type == "cuda" and GRAPHS_BY_DEFAULT
@@ -229,17 +238,15 @@ def _train_group(configs: list[TrainConfig], source: TrainSource, y_train: torch
         epoch_lrs = [lr * factors[step] for lr in base_lrs]
         record = static.run(step) if static is not None else train_batches(
             next(batches), (optimizer.scalars(factors[s]) for s in itertools.count(step)))
-        step += len(record.neg_losses)
-        neg_losses, sizes, denoms, preds, targets = (record.neg_losses, record.sizes, record.denoms, record.preds,
-                                                     record.targets)
+        step += record.steps
         # the epoch's bookkeeping in a few calls rather than a few per step
-        step_losses = -torch.stack(neg_losses).cpu().double() / (  # (steps, N): each step's (weighted) mean
-            torch.stack(denoms).cpu().double() if denoms else torch.tensor(sizes, dtype=torch.float64)[:, None])
+        step_losses = -record.neg_losses[:record.steps].cpu().double() / (  # (steps, N): each step's (weighted) mean
+            record.denoms[:record.steps].cpu().double() if record.denoms is not None
+            else torch.tensor(record.sizes, dtype=torch.float64)[:, None])
         if multilabel:  # macro mean average precision on val, every head at once
             val_acc = mean_average_precision(heads.scores(x_val), y_val).nan_to_num(0.0).tolist()
         else:
-            hits = (torch.cat(preds, 1) == torch.cat(targets, 1)).sum(1).tolist()  # (N,)
-            train_acc = [h / sum(sizes) for h in hits]
+            train_acc = [h / sum(record.sizes) for h in record.hits.tolist()]
             correct = heads.predict(x_val) == y_val  # (N, rows)
             if weights is None:
                 val_acc = [h / len(y_val) for h in correct.sum(1).tolist()]
