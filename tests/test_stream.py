@@ -181,10 +181,11 @@ def test_non_finite_rows_are_found_across_blocks_as_numpy_finds_them():
     assert non_finite_rows(torch.zeros(0, 8)).tolist() == []
 
 
-def test_training_s_normalised_copy_is_counted_before_the_cache_is_read(tmp_path, monkeypatch):
-    """Standardised or L2-normalised training holds a normalised copy of the train and val features besides them:
-    a check that counted the load only let a run through that the OOM killer then ended mid-training. With memory
-    for the load but not that copy, a normalising probe or sweep is refused up front and an unnormalised one runs."""
+def test_training_s_copies_are_counted_before_the_cache_is_read(tmp_path, monkeypatch):
+    """Standardised or L2-normalised training holds a normalised copy of the train and val features besides them,
+    logistic regression a float64 copy, k-NN an L2-normalised one: a check that counted the load only let a run
+    through that the OOM killer then ended mid-training. With memory for the load but not that copy, they are
+    refused up front, and an unnormalised probe runs."""
     import dinoprobe.cache.arrays as arrays_module
 
     from conftest import assert_clean_error
@@ -194,10 +195,14 @@ def test_training_s_normalised_copy_is_counted_before_the_cache_is_read(tmp_path
     load_only, _ = arrays_module.memory_needed(manifest, {"cls": ("cls",)})
     copy = (3000 + 1000) * 256 * 4  # the normalised train and val rows, float32
     monkeypatch.setattr(arrays_module, "memory_available", lambda device: load_only + copy // 2)
-    for args in (("probe", "--normalize", "standardize"), ("probe", "--normalize", "l2"),
-                 ("sweep", "--normalize", "none,standardize")):
-        proc = run_cli(*args, "--cache", cache_dir, "--out", tmp_path / "r", "--epochs", 1)
-        assert_clean_error(proc, "need about", "--max-memory")
+    for args in (("probe", "--normalize", "standardize", "--epochs", 1), ("probe", "--normalize", "l2", "--epochs", 1),
+                 ("sweep", "--normalize", "none,standardize", "--epochs", 1),
+                 ("logreg", "--normalize", "none"), ("knn",)):  # a float64 copy; the L2-normalised bank
+        proc = run_cli(*args, "--cache", cache_dir, "--out", tmp_path / "r")
+        # logistic regression and k-NN hold the train split in memory: no --max-memory to advise
+        streamable = args[0] in ("probe", "sweep")
+        assert_clean_error(proc, "need about", "--max-memory" if streamable else "--shots")
+        assert streamable or "--max-memory" not in proc.stderr
     run_cli("probe", "--normalize", "none", "--cache", cache_dir, "--out", tmp_path / "r", "--epochs", 1, check=True)
 
 

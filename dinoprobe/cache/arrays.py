@@ -189,15 +189,16 @@ def check_label_sets(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) 
 
 
 def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True, views: bool = False,
-               max_memory: int | None = None, normalized: bool = False) -> FeatureSplits:
+               max_memory: int | None = None, working_copies: int = 0, streamable: bool = True) -> FeatureSplits:
     """Read and validate a cache for training: a train split with >= 2 classes, a non-empty val split."""
-    return load_features(cache_dir, (feature,), device, require_val, views, max_memory, normalized)[feature]
+    return load_features(cache_dir, (feature,), device, require_val, views, max_memory, working_copies,
+                         streamable)[feature]
 
 
 ROW_EXTRAS = 128  # bytes per row besides features: label, index, and its path as a Python string
 
 
-def memory_needed(manifest: dict, wanted: dict, views: bool = False, normalized: bool = False,
+def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_copies: int = 0,
                   device=torch.device("cpu")) -> tuple[int, int]:
     """(host, device) bytes that loading `wanted` ({feature: parts}) and training on it take at their peak.
 
@@ -205,8 +206,9 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, normalized:
     whole), each row's label, index and path, and a shard in flight four times over (its bytes as they are hashed,
     its columns, and their float32 selection, twice the size of float16 columns); a GPU holds the float32 features.
     Augmented views are read as stored, then made float32. Training, once the load is done, works on one feature
-    choice at a time, and where it runs (`device`) adds a copy of its train and val rows when they are normalised
-    (`normalized`), and with views each epoch's pick of one view per train image."""
+    choice at a time, and where it runs (`device`) adds `working_copies` float32-sized copies of its train and val
+    rows (a normalised copy: 1; logistic regression's float64 copy: 2), and with views each epoch's pick of one view
+    per train image."""
     dim = manifest.get("feature_dim", 0)
     stored_size = 2 if manifest.get("dtype", "float16") == "float16" else 4
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
@@ -218,7 +220,7 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, normalized:
     view_stored = sum(dim for c in columns(tuple(p for ps in wanted.values() for p in ps)) if c != "cls_blocks")
     held = total * features + train * view_count * features
     in_flight = 4 * max((s["bytes"] for s in shards), default=0)
-    working = normalized * (train + rows.get("val", 0)) * widest + bool(view_count) * train * widest
+    working = working_copies * (train + rows.get("val", 0)) * widest + bool(view_count) * train * widest
     on_cpu = torch.device(device).type == "cpu"
     host = held + total * ROW_EXTRAS + train * view_count * view_stored * stored_size + \
         max(in_flight, working if on_cpu else 0)
@@ -226,11 +228,11 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, normalized:
 
 
 def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device,
-                 normalized: bool = False) -> None:
+                 working_copies: int = 0, streamable: bool = True) -> None:
     """Refuse, naming the fix, features that cannot fit where they would be held and trained on (memory_needed):
     past the available memory the system would kill the process mid-run (Linux overcommits, then its OOM killer
-    strikes), with no message."""
-    host, on_device = memory_needed(manifest, wanted, views, normalized, device)
+    strikes), with no message. `streamable`: the caller can stream the train split (probe, sweep: --max-memory)."""
+    host, on_device = memory_needed(manifest, wanted, views, working_copies, device)
     for where in dict.fromkeys([torch.device("cpu"), device]):
         need = host if where.type == "cpu" else on_device
         available = memory_available(where)
@@ -238,17 +240,21 @@ def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: t
             half = available // 2  # a budget that leaves the rest of the run room
             budget = next(f"{half // scale}{unit}" for scale, unit in ((2**30, "GB"), (2**20, "MB"), (2**10, "KB"), (1, "B"))
                           if half >= 10 * scale or scale == 1)  # two digits at least: 2338KB, not 2MB
+            stream = (f"give probe or sweep --max-memory {budget} to stream the train split from disk (its batch "
+                      "order then differs from in-memory training), " if streamable else
+                      "fit on fewer rows (--shots; this method holds the train split in memory), ")
             raise DinoprobeError(
                 f"cache {cache_dir}'s features need about {need / 2**30:.1f} GiB in {where.type} memory and "
-                f"{available / 2**30:.1f} GiB are available; give probe or sweep --max-memory {budget} to stream "
-                "the train split from disk (its batch order then differs from in-memory training), choose a narrower "
-                "--feature, or use a machine with more memory")
+                f"{available / 2**30:.1f} GiB are available; {stream}choose a narrower --feature, or use a machine "
+                "with more memory")
 
 
 def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
-                  max_memory: int | None = None, normalized: bool = False) -> dict[str, FeatureSplits]:
+                  max_memory: int | None = None, working_copies: int = 0,
+                  streamable: bool = True) -> dict[str, FeatureSplits]:
     """`load_cache` for several feature choices at once (a sweep's): every shard is read and verified once.
-    `normalized`: training will normalise the features (a copy of them), which the memory check then counts."""
+    `working_copies`: float32-sized copies of the train and val features that training will make (a normalised
+    copy: 1), which the memory check counts."""
     device = resolve_device(device)
     wanted = {f: parse_feature(f) for f in features}
     parts = tuple(dict.fromkeys(p for ps in wanted.values() for p in ps))
@@ -271,7 +277,7 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     if streamed and views:
         raise DinoprobeError("--views needs the train views in memory; raise --max-memory or drop --views")
     if not streamed:
-        check_memory(cache_dir, manifest, wanted, views, device, normalized)
+        check_memory(cache_dir, manifest, wanted, views, device, working_copies, streamable)
     rows, y = {}, {}
     for split in manifest["splits"]:
         in_memory = not (split == "train" and streamed)

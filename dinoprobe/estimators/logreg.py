@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-from dinoprobe.device import resolve_device
+from dinoprobe.device import memory_available, resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.base import _Classifier, class_weights, names_for
 from dinoprobe.progress import progress_bar
@@ -60,11 +60,22 @@ def problem_bytes(n: int, d: int, num_classes: int, memory: int = 10, itemsize: 
 
 def fit_logreg_batched(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, max_iter: int = 1000, tol: float = 1e-4,
                        memory: int = 10, dtype: torch.dtype = torch.float64, progress: bool = False,
-                       desc: str = "logreg", max_bytes: int = DEFAULT_MAX_BYTES, class_weights=None
+                       desc: str = "logreg", max_bytes: int | None = None, class_weights=None
                        ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """`_fit_batch` over the C values in chunks whose working set fits `max_bytes` (at least one C per chunk):
-    the problems are independent, so chunking changes only memory, never a result (tested)."""
+    the problems are independent, so chunking changes only memory, never a result (tested). By default the budget
+    is DEFAULT_MAX_BYTES or half the memory available on x's device, whichever is less; a single C that needs more
+    than is available is refused, naming what fits."""
     per = problem_bytes(len(x), x.shape[1], num_classes, memory, torch.finfo(dtype).bits // 8)
+    available = memory_available(x.device)
+    if available is not None and per > available:
+        raise DinoprobeError(
+            f"logistic regression on {len(x):,} rows x {num_classes} classes needs about {per / 2**30:.1f} GiB for "
+            f"one C value (full-batch L-BFGS holds the logits, probabilities and gradient of every row in float64) "
+            f"and {available / 2**30:.1f} GiB are available on {x.device}; train a linear probe (`dinoprobe probe "
+            "--head linear`, a batch at a time), fit on fewer rows (--shots), or use a machine with more memory")
+    if max_bytes is None:
+        max_bytes = DEFAULT_MAX_BYTES if available is None else min(DEFAULT_MAX_BYTES, available // 2)
     size = max(1, int(max_bytes // per))
     parts = [_fit_batch(x, y, num_classes, list(cs[i:i + size]), max_iter, tol, memory, dtype, progress,
                         desc if len(cs) <= size else f"{desc} ({i // size + 1}/{-(-len(cs) // size)})",
@@ -210,6 +221,20 @@ def _fit_one_vs_rest_sklearn(x, y, cs, max_iter, tol, class_weights=None):
             iterations)
 
 
+def normalized_rows(normalizer, parts, device, dtype: torch.dtype = torch.float64,
+                    block: int = 8192) -> torch.Tensor:
+    """The parts' rows (train, then val) normalised, as one (rows, D) tensor on `device` in the solvers' precision
+    (both take float64), a block of rows at a time: a whole float32 normalised copy would stand beside it."""
+    out = torch.empty(sum(len(p) for p in parts), parts[0].shape[1], dtype=dtype, device=device)
+    start = 0
+    for part in parts:
+        normalizer = normalizer.to(part.device)
+        for rows in part.split(block):
+            out[start:start + len(rows)] = normalizer(rows)
+            start += len(rows)
+    return out
+
+
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, cs, solver: str = "torch",
                max_iter: int = 1000, tol: float = 1e-4, progress: bool = False,
                desc: str = "logreg", class_weights=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -272,12 +297,13 @@ class LogReg(_Classifier):
         device = resolve_device(self.device)
         k = len(self.classes_)
         normalizer = Normalizer.fit(self.normalize, x_tr)  # on x_tr's device; the fitted model lives on the CPU
-        x_tr, x_val = normalizer(x_tr).to(device), normalizer.to(x_val.device)(x_val).to(device)
+        x_all = normalized_rows(normalizer, (x_tr, x_val), device)  # train's rows, then val's: refit copies nothing
+        x_tr, x_val = x_all[:len(x_tr)], x_all[len(x_tr):]
         self.normalizer_ = normalizer.cpu()
         weights = class_weights(self.class_weight, self.classes_, y_tr.numpy())  # scikit-learn's class_weight
         w, b, iterations = fit_logreg(x_tr, y_tr.to(device), k, cs, self.solver, self.max_iter, self.tol,
                                       self.progress, f"logreg: {len(cs)} C values", weights)
-        val_scores = (torch.einsum("nd,kcd->knc", x_val, w) + b[:, None]).cpu()
+        val_scores = (torch.einsum("nd,kcd->knc", x_val.to(w.dtype), w) + b[:, None]).cpu()
         if self.multilabel_:  # one-vs-rest: C chosen on validation macro mAP
             self.val_score_per_C_ = mean_average_precision(val_scores, y_val).nan_to_num(0.0).tolist()
         else:
@@ -292,7 +318,7 @@ class LogReg(_Classifier):
             self.n_iter_per_C_ = list(iterations)
             return self
         y_all = torch.cat([y_tr, y_val])  # "balanced" weights of the data refit on, as scikit-learn computes them
-        w, b, refit_iterations = fit_logreg(torch.cat([x_tr, x_val]), y_all.to(device), k, [cs[best]], self.solver,
+        w, b, refit_iterations = fit_logreg(x_all, y_all.to(device), k, [cs[best]], self.solver,
                                             self.max_iter, self.tol, self.progress, "logreg: refit on train + val",
                                             class_weights(self.class_weight, self.classes_, y_all.numpy()))
         self.coef_, self.intercept_ = w[0].cpu(), b[0].cpu()
