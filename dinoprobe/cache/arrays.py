@@ -189,17 +189,18 @@ def check_label_sets(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) 
 
 
 def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True, views: bool = False,
-               max_memory: int | None = None, working_copies: int = 0, streamable: bool = True) -> FeatureSplits:
+               max_memory: int | None = None, working_copies: int = 0, working_bytes: int = 0,
+               streamable: bool = True) -> FeatureSplits:
     """Read and validate a cache for training: a train split with >= 2 classes, a non-empty val split."""
     return load_features(cache_dir, (feature,), device, require_val, views, max_memory, working_copies,
-                         streamable)[feature]
+                         working_bytes, streamable)[feature]
 
 
 ROW_EXTRAS = 128  # bytes per row besides features: label, index, and its path as a Python string
 
 
 def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_copies: int = 0,
-                  device=torch.device("cpu")) -> tuple[int, int]:
+                  working_bytes: int = 0, device=torch.device("cpu")) -> tuple[int, int]:
     """(host, device) bytes that loading `wanted` ({feature: parts}) and training on it take at their peak.
 
     Loading holds each feature choice's float32 features (built shard by shard: the stored columns are never held
@@ -207,8 +208,8 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
     its columns, and their float32 selection, twice the size of float16 columns); a GPU holds the float32 features.
     Augmented views are read as stored, then made float32. Training, once the load is done, works on one feature
     choice at a time, and where it runs (`device`) adds `working_copies` float32-sized copies of its train and val
-    rows (a normalised copy: 1; logistic regression's float64 copy: 2), and with views each epoch's pick of one view
-    per train image."""
+    rows (a normalised copy: 1; logistic regression's float64 copy: 2), `working_bytes` more (k-NN's similarity
+    blocks), and with views each epoch's pick of one view per train image."""
     dim = manifest.get("feature_dim", 0)
     stored_size = 2 if manifest.get("dtype", "float16") == "float16" else 4
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
@@ -220,7 +221,8 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
     view_stored = sum(dim for c in columns(tuple(p for ps in wanted.values() for p in ps)) if c != "cls_blocks")
     held = total * features + train * view_count * features
     in_flight = 4 * max((s["bytes"] for s in shards), default=0)
-    working = working_copies * (train + rows.get("val", 0)) * widest + bool(view_count) * train * widest
+    working = working_copies * (train + rows.get("val", 0)) * widest + bool(view_count) * train * widest + \
+        working_bytes
     on_cpu = torch.device(device).type == "cpu"
     host = held + total * ROW_EXTRAS + train * view_count * view_stored * stored_size + \
         max(in_flight, working if on_cpu else 0)
@@ -228,11 +230,11 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
 
 
 def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device,
-                 working_copies: int = 0, streamable: bool = True) -> None:
+                 working_copies: int = 0, working_bytes: int = 0, streamable: bool = True) -> None:
     """Refuse, naming the fix, features that cannot fit where they would be held and trained on (memory_needed):
     past the available memory the system would kill the process mid-run (Linux overcommits, then its OOM killer
     strikes), with no message. `streamable`: the caller can stream the train split (probe, sweep: --max-memory)."""
-    host, on_device = memory_needed(manifest, wanted, views, working_copies, device)
+    host, on_device = memory_needed(manifest, wanted, views, working_copies, working_bytes, device)
     for where in dict.fromkeys([torch.device("cpu"), device]):
         need = host if where.type == "cpu" else on_device
         available = memory_available(where)
@@ -250,11 +252,11 @@ def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: t
 
 
 def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
-                  max_memory: int | None = None, working_copies: int = 0,
+                  max_memory: int | None = None, working_copies: int = 0, working_bytes: int = 0,
                   streamable: bool = True) -> dict[str, FeatureSplits]:
     """`load_cache` for several feature choices at once (a sweep's): every shard is read and verified once.
     `working_copies`: float32-sized copies of the train and val features that training will make (a normalised
-    copy: 1), which the memory check counts."""
+    copy: 1), and `working_bytes` more it takes, which the memory check counts."""
     device = resolve_device(device)
     wanted = {f: parse_feature(f) for f in features}
     parts = tuple(dict.fromkeys(p for ps in wanted.values() for p in ps))
@@ -277,7 +279,7 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     if streamed and views:
         raise DinoprobeError("--views needs the train views in memory; raise --max-memory or drop --views")
     if not streamed:
-        check_memory(cache_dir, manifest, wanted, views, device, working_copies, streamable)
+        check_memory(cache_dir, manifest, wanted, views, device, working_copies, working_bytes, streamable)
     rows, y = {}, {}
     for split in manifest["splits"]:
         in_memory = not (split == "train" and streamed)

@@ -97,25 +97,31 @@ class StreamedTrainSplit:
             yield ((normalizer(x), rows) for x, rows in self.iterate_batches(batch_size, generator))
 
     def iterate_batches(self, batch_size: int, generator: torch.Generator):
-        """(features, rows) batches of `streaming_order`, holding only the current buffer's shards in memory."""
+        """(features, rows) batches of `streaming_order`, holding only the current buffer's shards in memory: one
+        buffer per read-ahead group, the previous group's partial batch at its front and each shard read into its
+        rows, from which each batch is gathered (a permuted copy of the buffer would double the budget)."""
         offsets = np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
-        carry_x = carry_y = None  # a partial batch carried into the next buffer, so batches match the order
+        carry_x = torch.zeros(0, self.dim)  # a partial batch carried into the next buffer, so batches match the order
+        carry_y = torch.zeros(0, dtype=torch.long)
         plan = streaming_plan(self.rows, self.buffer_shards, generator)
         for number, (group, rows) in enumerate(plan):
-            buffer = torch.cat([self._read(s) for s in group])
+            buffer = torch.empty(len(carry_x) + len(rows), self.dim)
+            buffer[:len(carry_x)] = carry_x
             start_in_buffer = np.zeros(len(self.rows), dtype=np.int64)
-            start_in_buffer[group] = np.concatenate([[0], np.cumsum([self.rows[s] for s in group])[:-1]])
+            start_in_buffer[group] = len(carry_x) + np.concatenate([[0], np.cumsum([self.rows[s] for s in group])[:-1]])
+            for s in group:
+                buffer[start_in_buffer[s]:start_in_buffer[s] + self.rows[s]] = self._read(s)
             shard = np.searchsorted(offsets, rows.numpy(), side="right") - 1
-            local = torch.from_numpy(start_in_buffer[shard] + rows.numpy() - offsets[shard])
-            x = buffer.index_select(0, local).to(self.device, non_blocking=True)
-            y = rows.to(self.device)
-            if carry_x is not None:
-                x, y = torch.cat([carry_x, x]), torch.cat([carry_y, y])
+            order = torch.cat([torch.arange(len(carry_x)),
+                               torch.from_numpy(start_in_buffer[shard] + rows.numpy() - offsets[shard])])
+            y = torch.cat([carry_y, rows])
+            buffer = buffer.to(self.device, non_blocking=True)  # on a GPU: one copy, then batches gathered there
+            order, y = order.to(self.device), y.to(self.device)
             last = number == len(plan) - 1
-            full = len(x) if last else len(x) - len(x) % batch_size
+            full = len(y) if last else len(y) - len(y) % batch_size
             for begin in range(0, full, batch_size):
-                yield x[begin:begin + batch_size], y[begin:begin + batch_size]
-            carry_x, carry_y = x[full:], y[full:]
+                yield buffer.index_select(0, order[begin:begin + batch_size]), y[begin:begin + batch_size]
+            carry_x, carry_y = buffer.index_select(0, order[full:]).cpu(), y[full:].cpu()
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and (unbiased) std per dimension in one streamed pass, for --normalize standardize."""

@@ -12,9 +12,14 @@ from dinoprobe.estimators.base import _Classifier, as_labels
 from dinoprobe.settings import KNN_KS, KNN_TEMPERATURE
 from dinoprobe.train.ranking import mean_average_precision
 
+SIMILARITY_BLOCK = 1 << 25  # entries of the (queries, train rows) similarity matrix computed at once
+# what a neighbour search holds besides the features: a block of similarities, and topk's work on it (measured:
+# 1.2 times the block on a CPU)
+SEARCH_BYTES = 2 * 4 * SIMILARITY_BLOCK
+
 
 def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
-               max_block: int = 1 << 25) -> dict[int, torch.Tensor]:
+               max_block: int = SIMILARITY_BLOCK) -> dict[int, torch.Tensor]:
     """Weighted k-NN on L2-normalised features (DINO): class scores sum exp(cos / T) over the k nearest.
     Multi-label train_y (N, classes) 0/1: each class's score is the share of the k neighbours' weight whose rows
     carry it (per-class weighted votes, in [0, 1]). Every k in one dict; `knn_scores_per_k` yields them one at a
@@ -23,7 +28,7 @@ def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperatu
 
 
 def knn_scores_per_k(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
-                     max_block: int = 1 << 25):
+                     max_block: int = SIMILARITY_BLOCK):
     """(k, scores (queries, classes)) for each k, smallest first, from one neighbour search. Only the nearest
     max(ks) of each query are held between ks (queries x max(ks) numbers), and one k's scores at a time: at 10,000
     classes and 100,000 queries each k's scores are 4 GB.

@@ -19,7 +19,7 @@ from dinoprobe.atomic import write_json
 from dinoprobe.cache.arrays import load_cache, load_features
 from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.estimators.knn import KNN
+from dinoprobe.estimators.knn import KNN, SEARCH_BYTES
 from dinoprobe.estimators.logreg import LogReg
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
@@ -153,7 +153,7 @@ def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool =
     predicts from the training features themselves."""
     _check(cache_dir, out, overwrite, knn, KNN, "knn")
     data = load_cache(cache_dir, feature, resolve_device(knn.device), working_copies=1,  # the L2-normalised bank
-                      streamable=False)
+                      working_bytes=SEARCH_BYTES, streamable=False)
     knn.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     per_k, metrics = {"val": knn.val_score_per_k_}, evaluate(knn, data, splits=("val",))
     if data.x.get("test") is not None:  # one neighbour search gives every k's test score and the chosen k's metrics
