@@ -604,51 +604,67 @@ def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, thresho
     with a trained head (--run) or an ONNX export (--model)."""
     if (head_path is None) == (onnx_path is None):
         raise click.UsageError("give one of --run RUN_DIR or --model MODEL.onnx")
+    from dinoprobe.imagefiles import expand_inputs
+
     if onnx_path is not None:
         from dinoprobe.runs.onnx_predict import OnnxClassifier
 
-        results, errors = OnnxClassifier(onnx_path).predict(paths, topk, batch_size, threshold)
+        classifier = OnnxClassifier(onnx_path)
+        files, errors = expand_inputs(paths)
+        entries = classifier.iter_predictions(files, topk, batch_size, threshold)
+        class_names, multilabel = classifier.class_names, classifier.thresholds is not None
     else:
-        from dinoprobe.runs.predict import backbone_for_head
-        from dinoprobe.runs.predict import predict as run_predict
+        from dinoprobe.runs.predict import backbone_for_head, iter_predictions
         from dinoprobe.train.headfile import load_head_file
 
         head_file = load_head_file(head_path)
         backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
-        results, errors = run_predict(head_file, backbone, paths, topk, batch_size, workers, device,
-                                      threshold=threshold)
-    _print_predictions(results, errors, fmt, topk)
-
-
-def _print_predictions(results: list[dict], errors: list, fmt: str, topk: int) -> None:
+        files, errors = expand_inputs(paths)
+        entries = iter_predictions(head_file, backbone, files, topk, batch_size, workers, device, threshold=threshold,
+                                   progress=True)
+        class_names, multilabel = head_file.class_names, head_file.multilabel
     for path, reason in errors:
         _echo_err(f"skipped {path}: {reason}")
-    multilabel = bool(results) and "all_probabilities" in results[0]
-    if fmt == "json":
-        click.echo(json.dumps(results, indent=1, ensure_ascii=False))
-    elif fmt == "csv" and multilabel:  # the predicted labels, then one probability column per class
-        import csv
-
-        names = list(results[0]["all_probabilities"])
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "labels"] + [f"probability_{name}" for name in names])
-        for r in results:
-            writer.writerow([r["path"], "|".join(r["labels"])] + [r["all_probabilities"][n] for n in names])
-    elif fmt == "csv":
-        import csv
-
-        k = max((len(r["labels"]) for r in results), default=topk)
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "probability")])
-        for r in results:
-            writer.writerow([r["path"]] + [v for pair in zip(r["labels"], r["probabilities"]) for v in pair])
-    else:
-        width = max((len(r["path"]) for r in results), default=4)
-        for r in results:
-            labels = "  ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"]))
-            click.echo(f"{r['path']:<{width}}  {labels or '(no label over its threshold)' if multilabel else labels}")
-    if not results and errors:
+    printed = _print_predictions(entries, fmt, min(topk, len(class_names)), class_names, multilabel,
+                                 width=max((len(f) for f in files), default=4))
+    if not printed and (errors or files):
         raise DinoprobeError("no input could be read")
+
+
+def _print_predictions(entries, fmt: str, k: int, class_names: list[str], multilabel: bool, width: int) -> int:
+    """Each entry on stdout as it comes, in input order (a skipped input on stderr), flushed a line at a time so a
+    pipe sees them and a killed run keeps what it printed; returns how many images were labelled."""
+    import csv
+
+    printed = 0
+    writer = csv.writer(sys.stdout)
+    if fmt == "csv" and multilabel:  # the predicted labels, then one probability column per class
+        writer.writerow(["path", "labels"] + [f"probability_{name}" for name in class_names])
+    elif fmt == "csv":
+        writer.writerow(["path"] + [f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "probability")])
+    elif fmt == "json":
+        sys.stdout.write("[")
+    for r in entries:
+        if "skipped" in r:
+            _echo_err(f"skipped {r['path']}: {r['skipped']}")
+            continue
+        if fmt == "json":  # json.dumps(list, indent=1), an element at a time
+            item = json.dumps(r, indent=1, ensure_ascii=False).replace("\n", "\n ")
+            sys.stdout.write(f"{',' if printed else ''}\n {item}")
+        elif fmt == "csv" and multilabel:
+            writer.writerow([r["path"], "|".join(r["labels"])] + [r["all_probabilities"][n] for n in class_names])
+        elif fmt == "csv":
+            writer.writerow([r["path"]] + [v for pair in zip(r["labels"], r["probabilities"]) for v in pair])
+        else:
+            labels = "  ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probabilities"]))
+            sys.stdout.write(f"{r['path']:<{width}}  "
+                             f"{labels or '(no label over its threshold)' if multilabel else labels}\n")
+        sys.stdout.flush()
+        printed += 1
+    if fmt == "json":
+        sys.stdout.write("\n]\n" if printed else "]\n")
+        sys.stdout.flush()
+    return printed
 
 
 @main.command()

@@ -279,3 +279,45 @@ def test_probe_does_not_import_the_backbone_stack(synthetic, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_predictions_stream_out_in_input_order(photos, backbone, tmp_path):
+    """A folder of millions of images must not wait for the last one to print the first (nor hold them all):
+    entries come in input order, a skipped input at its place, each as soon as it and every earlier file are
+    done; the command prints each line as it comes, so a pipe sees it while the run goes on."""
+    import subprocess
+    import sys
+
+    from dinoprobe.runs.predict import iter_predictions
+    from dinoprobe.train.headfile import load_head_file
+
+    extract(backbone, open_source(str(photos)), tmp_path / "c", batch_size=10, workers=0, progress=False)
+    run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "run", "--epochs", 2, check=True)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    files = sorted(str(p) for p in (photos / "val" / "ants").iterdir())[:5]
+    files.insert(2, str(tmp_path / "bad.jpg"))
+    forwards = []
+    hook = backbone.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        entries = iter_predictions(load_head_file(tmp_path / "run"), backbone, files, batch_size=2, workers=0,
+                                   device="cpu")
+        first = next(entries)
+        assert len(forwards) == 1  # one batch run, not all of them
+        rest = list(entries)
+    finally:
+        hook.remove()
+    assert [e["path"] for e in [first, *rest]] == files
+    assert "skipped" in rest[1] and all("labels" in e for i, e in enumerate([first, *rest]) if i != 2)
+    # the command: lines arrive as images are done (280 of them, one per batch), not all at once at the end
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dinoprobe", "predict", "--run", str(tmp_path / "run"),
+                             "--batch-size", "1", "--workers", "0", "--format", "csv", *[str(photos)] * 4],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        arrivals = [(time.perf_counter(), line) for line in proc.stdout]  # 280 lines, well within a pipe's buffer
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(arrivals) == 281 and arrivals[0][1].startswith("path,label_1")
+    assert arrivals[-1][0] - arrivals[1][0] > 0.5  # the first image's line came long before the last one's

@@ -102,22 +102,32 @@ class OnnxClassifier:
 
     def predict(self, paths, topk: int = 5, batch_size: int = 32, threshold: float | None = None):
         """([{path, labels, probabilities}], [(path, reason)]) in input order, as `dinoprobe predict`."""
-        threshold = check_threshold(threshold, self.thresholds is not None)
         files, errors = expand_inputs(paths)
         results = []
+        for entry in self.iter_predictions(files, topk, batch_size, threshold):
+            if "skipped" in entry:
+                errors.append((entry["path"], entry["skipped"]))
+            else:
+                results.append(entry)
+        return results, errors
+
+    def iter_predictions(self, files: list[str], topk: int = 5, batch_size: int = 32, threshold: float | None = None):
+        """One entry per file in input order, a batch at a time: {path, labels, probabilities}, or {path, skipped:
+        reason} for an input that could not be read."""
+        threshold = check_threshold(threshold, self.thresholds is not None)  # refused before any image is read
+        return self._entries(files, topk, batch_size, threshold)
+
+    def _entries(self, files, topk, batch_size, threshold):
         for start in range(0, len(files), batch_size):
-            batch, names = [], []
+            batch, entries = [], []
             for file in files[start:start + batch_size]:
                 try:
                     batch.append(self.preprocess(file))
-                    names.append(file)
+                    entries.append(None)
                 except SkippedInput as err:  # unreadable, truncated, not an image, past a size guard
-                    errors.append((file, str(err)))
+                    entries.append({"path": file, "skipped": str(err)})
                 except Exception as err:  # a file gone since it was listed: a reason, not a crash
-                    errors.append((file, f"{type(err).__name__}: {str(err)[:160]}"))
-            if not batch:
-                continue
-            probabilities, _ = self.run(np.stack(batch))
-            for name, row in zip(names, probabilities):
-                results.append(labelled(name, row, self.class_names, topk, self.thresholds, threshold))
-        return results, errors
+                    entries.append({"path": file, "skipped": f"{type(err).__name__}: {str(err)[:160]}"})
+            rows = iter(self.run(np.stack(batch))[0] if batch else ())
+            for file, entry in zip(files[start:start + batch_size], entries):
+                yield entry or labelled(file, next(rows), self.class_names, topk, self.thresholds, threshold)

@@ -14,6 +14,7 @@ from dinoprobe.extract.datasets import DecodingLoader, ImageFileDataset
 from dinoprobe.extract.decode import TorchvisionDecode
 from dinoprobe.extract.transforms import DataConfig, Preprocess
 from dinoprobe.imagefiles import expand_inputs
+from dinoprobe.progress import progress_bar
 from dinoprobe.runs.labelling import check_threshold, labelled
 from dinoprobe.settings import DEFAULT_MAX_PIXELS
 from dinoprobe.train.headfile import HeadFile
@@ -60,8 +61,24 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
             max_pixels: int = DEFAULT_MAX_PIXELS, threshold: float | None = None):
     """Returns ([{path, labels, probabilities}], [(path, reason)]) in input order. workers: as `features`. A
     multi-label head reports every class at or over its threshold (`threshold`: one for all), see labelling.py."""
-    threshold = check_threshold(threshold, head_file.multilabel)
     files, errors = expand_inputs(paths)
+    results = []
+    for entry in iter_predictions(head_file, backbone, files, topk, batch_size, workers, device, precision,
+                                  max_pixels, threshold):
+        if "skipped" in entry:
+            errors.append((entry["path"], entry["skipped"]))
+        else:
+            results.append(entry)
+    return results, errors
+
+
+def iter_predictions(head_file: HeadFile, backbone: Backbone, files: list[str], topk: int = 5, batch_size: int = 32,
+                     workers: int | None = None, device: str = "auto", precision: str = "auto",
+                     max_pixels: int = DEFAULT_MAX_PIXELS, threshold: float | None = None, progress: bool = False):
+    """One entry per file, in input order, as soon as it and every file before it are done: {path, labels,
+    probabilities} (see `predict`), or {path, skipped: reason} for an input that could not be read. Only the
+    batches in flight are held, so a folder of millions of images streams out (`dinoprobe predict`)."""
+    threshold = check_threshold(threshold, head_file.multilabel)
     dev = resolve_device(device)
     workers = default_workers(dev) if workers is None else workers
     precision = resolve_precision(precision, dev)
@@ -69,16 +86,29 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
     head, normalizer = head_file.head.to(dev), head_file.normalizer.to(dev)
     dataset = prediction_dataset(head_file, files, backbone.data_config, max_pixels)
     loader = DecodingLoader(dataset, batch_size, workers, dataset.input_bytes)
-    results: dict[int, dict] = {}
-    with torch.inference_mode(), loader.explaining_failures():
+    # checked and built above, before the first entry is asked for; the images are read as entries are
+    return _entries(head_file, files, loader, model, preprocess, head, normalizer, dev, precision, topk, threshold,
+                    progress)
+
+
+def _entries(head_file: HeadFile, files, loader, model, preprocess, head, normalizer, dev, precision, topk, threshold,
+             progress):
+    done, following = {}, 0  # entries finished ahead of an earlier file, and the next file to hand out
+    with loader.explaining_failures(), progress_bar(len(files), "predict", "img", enabled=progress) as bar:
         for pixels, _, idx, skipped, _ in loader:
-            errors += [(files[i], reason) for i, reason in skipped]
-            if pixels is None:
-                continue
-            with autocast(dev, precision):
-                feats = model(preprocess(pixels.to(dev)))
-            probs = head_file.probabilities(head(normalizer(select(feats, parse_feature(head_file.feature)))))
-            for row, i in enumerate(idx.tolist()):
-                results[i] = labelled(files[i], probs[row].cpu().numpy(), head_file.class_names, topk,
-                                      head_file.thresholds, threshold)
-    return [results[i] for i in sorted(results)], errors
+            done.update({i: {"path": files[i], "skipped": reason} for i, reason in skipped})
+            if pixels is not None:
+                with torch.inference_mode():  # only around the batch: the caller runs between entries
+                    with autocast(dev, precision):
+                        feats = model(preprocess(pixels.to(dev)))
+                    probs = head_file.probabilities(head(normalizer(select(feats, parse_feature(head_file.feature)))))
+                    probs = probs.float().cpu().numpy()
+                for row, i in enumerate(idx.tolist()):
+                    done[i] = labelled(files[i], probs[row], head_file.class_names, topk, head_file.thresholds,
+                                       threshold)
+            bar.update(len(idx) + len(skipped))
+            while following in done:
+                yield done.pop(following)
+                following += 1
+        for i in sorted(done):  # none, unless the loader skipped a file without naming it
+            yield done.pop(i)
