@@ -800,7 +800,7 @@ def evaluate(caches, out, protocol, shots, tries, epochs, epoch_length, device):
 
     overrides = {k: v for k, v in (("epochs", epochs), ("epoch_length", epoch_length)) if v is not None}
     rows = run_evaluate(list(caches), out, protocol=protocol, shots=shots or (), tries=tries, device=device,
-                        linear_overrides=overrides, log=_echo_err)
+                        linear_overrides=overrides, log=_echo_err, progress=True)
     click.echo(markdown(rows, protocol))
     click.echo(f"wrote {out}/results.csv, results.json and results.md; each protocol's run is under {out}/<cache>/")
 
@@ -853,7 +853,7 @@ def knn(cache_dir, out, overwrite, shots, tries, feature, ks, temperature, devic
     from dinoprobe.estimators.knn import KNN
     from dinoprobe.runs.experiments import run_knn
 
-    estimator = KNN(ks=tuple(ks), temperature=temperature, shots=shots, tries=tries, device=device)
+    estimator = KNN(ks=tuple(ks), temperature=temperature, shots=shots, tries=tries, device=device, progress=True)
     metrics = run_knn(cache_dir, out, estimator, feature=feature, overwrite=overwrite)
     per_k = "map_per_k" if estimator.multilabel_ else "top1_per_k"
     for split, scores in metrics[per_k].items():

@@ -22,6 +22,8 @@ def test_the_table_holds_what_the_single_commands_give(caches, tmp_path):
     proc = run_cli("evaluate", "--cache", caches[0], "--cache", caches[1], "--out", tmp_path / "e", "--shots", "2",
                    "--tries", 2, *QUICK, check=True)
     assert "| cache |" in proc.stdout
+    for bar in ("sweep: 13 heads", "logreg: 45 C values", "k-NN: val", "logreg: refit on train"):  # their progress
+        assert f"\n{bar}" in proc.stderr, proc.stderr
     table = json.loads((tmp_path / "e" / "results.json").read_text())
     assert table["protocol"] == "dinov3" and [r["cache"] for r in table["rows"]] == ["alpha", "beta"]
     import dinoprobe

@@ -1,6 +1,7 @@
 """Head training on the cache: equivalence with the original method, run artefacts, predict, export, bad input."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -216,6 +217,7 @@ def test_probe_predict_export_end_to_end(photos, backbone, tmp_path):
     assert len(results) == 20 and all(r["labels"][0] in ("ants", "bees") for r in results)
     assert all(abs(sum(r["probabilities"]) - 1) < 1e-4 for r in results)
     assert "skipped" in proc.stderr and "bad.jpg" in proc.stderr
+    assert re.search(r"^predict: 100% 21/21 \[.*img/s\]$", proc.stderr, re.M), proc.stderr  # its progress
     # a device (read forever), a missing path and a URL: each skipped with what it is, the rest predicted
     proc = run_cli("predict", "--run", tmp_path / "run", "/dev/zero", tmp_path / "gone.jpg", photos / "val" / "ants",
                    "https://example.com/cat.jpg", check=True)

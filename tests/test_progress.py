@@ -62,6 +62,11 @@ def test_probe_and_logreg_logs_hold_lines_not_carriage_returns(tmp_path):
     assert "\r" not in logreg.stderr
     assert re.search(r"^logreg: 45 C values: .*running=0/45 C\]$", logreg.stderr, re.M), logreg.stderr
     assert len(logreg.stderr.splitlines()) < 12, logreg.stderr  # not a line per L-BFGS iteration
+    # k-NN searches the train features once per split: a bar each, counting the images searched
+    knn = run_cli("knn", "--cache", cache, "--out", tmp_path / "knn", check=True)
+    assert "\r" not in knn.stderr
+    assert re.search(r"^k-NN: val: 100% 40/40 \[.*img/s\]$", knn.stderr, re.M), knn.stderr
+    assert re.search(r"^k-NN: 100% 40/40 \[.*img/s\]$", knn.stderr, re.M), knn.stderr  # the test split
 
 
 def test_features_log_holds_one_line_per_split_state(tmp_path):

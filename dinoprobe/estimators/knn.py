@@ -9,6 +9,7 @@ from dinoprobe import settings
 from dinoprobe.device import resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.base import _Classifier, as_labels
+from dinoprobe.progress import progress_bar
 from dinoprobe.settings import KNN_KS, KNN_TEMPERATURE
 from dinoprobe.train.ranking import mean_average_precision
 
@@ -19,21 +20,22 @@ SEARCH_BYTES = 2 * 4 * SIMILARITY_BLOCK
 
 
 def knn_scores(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
-               max_block: int = SIMILARITY_BLOCK) -> dict[int, torch.Tensor]:
+               max_block: int = SIMILARITY_BLOCK, bar=None) -> dict[int, torch.Tensor]:
     """Weighted k-NN on L2-normalised features (DINO): class scores sum exp(cos / T) over the k nearest.
     Multi-label train_y (N, classes) 0/1: each class's score is the share of the k neighbours' weight whose rows
     carry it (per-class weighted votes, in [0, 1]). Every k in one dict; `knn_scores_per_k` yields them one at a
     time."""
-    return dict(knn_scores_per_k(train_x, train_y, query_x, num_classes, ks, temperature, max_block))
+    return dict(knn_scores_per_k(train_x, train_y, query_x, num_classes, ks, temperature, max_block, bar))
 
 
 def knn_scores_per_k(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, temperature: float = KNN_TEMPERATURE,
-                     max_block: int = SIMILARITY_BLOCK):
+                     max_block: int = SIMILARITY_BLOCK, bar=None):
     """(k, scores (queries, classes)) for each k, smallest first, from one neighbour search. Only the nearest
     max(ks) of each query are held between ks (queries x max(ks) numbers), and one k's scores at a time: at 10,000
     classes and 100,000 queries each k's scores are 4 GB.
 
-    The similarity matrix is computed in row blocks of at most `max_block` entries, never whole.
+    The similarity matrix is computed in row blocks of at most `max_block` entries, never whole; `bar` (a
+    progress bar) counts the queries searched.
     """
     train = F.normalize(train_x.float(), dim=1)
     query = F.normalize(query_x.float(), dim=1)
@@ -44,6 +46,8 @@ def knn_scores_per_k(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, tem
     nearest = torch.empty(len(query), top, dtype=torch.long, device=query.device)
     for start in range(0, len(query), rows):
         sims[start:start + rows], nearest[start:start + rows] = (query[start:start + rows] @ train.t()).topk(top, dim=1)
+        if bar is not None:
+            bar.update(len(query[start:start + rows]))
     weights = (sims / temperature).exp()
     for k in ks:
         out = torch.zeros(len(query), num_classes)
@@ -67,10 +71,11 @@ class KNN(_Classifier):
     validation macro mAP.
 
     Fitted attributes: best_k_, val_score_per_k_ ({k: accuracy}), classes_, n_features_in_.
+    `progress`: a bar on stderr per neighbour search (the command line's), counting the queries searched.
     """
 
     def __init__(self, ks=KNN_KS, temperature=KNN_TEMPERATURE, val_fraction=0.1, seed=0, shots=None, tries=1,
-                 device="auto"):
+                 device="auto", progress=False):
         self.ks = ks
         self.temperature = temperature
         self.val_fraction = val_fraction
@@ -78,6 +83,7 @@ class KNN(_Classifier):
         self.shots = shots
         self.tries = tries
         self.device = device
+        self.progress = progress
 
     def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
         ks = sorted({int(k) for k in (self.ks if hasattr(self.ks, "__iter__") else [self.ks])})
@@ -87,26 +93,31 @@ class KNN(_Classifier):
             raise DinoprobeError(f"temperature must be > 0, got {self.temperature}")
         self.device_ = resolve_device(self.device)
         self.bank_x_, self.bank_y_ = x_tr.to(self.device_), y_tr.to(self.device_)
-        if self.multilabel_:  # macro mAP ranks every validation row of a class: all rows' scores, a k at a time
-            scores = knn_scores_per_k(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
-                                      self.temperature)
-            self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores}
-        else:  # accuracy counts rows: a block of them at a time, every k from the block's one search
-            y_val, correct = torch.as_tensor(y_val), {}
-            rows = settings.SCORING_ROWS_PER_BLOCK
-            for start in range(0, max(len(x_val), 1), rows):
-                block = slice(start, start + rows)
-                for k, s in knn_scores_per_k(self.bank_x_, self.bank_y_, x_val[block].to(self.device_),
-                                             len(self.classes_), ks, self.temperature):
-                    correct[k] = correct.get(k, 0) + int((s.argmax(1) == y_val[block]).sum())
-            self.val_score_per_k_ = {k: c / len(y_val) for k, c in correct.items()}
+        with self._bar(len(x_val), "k-NN: val") as bar:
+            if self.multilabel_:  # macro mAP ranks every validation row of a class: all rows' scores, a k at a time
+                scores = knn_scores_per_k(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
+                                          self.temperature, bar=bar)
+                self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores}
+            else:  # accuracy counts rows: a block of them at a time, every k from the block's one search
+                y_val, correct = torch.as_tensor(y_val), {}
+                rows = settings.SCORING_ROWS_PER_BLOCK
+                for start in range(0, max(len(x_val), 1), rows):
+                    block = slice(start, start + rows)
+                    for k, s in knn_scores_per_k(self.bank_x_, self.bank_y_, x_val[block].to(self.device_),
+                                                 len(self.classes_), ks, self.temperature, bar=bar):
+                        correct[k] = correct.get(k, 0) + int((s.argmax(1) == y_val[block]).sum())
+                self.val_score_per_k_ = {k: c / len(y_val) for k, c in correct.items()}
         self.best_k_ = max(self.val_score_per_k_, key=lambda k: (self.val_score_per_k_[k], -k))
         self.best_score_ = self.val_score_per_k_[self.best_k_]
         return self
 
+    def _bar(self, queries: int, desc: str):
+        return progress_bar(queries, desc, "img", enabled=self.progress)
+
     def _scores(self, X):
-        scores = knn_scores(self.bank_x_, self.bank_y_, X.to(self.device_), len(self.classes_), [self.best_k_],
-                            self.temperature)
+        with self._bar(len(X), "k-NN") as bar:
+            scores = knn_scores(self.bank_x_, self.bank_y_, X.to(self.device_), len(self.classes_), [self.best_k_],
+                                self.temperature, bar=bar)
         return scores[min(self.best_k_, len(self.bank_y_))]
 
     def _score(self, votes: torch.Tensor, y) -> float:
@@ -119,10 +130,12 @@ class KNN(_Classifier):
     def iter_proba_per_k(self, X):
         """(k, predict_proba with that k) for every k in ks (capped at the number of training rows), smallest first,
         from one neighbour search; one k's probabilities in memory at a time."""
-        scores = knn_scores_per_k(self.bank_x_, self.bank_y_, self._features(X).to(self.device_), len(self.classes_),
-                                  sorted(self.ks), self.temperature)
-        for k, votes in scores:
-            yield k, self._probabilities(votes)
+        X = self._features(X)
+        with self._bar(len(X), "k-NN") as bar:
+            scores = knn_scores_per_k(self.bank_x_, self.bank_y_, X.to(self.device_), len(self.classes_),
+                                      sorted(self.ks), self.temperature, bar=bar)
+            for k, votes in scores:
+                yield k, self._probabilities(votes)
 
     def predict_proba_per_k(self, X) -> dict[int, np.ndarray]:
         """predict_proba for every k in ks (capped at the number of training rows), from one neighbour search."""

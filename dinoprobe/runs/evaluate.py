@@ -94,10 +94,11 @@ def cache_name(cache_dir, taken: set[str]) -> str:
 
 
 def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5, device: str = "auto",
-             linear_overrides: dict | None = None, log=lambda message: None) -> list[dict]:
+             linear_overrides: dict | None = None, log=lambda message: None, progress: bool = False) -> list[dict]:
     """Run the suite on every cache into OUT/<cache>/<protocol>/, reusing finished protocol runs; write and return
     the table (one row per cache). linear_overrides (e.g. {"epochs": 2}) replace the linear preset's settings,
-    for a quick look: the numbers are then not the protocol's, and the table says which were changed."""
+    for a quick look: the numbers are then not the protocol's, and the table says which were changed. `progress`:
+    each protocol's bars on stderr (the command line's)."""
     if protocol not in SUITES:
         raise DinoprobeError(f"unknown protocol {protocol!r}; protocols are {', '.join(SUITES)}")
     caches = [Path(c) for c in ([caches] if isinstance(caches, (str, Path)) else caches)]
@@ -148,7 +149,7 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
             log(f"{name}: linear ({preset})")
             linear = _finished(base / "linear", "sweep")
             if linear is None:
-                search = Sweep(Probe(device=device), preset=preset, param_grid=overrides)
+                search = Sweep(Probe(device=device, progress=progress), preset=preset, param_grid=overrides)
                 _, linear = run_sweep(cache_dir, base / "linear", search, features=features)
             with _reading(base / "linear"):
                 best_run = base / "linear" / "best" / "run.json"
@@ -158,12 +159,12 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
                             "linear_best": f"{best['feature']} lr {best['lr']:g}"})
             log(f"{name}: logistic regression")
             logreg = _finished(base / "logreg", "logreg") or run_logreg(cache_dir, base / "logreg",
-                                                                       LogReg.dinov3(device=device))
+                                                                       LogReg.dinov3(device=device, progress=progress))
             with _reading(base / "logreg"):
                 row.update({f"logreg_val_{metric}": logreg.get("val", {}).get(score),
                             f"logreg_test_{metric}": logreg.get("test", {}).get(score), "logreg_C": logreg["best_c"]})
             log(f"{name}: k-NN")
-            knn = _finished(base / "knn", "knn") or run_knn(cache_dir, base / "knn", KNN(device=device))
+            knn = _finished(base / "knn", "knn") or run_knn(cache_dir, base / "knn", KNN(device=device, progress=progress))
             with _reading(base / "knn"):
                 knn_scores = knn[f"{metric}_per_k"]
                 per_k = knn_scores.get("test") or knn_scores["val"]
@@ -174,7 +175,8 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
                 log(f"{name}: few-shot logistic regression, {k} per class x {tries}")
                 run = base / f"logreg-{k}shot"
                 few = _finished(run, "logreg") or run_logreg(cache_dir, run,
-                                                            LogReg.dinov3(shots=k, tries=tries, device=device))
+                                                            LogReg.dinov3(shots=k, tries=tries, device=device,
+                                                                          progress=progress))
                 with _reading(run):
                     split = "test" if "test" in few["few_shot"] else "val"
                     row[f"fewshot_{k}_{split}_top1_mean"] = few["few_shot"][split]["top1_mean"]
