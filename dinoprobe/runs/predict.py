@@ -86,29 +86,26 @@ def iter_predictions(head_file: HeadFile, backbone: Backbone, files: list[str], 
     head, normalizer = head_file.head.to(dev), head_file.normalizer.to(dev)
     dataset = prediction_dataset(head_file, files, backbone.data_config, max_pixels)
     loader = DecodingLoader(dataset, batch_size, workers, dataset.input_bytes)
-    # checked and built above, before the first entry is asked for; the images are read as entries are
-    return _entries(head_file, files, loader, model, preprocess, head, normalizer, dev, precision, topk, threshold,
-                    progress)
 
+    def entries():  # checked and built above, before the first entry is asked for; images are read as entries are
+        done, following = {}, 0  # entries finished ahead of an earlier file, and the next file to hand out
+        with loader.explaining_failures(), progress_bar(len(files), "predict", "img", enabled=progress) as bar:
+            for pixels, _, idx, skipped, _ in loader:
+                done.update({i: {"path": files[i], "skipped": reason} for i, reason in skipped})
+                if pixels is not None:
+                    with torch.inference_mode():  # only around the batch: the caller runs between entries
+                        with autocast(dev, precision):
+                            feats = model(preprocess(pixels.to(dev)))
+                        logits = head(normalizer(select(feats, parse_feature(head_file.feature))))
+                        probs = head_file.probabilities(logits).float().cpu().numpy()
+                    for row, i in enumerate(idx.tolist()):
+                        done[i] = labelled(files[i], probs[row], head_file.class_names, topk, head_file.thresholds,
+                                           threshold)
+                bar.update(len(idx) + len(skipped))
+                while following in done:
+                    yield done.pop(following)
+                    following += 1
+            for i in sorted(done):  # none, unless the loader skipped a file without naming it
+                yield done.pop(i)
 
-def _entries(head_file: HeadFile, files, loader, model, preprocess, head, normalizer, dev, precision, topk, threshold,
-             progress):
-    done, following = {}, 0  # entries finished ahead of an earlier file, and the next file to hand out
-    with loader.explaining_failures(), progress_bar(len(files), "predict", "img", enabled=progress) as bar:
-        for pixels, _, idx, skipped, _ in loader:
-            done.update({i: {"path": files[i], "skipped": reason} for i, reason in skipped})
-            if pixels is not None:
-                with torch.inference_mode():  # only around the batch: the caller runs between entries
-                    with autocast(dev, precision):
-                        feats = model(preprocess(pixels.to(dev)))
-                    probs = head_file.probabilities(head(normalizer(select(feats, parse_feature(head_file.feature)))))
-                    probs = probs.float().cpu().numpy()
-                for row, i in enumerate(idx.tolist()):
-                    done[i] = labelled(files[i], probs[row], head_file.class_names, topk, head_file.thresholds,
-                                       threshold)
-            bar.update(len(idx) + len(skipped))
-            while following in done:
-                yield done.pop(following)
-                following += 1
-        for i in sorted(done):  # none, unless the loader skipped a file without naming it
-            yield done.pop(i)
+    return entries()
