@@ -136,3 +136,25 @@ def test_every_cache_is_checked_before_any_cache_is_trained(caches, tmp_path, mo
         proc = run_cli("evaluate", "--cache", caches[0], "--cache", last, "--out", out, "--shots", "2", *QUICK)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not out.exists()
+
+
+def test_a_protocol_that_cannot_fit_in_memory_is_refused_before_any_trains(caches, tmp_path, monkeypatch):
+    """k-NN holds a similarity block beside its features; found short of memory when it starts, the linear sweep and
+    logistic regression before it had already run (hours, on a real cache). Every protocol's need is checked with
+    the caches, before OUT is written."""
+    import dinoprobe.cache.arrays as arrays_module
+
+    monkeypatch.setattr(arrays_module, "memory_available", lambda device: 1)
+    proc = run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK)
+    assert_clean_error(proc, "the linear protocol needs about", "run the protocols one at a time")
+    assert not (tmp_path / "e").exists()
+    # room for the linear sweep and logistic regression, not for k-NN's search: still nothing trains
+    manifest = json.loads((caches[0] / "manifest.json").read_text())
+    dim = manifest["feature_dim"]
+    rows = sum(s["rows"] for split in ("train", "val") for s in manifest["splits"][split]["shards"])
+    loaded, _ = arrays_module.memory_needed(manifest, {"cls+patch_mean": ("cls", "patch_mean")})  # the preset's
+    room = loaded + 8 * rows * dim * 4  # ample for copies of the features; far below k-NN's 128 MB block
+    monkeypatch.setattr(arrays_module, "memory_available", lambda device: room)
+    proc = run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK)
+    assert_clean_error(proc, "the k-NN protocol needs about")
+    assert not (tmp_path / "e").exists()

@@ -229,26 +229,36 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
     return host, held + (0 if on_cpu else working)
 
 
-def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device,
-                 working_copies: int = 0, working_bytes: int = 0, streamable: bool = True) -> None:
-    """Refuse, naming the fix, features that cannot fit where they would be held and trained on (memory_needed):
-    past the available memory the system would kill the process mid-run (Linux overcommits, then its OOM killer
-    strikes), with no message. `streamable`: the caller can stream the train split (probe, sweep: --max-memory)."""
+def memory_shortfall(manifest: dict, wanted: dict, views: bool, device: torch.device, working_copies: int = 0,
+                     working_bytes: int = 0) -> tuple[int, int, str] | None:
+    """(bytes needed, bytes available, "cpu" or "cuda") where memory_needed exceeds what is available, or None."""
     host, on_device = memory_needed(manifest, wanted, views, working_copies, working_bytes, device)
     for where in dict.fromkeys([torch.device("cpu"), device]):
         need = host if where.type == "cpu" else on_device
         available = memory_available(where)
         if available is not None and need > available:
-            half = available // 2  # a budget that leaves the rest of the run room
-            budget = next(f"{half // scale}{unit}" for scale, unit in ((2**30, "GB"), (2**20, "MB"), (2**10, "KB"), (1, "B"))
-                          if half >= 10 * scale or scale == 1)  # two digits at least: 2338KB, not 2MB
-            stream = (f"give probe or sweep --max-memory {budget} to stream the train split from disk (its batch "
-                      "order then differs from in-memory training), " if streamable else
-                      "fit on fewer rows (--shots; this method holds the train split in memory), ")
-            raise DinoprobeError(
-                f"cache {cache_dir}'s features need about {need / 2**30:.1f} GiB in {where.type} memory and "
-                f"{available / 2**30:.1f} GiB are available; {stream}choose a narrower --feature, or use a machine "
-                "with more memory")
+            return need, available, where.type
+    return None
+
+
+def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device,
+                 working_copies: int = 0, working_bytes: int = 0, streamable: bool = True) -> None:
+    """Refuse, naming the fix, features that cannot fit where they would be held and trained on (memory_needed):
+    past the available memory the system would kill the process mid-run (Linux overcommits, then its OOM killer
+    strikes), with no message. `streamable`: the caller can stream the train split (probe, sweep: --max-memory)."""
+    short = memory_shortfall(manifest, wanted, views, device, working_copies, working_bytes)
+    if short is None:
+        return
+    need, available, where = short
+    half = available // 2  # a budget that leaves the rest of the run room
+    budget = next(f"{half // scale}{unit}" for scale, unit in ((2**30, "GB"), (2**20, "MB"), (2**10, "KB"), (1, "B"))
+                  if half >= 10 * scale or scale == 1)  # two digits at least: 2338KB, not 2MB
+    stream = (f"give probe or sweep --max-memory {budget} to stream the train split from disk (its batch order then "
+              "differs from in-memory training), " if streamable else
+              "fit on fewer rows (--shots; this method holds the train split in memory), ")
+    raise DinoprobeError(f"cache {cache_dir}'s features need about {need / 2**30:.1f} GiB in {where} memory and "
+                         f"{available / 2**30:.1f} GiB are available; {stream}choose a narrower --feature, or use a "
+                         "machine with more memory")
 
 
 def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from dinoprobe import documents
 from dinoprobe.atomic import write_json, write_text
+from dinoprobe.cache.arrays import memory_shortfall
+from dinoprobe.cache.specs import parse_feature
 from dinoprobe.cache.store import FolderLock, open_manifest
 from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
@@ -23,7 +25,7 @@ from dinoprobe.estimators.knn import KNN
 from dinoprobe.estimators.logreg import LogReg
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
-from dinoprobe.runs.experiments import run_knn, run_logreg, run_sweep
+from dinoprobe.runs.experiments import KNN_WORKING, LOGREG_WORKING, heads_working, run_knn, run_logreg, run_sweep
 from dinoprobe.runs.rundir import run_command
 from dinoprobe.settings import EVAL_SUITES as SUITES
 from dinoprobe.settings import PROTOCOLS
@@ -123,6 +125,13 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
                                  "a multi-label image does not belong to one of; drop --shots, or evaluate that "
                                  "cache without it")
         manifests.append(manifest)
+    preset = SUITES[protocol]
+    overrides = {k: [v] for k, v in (linear_overrides or {}).items()}
+    linear_configs = [c for _, c in Sweep(Probe(device=device), preset=preset, param_grid=overrides).configurations()]
+    for cache_dir, manifest in zip(caches, manifests):  # and whether each protocol's features fit in memory
+        check_protocols_fit(cache_dir, manifest, resolve_device(device), (
+            ("linear", PROTOCOLS[preset]["features"], heads_working(linear_configs)),
+            ("logistic regression", ["cls"], LOGREG_WORKING), ("k-NN", ["cls"], KNN_WORKING)))
     out.mkdir(parents=True, exist_ok=True)
     # one evaluation per folder at a time: a second one (a job submitted twice) would race the first for the same
     # protocol runs; the lock makes it one line naming the first's pid
@@ -133,8 +142,6 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
             taken.add(name)
             claim(out / name, cache_dir, manifest)
             bases.append(out / name)
-        preset = SUITES[protocol]
-        overrides = {k: [v] for k, v in (linear_overrides or {}).items()}
         rows = []
         for cache_dir, manifest, base in zip(caches, manifests, bases):
             name = base.name
@@ -186,6 +193,20 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
             rows.append(row)
         write_table(out, rows, protocol, resolve_device(device))
         return rows
+
+
+def check_protocols_fit(cache_dir, manifest: dict, device, protocols) -> None:
+    """Refuse, before the first protocol trains, a cache whose features some protocol (name, feature specs, what it
+    holds beside them) could not hold in memory: found when that protocol starts, hours of the others are done."""
+    for name, features, working in protocols:
+        short = memory_shortfall(manifest, {f: parse_feature(f) for f in features}, False, device, **working)
+        if short is not None:
+            need, available, where = short
+            raise DinoprobeError(
+                f"cache {cache_dir}: the {name} protocol needs about {need / 2**30:.1f} GiB in {where} memory and "
+                f"{available / 2**30:.1f} GiB are available; evaluate holds each protocol's features in memory — use "
+                "a machine with more memory, or run the protocols one at a time (`dinoprobe sweep --max-memory` "
+                "streams the train split from disk)")
 
 
 def write_table(out: Path, rows: list[dict], protocol: str, device=None) -> None:

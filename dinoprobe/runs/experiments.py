@@ -37,6 +37,15 @@ from dinoprobe.runs.sweep_table import RESULT_FIELDS, plot_sweep, ranked, write_
 
 __all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
 
+# What each method holds beside the features it loads, for the up-front memory check (arrays.memory_needed)
+LOGREG_WORKING = {"working_copies": 2}  # train and val, normalised, in the solvers' float64
+KNN_WORKING = {"working_copies": 1, "working_bytes": SEARCH_BYTES}  # the L2-normalised bank, a similarity block
+
+
+def heads_working(configs) -> dict:
+    """Probe and sweep: a normalised copy of train and val while a head that normalises trains."""
+    return {"working_copies": int(any(c.normalize != "none" for c in configs))}
+
 
 def _check(cache_dir, out, overwrite: bool, estimator, kind, command: str) -> None:
     """Refuse a bad request before the cache is read: a wrong estimator type, an --out that is taken (or is not
@@ -77,7 +86,7 @@ def run_probe(cache_dir, out, probe: Probe, *, feature: str = "cls", views: bool
     _check(cache_dir, out, overwrite, probe, Probe, "probe")
     config = probe.train_config()  # bad settings fail here, before the cache is read
     data = load_cache(cache_dir, feature, resolve_device(probe.device), views=views, max_memory=max_memory,
-                      working_copies=int(config.normalize != "none"))
+                      **heads_working([config]))
     probe.set_params(class_weight=by_class_index(probe.class_weight, data))
     probe.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     mode = train_mode(data, max_memory)
@@ -97,7 +106,7 @@ def run_sweep(cache_dir, out, sweep: Sweep, *, features=("cls",), views: bool = 
     configs = sweep.configurations()  # a bad grid fails here, before the cache is read
     device = resolve_device(sweep.base_estimator().device)
     loaded = load_features(cache_dir, list(features), device, views=views, max_memory=max_memory,
-                           working_copies=int(any(c.normalize != "none" for _, c in configs)))
+                           **heads_working(c for _, c in configs))
     rows, best = [], None
     for name, data in loaded.items():
         search = clone(sweep)
@@ -127,7 +136,7 @@ def run_logreg(cache_dir, out, logreg: LogReg, *, feature: str = "cls", overwrit
     The val metrics are the train-only model's at the chosen C (the refit has seen val)."""
     _check(cache_dir, out, overwrite, logreg, LogReg, "logreg")
     data = load_cache(cache_dir, feature, resolve_device(logreg.device), require_val=False, streamable=False,
-                      working_copies=2)  # train and val, normalised, in the solver's float64
+                      **LOGREG_WORKING)
     logreg.set_params(class_weight=by_class_index(logreg.class_weight, data))
     start = time.perf_counter()
     logreg.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
@@ -152,8 +161,7 @@ def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool =
     """DINO's weighted k-NN on a cache: k chosen on val; top-1 for every k on val and test. No head.pt: k-NN
     predicts from the training features themselves."""
     _check(cache_dir, out, overwrite, knn, KNN, "knn")
-    data = load_cache(cache_dir, feature, resolve_device(knn.device), working_copies=1,  # the L2-normalised bank
-                      working_bytes=SEARCH_BYTES, streamable=False)
+    data = load_cache(cache_dir, feature, resolve_device(knn.device), streamable=False, **KNN_WORKING)
     knn.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     per_k, metrics = {"val": knn.val_score_per_k_}, evaluate(knn, data, splits=("val",))
     if data.x.get("test") is not None:  # one neighbour search gives every k's test score and the chosen k's metrics
