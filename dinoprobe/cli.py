@@ -606,11 +606,11 @@ def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, thresho
         raise click.UsageError("give one of --run RUN_DIR or --model MODEL.onnx")
     from dinoprobe.imagefiles import expand_inputs
 
+    files, errors = expand_inputs(paths)
     if onnx_path is not None:
         from dinoprobe.runs.onnx_predict import OnnxClassifier
 
         classifier = OnnxClassifier(onnx_path)
-        files, errors = expand_inputs(paths)
         entries = classifier.iter_predictions(files, topk, batch_size, threshold)
         class_names, multilabel = classifier.class_names, classifier.thresholds is not None
     else:
@@ -619,7 +619,6 @@ def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, thresho
 
         head_file = load_head_file(head_path)
         backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
-        files, errors = expand_inputs(paths)
         entries = iter_predictions(head_file, backbone, files, topk, batch_size, workers, device, threshold=threshold,
                                    progress=True)
         class_names, multilabel = head_file.class_names, head_file.multilabel

@@ -294,3 +294,27 @@ def test_class_weighted_training_follows_torchs_weighted_cross_entropy(head, sta
             torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
     unweighted, = train_heads(configs[:1], *DATA, 5)
     assert not np.allclose(unweighted.step_losses, together[0].step_losses)  # the weights were used
+
+
+def test_an_epoch_keeps_no_per_step_tensors_that_grow_the_heap():
+    """An epoch kept each step's predictions, targets and losses (a few KB each) in lists; glibc could not reuse
+    the freed batches around them, and resident memory grew by about the size of the features every epoch (0.5-0.9
+    times them here). Measured in a fresh process: the peak resident size while training, over the size before."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from dinoprobe.train.loop import TrainConfig, train_heads
+status = lambda key: int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(100_000, 256, generator=g), torch.randint(0, 5, (100_000,), generator=g)
+xv, yv = x[:1000].clone(), y[:1000].clone()
+train_heads([TrainConfig(head="linear", epochs=1)], x[:2000], y[:2000], xv, yv, 5)  # what a first run imports
+base = status("VmRSS")
+train_heads([TrainConfig(head="linear", epochs=2, batch_size=256)], x, y, xv, yv, 5)
+print((status("VmHWM") - base) / x.nbytes)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 0.25  # 0.02 here
