@@ -158,3 +158,23 @@ def test_a_protocol_that_cannot_fit_in_memory_is_refused_before_any_trains(cache
     proc = run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK)
     assert_clean_error(proc, "the k-NN protocol needs about")
     assert not (tmp_path / "e").exists()
+
+
+def test_logistic_regression_s_solver_is_counted_before_any_protocol_trains(tmp_path, monkeypatch):
+    """With many classes, logistic regression's L-BFGS (rows x classes in float64) needs more than anything else
+    evaluate runs; its own check refused it only after the linear sweep had run. Room for the linear sweep and
+    k-NN's search, not for the solver: nothing trains, and the message names logistic regression."""
+    import dinoprobe.cache.arrays as arrays_module
+    from dinoprobe.estimators.knn import SEARCH_BYTES
+    from dinoprobe.estimators.logreg import problem_bytes
+
+    cache_dir = make_synthetic_cache(tmp_path / "many", n=(22_000, 4000), splits=("train", "val"), dim=8,
+                                     num_classes=1000)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    loaded, _ = arrays_module.memory_needed(manifest, {"cls+patch_mean": ("cls", "patch_mean")})
+    room = loaded + 8 * 26_000 * 16 * 4 + SEARCH_BYTES  # copies of the features, and k-NN's similarity block
+    assert problem_bytes(26_000, 8, 1000) > 2 * room
+    monkeypatch.setattr(arrays_module, "memory_available", lambda device: room)
+    proc = run_cli("evaluate", "--cache", cache_dir, "--out", tmp_path / "e", *QUICK)
+    assert_clean_error(proc, "the logistic regression protocol needs about")
+    assert not (tmp_path / "e").exists()

@@ -10,6 +10,7 @@ This is the estimators' cache loader::
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,8 +189,13 @@ def check_label_sets(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) 
                               f"{', '.join(absent[:10])}{' ...' if len(absent) > 10 else ''}", stacklevel=3)
 
 
+# bytes a method works in beside its features: a number, or one computed from the manifest and the widest feature's
+# width (a solver whose working set grows with the cache's rows and classes)
+WorkingBytes = int | Callable[[dict, int], int]
+
+
 def load_cache(cache_dir, feature: str = "cls", device="cpu", require_val: bool = True, views: bool = False,
-               max_memory: int | None = None, working_copies: int = 0, working_bytes: int = 0,
+               max_memory: int | None = None, working_copies: int = 0, working_bytes: WorkingBytes = 0,
                streamable: bool = True) -> FeatureSplits:
     """Read and validate a cache for training: a train split with >= 2 classes, a non-empty val split."""
     return load_features(cache_dir, (feature,), device, require_val, views, max_memory, working_copies,
@@ -200,7 +206,7 @@ ROW_EXTRAS = 128  # bytes per row besides features: label, index, and its path a
 
 
 def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_copies: int = 0,
-                  working_bytes: int = 0, device=torch.device("cpu")) -> tuple[int, int]:
+                  working_bytes: WorkingBytes = 0, device=torch.device("cpu")) -> tuple[int, int]:
     """(host, device) bytes that loading `wanted` ({feature: parts}) and training on it take at their peak.
 
     Loading holds each feature choice's float32 features (built shard by shard: the stored columns are never held
@@ -209,7 +215,8 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
     Augmented views are read as stored, then made float32. Training, once the load is done, works on one feature
     choice at a time, and where it runs (`device`) adds `working_copies` float32-sized copies of its train and val
     rows (a normalised copy: 1; logistic regression's float64 copy: 2), `working_bytes` more (k-NN's similarity
-    blocks), and with views each epoch's pick of one view per train image."""
+    blocks; or a function of the manifest and the widest feature's width, for a working set that grows with the
+    cache, such as logistic regression's solver), and with views each epoch's pick of one view per train image."""
     dim = manifest.get("feature_dim", 0)
     stored_size = 2 if manifest.get("dtype", "float16") == "float16" else 4
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
@@ -217,6 +224,8 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
     total, train = sum(rows.values()), rows.get("train", 0)
     features = sum(width(parts, dim) for parts in wanted.values()) * 4
     widest = max(width(parts, dim) for parts in wanted.values()) * 4
+    if callable(working_bytes):
+        working_bytes = working_bytes(manifest, widest // 4)
     view_count = manifest["fingerprint"].get("views", {}).get("count", 0) if views else 0
     view_stored = sum(dim for c in columns(tuple(p for ps in wanted.values() for p in ps)) if c != "cls_blocks")
     held = total * features + train * view_count * features
@@ -230,7 +239,7 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
 
 
 def memory_shortfall(manifest: dict, wanted: dict, views: bool, device: torch.device, working_copies: int = 0,
-                     working_bytes: int = 0) -> tuple[int, int, str] | None:
+                     working_bytes: WorkingBytes = 0) -> tuple[int, int, str] | None:
     """(bytes needed, bytes available, "cpu" or "cuda") where memory_needed exceeds what is available, or None."""
     host, on_device = memory_needed(manifest, wanted, views, working_copies, working_bytes, device)
     for where in dict.fromkeys([torch.device("cpu"), device]):
@@ -242,7 +251,7 @@ def memory_shortfall(manifest: dict, wanted: dict, views: bool, device: torch.de
 
 
 def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: torch.device,
-                 working_copies: int = 0, working_bytes: int = 0, streamable: bool = True) -> None:
+                 working_copies: int = 0, working_bytes: WorkingBytes = 0, streamable: bool = True) -> None:
     """Refuse, naming the fix, features that cannot fit where they would be held and trained on (memory_needed):
     past the available memory the system would kill the process mid-run (Linux overcommits, then its OOM killer
     strikes), with no message. `streamable`: the caller can stream the train split (probe, sweep: --max-memory)."""
@@ -256,13 +265,13 @@ def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: t
     stream = (f"give probe or sweep --max-memory {budget} to stream the train split from disk (its batch order then "
               "differs from in-memory training), " if streamable else
               "fit on fewer rows (--shots; this method holds the train split in memory), ")
-    raise DinoprobeError(f"cache {cache_dir}'s features need about {need / 2**30:.1f} GiB in {where} memory and "
-                         f"{available / 2**30:.1f} GiB are available; {stream}choose a narrower --feature, or use a "
-                         "machine with more memory")
+    raise DinoprobeError(f"cache {cache_dir}: its features, and training on them, need about {need / 2**30:.1f} GiB "
+                         f"in {where} memory and {available / 2**30:.1f} GiB are available; {stream}choose a narrower "
+                         "--feature, or use a machine with more memory")
 
 
 def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
-                  max_memory: int | None = None, working_copies: int = 0, working_bytes: int = 0,
+                  max_memory: int | None = None, working_copies: int = 0, working_bytes: WorkingBytes = 0,
                   streamable: bool = True) -> dict[str, FeatureSplits]:
     """`load_cache` for several feature choices at once (a sweep's): every shard is read and verified once.
     `working_copies`: float32-sized copies of the train and val features that training will make (a normalised

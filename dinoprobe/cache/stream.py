@@ -18,8 +18,10 @@ def non_finite_rows(x: torch.Tensor, chunk: int = 1 << 12) -> torch.Tensor:
     float tensor builds a float temporary (|x|) as large as its input, which on all of a split's features took
     1.6 times their memory again at once."""
     rows = x.flatten(1)  # (N, everything else): a view of contiguous features
-    finite = [torch.isfinite(rows[i:i + chunk]).all(1) for i in range(0, len(x), chunk)]
-    return torch.nonzero(~torch.cat(finite))[:, 0] if finite else torch.zeros(0, dtype=torch.long)
+    finite = torch.empty(len(x), dtype=torch.bool, device=x.device)
+    for i in range(0, len(x), chunk):  # into one result: a small one per block, kept between the blocks'
+        torch.all(torch.isfinite(rows[i:i + chunk]), 1, out=finite[i:i + chunk])  # temporaries, fragments the heap
+    return torch.nonzero(~finite)[:, 0]
 
 
 def check_finite(cache_dir, where: str, x: torch.Tensor, paths=None) -> None:

@@ -229,8 +229,9 @@ def normalized_rows(normalizer, parts, device, dtype: torch.dtype = torch.float6
     start = 0
     for part in parts:
         normalizer = normalizer.to(part.device)
-        for rows in part.split(block):
-            out[start:start + len(rows)] = normalizer(rows)
+        buffer = torch.empty(min(block, len(part)), part.shape[1], dtype=part.dtype, device=part.device)
+        for rows in part.split(block):  # one buffer reused: a new block each time leaves the heap fragmented
+            out[start:start + len(rows)] = normalizer(rows, out=buffer[:len(rows)])
             start += len(rows)
     return out
 

@@ -25,7 +25,7 @@ from dinoprobe.estimators.knn import KNN
 from dinoprobe.estimators.logreg import LogReg
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
-from dinoprobe.runs.experiments import KNN_WORKING, LOGREG_WORKING, heads_working, run_knn, run_logreg, run_sweep
+from dinoprobe.runs.experiments import KNN_WORKING, heads_working, logreg_working, run_knn, run_logreg, run_sweep
 from dinoprobe.runs.rundir import run_command
 from dinoprobe.settings import EVAL_SUITES as SUITES
 from dinoprobe.settings import PROTOCOLS
@@ -131,7 +131,7 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
     for cache_dir, manifest in zip(caches, manifests):  # and whether each protocol's features fit in memory
         check_protocols_fit(cache_dir, manifest, resolve_device(device), (
             ("linear", PROTOCOLS[preset]["features"], heads_working(linear_configs)),
-            ("logistic regression", ["cls"], LOGREG_WORKING), ("k-NN", ["cls"], KNN_WORKING)))
+            ("logistic regression", ["cls"], logreg_working(LogReg.dinov3())), ("k-NN", ["cls"], KNN_WORKING)))
     out.mkdir(parents=True, exist_ok=True)
     # one evaluation per folder at a time: a second one (a job submitted twice) would race the first for the same
     # protocol runs; the lock makes it one line naming the first's pid

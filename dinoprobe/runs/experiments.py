@@ -20,7 +20,7 @@ from dinoprobe.cache.arrays import load_cache, load_features
 from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.knn import KNN, SEARCH_BYTES
-from dinoprobe.estimators.logreg import LogReg
+from dinoprobe.estimators.logreg import LogReg, problem_bytes
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
 from dinoprobe.runs.reports import (
@@ -34,12 +34,28 @@ from dinoprobe.runs.reports import (
 )
 from dinoprobe.runs.rundir import check_run_dir, run_directory
 from dinoprobe.runs.sweep_table import RESULT_FIELDS, plot_sweep, ranked, write_results
+from dinoprobe.splits import parse_shots
 
 __all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
 
 # What each method holds beside the features it loads, for the up-front memory check (arrays.memory_needed)
-LOGREG_WORKING = {"working_copies": 2}  # train and val, normalised, in the solvers' float64
 KNN_WORKING = {"working_copies": 1, "working_bytes": SEARCH_BYTES}  # the L2-normalised bank, a similarity block
+
+
+def logreg_working(logreg: LogReg) -> dict:
+    """Logistic regression: train and val normalised in the solver's float64 (two float32-sized copies), and one C
+    value's L-BFGS working set (rows x classes in float64, `problem_bytes`) on the rows it fits at once: train + val
+    for the refit, a try's draw in few-shot."""
+    def solver_bytes(manifest: dict, width: int) -> int:
+        rows = {split: sum(s["rows"] for s in info["shards"]) for split, info in manifest["splits"].items()}
+        classes = len(manifest["classes"])
+        fitted = rows.get("train", 0) + rows.get("val", 0)
+        if logreg.shots is not None:
+            kind, amount = parse_shots(logreg.shots)
+            drawn = amount * classes if kind == "count" else rows.get("train", 0) * amount / 100 + classes
+            fitted = min(int(drawn), rows.get("train", 0))
+        return problem_bytes(fitted, width, classes)
+    return {"working_copies": 2, "working_bytes": solver_bytes}
 
 
 def heads_working(configs) -> dict:
@@ -136,7 +152,7 @@ def run_logreg(cache_dir, out, logreg: LogReg, *, feature: str = "cls", overwrit
     The val metrics are the train-only model's at the chosen C (the refit has seen val)."""
     _check(cache_dir, out, overwrite, logreg, LogReg, "logreg")
     data = load_cache(cache_dir, feature, resolve_device(logreg.device), require_val=False, streamable=False,
-                      **LOGREG_WORKING)
+                      **logreg_working(logreg))
     logreg.set_params(class_weight=by_class_index(logreg.class_weight, data))
     start = time.perf_counter()
     logreg.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))

@@ -98,12 +98,14 @@ class Normalizer(nn.Module):
         mean, std = train.moments() if hasattr(train, "moments") else (train.mean(0), train.std(0))
         return cls(kind, mean, std.clamp_min(1e-6))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x normalised, into `out` when given (a caller's reused buffer, x's shape and dtype), else into a new
+        tensor (`none`: x itself, or `out` holding a copy of it)."""
         if self.kind == "standardize":  # divided in place: one copy of x at a time, not two
-            return torch.sub(x, self.mean).div_(self.std)
+            return torch.sub(x, self.mean, out=out).div_(self.std)
         if self.kind == "l2":
-            return nn.functional.normalize(x, dim=-1)
-        return x
+            return nn.functional.normalize(x, dim=-1, out=out)
+        return x if out is None else out.copy_(x)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "mean": self.mean.detach().cpu(), "std": self.std.detach().cpu()}
