@@ -62,11 +62,23 @@ def test_probe_and_logreg_logs_hold_lines_not_carriage_returns(tmp_path):
     assert "\r" not in logreg.stderr
     assert re.search(r"^logreg: 45 C values: .*running=0/45 C\]$", logreg.stderr, re.M), logreg.stderr
     assert len(logreg.stderr.splitlines()) < 12, logreg.stderr  # not a line per L-BFGS iteration
-    # k-NN searches the train features once per split: a bar each, counting the images searched
-    knn = run_cli("knn", "--cache", cache, "--out", tmp_path / "knn", check=True)
+
+def test_knn_shows_one_bar_per_search_of_a_split(tmp_path, monkeypatch):
+    """k-NN searches the train features for the val split (choosing k, then its metrics at that k) and the test
+    split, each scored a block of rows at a time: one bar per split's search, named, counting its images — not a
+    bar per block."""
+    from dinoprobe import settings
+
+    monkeypatch.setattr(settings, "SCORING_ROWS_PER_BLOCK", 16)  # 40 rows: three blocks a split
+    cache = make_synthetic_cache(tmp_path / "cache", n=(120, 40, 40), dim=8, num_classes=3)
+    knn = run_cli("knn", "--cache", cache, "--out", tmp_path / "knn", "--k", "5,10", check=True)
     assert "\r" not in knn.stderr
-    assert re.search(r"^k-NN: val: 100% 40/40 \[.*img/s\]$", knn.stderr, re.M), knn.stderr
-    assert re.search(r"^k-NN: 100% 40/40 \[.*img/s\]$", knn.stderr, re.M), knn.stderr  # the test split
+    bars = [line for line in knn.stderr.splitlines() if line.startswith("k-NN")]
+    names = [re.match(r"^(k-NN[^%]*): +\d+% ", line).group(1) for line in bars]
+    assert list(dict.fromkeys(names)) == ["k-NN: val", "k-NN: val, k=5", "k-NN: test"], knn.stderr
+    for name in dict.fromkeys(names):
+        assert re.search(rf"^{re.escape(name)}: 100% 40/40 \[.*img/s\]$", knn.stderr, re.M), knn.stderr
+    assert all(not re.search(r" 16/16 ", line) for line in bars), knn.stderr
 
 
 def test_features_log_holds_one_line_per_split_state(tmp_path):

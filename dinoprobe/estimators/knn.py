@@ -1,6 +1,8 @@
 """`KNN`: DINO's weighted k-NN on L2-normalised features."""
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -111,14 +113,30 @@ class KNN(_Classifier):
         self.best_score_ = self.val_score_per_k_[self.best_k_]
         return self
 
+    @contextmanager
+    def searching(self, queries: int, desc: str):
+        """One progress bar for every neighbour search made inside (a split scored a block of rows at a time),
+        counting `queries` in all, instead of a bar per call."""
+        with progress_bar(queries, desc, "img", enabled=self.progress) as bar:
+            self._shared_bar = bar
+            try:
+                yield bar
+            finally:
+                self._shared_bar = None
+
     def _bar(self, queries: int, desc: str):
-        return progress_bar(queries, desc, "img", enabled=self.progress)
+        shared = getattr(self, "_shared_bar", None)
+        return nullcontext(shared) if shared is not None else progress_bar(queries, desc, "img", enabled=self.progress)
 
     def _scores(self, X):
         with self._bar(len(X), "k-NN") as bar:
             scores = knn_scores(self.bank_x_, self.bank_y_, X.to(self.device_), len(self.classes_), [self.best_k_],
                                 self.temperature, bar=bar)
         return scores[min(self.best_k_, len(self.bank_y_))]
+
+    def _validation_probabilities(self, x_val) -> np.ndarray:
+        with self.searching(len(x_val), f"k-NN: val thresholds, k={self.best_k_}"):
+            return super()._validation_probabilities(x_val)
 
     def _score(self, votes: torch.Tensor, y) -> float:
         """Accuracy of votes (N, classes) against encoded labels, or macro mAP against multi-label rows."""

@@ -179,14 +179,16 @@ def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool =
     _check(cache_dir, out, overwrite, knn, KNN, "knn")
     data = load_cache(cache_dir, feature, resolve_device(knn.device), streamable=False, **KNN_WORKING)
     knn.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
-    per_k, metrics = {"val": knn.val_score_per_k_}, evaluate(knn, data, splits=("val",))
+    with knn.searching(len(data.x["val"]), f"k-NN: val, k={knn.best_k_}"):
+        per_k, metrics = {"val": knn.val_score_per_k_}, evaluate(knn, data, splits=("val",))
     if data.x.get("test") is not None:  # one neighbour search gives every k's test score and the chosen k's metrics
-        if data.multilabel:  # average precision ranks every row: whole probabilities, one k at a time
-            by_k = {k: split_metrics(knn, full_scores(knn, data.x["test"], data.num_classes, p), data, "test")
-                    for k, p in knn.iter_proba_per_k(data.x["test"])}
-        else:  # a block of rows at a time, every k from the block's one search
-            by_k = ranked_blocks(data, "test", lambda x: ((k, full_scores(knn, x, data.num_classes, p))
-                                                          for k, p in knn.iter_proba_per_k(x)))
+        with knn.searching(len(data.x["test"]), "k-NN: test"):
+            if data.multilabel:  # average precision ranks every row: whole probabilities, one k at a time
+                by_k = {k: split_metrics(knn, full_scores(knn, data.x["test"], data.num_classes, p), data, "test")
+                        for k, p in knn.iter_proba_per_k(data.x["test"])}
+            else:  # a block of rows at a time, every k from the block's one search
+                by_k = ranked_blocks(data, "test", lambda x: ((k, full_scores(knn, x, data.num_classes, p))
+                                                              for k, p in knn.iter_proba_per_k(x)))
         metrics["test"] = by_k[knn.best_k_]
         per_k["test"] = {k: m["map_macro" if data.multilabel else "top1"] for k, m in by_k.items()}
     metrics.update({"k": knn.best_k_, "temperature": knn.temperature,
