@@ -51,5 +51,17 @@ EVAL_SUITES = {"dinov3": "dinov3-linear", "dinov2": "dinov2-linear"}
 TASKS = ("auto", "single", "multilabel")
 
 # Rows scored at once when a run's metrics are computed (and k-NN chooses k): a split's (rows x classes) float64
-# probabilities are 8 GB at iNaturalist 2021's 100,000 validation images and 10,000 classes, a block of them 0.7 GB
+# probabilities are 8 GB at iNaturalist 2021's 100,000 validation images and 10,000 classes. A block holds 24 bytes
+# a (row, class) cell at its peak (the logits, their float64 copy and the probabilities; measured 24.1-24.2), so with
+# many classes it has fewer rows: at most SCORING_BYTES (8,192 rows up to 1,365 classes, 1,092 at 10,000).
 SCORING_ROWS_PER_BLOCK = 8192
+SCORING_BYTES = 256 << 20
+SCORE_CELL_BYTES = 24
+# Multi-label metrics rank every row of a class, so a split is scored whole: its probabilities, each class's sort
+# and micro mAP's sort of every pair; measured 55-79 bytes a cell (20,000 x 500, as the allocator's reuse falls)
+MULTILABEL_SCORE_CELL_BYTES = 88
+
+
+def scoring_rows(classes: int) -> int:
+    """Rows of a single-label split scored at once: SCORING_ROWS_PER_BLOCK, or fewer to stay within SCORING_BYTES."""
+    return max(1, min(SCORING_ROWS_PER_BLOCK, SCORING_BYTES // (SCORE_CELL_BYTES * max(1, classes))))

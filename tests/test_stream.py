@@ -307,6 +307,85 @@ print((status("VmHWM") - base) / x.nbytes)
     assert max(float(out) for out, _ in results) < 0.2, results
 
 
+SCORING_CODE = """
+import sys, types
+import numpy as np, torch
+from dinoprobe import settings
+from dinoprobe.estimators.base import _Classifier
+from dinoprobe.runs.reports import evaluate
+status = lambda key: int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+multilabel, rows, classes = sys.argv[1] == "multi", int(sys.argv[2]), int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+weight = torch.randn(16, classes, generator=g) * 0.1
+class Linear(_Classifier):  # an estimator's predict_proba over (rows, classes) scores, as a head gives them
+    def __init__(self):
+        pass
+    def _scores(self, X):
+        return X @ weight
+estimator = Linear()
+estimator.classes_, estimator.n_features_in_, estimator.multilabel_ = np.arange(classes), 16, multilabel
+estimator.thresholds_ = np.full(classes, 0.5)
+x = torch.randn(rows, 16, generator=g)
+y = (torch.rand(rows, classes, generator=g) < 0.05).float() if multilabel else torch.randint(0, classes, (rows,), generator=g)
+split = lambda n: types.SimpleNamespace(x={"test": x[:n]}, y={"test": y[:n]}, classes=[str(c) for c in range(classes)],
+                                        num_classes=classes, multilabel=multilabel)
+evaluate(estimator, split(50), ("test",))  # what a first scoring imports is not its memory
+open("/proc/self/clear_refs", "w").write("5")  # the resident peak starts again from here
+base = status("VmRSS")
+evaluate(estimator, split(rows), ("test",))
+print(status("VmHWM") - base)
+"""
+
+
+def test_scoring_a_split_with_many_classes_stays_within_its_budget():
+    """A run's metrics scored 8,192 rows at a time whatever the classes: 24 bytes a (row, class) cell at the peak
+    (the logits, their float64 copy, the probabilities), 0.96 GB at 5,000 classes and 1.9 GB at iNaturalist's
+    10,000 — after hours of training, and counted by no check. The rows per block now follow the classes, so a
+    block stays near settings.SCORING_BYTES (256 MB). Measured in a fresh process."""
+    import subprocess
+    import sys
+
+    from dinoprobe import settings
+
+    proc = subprocess.run([sys.executable, "-c", SCORING_CODE, "single", "20000", "5000"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert settings.SCORING_BYTES / 2 < int(proc.stdout) < 1.3 * settings.SCORING_BYTES
+
+
+def test_the_memory_check_counts_what_scoring_a_multilabel_split_takes():
+    """Multi-label metrics rank every row of a class, so a split is scored whole; the check counts
+    MULTILABEL_SCORE_CELL_BYTES a (row, class) cell, which must bound the measured peak, and not by a wide
+    margin."""
+    import subprocess
+    import sys
+
+    from dinoprobe import settings
+
+    rows, classes = 20_000, 500
+    proc = subprocess.run([sys.executable, "-c", SCORING_CODE, "multi", str(rows), str(classes)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    counted = rows * classes * settings.MULTILABEL_SCORE_CELL_BYTES
+    assert 0.5 * counted < int(proc.stdout) <= counted  # 0.63-0.89 of it here
+
+
+def test_scoring_is_counted_before_the_cache_is_read(tmp_path, monkeypatch):
+    """With 10,000 classes a block of scores is 0.26 GB while the features (8 numbers a row) are a megabyte:
+    memory for the features but not for scoring the run is refused up front, not after training."""
+    import dinoprobe.cache.arrays as arrays_module
+
+    from conftest import assert_clean_error
+
+    cache_dir = make_synthetic_cache(tmp_path / "c", n=(2000, 2000), splits=("train", "val"), dim=8,
+                                     num_classes=10_000)
+    room = 100 * 2**20  # a hundred times the features; less than a block of 1,092 rows' scores at 10,000 classes
+    monkeypatch.setattr(arrays_module, "memory_available", lambda device: room)
+    for command in ("probe", "knn"):  # (logistic regression's solver needs more: 0.9 GiB, counted since 981c5fd)
+        assert_clean_error(run_cli(command, "--cache", cache_dir, "--out", tmp_path / "r"), "need about 0.3 GiB")
+    assert not (tmp_path / "r").exists()
+
+
 def test_streamed_training_holds_about_its_budget(tmp_path):
     """--max-memory bounds the train features held at once: a read-ahead buffer was made from a list of its shards
     and then copied whole in shuffled order (5.4 times the budget at the peak, here), so following the refusal's

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dinoprobe import settings
 from dinoprobe.cache import store as cache
 from dinoprobe.cache.specs import blocks_needed, columns, parse_feature, width
 from dinoprobe.cache.stream import StreamedTrainSplit, check_finite, no_epoch_length
@@ -216,7 +217,8 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
     choice at a time, and where it runs (`device`) adds `working_copies` float32-sized copies of its train and val
     rows (a normalised copy: 1; logistic regression's float64 copy: 2), `working_bytes` more (k-NN's similarity
     blocks; or a function of the manifest and the widest feature's width, for a working set that grows with the
-    cache, such as logistic regression's solver), and with views each epoch's pick of one view per train image."""
+    cache, such as logistic regression's solver), and with views each epoch's pick of one view per train image.
+    After training, on the host, the run's metrics score its largest val or test split (`scoring_bytes`)."""
     dim = manifest.get("feature_dim", 0)
     stored_size = 2 if manifest.get("dtype", "float16") == "float16" else 4
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
@@ -234,8 +236,19 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
         working_bytes
     on_cpu = torch.device(device).type == "cpu"
     host = held + total * ROW_EXTRAS + train * view_count * view_stored * stored_size + \
-        max(in_flight, working if on_cpu else 0)
+        max(in_flight, working if on_cpu else 0, scoring_bytes(manifest))
     return host, held + (0 if on_cpu else working)
+
+
+def scoring_bytes(manifest: dict) -> int:
+    """What scoring a run's largest val or test split holds at its peak: a block of single-label rows (at most
+    settings.SCORING_BYTES), or a whole multi-label split, whose average precision ranks all of its rows."""
+    scored = max((sum(s["rows"] for s in manifest["splits"].get(split, {}).get("shards", [])) for split in
+                  ("val", "test")), default=0)
+    classes = len(manifest["classes"])
+    if manifest.get("task") == "multilabel":
+        return scored * classes * settings.MULTILABEL_SCORE_CELL_BYTES
+    return min(scored, settings.scoring_rows(classes)) * classes * settings.SCORE_CELL_BYTES
 
 
 def memory_shortfall(manifest: dict, wanted: dict, views: bool, device: torch.device, working_copies: int = 0,

@@ -102,7 +102,7 @@ class KNN(_Classifier):
                 self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores}
             else:  # accuracy counts rows: a block of them at a time, every k from the block's one search
                 y_val, correct = torch.as_tensor(y_val), {}
-                rows = settings.SCORING_ROWS_PER_BLOCK
+                rows = settings.scoring_rows(len(self.classes_))
                 for start in range(0, max(len(x_val), 1), rows):
                     block = slice(start, start + rows)
                     for k, s in knn_scores_per_k(self.bank_x_, self.bank_y_, x_val[block].to(self.device_),

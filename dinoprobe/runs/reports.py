@@ -54,14 +54,14 @@ def evaluate(estimator, data, splits=("val", "test"), proba=None) -> dict[str, d
 
 
 def ranked_blocks(data, split: str, probabilities) -> dict:
-    """Single-label metrics of a split under one or more scorings, settings.SCORING_ROWS_PER_BLOCK rows at a time:
+    """Single-label metrics of a split under one or more scorings, settings.scoring_rows(classes) rows at a time:
     a row's prediction and top-5 hit are all the metrics keep of it. `probabilities(block)` gives (key,
     (rows, classes) probabilities) pairs for a block of rows — one pair for an estimator, one per k for k-NN — and
     the result maps each key to its metrics."""
     x, y = data.x[split], data.y[split]
     y = y.cpu().numpy() if hasattr(y, "cpu") else np.asarray(y)
     preds, hits = {}, {}
-    rows = settings.SCORING_ROWS_PER_BLOCK
+    rows = settings.scoring_rows(data.num_classes)
     for start in range(0, max(len(x), 1), rows):
         for key, scores in probabilities(x[start:start + rows]):
             preds.setdefault(key, []).append(scores.argmax(1))
