@@ -384,6 +384,14 @@ def test_scoring_is_counted_before_the_cache_is_read(tmp_path, monkeypatch):
     for command in ("probe", "knn"):  # (logistic regression's solver needs more: 0.9 GiB, counted since 981c5fd)
         assert_clean_error(run_cli(command, "--cache", cache_dir, "--out", tmp_path / "r"), "need about 0.3 GiB")
     assert not (tmp_path / "r").exists()
+    # a multi-label split is scored whole: 2,000 rows x 1,000 classes, 0.16 GiB counted (a single-label block of
+    # the same rows, 0.04 GiB, would fit)
+    tagged = make_synthetic_cache(tmp_path / "m", n=(2000, 2000), splits=("train", "val"), dim=8, num_classes=1000,
+                                  multilabel=True)
+    for command in ("probe", "logreg"):  # (k-NN's similarity block, 0.25 GiB, is more than that)
+        assert_clean_error(run_cli(command, "--cache", tagged, "--out", tmp_path / "r"), "need about 0.2 GiB")
+    monkeypatch.setattr(arrays_module, "memory_available", lambda device: 2**30)
+    run_cli("knn", "--cache", tagged, "--out", tmp_path / "r", "--k", "5", check=True)  # the cache is sound
 
 
 def test_streamed_training_holds_about_its_budget(tmp_path):
