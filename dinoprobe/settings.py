@@ -57,6 +57,10 @@ TASKS = ("auto", "single", "multilabel")
 SCORING_ROWS_PER_BLOCK = 8192
 SCORING_BYTES = 256 << 20
 SCORE_CELL_BYTES = 24
+# Validation rows evaluated at once while heads train (every epoch): their logits and hidden activations, for all
+# the heads side by side, within this (8,192 rows of a 10,000-class head were 0.3 GB beside the training)
+VAL_CHUNK_ROWS = 8192  # for one head; N side by side take VAL_CHUNK_ROWS // N (at least 256)
+VAL_CHUNK_BYTES = 64 << 20
 # Multi-label metrics rank every row of a class, so a split is scored whole: its probabilities, each class's sort
 # and micro mAP's sort of every pair; measured 55-79 bytes a cell (20,000 x 500, as the allocator's reuse falls)
 MULTILABEL_SCORE_CELL_BYTES = 88

@@ -204,8 +204,12 @@ def test_training_s_copies_are_counted_before_the_cache_is_read(tmp_path, monkey
         assert_clean_error(proc, "need about", "--max-memory" if streamable else "--shots")
         assert streamable or "--max-memory" not in proc.stderr
     run_cli("probe", "--normalize", "none", "--cache", cache_dir, "--out", tmp_path / "r", "--epochs", 1, check=True)
-    # memory for the load and one copy: a normalising probe runs, k-NN's similarity blocks do not fit
+    # memory for the load and one copy, not for val's evaluation each epoch beside it (a chunk of 1,000 rows'
+    # logits and hidden activations): refused; with it, a normalising probe runs, k-NN's similarity blocks do not fit
     monkeypatch.setattr(arrays_module, "memory_available", lambda device: load_only + copy)
+    assert_clean_error(run_cli("probe", "--normalize", "standardize", "--cache", cache_dir, "--out", tmp_path / "r2",
+                               "--epochs", 1), "need about")
+    monkeypatch.setattr(arrays_module, "memory_available", lambda device: load_only + copy + 1000 * 4 * (6 + 256))
     run_cli("probe", "--normalize", "standardize", "--cache", cache_dir, "--out", tmp_path / "r2", "--epochs", 1,
             check=True)
     assert_clean_error(run_cli("knn", "--cache", cache_dir, "--out", tmp_path / "r3"), "need about")
@@ -368,6 +372,31 @@ def test_the_memory_check_counts_what_scoring_a_multilabel_split_takes():
     assert proc.returncode == 0, proc.stderr
     counted = rows * classes * settings.MULTILABEL_SCORE_CELL_BYTES
     assert 0.5 * counted < int(proc.stdout) <= counted  # 0.63-0.89 of it here
+
+
+def test_evaluating_val_while_training_stays_within_its_budget():
+    """Each epoch a head's val predictions are computed a chunk of rows at a time: 8,192 rows of a 10,000-class
+    head's logits were 0.3 GB beside the training. With many classes the chunk has fewer rows, so its logits and
+    hidden activations stay within settings.VAL_CHUNK_BYTES (64 MB). Measured in a fresh process."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from dinoprobe import Probe
+status = lambda key: int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) * 1024
+g = torch.Generator().manual_seed(0)
+y, y_val = torch.arange(10_000).repeat(2), torch.randint(0, 10_000, (8192,), generator=g)
+x, x_val = torch.randn(len(y), 16, generator=g), torch.randn(8192, 16, generator=g)
+Probe(head="linear", epochs=1).fit(x[:10_000], y[:10_000], X_val=x_val[:10], y_val=y_val[:10])  # imports
+open("/proc/self/clear_refs", "w").write("5")  # the resident peak starts again from here
+base = status("VmRSS")
+Probe(head="linear", epochs=2).fit(x, y, X_val=x_val, y_val=y_val)
+print(status("VmHWM") - base)
+"""
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) < 8192 * 10_000 * 4 / 2  # was 1.05 times it (328 MB); 74 MB here
 
 
 def test_scoring_is_counted_before_the_cache_is_read(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ from dinoprobe.runs.reports import (
 )
 from dinoprobe.runs.rundir import check_run_dir, run_directory
 from dinoprobe.runs.sweep_table import RESULT_FIELDS, plot_sweep, ranked, write_results
+from dinoprobe.settings import VAL_CHUNK_BYTES, VAL_CHUNK_ROWS
 from dinoprobe.splits import parse_shots
 
 __all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
@@ -59,8 +60,15 @@ def logreg_working(logreg: LogReg) -> dict:
 
 
 def heads_working(configs) -> dict:
-    """Probe and sweep: a normalised copy of train and val while a head that normalises trains."""
-    return {"working_copies": int(any(c.normalize != "none" for c in configs))}
+    """Probe and sweep: a normalised copy of train and val while a head that normalises trains, and each epoch's
+    evaluation of val, a chunk of rows at a time (their logits and hidden activations, at most VAL_CHUNK_BYTES)."""
+    configs = list(configs)
+    hidden = max((c.hidden for c in configs if c.head == "mlp"), default=0)
+
+    def val_chunk_bytes(manifest: dict, width: int) -> int:
+        val = sum(s["rows"] for s in manifest["splits"].get("val", {}).get("shards", []))
+        return min(VAL_CHUNK_BYTES, min(val, VAL_CHUNK_ROWS) * 4 * (len(manifest["classes"]) + hidden))
+    return {"working_copies": int(any(c.normalize != "none" for c in configs)), "working_bytes": val_chunk_bytes}
 
 
 def _check(cache_dir, out, overwrite: bool, estimator, kind, command: str) -> None:

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from dinoprobe.settings import VAL_CHUNK_BYTES, VAL_CHUNK_ROWS
 from dinoprobe.train.config import TrainConfig
 from dinoprobe.train.heads import init_layers
 
@@ -91,9 +92,11 @@ class StackedHeads:
         return neg_loss, logits
 
     def _chunk(self) -> int:
-        # rows evaluated at once: 8,192 for one head, fewer side by side, so N heads' hidden activations on val
-        # stay near a training batch's (what plan_groups budgets), not N x 8,192 rows
-        return max(256, 8192 // self.n)
+        # rows evaluated at once: VAL_CHUNK_ROWS for one head, fewer side by side, so N heads' hidden activations on val
+        # stay near a training batch's (what plan_groups budgets), not N x 8,192 rows; and fewer with many classes,
+        # so that their logits and hidden activations stay within VAL_CHUNK_BYTES
+        per_row = 4 * self.n * sum(shape[1] for shape in self.shapes[1::2])  # each layer's outputs: its bias
+        return max(1, min(max(256, VAL_CHUNK_ROWS // self.n), VAL_CHUNK_BYTES // per_row))
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
