@@ -53,7 +53,7 @@ TASKS = ("auto", "single", "multilabel")
 # Rows scored at once when a run's metrics are computed (and k-NN chooses k): a split's (rows x classes) float64
 # probabilities are 8 GB at iNaturalist 2021's 100,000 validation images and 10,000 classes. A block holds 24 bytes
 # a (row, class) cell at its peak (the logits, their float64 copy and the probabilities; measured 24.1-24.2), so with
-# many classes it has fewer rows: at most SCORING_BYTES (8,192 rows up to 1,365 classes, 1,092 at 10,000).
+# many classes it has fewer rows: at most SCORING_BYTES (8,192 rows up to 1,365 classes, 1,118 at 10,000).
 SCORING_ROWS_PER_BLOCK = 8192
 SCORING_BYTES = 256 << 20
 SCORE_CELL_BYTES = 24

@@ -79,6 +79,13 @@ def test_knn_shows_one_bar_per_search_of_a_split(tmp_path, monkeypatch):
     for name in dict.fromkeys(names):
         assert re.search(rf"^{re.escape(name)}: 100% 40/40 \[.*img/s\]$", knn.stderr, re.M), knn.stderr
     assert all(not re.search(r" 16/16 ", line) for line in bars), knn.stderr
+    # multi-label: the thresholds are tuned on val at the chosen k, one more search of val, named as such
+    tagged = make_synthetic_cache(tmp_path / "tagged", n=(120, 40, 40), dim=8, num_classes=3, multilabel=True)
+    knn = run_cli("knn", "--cache", tagged, "--out", tmp_path / "knn-tagged", "--k", "5", check=True)
+    names = [re.match(r"^(k-NN[^%]*): +\d+% ", line).group(1) for line in knn.stderr.splitlines()
+             if line.startswith("k-NN")]
+    assert list(dict.fromkeys(names)) == ["k-NN: val", "k-NN: val thresholds, k=5", "k-NN: val, k=5", "k-NN: test"], \
+        knn.stderr
 
 
 def test_features_log_holds_one_line_per_split_state(tmp_path):

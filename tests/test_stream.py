@@ -408,7 +408,7 @@ def test_scoring_is_counted_before_the_cache_is_read(tmp_path, monkeypatch):
 
     cache_dir = make_synthetic_cache(tmp_path / "c", n=(2000, 2000), splits=("train", "val"), dim=8,
                                      num_classes=10_000)
-    room = 100 * 2**20  # a hundred times the features; less than a block of 1,092 rows' scores at 10,000 classes
+    room = 100 * 2**20  # a hundred times the features; less than a block of 1,118 rows' scores at 10,000 classes
     monkeypatch.setattr(arrays_module, "memory_available", lambda device: room)
     for command in ("probe", "knn"):  # (logistic regression's solver needs more: 0.9 GiB, counted since 981c5fd)
         assert_clean_error(run_cli(command, "--cache", cache_dir, "--out", tmp_path / "r"), "need about 0.3 GiB")

@@ -222,7 +222,7 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
     dim = manifest.get("feature_dim", 0)
     stored_size = 2 if manifest.get("dtype", "float16") == "float16" else 4
     shards = [s for info in manifest["splits"].values() for s in info["shards"]]
-    rows = {split: sum(s["rows"] for s in info["shards"]) for split, info in manifest["splits"].items()}
+    rows = cache.split_rows(manifest)
     total, train = sum(rows.values()), rows.get("train", 0)
     features = sum(width(parts, dim) for parts in wanted.values()) * 4
     widest = max(width(parts, dim) for parts in wanted.values()) * 4
@@ -243,8 +243,8 @@ def memory_needed(manifest: dict, wanted: dict, views: bool = False, working_cop
 def scoring_bytes(manifest: dict) -> int:
     """What scoring a run's largest val or test split holds at its peak: a block of single-label rows (at most
     settings.SCORING_BYTES), or a whole multi-label split, whose average precision ranks all of its rows."""
-    scored = max((sum(s["rows"] for s in manifest["splits"].get(split, {}).get("shards", [])) for split in
-                  ("val", "test")), default=0)
+    rows = cache.split_rows(manifest)
+    scored = max(rows.get("val", 0), rows.get("test", 0))
     classes = len(manifest["classes"])
     if manifest.get("task") == "multilabel":
         return scored * classes * settings.MULTILABEL_SCORE_CELL_BYTES
@@ -305,7 +305,7 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     if views and "cls_blocks" in columns(parts):
         raise DinoprobeError("augmented views hold cls and patch_mean only; use --views with those features")
     reader = cache.ShardReader(cache_dir)
-    train_rows = sum(s["rows"] for s in manifest["splits"].get("train", {}).get("shards", []))
+    train_rows = cache.split_rows(manifest).get("train", 0)
     widest = max(width(ps, manifest.get("feature_dim", 0)) for ps in wanted.values())
     streamed = bool(max_memory) and train_rows * widest * 4 > max_memory
     if streamed and views:

@@ -38,6 +38,11 @@ BLOCK_KINDS = ("cls_blocks",)  # (N, B, D): the CLS token of each of the last B 
 VIEW_KINDS = ("cls_views", "patch_mean_views")  # (N, K, D): K augmented views per train image (--views K)
 
 
+def split_rows(manifest: dict) -> dict[str, int]:
+    """Rows stored per split, from the manifest's shard entries."""
+    return {split: sum(s["rows"] for s in info["shards"]) for split, info in manifest["splits"].items()}
+
+
 def label_column(manifest: dict) -> str:
     """The shards' label dataset: `label` (N,) class indices, or `labels` (N, classes) 0/1 for multi-label caches."""
     return "labels" if manifest.get("task") == "multilabel" else "label"

@@ -73,7 +73,7 @@ class KNN(_Classifier):
     validation macro mAP.
 
     Fitted attributes: best_k_, val_score_per_k_ ({k: accuracy}), classes_, n_features_in_.
-    `progress`: a bar on stderr per neighbour search (the command line's), counting the queries searched.
+    `progress`: a bar on stderr per neighbour search of a split (the command line's), counting the queries searched.
     """
 
     def __init__(self, ks=KNN_KS, temperature=KNN_TEMPERATURE, val_fraction=0.1, seed=0, shots=None, tries=1,

@@ -17,6 +17,7 @@ from sklearn.base import clone
 from dinoprobe import __version__
 from dinoprobe.atomic import write_json
 from dinoprobe.cache.arrays import load_cache, load_features
+from dinoprobe.cache.store import split_rows
 from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.estimators.knn import KNN, SEARCH_BYTES
@@ -48,7 +49,7 @@ def logreg_working(logreg: LogReg) -> dict:
     value's L-BFGS working set (rows x classes in float64, `problem_bytes`) on the rows it fits at once: train + val
     for the refit, a try's draw in few-shot."""
     def solver_bytes(manifest: dict, width: int) -> int:
-        rows = {split: sum(s["rows"] for s in info["shards"]) for split, info in manifest["splits"].items()}
+        rows = split_rows(manifest)
         classes = len(manifest["classes"])
         fitted = rows.get("train", 0) + rows.get("val", 0)
         if logreg.shots is not None:
@@ -66,7 +67,7 @@ def heads_working(configs) -> dict:
     hidden = max((c.hidden for c in configs if c.head == "mlp"), default=0)
 
     def val_chunk_bytes(manifest: dict, width: int) -> int:
-        val = sum(s["rows"] for s in manifest["splits"].get("val", {}).get("shards", []))
+        val = split_rows(manifest).get("val", 0)
         return min(VAL_CHUNK_BYTES, min(val, VAL_CHUNK_ROWS) * 4 * (len(manifest["classes"]) + hidden))
     return {"working_copies": int(any(c.normalize != "none" for c in configs)), "working_bytes": val_chunk_bytes}
 
