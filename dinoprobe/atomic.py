@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
@@ -39,15 +39,23 @@ def fsync_file(path: str | Path) -> None:
 
 
 def temporary_name(path: Path, directory: bool = False, kind: str = "tmp") -> Path:
-    """A new, exclusively created temporary file (or folder) beside `path`: `.NAME.KIND-PID-RANDOM`, so leftovers
-    of a killed process can be told from those of a live one (`leftovers`)."""
+    """A new temporary file (or folder) beside `path`, created exclusively (O_EXCL: never a planted link's target)
+    as `.NAME.KIND-PID-RANDOM`, so leftovers of a killed process can be told from those of a live one (`leftovers`).
+    Its mode is what the umask leaves of 0666 (folders 0777), as for any file a program creates; mkstemp's 0600 kept
+    caches, runs and exports from the colleagues and services meant to read them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.{kind}-{os.getpid()}-"
-    if directory:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
+    for _ in range(100):
+        candidate = path.parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            if directory:
+                os.mkdir(candidate, 0o777)
+            else:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:  # another process's temporary, or something planted there: a new name
+            continue
+    raise FileExistsError(f"no free temporary name beside {path} after 100 tries")
 
 
 def leftovers(path: Path, kind: str = "tmp") -> list[Path]:

@@ -186,7 +186,10 @@ def test_the_readmes_onnxruntime_example_runs_verbatim(exports, photos, tmp_path
 
 def test_fp16_weights_halve_the_file_and_keep_the_predictions(exports, photos, tmp_path):
     run, fp32 = exports["mlp32"]
-    run_cli("export", "--run", run, "--out", tmp_path / "half.onnx", "--format", "onnx", "--fp16", check=True)
+    proc = run_cli("export", "--run", run, "--out", tmp_path / "half.onnx", "--format", "onnx", "--fp16", check=True,
+                   in_process=False)  # a process of its own: pytest would capture what its loggers print
+    # onnxscript's and the float16 converter's notes (~100 lines, none a user can act on) are not shown
+    assert [line for line in proc.stderr.splitlines() if "RANDOM weights" not in line] == [], proc.stderr
     assert (tmp_path / "half.onnx").stat().st_size < 0.6 * fp32.stat().st_size
     full = json.loads(run_cli("predict", "--model", fp32, "--format", "json", photos / "val", check=True).stdout)
     half = json.loads(run_cli("predict", "--model", tmp_path / "half.onnx", "--format", "json", photos / "val",
@@ -195,3 +198,72 @@ def test_fp16_weights_halve_the_file_and_keep_the_predictions(exports, photos, t
     gap = max(abs(a - b) for x, y in zip(full, half) for a, b in zip(x["probabilities"], y["probabilities"]))
     assert gap < 1e-3  # measured 2.5e-4 on the demo photos at 64 px
     assert run_cli("export", "--run", run, "--out", tmp_path / "x.pt", "--fp16").returncode == 2
+
+
+def _export_inputs(run):
+    from dinoprobe.runs.predict import backbone_for_head
+    from dinoprobe.train.headfile import load_head_file
+
+    head_file = load_head_file(run)
+    return head_file, backbone_for_head(head_file, None, False)
+
+
+def test_a_model_past_onnxs_2_gb_is_refused_before_it_is_traced(exports, tmp_path, monkeypatch):
+    """ViT-H+ holds 3.4 GB of float32 weights: the export traced it for 85 s, then protobuf's serializer failed with
+    a traceback and torch left a 3.4 GB `.data` file beside the target. The limit is scaled down to ViT-S here:
+    87 MB of float32 weights, 43 MB as float16."""
+    import torch
+
+    from dinoprobe.errors import DinoprobeError
+    from dinoprobe.runs import export as export_module
+
+    head_file, backbone = _export_inputs(exports["linear32"][0])
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("traced a model that cannot be written"))
+    monkeypatch.setattr(export_module, "ONNX_MAX_BYTES", 60_000_000)
+    with pytest.raises(DinoprobeError, match=r"as ONNX is 0\.08\d+ GiB; .* at most 0\.0559 GiB .*: add --fp16 .*--format pt"):
+        export_module.export_onnx(head_file, backbone, tmp_path / "m.onnx")
+    monkeypatch.setattr(export_module, "ONNX_MAX_BYTES", 30_000_000)  # not even as float16: only the .pt format
+    with pytest.raises(DinoprobeError, match=r"0\.04\d+ GiB in float16; .*: export --format pt") as err:
+        export_module.export_onnx(head_file, backbone, tmp_path / "m.onnx", fp16=True)
+    assert "--fp16" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_file_is_checked_against_the_exact_limit_before_it_is_written(exports, tmp_path, monkeypatch):
+    """The weights' count is an estimate (the graph and metadata add to it): the serialized model is checked too."""
+    from dinoprobe.errors import DinoprobeError
+    from dinoprobe.runs import export as export_module
+
+    head_file, backbone = _export_inputs(exports["linear32"][0])
+    numbers = sum(p.numel() for p in backbone.model.parameters()) + sum(p.numel() for p in head_file.head.parameters())
+    monkeypatch.setattr(export_module, "ONNX_MAX_BYTES", 4 * numbers + 100_000)  # past the weights, not the file
+    with pytest.raises(DinoprobeError, match="protobuf's limit"):
+        export_module.export_onnx(head_file, backbone, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_that_changes_the_model_is_refused_and_the_old_file_kept(exports, tmp_path, monkeypatch):
+    """The file is run by ONNX Runtime before it replaces the target: an exporter that got an op wrong (simulated:
+    it traces the head with a shifted bias) would otherwise ship wrong probabilities without a word."""
+    import copy
+
+    import torch
+
+    from dinoprobe.errors import DinoprobeError
+    from dinoprobe.runs import export as export_module
+
+    head_file, backbone = _export_inputs(exports["linear32"][0])
+    (tmp_path / "m.onnx").write_bytes(b"the previous export")
+    real = torch.onnx.export
+
+    def wrong_export(graph, *args, **kwargs):
+        broken = copy.deepcopy(graph)
+        with torch.no_grad():
+            list(broken.classifier.head.parameters())[-1][0] += 3.0  # the last layer's bias
+        return real(broken, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", wrong_export)
+    with pytest.raises(DinoprobeError, match=r"differ from PyTorch's by 0\.\d+ on test pixels .*no file written"):
+        export_module.export_onnx(head_file, backbone, tmp_path / "m.onnx", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"the previous export"

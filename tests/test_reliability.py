@@ -345,6 +345,43 @@ def test_temporary_files_never_follow_a_planted_symlink(tmp_path):
     assert victim.read_text() == "precious"
 
 
+def test_a_link_planted_at_the_very_temporary_name_drawn_is_passed_over(tmp_path, monkeypatch):
+    """Names are random, but one drawn could exist (a link someone guessed): it is never opened, a new one is."""
+    from dinoprobe import atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    planted = tmp_path / f".manifest.json.tmp-{os.getpid()}-guessed"
+    os.symlink(victim, planted)
+    draws = iter(["guessed", "free"])
+    monkeypatch.setattr(atomic.secrets, "token_hex", lambda n: next(draws))
+    atomic.write_json(tmp_path / "manifest.json", {"a": 1})
+    assert victim.read_text() == "precious" and json.loads((tmp_path / "manifest.json").read_text()) == {"a": 1}
+    assert planted.is_symlink()  # not ours: left where it was
+
+
+def test_what_dinoprobe_writes_is_as_readable_as_the_umask_says(tmp_path):
+    """A cache, a run and an export are read by colleagues and by services running as other users: their modes
+    follow the umask, as any program's files do. They were 0600 (folders 0700) whatever the umask, as mkstemp
+    makes them, so a colleague's `probe` on a shared cache failed with 'Permission denied'."""
+    from conftest import SIZE, make_folder
+
+    root = make_folder(tmp_path / "data", per_class=2)
+    previous = os.umask(0o027)  # group may read, others nothing: neither mkstemp's 0600 nor a fixed 0644
+    try:
+        run_cli("features", "--data", root, "--weights", "random", "--image-size", SIZE, "--cache", tmp_path / "c",
+                "--workers", 0, check=True)
+        run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "r", "--epochs", 1, check=True)
+        run_cli("export", "--run", tmp_path / "r", "--out", tmp_path / "model.pt", check=True)
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "c", *(tmp_path / "c").rglob("*"), tmp_path / "r", *(tmp_path / "r").iterdir(),
+               tmp_path / "model.pt"]
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
+    expected = {name: oct(0o750 if (tmp_path / name).is_dir() else 0o640) for name in modes}
+    assert modes == expected
+
+
 @pytest.mark.parametrize("size,message", [(50, "not a multiple of"), (17, "use 16 or 32")])
 def test_an_image_size_off_the_patch_grid_fails_before_the_cache_is_made(tmp_path, size, message):
     from conftest import make_folder
@@ -607,3 +644,21 @@ def test_a_complete_cache_this_process_cannot_write_is_used_without_a_lock(tmp_p
     manifest["splits"]["val"]["complete"] = False  # left unfinished by whoever could write it
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
     assert_clean_error(run_cli(*args), "Read-only file system")
+
+
+def test_the_next_export_removes_what_a_killed_export_left(tmp_path):
+    """An export killed while it writes leaves `.model.pt.tmp-PID-*` beside the target, as large as the export
+    (ViT-H+: 3.4 GB); the next export to that file removes it, and leaves a running export's own alone."""
+    from conftest import SIZE, make_folder
+
+    root = make_folder(tmp_path / "data", per_class=2)
+    run_cli("features", "--data", root, "--weights", "random", "--image-size", SIZE, "--cache", tmp_path / "c",
+            "--workers", 0, check=True)
+    run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "r", "--epochs", 1, check=True)
+    out = tmp_path / "shipped"
+    out.mkdir()
+    killed, running = out / f".model.pt.tmp-{DEAD_PID}-k1ll3d00", out / f".model.pt.tmp-{os.getpid()}-4l1v3000"
+    killed.write_bytes(b"half an export")
+    running.write_bytes(b"another export, still writing")
+    run_cli("export", "--run", tmp_path / "r", "--out", out / "model.pt", check=True)
+    assert sorted(p.name for p in out.iterdir()) == [running.name, "model.pt"]

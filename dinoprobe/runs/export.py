@@ -1,13 +1,16 @@
 """`dinoprobe export`: backbone, feature selection, normalisation and head as one self-contained file."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dinoprobe import documents
-from dinoprobe.atomic import atomic_file, atomic_path
+from dinoprobe.atomic import atomic_file, atomic_path, leftovers
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select
 from dinoprobe.device import environment
 from dinoprobe.errors import DinoprobeError
@@ -57,6 +60,8 @@ def check_export_target(out: str | Path, head_file: HeadFile, overwrite: bool = 
     if head_file.path is not None and out.resolve().parent == head_file.path.resolve().parent:
         raise DinoprobeError(f"--out '{out}' is inside the run directory {head_file.path.parent}, whose files belong "
                              "to the run; write the export somewhere else")
+    for stale in leftovers(out):  # the temporary file of an export to `out` that was killed: as large as the export
+        stale.unlink(missing_ok=True)
     return out
 
 
@@ -85,6 +90,12 @@ class OnnxGraph(nn.Module):
 
 
 ONNX_FORMAT = "dinoprobe-onnx/1"
+# protobuf's limit for one message: an ONNX file that holds its own weights (torch's exporter would move larger
+# weights into a second file, which a one-file export cannot be)
+ONNX_MAX_BYTES = 2**31 - 1
+# the most an export's probabilities may differ from PyTorch's on its check pixels: ViT-S/16 measured 1.2e-7 (float32)
+# and 2.6e-4 (float16 weights); an exporter that gets an op wrong is off by tenths
+ONNX_TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
 
 
 # ops kept in float32 when the weights are stored as float16: the head's GEMMs, softmax and the normalisations,
@@ -109,8 +120,11 @@ def export_onnx(head_file: HeadFile, backbone: Backbone, out: str | Path, overwr
 
     out = check_export_target(out, head_file, overwrite)
     graph = OnnxGraph(exported_classifier(head_file, backbone)).eval()
+    # refused before minutes of tracing: ViT-H+ holds 3.4 GB of float32 weights, ViT-7B 27 GB
+    numbers = sum(t.numel() for t in (*graph.parameters(), *graph.buffers()))
+    check_onnx_size(numbers * (2 if fp16 else 4), backbone.model_name, fp16)
     size = backbone.data_config.image_size
-    example = torch.rand(2, 3, size, size)
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # the caller's RNG untouched
     metadata = {"dinoprobe.format": ONNX_FORMAT, "class_names": json.dumps(head_file.class_names),
                 "transform": json.dumps(backbone.data_config.to_dict()), "feature": head_file.feature,
                 "pixels": "float32 RGB in [0, 1], (N, 3, image_size, image_size), after the transform's resize and "
@@ -119,31 +133,78 @@ def export_onnx(head_file: HeadFile, backbone: Backbone, out: str | Path, overwr
                 "environment": json.dumps(environment())}
     if head_file.multilabel:  # probabilities are then each class's sigmoid
         metadata.update(task="multilabel", thresholds=json.dumps(head_file.thresholds))
-    with atomic_path(out) as tmp:
-        try:
-            torch.onnx.export(graph, (example,), str(tmp), input_names=["pixels"],
-                              output_names=["probabilities", "features"],
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
-                              opset_version=opset, external_data=False, verbose=False)
-        except OSError:
-            raise  # the disk's or folder's fault (full, read-only), not the model's: the CLI names the system's reason
+    with conversion_notes_silenced():
+        try:  # built in memory (no file argument): torch writes nothing, so nothing of it can be left on disk
+            model = torch.onnx.export(graph, (example,), None, input_names=["pixels"],
+                                      output_names=["probabilities", "features"],
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
+                                      opset_version=opset, verbose=False).model_proto
+        except MemoryError:
+            raise  # the machine's limit, not the model's fault: the CLI names the fixes
         except Exception as err:
             raise DinoprobeError(f"ONNX export of {backbone.model_name} failed at opset {opset} "
                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); export the .pt format "
                                  "instead, or report the model") from None
-        model = onnx.load(str(tmp))
         if fp16:  # float16 weights (half the file); inputs and outputs stay float32
             try:
                 from onnxconverter_common import float16
             except ImportError:
                 raise DinoprobeError("--fp16 needs onnxconverter-common: pip install 'dinoprobe[onnx]'") from None
-            model = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=[
-                *float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FLOAT32])
+            # torch's exporter records every value's type, so the converter's shape inference (which serializes
+            # the float32 model: past 2 GiB, ViT-H+, it fails) is not needed; the result is the same file
+            model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                                     op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST,
+                                                                    *FP16_KEEP_FLOAT32])
             metadata["weights"] = "float16"
-        for key, value in metadata.items():
-            model.metadata_props.add(key=key, value=value)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=value)
+    check_onnx_size(model.ByteSize(), backbone.model_name, fp16)  # the file as it will be written
+    with atomic_path(out) as tmp:
         onnx.save(model, str(tmp))
+        check_onnx_agrees(tmp, graph, example, backbone.model_name, fp16)
     return out
+
+
+def check_onnx_agrees(path: Path, graph: OnnxGraph, pixels: torch.Tensor, model_name: str, fp16: bool) -> None:
+    """The file about to be installed, run by ONNX Runtime, against the torch graph it was traced from: an exporter
+    or float16 conversion that changed the model is an error before anyone ships the file."""
+    from dinoprobe.runs.onnx_predict import onnx_runtime
+
+    session = onnx_runtime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {"pixels": pixels.numpy()})[0]
+    with torch.inference_mode():
+        want = graph(pixels)[0].numpy()
+    gap, tolerance = float(abs(got - want).max()), ONNX_TOLERANCE["float16" if fp16 else "float32"]
+    if not gap <= tolerance:  # NaN included
+        raise DinoprobeError(f"the ONNX file's probabilities differ from PyTorch's by {gap:.2g} on test pixels (at "
+                             f"most {tolerance:g} expected); no file written. Export {model_name} --format pt"
+                             f"{', or without --fp16' if fp16 else ''}, and report the model")
+
+
+@contextlib.contextmanager
+def conversion_notes_silenced():
+    """onnxscript's optimiser logs a warning per attention block ("Skipping constant folding for op Split") and the
+    float16 converter warns for each weight under 1e-7 it rounds: ~100 lines for a ViT-S export, none a user can act
+    on, and check_onnx_agrees tests the result. Quiet for the export only: the logger's level is put back."""
+    logger = logging.getLogger("onnxscript")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the float32 number .* will be truncated", category=UserWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_onnx_size(nbytes: int, model_name: str, fp16: bool) -> None:
+    """An ONNX file holds at most 2 GB; past it, name what fits instead of protobuf's 'Failed to serialize'."""
+    if nbytes <= ONNX_MAX_BYTES:
+        return
+    fix = "add --fp16 (half the bytes), or export" if not fp16 and nbytes // 2 <= ONNX_MAX_BYTES else "export"
+    raise DinoprobeError(f"{model_name} as ONNX is {nbytes / 2**30:.3g} GiB{' in float16' if fp16 else ''}; one "
+                         f"ONNX file holds at most {ONNX_MAX_BYTES / 2**30:.3g} GiB (protobuf's limit): {fix} "
+                         "--format pt, which has none")
 
 
 def export(head_file: HeadFile, backbone: Backbone, out: str | Path, overwrite: bool = False) -> Path:

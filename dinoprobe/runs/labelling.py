@@ -36,3 +36,15 @@ def labelled(path: str, probabilities: np.ndarray, class_names: list[str], topk:
     return {"path": path, "labels": [class_names[i] for i in chosen],
             "probabilities": [round(float(p[i]), 6) for i in chosen],
             "all_probabilities": {name: round(float(v), 6) for name, v in zip(class_names, p)}}
+
+
+def collected(entries, errors: list) -> tuple[list[dict], list]:
+    """`predict()`'s return value from the entries `iter_predictions` yields: (results, errors), with each skipped
+    input's (path, reason) added to the errors the listing of the inputs already found."""
+    results = []
+    for entry in entries:
+        if "skipped" in entry:
+            errors.append((entry["path"], entry["skipped"]))
+        else:
+            results.append(entry)
+    return results, errors

@@ -16,14 +16,14 @@ import numpy as np
 from dinoprobe import documents
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.imagefiles import SkippedInput, check_encoded_size, expand_inputs, load_rgb, to_rgb
-from dinoprobe.runs.labelling import check_threshold, labelled
+from dinoprobe.runs.labelling import check_threshold, collected, labelled
 from dinoprobe.settings import DEFAULT_MAX_PIXELS
 
 ONNX_FORMAT = "dinoprobe-onnx/1"
 RESAMPLE = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "lanczos": "LANCZOS"}
 
 
-def _runtime():
+def onnx_runtime():
     try:
         import onnxruntime
     except ImportError:
@@ -36,7 +36,7 @@ class OnnxClassifier:
     """An exported dinoprobe classifier: `predict(paths)` gives what `dinoprobe predict` gives, from the file alone."""
 
     def __init__(self, path: str | Path):
-        ort = _runtime()
+        ort = onnx_runtime()
         path = Path(path)
         if not path.is_file():
             raise DinoprobeError(f"ONNX model '{path}' does not exist; write one with `dinoprobe export --format onnx`")
@@ -103,13 +103,7 @@ class OnnxClassifier:
     def predict(self, paths, topk: int = 5, batch_size: int = 32, threshold: float | None = None):
         """([{path, labels, probabilities}], [(path, reason)]) in input order, as `dinoprobe predict`."""
         files, errors = expand_inputs(paths)
-        results = []
-        for entry in self.iter_predictions(files, topk, batch_size, threshold):
-            if "skipped" in entry:
-                errors.append((entry["path"], entry["skipped"]))
-            else:
-                results.append(entry)
-        return results, errors
+        return collected(self.iter_predictions(files, topk, batch_size, threshold), errors)
 
     def iter_predictions(self, files: list[str], topk: int = 5, batch_size: int = 32, threshold: float | None = None):
         """One entry per file in input order, a batch at a time: {path, labels, probabilities}, or {path, skipped:

@@ -15,7 +15,7 @@ from dinoprobe.extract.decode import TorchvisionDecode
 from dinoprobe.extract.transforms import DataConfig, Preprocess
 from dinoprobe.imagefiles import expand_inputs
 from dinoprobe.progress import progress_bar
-from dinoprobe.runs.labelling import check_threshold, labelled
+from dinoprobe.runs.labelling import check_threshold, collected, labelled
 from dinoprobe.settings import DEFAULT_MAX_PIXELS
 from dinoprobe.train.headfile import HeadFile
 
@@ -62,14 +62,8 @@ def predict(head_file: HeadFile, backbone: Backbone, paths, topk: int = 5, batch
     """Returns ([{path, labels, probabilities}], [(path, reason)]) in input order. workers: as `features`. A
     multi-label head reports every class at or over its threshold (`threshold`: one for all), see labelling.py."""
     files, errors = expand_inputs(paths)
-    results = []
-    for entry in iter_predictions(head_file, backbone, files, topk, batch_size, workers, device, precision,
-                                  max_pixels, threshold):
-        if "skipped" in entry:
-            errors.append((entry["path"], entry["skipped"]))
-        else:
-            results.append(entry)
-    return results, errors
+    return collected(iter_predictions(head_file, backbone, files, topk, batch_size, workers, device, precision,
+                                      max_pixels, threshold), errors)
 
 
 def iter_predictions(head_file: HeadFile, backbone: Backbone, files: list[str], topk: int = 5, batch_size: int = 32,
