@@ -228,3 +228,25 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert_clean_error(run_cli("info", "--weights", tmp_path / "junk.pth"), "cannot read weights")
     assert_clean_error(run_cli("info", "--weights", tmp_path / "missing.pth"), "does not exist")
 
+
+
+def test_a_backbone_the_host_cannot_hold_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """ViT-7B/16 (27 GB of float32 weights) on a 23 GB machine: `features` was ended by the OOM killer, exit 137 and
+    not a word. The shapes come from the meta device; a checkpoint read whole beside the model counts twice. Here the
+    host is made too small for ViT-S/16 (87 MB of weights)."""
+    from dinoprobe.extract import backbone as backbone_module
+
+    devices, real = [], backbone_module.create_model
+    monkeypatch.setattr(backbone_module, "create_model",
+                        lambda *a: devices.append(torch.empty(0).device.type) or real(*a))
+    monkeypatch.setattr(backbone_module, "memory_available", lambda device: 60 * 2**20)
+    with pytest.raises(DinoprobeError, match=r"needs about 0\.08\d* GiB .*0\.08\d* GiB in float32\) and 0\.0586 GiB are") as err:
+        build_backbone(MODEL, "random", SIZE)
+    assert "checkpoint" not in str(err.value) and devices == ["meta"]
+    monkeypatch.setattr(backbone_module, "memory_available", lambda device: 120 * 2**20)
+    build_backbone(MODEL, "random", SIZE, log=lambda *_: None)  # one copy fits
+    (tmp_path / "w.safetensors").write_bytes(b"")  # refused before it is read: its weights would be a second copy
+    with pytest.raises(DinoprobeError, match=r"needs about 0\.16\d* GiB .*as many again for the checkpoint"):
+        build_backbone(MODEL, str(tmp_path / "w.safetensors"), SIZE)
+    assert_clean_error(run_cli("info", "--model", MODEL, "--weights", tmp_path / "w.safetensors"),
+                       "choose a smaller --model")

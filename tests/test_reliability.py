@@ -234,6 +234,13 @@ def test_torch_files_are_never_read_for_more_memory_than_they_hold(tiny, tmp_pat
     with pytest.raises(DinoprobeError, match="do not match its head spec"):
         export_module.load_exported(tmp_path / "huge-head.pt")
     assert built == []
+    from dinoprobe.extract import backbone as backbone_module
+
+    devices.clear()  # a real export on a host too small for a second copy of its backbone
+    monkeypatch.setattr(backbone_module, "memory_available", lambda device: 50 * 2**20)
+    with pytest.raises(DinoprobeError, match=r"needs about 0\.08\d* GiB of host memory .* 0\.0488 GiB are available"):
+        export_module.load_exported(tmp_path / "model.pt")
+    assert devices == ["meta"]
 
 
 def test_the_cache_lock_is_held_by_one_process_at_a_time(tmp_path):

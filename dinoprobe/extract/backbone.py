@@ -18,6 +18,7 @@ from torch import nn
 
 from dinoprobe import documents
 from dinoprobe.cache.store import sha256_file as file_sha256
+from dinoprobe.device import memory_available
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.transforms import DataConfig, resolve_data_config
 from dinoprobe.network import hub_endpoint, reachable
@@ -99,9 +100,24 @@ def create_model(model_name: str, image_size: int | None = None) -> nn.Module:
     return model
 
 
+def check_host_holds(skeleton: nn.Module, model_name: str, copies: int) -> None:
+    """Refuse, before any of it is allocated, a model the host cannot hold: ViT-7B/16 is 27 GB of float32 weights,
+    and Linux lets the build start, then its OOM killer ends the process without a word. `skeleton`: the model on
+    the meta device; `copies`: the model, and the checkpoint read whole beside it while it loads."""
+    weights = sum(t.numel() * t.element_size() for t in (*skeleton.parameters(), *skeleton.buffers()))
+    available = memory_available(torch.device("cpu"))
+    if available is not None and copies * weights > available:
+        beside = ", and as many again for the checkpoint read beside them" if copies > 1 else ""
+        raise DinoprobeError(f"{model_name} needs about {copies * weights / 2**30:.3g} GiB of host memory to load (its "
+                             f"weights, {weights / 2**30:.3g} GiB in float32{beside}) and {available / 2**30:.3g} GiB "
+                             "are available; choose a smaller --model or use a machine with more memory")
+
+
 def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_size: int | None = None,
                    log=print, transform: str = "timm", crop_pct: float | None = None) -> Backbone:
     """The one factory: model + weights + data config, frozen."""
+    with torch.device("meta"):  # shapes only, to check it fits before a byte is allocated
+        check_host_holds(create_model(model_name, image_size), model_name, copies=1 if weights == "random" else 2)
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)

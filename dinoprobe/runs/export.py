@@ -14,7 +14,7 @@ from dinoprobe.atomic import atomic_file, atomic_path, leftovers
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select
 from dinoprobe.device import environment
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.backbone import Backbone, check_fits, create_model, load_strict, token_features
+from dinoprobe.extract.backbone import Backbone, check_fits, check_host_holds, create_model, load_strict, token_features
 from dinoprobe.extract.transforms import DataConfig, Preprocess, worker_transform
 from dinoprobe.imagefiles import load_rgb
 from dinoprobe.torchfiles import check_torch_file
@@ -248,7 +248,9 @@ def load_exported(path: str | Path) -> ExportedClassifier:
         cfg = raw["data_config"]
         data_config = DataConfig(**{**cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])})
         with torch.device("meta"):  # the named model's shapes first: a file naming a larger model than its tensors
-            check_fits(create_model(raw["model_name"], data_config.image_size), raw["backbone_state_dict"], path)
+            skeleton = create_model(raw["model_name"], data_config.image_size)
+        check_fits(skeleton, raw["backbone_state_dict"], path)
+        check_host_holds(skeleton, raw["model_name"], copies=1)  # the file's tensors are already read
         model = create_model(raw["model_name"], data_config.image_size)
         load_strict(model, raw["backbone_state_dict"], path)
         spec, state = HeadSpec(**raw["head"]), raw["classifier_state_dict"]
