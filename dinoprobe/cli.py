@@ -249,9 +249,9 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table")
 def info(model, weights, image_size, as_json):
     """Model facts: parameters, width, depth, heads, tokens, data config and measured FLOPs per image."""
-    from dinoprobe.extract.backbone import build_backbone, model_facts
+    from dinoprobe.extract.backbone import architecture, build_backbone, model_facts
 
-    backbone = build_backbone(model, weights or "random", image_size, log=_echo_err if weights else (lambda *_: None))
+    backbone = build_backbone(model, weights, image_size, log=_echo_err) if weights else architecture(model, image_size)
     facts = model_facts(backbone)
     if not weights:
         facts["weights"] = "not loaded (architecture only; pass --weights to fingerprint a checkpoint)"
@@ -264,13 +264,15 @@ def info(model, weights, image_size, as_json):
         ("weights", facts["weights"] if isinstance(facts["weights"], str)
          else f"{facts['weights']['source']} {facts['weights']['location']} sha256={facts['weights']['sha256'][:16]}…"),
         ("parameters", f"{facts['parameters']:,} ({facts['trainable_parameters']:,} trainable: frozen)"),
+        ("weights in float32", f"{facts['weights_bytes_float32'] / 2**30:.3g} GiB (host memory to build it; twice "
+                               "that while a checkpoint loads)"),
         ("width (hidden size)", facts["width"]), ("depth (layers)", facts["depth"]),
         ("attention heads", facts["heads"]), ("MLP width", facts["mlp_width"]),
         ("patch size", facts["patch_size"]), ("register tokens", facts["register_tokens"]),
         (f"tokens at {image_size} px", f"{facts['tokens']} = {facts['patch_tokens']} patches + 1 CLS + "
                                        f"{facts['register_tokens']} registers"),
-        ("FLOPs per image", f"{facts['flops_per_image'] / 1e9:.2f} GFLOP (torch.utils.flop_counter; fused "
-                            "attention kernels are not counted)"),
+        ("FLOPs per image", f"{facts['flops_per_image'] / 1e9:.2f} GFLOP (torch.utils.flop_counter on the meta "
+                            "device, attention included)"),
         ("data config", f"input {cfg['image_size']} px, resize {cfg['resize_size']} ({cfg['interpolation']}), "
                         f"crop_pct {cfg['crop_pct']}, mean {cfg['mean']}, std {cfg['std']}"),
     ]

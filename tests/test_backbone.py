@@ -213,9 +213,23 @@ def test_info_reports_201_tokens_at_224_and_measured_flops():
     assert facts["tokens"] == 201 and facts["patch_tokens"] == 196 and facts["register_tokens"] == 4
     assert facts["parameters"] == 21_586_944 and facts["trainable_parameters"] == 0
     assert (facts["width"], facts["depth"], facts["heads"], facts["mlp_width"]) == (384, 12, 6, 1536)
-    assert 8.0e9 < facts["flops_per_image"] < 9.5e9
+    tokens, width, layers, mlp, patches = 201, 384, 12, 1536, 196  # every matmul of a forward pass, counted by hand
+    by_hand = layers * (2 * tokens * width * 3 * width + 2 * tokens * width * width + 2 * 2 * tokens * width * mlp
+                        + 2 * 2 * tokens * tokens * width) + 2 * patches * 3 * 16 * 16 * width
+    assert abs(facts["flops_per_image"] - by_hand) / by_hand < 0.002  # attention's QK^T and AV included
+    loaded = json.loads(run_cli("info", "--image-size", 224, "--weights", "random", "--json", check=True).stdout)
+    assert loaded["flops_per_image"] == facts["flops_per_image"]  # the same count whether weights are loaded or not
     table = run_cli("info", check=True).stdout
     assert "201 = 196 patches + 1 CLS + 4 registers" in table
+
+
+def test_info_without_weights_allocates_nothing_even_for_vit_7b():
+    """Architecture facts come from the meta device: ViT-7B/16's 25 GiB of weights were allocated (and initialised)
+    just to count them, which no laptop and no CI machine holds."""
+    facts = json.loads(run_cli("info", "--model", "vit_7b_patch16_dinov3", "--json", check=True).stdout)
+    assert facts["parameters"] == 6_716_030_976 and facts["width"] == 4096 and facts["depth"] == 40
+    assert 6_716_030_976 * 4 <= facts["weights_bytes_float32"] < 6_716_030_976 * 4 * 1.001
+    assert "weights in float32   25 GiB" in run_cli("info", "--model", "vit_7b_patch16_dinov3", check=True).stdout
 
 
 def test_model_facts_scale_with_image_size(backbone):
