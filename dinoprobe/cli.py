@@ -361,6 +361,7 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     from dinoprobe.extract.backbone import build_backbone
     from dinoprobe.extract.run import ExtractOptions, distributed_context, end_distributed, extract
     from dinoprobe.extract.sources import open_source
+    from dinoprobe.imagefiles import describe_ignored
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
     say = _echo_err if main_process else (lambda *_: None)
@@ -380,6 +381,8 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
     say(f"{source.kind} {source.root}: {len(source.classes)} classes{' (multi-label)' if source.multilabel else ''}; "
         f"{counts} inputs -> {cache_dir}")
+    if source.ignored:
+        say(f"WARNING: {describe_ignored(source.ignored)}")
     geometry = (f"square resize to {cfg.image_size} x {cfg.image_size}" if cfg.name == "square"
                 else f"resize {cfg.resize_size}, centre crop {cfg.image_size} px")
     say(f"transform {cfg.name}: {geometry} ({cfg.interpolation})")
@@ -606,9 +609,16 @@ def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, thresho
     with a trained head (--run) or an ONNX export (--model)."""
     if (head_path is None) == (onnx_path is None):
         raise click.UsageError("give one of --run RUN_DIR or --model MODEL.onnx")
-    from dinoprobe.imagefiles import expand_inputs
+    from collections import Counter
 
-    files, errors = expand_inputs(paths)
+    from dinoprobe.imagefiles import describe_ignored, expand_inputs
+
+    ignored = Counter()
+    files, errors = expand_inputs(paths, ignored)
+    if ignored:
+        _echo_err(f"WARNING: {describe_ignored(ignored)}")
+    if not files and not errors:  # folders without one image file: say so, not an empty result and exit 0
+        raise DinoprobeError(f"no image files in {', '.join(paths)}")
     if onnx_path is not None:
         from dinoprobe.runs.onnx_predict import OnnxClassifier
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,27 +18,39 @@ from dinoprobe.settings import DEFAULT_MAX_PIXELS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
-def list_images(folder: Path) -> list[str]:
+def list_images(folder: Path, ignored: Counter | None = None) -> list[str]:
     """Image files under `folder`, recursively, sorted; hidden files and folders skipped. The walk never follows a
     symlinked folder (torchvision's make_dataset does: a link loop would recurse forever, and a link could lead
-    out of the data folder), so it is written here."""
+    out of the data folder), so it is written here. `ignored` counts the other files by extension (an iPhone's
+    .heic photos are not read: the caller says so rather than dropping them without a word)."""
     files = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                files.append(os.path.join(dirpath, name))
+            elif ignored is not None and not name.startswith("."):
+                ignored[os.path.splitext(name)[1].lower() or "(no extension)"] += 1
     return sorted(files)
 
 
-def expand_inputs(paths) -> tuple[list[str], list[tuple[str, str]]]:
-    """Files as given, folders recursively (image extensions only); missing paths reported, not fatal."""
+def describe_ignored(ignored: Counter) -> str:
+    """'13 files not read (.heic 12, .txt 1): not an image extension (.jpg, .jpeg, .png, ...)'."""
+    kinds = ", ".join(f"{ext} {n:,}" for ext, n in ignored.most_common(5)) + (", ..." if len(ignored) > 5 else "")
+    return (f"{sum(ignored.values()):,} file(s) not read ({kinds}): not an image extension "
+            f"({', '.join(IMAGE_EXTENSIONS)}); convert them to JPEG or PNG to include them")
+
+
+def expand_inputs(paths, ignored: Counter | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files as given, folders recursively (image extensions only; `ignored` counts the others, see list_images);
+    missing paths reported, not fatal."""
     files, errors = [], []
     for raw in paths:
         path = Path(raw)
         if "://" in str(raw) and not path.exists():
             errors.append((str(raw), "a URL: only local files are read; download it first (e.g. `curl -O URL`)"))
         elif path.is_dir():
-            files += list_images(path)
+            files += list_images(path, ignored)
         elif path.is_file():
             files.append(str(path))
         else:  # a device, a pipe or a socket would be read forever or block: not an image file

@@ -59,8 +59,35 @@ def test_a_train_class_folder_without_images_is_named_with_the_fix(tmp_path):
             image.unlink()
     (root / "train" / "owl" / "notes.txt").write_text("not an image")
     with pytest.raises(DinoprobeError, match=r"train/ classes with no images: \['emu', 'owl'\]; add images to them "
-                                             r"or remove those folders"):
+                                             r"or remove those folders \(1 file\(s\) not read \(\.txt 1\)"):
         open_source(str(root))
+
+
+def test_files_that_are_not_read_are_counted_and_named_not_dropped_in_silence(tmp_path):
+    """An iPhone's .heic photos among the JPEGs were left out of the cache without a word, and `predict` on a
+    folder of them printed nothing and exited 0."""
+    from conftest import SIZE, assert_clean_error, run_cli
+
+    root = make_folder(tmp_path / "d", per_class=2)
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "labels.txt", ".DS_Store"):  # hidden files are not counted
+        (root / "train" / "cat" / name).write_bytes(b"\0" * 10)
+    (root / "val" / "dog" / "README").write_text("no extension")
+    source = open_source(str(root))
+    assert dict(source.ignored) == {".heic": 2, ".txt": 1, "(no extension)": 1}
+    assert len(source.splits["train"]) == 4  # the images, as before
+    proc = run_cli("features", "--data", root, "--weights", "random", "--image-size", SIZE, "--cache",
+                   tmp_path / "c", "--workers", 0, check=True)
+    assert ("WARNING: 4 file(s) not read (.heic 2, .txt 1, (no extension) 1): not an image extension (.jpg, "
+            in proc.stderr), proc.stderr
+    phone = tmp_path / "phone"
+    phone.mkdir()
+    (phone / "IMG_0003.HEIC").write_bytes(b"\0" * 10)
+    proc = run_cli("predict", "--model", tmp_path / "never-opened.onnx", phone)  # said before a model is opened
+    assert_clean_error(proc, "no image files in")
+    assert "WARNING: 1 file(s) not read (.heic 1)" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run_cli("predict", "--model", tmp_path / "never-opened.onnx", tmp_path / "empty"),
+                       "no image files in")
 
 
 @pytest.mark.parametrize("name", ["val", "valid", "validation", "Validation"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,7 @@ class DataSource:
     reader: object | None = field(default=None, repr=False)  # key -> encoded bytes, for keys that are not files
     content_id: str = ""  # what identifies the content beyond the keys (sources.py)
     task: str = "single"  # single | multilabel
+    ignored: Counter = field(default_factory=Counter)  # files in a data folder not read, by extension
 
     @property
     def multilabel(self) -> bool:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.datasource import SPLIT_NAMES, SPLITS, DataSource, with_val
-from dinoprobe.imagefiles import list_images
+from dinoprobe.imagefiles import describe_ignored, list_images
 from dinoprobe.network import reachable
 from dinoprobe.splits import carve_val
 
@@ -47,6 +48,7 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> DataSource:
         raise DinoprobeError(f"'{folders['train']}' has {len(classes)} class folder(s); a classifier needs at "
                              "least 2 (one sub-folder of images per class)")
     splits: dict[str, list[tuple[str, int]]] = {}
+    ignored = Counter()
     for split in SPLITS:
         split_dir = folders.get(split)
         if split_dir is None:
@@ -59,14 +61,16 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> DataSource:
                                                          f"missing from {split_dir.name}/: {missing}" if missing
                                                          else "") if p))
         splits[split] = [(os.path.abspath(p), label)
-                         for label, name in enumerate(classes) for p in list_images(split_dir / name)]
+                         for label, name in enumerate(classes) for p in list_images(split_dir / name, ignored)]
         if split == "train":
             present = {label for _, label in splits[split]}
             empty = [name for label, name in enumerate(classes) if label not in present]
             if empty:
                 raise DinoprobeError(f"train/ classes with no images: {empty}; add images to them or remove those "
-                                     "folders")
-    return with_val("folder", str(root.resolve()), classes, splits, val_fraction, seed)
+                                     f"folders{f' ({describe_ignored(ignored)})' if ignored else ''}")
+    source = with_val("folder", str(root.resolve()), classes, splits, val_fraction, seed)
+    source.ignored.update(ignored)
+    return source
 
 
 # -------------------------------------------------------------------------------------------------- CIFAR
