@@ -14,8 +14,9 @@ from PIL import Image, ImageOps
 
 from dinoprobe.settings import DEFAULT_MAX_PIXELS
 
-# torchvision.datasets.folder.IMG_EXTENSIONS (a test holds them equal) and .gif
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# torchvision.datasets.folder.IMG_EXTENSIONS (a test holds them equal), .gif, and .avif (phones and the web write
+# it; Pillow decodes it since 11.3)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif", ".avif")
 
 
 def list_images(folder: Path, ignored: Counter | None = None) -> list[str]:

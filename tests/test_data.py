@@ -72,13 +72,15 @@ def test_files_that_are_not_read_are_counted_and_named_not_dropped_in_silence(tm
     for name in ("IMG_0001.HEIC", "IMG_0002.heic", "labels.txt", ".DS_Store"):  # hidden files are not counted
         (root / "train" / "cat" / name).write_bytes(b"\0" * 10)
     (root / "val" / "dog" / "README").write_text("no extension")
+    Image.open(root / "train" / "dog" / "000.png").save(root / "train" / "dog" / "phone.AVIF")  # read, not ignored
     source = open_source(str(root))
     assert dict(source.ignored) == {".heic": 2, ".txt": 1, "(no extension)": 1}
-    assert len(source.splits["train"]) == 4  # the images, as before
+    assert len(source.splits["train"]) == 5  # the images, the AVIF among them
     proc = run_cli("features", "--data", root, "--weights", "random", "--image-size", SIZE, "--cache",
                    tmp_path / "c", "--workers", 0, check=True)
     assert ("WARNING: 4 file(s) not read (.heic 2, .txt 1, (no extension) 1): not an image extension (.jpg, "
             in proc.stderr), proc.stderr
+    assert "train 5, val 4 rows; 0 skipped" in proc.stdout  # Pillow decoded the AVIF
     phone = tmp_path / "phone"
     phone.mkdir()
     (phone / "IMG_0003.HEIC").write_bytes(b"\0" * 10)

@@ -113,10 +113,10 @@ def test_every_training_setting_can_be_searched():
     assert len(search.results_) == 4 and {r["betas"] for r in search.results_} == {(0.9, 0.99), (0.8, 0.9)}
 
 
-def test_the_image_extensions_are_torchvisions_and_gif():
+def test_the_image_extensions_are_torchvisions_gif_and_avif():
     """imagefiles.py stays torch-free (the ONNX predictor needs it without PyTorch), so it spells them out."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     from dinoprobe.imagefiles import IMAGE_EXTENSIONS
 
-    assert IMAGE_EXTENSIONS == (*IMG_EXTENSIONS, ".gif")
+    assert IMAGE_EXTENSIONS == (*IMG_EXTENSIONS, ".gif", ".avif")
