@@ -132,6 +132,43 @@ def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_
     return Backbone(model, model_name, info, resolve_data_config(model, image_size, transform, crop_pct))
 
 
+# host memory one CPU forward pass takes beyond the weights, in float32 numbers per token per unit of (width + MLP
+# width): 3.8-5.3 measured for ViT-S/16, S+/16, B/16 and L/16 at 224-448 px, batches of 8-64 (fused attention
+# holds no tokens x tokens matrix)
+FORWARD_FLOATS_PER_TOKEN_WIDTH = 6
+
+
+def patch_size(model: nn.Module) -> int:
+    patch = model.patch_embed.patch_size
+    return patch[0] if isinstance(patch, (tuple, list)) else patch
+
+
+def forward_bytes(backbone: Backbone, batch_size: int) -> int:
+    """Host bytes a CPU forward pass of `batch_size` images takes beyond the weights: its activations, and the
+    batch's pixels as float32, before and after normalisation."""
+    size = backbone.data_config.image_size
+    tokens = (size // patch_size(backbone.model)) ** 2 + backbone.num_prefix_tokens
+    mlp = backbone.model.blocks[0].mlp  # its layers' outputs: the hidden width(s) and the model width
+    widths = sum(m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
+    return batch_size * (4 * FORWARD_FLOATS_PER_TOKEN_WIDTH * tokens * widths + 2 * 4 * 3 * size * size)
+
+
+def check_forward_fits(backbone: Backbone, batch_size: int, device: torch.device) -> None:
+    """Refuse, naming a batch size that fits, a CPU forward pass the host cannot hold: ViT-H+/16 at 512 px takes
+    about 15 GB for a batch of 64, and Linux's OOM killer would end the run without a word. (A GPU that runs out
+    raises OutOfMemoryError, which the commands report.)"""
+    if torch.device(device).type != "cpu":
+        return
+    need, available = forward_bytes(backbone, batch_size), memory_available(torch.device("cpu"))
+    if available is None or need <= available:
+        return
+    fits = batch_size * available // need
+    fix = f"use --batch-size {fits} or less" if fits >= 1 else "use a smaller --image-size or --model"
+    raise DinoprobeError(f"a batch of {batch_size} images at {backbone.data_config.image_size} px through "
+                         f"{backbone.model_name} needs about {need / 2**30:.3g} GiB of host memory and "
+                         f"{available / 2**30:.3g} GiB are available; {fix}")
+
+
 def architecture(model_name: str = DEFAULT_MODEL, image_size: int | None = None) -> Backbone:
     """The model's shapes without weights, on the meta device: what `info` reports, for ViT-7B/16 (27 GB of
     weights) at once and in no memory."""
@@ -389,8 +426,7 @@ def model_facts(backbone: Backbone) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     model, size = backbone.model, backbone.data_config.image_size
-    patch = model.patch_embed.patch_size
-    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    patch = patch_size(model)
     block = model.blocks[0]
     mlp_width = getattr(getattr(block.mlp, "fc1", None), "out_features", None) or getattr(
         getattr(block.mlp, "fc1_g", None), "out_features", None)

@@ -9,7 +9,7 @@ import torch
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select, width
 from dinoprobe.device import autocast, default_workers, resolve_device, resolve_precision
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.backbone import Backbone, build_backbone
+from dinoprobe.extract.backbone import Backbone, build_backbone, check_forward_fits
 from dinoprobe.extract.datasets import DecodingLoader, ImageFileDataset
 from dinoprobe.extract.decode import TorchvisionDecode
 from dinoprobe.extract.transforms import DataConfig, Preprocess
@@ -74,6 +74,7 @@ def iter_predictions(head_file: HeadFile, backbone: Backbone, files: list[str], 
     batches in flight are held, so a folder of millions of images streams out (`dinoprobe predict`)."""
     threshold = check_threshold(threshold, head_file.multilabel)
     dev = resolve_device(device)
+    check_forward_fits(backbone, batch_size, dev)
     workers = default_workers(dev) if workers is None else workers
     precision = resolve_precision(precision, dev)
     model, preprocess = backbone.to(dev), Preprocess(backbone.data_config).to(dev)
