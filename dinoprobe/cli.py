@@ -617,12 +617,16 @@ def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, thresho
     files, errors = expand_inputs(paths, ignored)
     if ignored:
         _echo_err(f"WARNING: {describe_ignored(ignored)}")
-    if not files and not errors:  # folders without one image file: say so, not an empty result and exit 0
-        raise DinoprobeError(f"no image files in {', '.join(paths)}")
+
+    def some_input():  # after the model file is checked (quick), before a backbone is built (seconds)
+        if not files and not errors:  # folders without one image file: say so, not an empty result and exit 0
+            raise DinoprobeError(f"no image files in {', '.join(paths)}")
+
     if onnx_path is not None:
         from dinoprobe.runs.onnx_predict import OnnxClassifier
 
         classifier = OnnxClassifier(onnx_path)
+        some_input()
         entries = classifier.iter_predictions(files, topk, batch_size, threshold)
         class_names, multilabel = classifier.class_names, classifier.thresholds is not None
     else:
@@ -630,6 +634,7 @@ def predict(head_path, onnx_path, weights, allow_weights_mismatch, topk, thresho
         from dinoprobe.train.headfile import load_head_file
 
         head_file = load_head_file(head_path)
+        some_input()
         backbone = backbone_for_head(head_file, weights, allow_weights_mismatch, log=_echo_err)
         entries = iter_predictions(head_file, backbone, files, topk, batch_size, workers, device, threshold=threshold,
                                    progress=True)

@@ -84,12 +84,12 @@ def test_files_that_are_not_read_are_counted_and_named_not_dropped_in_silence(tm
     phone = tmp_path / "phone"
     phone.mkdir()
     (phone / "IMG_0003.HEIC").write_bytes(b"\0" * 10)
-    proc = run_cli("predict", "--model", tmp_path / "never-opened.onnx", phone)  # said before a model is opened
+    run_cli("probe", "--cache", tmp_path / "c", "--out", tmp_path / "r", "--epochs", 1, check=True)
+    proc = run_cli("predict", "--run", tmp_path / "r", phone)
     assert_clean_error(proc, "no image files in")
     assert "WARNING: 1 file(s) not read (.heic 1)" in proc.stderr
     (tmp_path / "empty").mkdir()
-    assert_clean_error(run_cli("predict", "--model", tmp_path / "never-opened.onnx", tmp_path / "empty"),
-                       "no image files in")
+    assert_clean_error(run_cli("predict", "--run", tmp_path / "r", tmp_path / "empty"), "no image files in")
 
 
 @pytest.mark.parametrize("name", ["val", "valid", "validation", "Validation"])
