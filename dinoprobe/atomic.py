@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
@@ -48,10 +49,18 @@ def temporary_name(path: Path, directory: bool = False, kind: str = "tmp") -> Pa
     for _ in range(100):
         candidate = path.parent / f"{prefix}{secrets.token_hex(4)}"
         try:
+            # whatever the umask, the owner can read and write what it made (it reopens it by name to write)
             if directory:
                 os.mkdir(candidate, 0o777)
+                mode = os.lstat(candidate).st_mode  # not followed: a link swapped in since is left alone
+                if stat.S_ISDIR(mode) and mode & 0o700 != 0o700:
+                    os.chmod(candidate, mode | 0o700)
             else:
-                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                try:
+                    os.fchmod(fd, os.fstat(fd).st_mode | 0o600)
+                finally:
+                    os.close(fd)
             return candidate
         except FileExistsError:  # another process's temporary, or something planted there: a new name
             continue

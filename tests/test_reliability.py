@@ -387,6 +387,16 @@ def test_what_dinoprobe_writes_is_as_readable_as_the_umask_says(tmp_path):
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written}
     expected = {name: oct(0o750 if (tmp_path / name).is_dir() else 0o640) for name in modes}
     assert modes == expected
+    from dinoprobe.atomic import temporary_name, write_json
+
+    previous = os.umask(0o277)  # even a umask that denies the owner writing: the writer reopens its file by name
+    try:
+        write_json(tmp_path / "odd" / "manifest.json", {"a": 1})
+        folder = temporary_name(tmp_path / "odd" / "run", directory=True)
+    finally:
+        os.umask(previous)
+    assert oct((tmp_path / "odd" / "manifest.json").stat().st_mode & 0o777) == oct(0o600)
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
 
 
 @pytest.mark.parametrize("size,message", [(50, "not a multiple of"), (17, "use 16 or 32")])
