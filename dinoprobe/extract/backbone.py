@@ -154,9 +154,9 @@ def forward_bytes(backbone: Backbone, batch_size: int) -> int:
 
 
 def check_forward_fits(backbone: Backbone, batch_size: int, device: torch.device) -> None:
-    """Refuse, naming a batch size that fits, a CPU forward pass the host cannot hold: ViT-H+/16 at 512 px takes
-    about 15 GB for a batch of 64, and Linux's OOM killer would end the run without a word. (A GPU that runs out
-    raises OutOfMemoryError, which the commands report.)"""
+    """Refuse, naming a batch size that fits, a CPU forward pass the host cannot hold: ViT-H+/16 at 512 px is
+    counted at 17 GiB for a batch of 64, and Linux's OOM killer would end the run without a word. (A GPU that runs
+    out raises OutOfMemoryError, which the commands report.)"""
     if torch.device(device).type != "cpu":
         return
     need, available = forward_bytes(backbone, batch_size), memory_available(torch.device("cpu"))
