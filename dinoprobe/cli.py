@@ -361,7 +361,6 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     from dinoprobe.extract.backbone import build_backbone
     from dinoprobe.extract.run import ExtractOptions, distributed_context, end_distributed, extract
     from dinoprobe.extract.sources import open_source
-    from dinoprobe.imagefiles import describe_ignored
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
     say = _echo_err if main_process else (lambda *_: None)
@@ -381,8 +380,8 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
     say(f"{source.kind} {source.root}: {len(source.classes)} classes{' (multi-label)' if source.multilabel else ''}; "
         f"{counts} inputs -> {cache_dir}")
-    if source.ignored:
-        say(f"WARNING: {describe_ignored(source.ignored)}")
+    for note in source.notes():
+        say(f"WARNING: {note}")
     geometry = (f"square resize to {cfg.image_size} x {cfg.image_size}" if cfg.name == "square"
                 else f"resize {cfg.resize_size}, centre crop {cfg.image_size} px")
     say(f"transform {cfg.name}: {geometry} ({cfg.interpolation})")

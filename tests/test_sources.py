@@ -222,6 +222,25 @@ def test_csv_files_from_spreadsheets(tmp_path):
     assert source.classes == ["cat\u00e9", "dog\u00e9"] and source.splits == reference
 
 
+def test_labels_that_differ_only_in_case_or_spacing_are_pointed_out(tmp_path):
+    """'Ant' and 'ant' in a spreadsheet's label column became two classes without a word."""
+    from conftest import SIZE
+
+    root = make_folder(tmp_path / "imgs", per_class=3, splits=("train",))
+    files = sorted(root.rglob("*.png"))
+    labels = ["Golden Retriever", "golden  retriever", "golden retriever", "cat", "cat", "Cat"]
+    (tmp_path / "list.csv").write_text("path,label\n" + "".join(f"{f},{lab}\n" for f, lab in zip(files, labels)))
+    source = open_source(str(tmp_path / "list.csv"))
+    assert source.notes() == [
+        "classes ['Cat', 'cat'] differ only in case or spacing: if they are one class, make their labels agree",
+        "classes ['Golden Retriever', 'golden  retriever', 'golden retriever'] differ only in case or spacing: if "
+        "they are one class, make their labels agree"]
+    proc = run_cli("features", "--data", tmp_path / "list.csv", "--weights", "random", "--image-size", SIZE,
+                   "--cache", tmp_path / "c", "--workers", 0, "--val-fraction", 0.34, check=True)
+    assert "WARNING: classes ['Cat', 'cat'] differ only in case" in proc.stderr
+    assert open_source(str(root)).notes() == []  # cat/ and dog/: nothing to say
+
+
 @pytest.mark.parametrize("text,message", [("path,label\n", "no rows under it"),
                                           ("path,label\na.png,cat\nb.png\n", ":3: 1 cell"),
                                           ("path,label\na.png,cat\nb.png,\n", ":3: a row without a label"),

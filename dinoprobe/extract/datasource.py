@@ -12,6 +12,7 @@ import numpy as np
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.transforms import DataConfig
+from dinoprobe.imagefiles import describe_ignored
 from dinoprobe.settings import DEFAULT_MAX_PIXELS, TASKS
 from dinoprobe.splits import carve_val
 
@@ -41,6 +42,17 @@ class DataSource:
     @property
     def multilabel(self) -> bool:
         return self.task == "multilabel"
+
+    def notes(self) -> list[str]:
+        """What to know before hours of extraction: files a data folder holds but dinoprobe does not read, and class
+        names that differ only in case or spacing ('Ant' and 'ant' from a spreadsheet become two classes)."""
+        notes = [describe_ignored(self.ignored)] if self.ignored else []
+        alike: dict[str, list[str]] = {}
+        for name in self.classes:
+            alike.setdefault(" ".join(name.split()).casefold(), []).append(name)
+        notes += [f"classes {names} differ only in case or spacing: if they are one class, make their labels agree"
+                  for names in alike.values() if len(names) > 1]
+        return notes
 
     def file_list_sha256(self) -> str:
         """Identifies the inputs: every split's keys, labels and sizes (of files, or of their encoded bytes as
