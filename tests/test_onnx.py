@@ -267,3 +267,8 @@ def test_an_export_that_changes_the_model_is_refused_and_the_old_file_kept(expor
         export_module.export_onnx(head_file, backbone, tmp_path / "m.onnx", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     assert (tmp_path / "m.onnx").read_bytes() == b"the previous export"
+    monkeypatch.undo()  # a graph ONNX Runtime refuses to run: one line, and still nothing written
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad node")))
+    with pytest.raises(DinoprobeError, match=r"ONNX Runtime cannot run the exported .*bad node.*no file written"):
+        export_module.export_onnx(head_file, backbone, tmp_path / "m.onnx", overwrite=True)
+    assert (tmp_path / "m.onnx").read_bytes() == b"the previous export"

@@ -170,8 +170,16 @@ def check_onnx_agrees(path: Path, graph: OnnxGraph, pixels: torch.Tensor, model_
     or float16 conversion that changed the model is an error before anyone ships the file."""
     from dinoprobe.runs.onnx_predict import onnx_runtime
 
-    session = onnx_runtime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"pixels": pixels.numpy()})[0]
+    ort = onnx_runtime()
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(["probabilities"], {"pixels": pixels.numpy()})[0]
+    except MemoryError:
+        raise
+    except Exception as err:  # the exporter wrote a graph ONNX Runtime cannot run: its fault, said in one line
+        raise DinoprobeError(f"ONNX Runtime cannot run the exported {model_name} ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200]}); no file written. Export --format pt, and report "
+                             "the model") from None
     with torch.inference_mode():
         want = graph(pixels)[0].numpy()
     gap, tolerance = float(abs(got - want).max()), ONNX_TOLERANCE["float16" if fp16 else "float32"]
