@@ -372,6 +372,7 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
                              compile=compile_, views=views, augment=augment, decoder=decoder,
                              decode_on_device=DECODE_ON[decode_on], last_blocks=last_blocks)
     options.check_source(source)  # before any weights load
+    source.check_cache_place(cache_dir)
     if precision == "fp16" and "dinov3" in model:
         say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
             "(or auto: bf16 on CUDA)")

@@ -246,3 +246,22 @@ def test_features_runs_at_224_px_by_default_and_says_so(tmp_path):
     from dinoprobe.cli import default_cache_dir
 
     assert default_cache_dir("data/demo", "m", 224, "random") == "cache/demo-m-224px-random"
+
+
+def test_a_cache_inside_the_image_folder_is_refused_before_anything_is_written(tmp_path, backbone):
+    """`--cache data/cache` worked once, then the rerun that resumes it refused 'cache' as an unknown split folder
+    (inside train/, it would have been a class of shards)."""
+    from dinoprobe.extract.run import extract
+
+    from conftest import SIZE, assert_clean_error, run_cli
+
+    root = make_folder(tmp_path / "data", per_class=2)
+    for cache in (root / "cache", root, root / "train" / "cache"):
+        proc = run_cli("features", "--data", root, "--weights", "random", "--image-size", SIZE, "--cache", cache)
+        assert_clean_error(proc, "is inside the data folder", "--cache cache/data")
+    assert sorted(p.name for p in root.iterdir()) == ["train", "val"]
+    with pytest.raises(DinoprobeError, match="inside the data folder"):  # the Python API too
+        extract(backbone, open_source(str(root)), root / "cache")
+    assert sorted(p.name for p in root.iterdir()) == ["train", "val"]
+    run_cli("features", "--data", root, "--weights", "random", "--image-size", SIZE, "--cache", tmp_path / "data-cache",
+            "--workers", 0, check=True)  # beside it: fine

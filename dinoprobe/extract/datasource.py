@@ -7,6 +7,7 @@ import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +43,17 @@ class DataSource:
     @property
     def multilabel(self) -> bool:
         return self.task == "multilabel"
+
+    def check_cache_place(self, cache_dir) -> None:
+        """A cache inside an image folder becomes part of it: the rerun that resumes it would list the cache as a
+        split or class folder and refuse (or, inside train/, learn a class of shards). Refused before anything is
+        written."""
+        if self.kind != "folder":
+            return
+        root, cache = Path(self.root).resolve(), Path(cache_dir).resolve()
+        if cache == root or root in cache.parents:
+            raise DinoprobeError(f"--cache {cache_dir} is inside the data folder {self.root}, where a rerun would read "
+                                 f"it as data; put the cache outside it, e.g. --cache cache/{root.name}")
 
     def notes(self) -> list[str]:
         """What to know before hours of extraction: files a data folder holds but dinoprobe does not read, and class
