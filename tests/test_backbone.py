@@ -284,7 +284,7 @@ print(status("VmHWM") - before, forward_bytes(backbone, 16) - 16 * 4 * 3 * 224 *
 def test_a_cpu_forward_pass_is_counted_at_no_less_than_its_measured_peak():
     """The estimate behind the batch-size check, against the resident peak of a first forward pass of 16 images at
     224 px (what later passes reuse is allocated there), in three fresh processes side by side: it varies run to
-    run (measured 122-159 MiB; counted 188)."""
+    run (measured 105-182 MB over 30 processes; counted 247)."""
     import subprocess
     import sys
 
@@ -292,18 +292,18 @@ def test_a_cpu_forward_pass_is_counted_at_no_less_than_its_measured_peak():
             for _ in range(3)]
     measured = [tuple(map(int, run.communicate(timeout=300)[0].split())) for run in runs]
     peaks, counted = [peak for peak, _ in measured], measured[0][1]
-    assert max(peaks) <= counted <= 2.5 * min(peaks), (peaks, counted)
+    assert max(peaks) <= counted <= 3 * min(peaks), (peaks, counted)
 
 
 def test_a_batch_the_host_cannot_run_on_a_cpu_is_refused_naming_one_that_fits(tmp_path, monkeypatch, photos):
     """ViT-H+/16 at 512 px takes about 15 GB for a batch of 64 on a CPU: the OOM killer ended such runs without a
-    word. Here the host is made too small for ViT-S/16's batch of 64 at 224 px (about 0.8 GiB counted)."""
+    word. Here the host is made too small for ViT-S/16's batch of 64 at 224 px (about 1 GiB counted)."""
     from dinoprobe.extract import backbone as backbone_module
 
     monkeypatch.setattr(backbone_module, "memory_available", lambda device: 200 * 2**20)
     proc = run_cli("features", "--data", photos, "--weights", "random", "--image-size", 224, "--cache", tmp_path / "c",
                    "--batch-size", 64, "--device", "cpu")
-    assert_clean_error(proc, "a batch of 64 images at 224 px", "needs about 0.808", "use --batch-size 15 or less")
+    assert_clean_error(proc, "a batch of 64 images at 224 px", "needs about 0.992", "use --batch-size 12 or less")
     assert not (tmp_path / "c").exists()
     monkeypatch.undo()
     run_cli("features", "--data", photos, "--weights", "random", "--image-size", SIZE, "--cache", tmp_path / "c",

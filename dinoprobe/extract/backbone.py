@@ -133,9 +133,9 @@ def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_
 
 
 # host memory a CPU forward pass takes beyond the weights, in float32 numbers per token per unit of (width + MLP
-# width), at the first pass's peak (it allocates what later passes reuse): 3.8-6.6 measured for ViT-S/16, S+/16,
+# width), at the first pass's peak (it allocates what later passes reuse): 3.8-7.4 measured for ViT-S/16, S+/16,
 # B/16, L/16 and H+/16 at 224-448 px, batches of 8-64, varying run to run (fused attention: no tokens x tokens matrix)
-FORWARD_FLOATS_PER_TOKEN_WIDTH = 8
+FORWARD_FLOATS_PER_TOKEN_WIDTH = 10
 
 
 def patch_size(model: nn.Module) -> int:
@@ -155,7 +155,7 @@ def forward_bytes(backbone: Backbone, batch_size: int) -> int:
 
 def check_forward_fits(backbone: Backbone, batch_size: int, device: torch.device) -> None:
     """Refuse, naming a batch size that fits, a CPU forward pass the host cannot hold: ViT-H+/16 at 512 px is
-    counted at 23 GiB for a batch of 64, and Linux's OOM killer would end the run without a word. (A GPU that runs
+    counted at 29 GiB for a batch of 64, and Linux's OOM killer would end the run without a word. (A GPU that runs
     out raises OutOfMemoryError, which the commands report.)"""
     if torch.device(device).type != "cpu":
         return
