@@ -28,9 +28,11 @@ def list_images(folder: Path, ignored: Counter | None = None) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
                 files.append(os.path.join(dirpath, name))
-            elif ignored is not None and not name.startswith("."):
+            elif ignored is not None:
                 ignored[os.path.splitext(name)[1].lower() or "(no extension)"] += 1
     return sorted(files)
 

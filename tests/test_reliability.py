@@ -214,9 +214,11 @@ def test_torch_files_are_never_read_for_more_memory_than_they_hold(tiny, tmp_pat
     raw = torch.load(tmp_path / "model.pt", weights_only=True)
     raw["model_name"] = "vit_7b_patch16_dinov3.lvd1689m"  # 27 GB of parameters, from ViT-S's 88 MB of tensors
     torch.save(raw, tmp_path / "7b.pt")
+    from dinoprobe.extract import backbone as backbone_module
+
     devices, real = [], export_module.create_model
-    monkeypatch.setattr(export_module, "create_model",
-                        lambda *a: devices.append(torch.empty(0).device.type) or real(*a))
+    for module in (export_module, backbone_module):  # every model built, on the meta device or for real
+        monkeypatch.setattr(module, "create_model", lambda *a: devices.append(torch.empty(0).device.type) or real(*a))
     with pytest.raises(DinoprobeError, match="do not fit"):
         export_module.load_exported(tmp_path / "7b.pt")
     assert devices == ["meta"]
@@ -234,8 +236,6 @@ def test_torch_files_are_never_read_for_more_memory_than_they_hold(tiny, tmp_pat
     with pytest.raises(DinoprobeError, match="do not match its head spec"):
         export_module.load_exported(tmp_path / "huge-head.pt")
     assert built == []
-    from dinoprobe.extract import backbone as backbone_module
-
     devices.clear()  # a real export on a host too small for a second copy of its backbone
     monkeypatch.setattr(backbone_module, "memory_available", lambda device: 50 * 2**20)
     with pytest.raises(DinoprobeError, match=r"needs about 0\.08\d* GiB of host memory .* 0\.0488 GiB are available"):

@@ -91,8 +91,7 @@ def create_model(model_name: str, image_size: int | None = None) -> nn.Module:
         model = timm.create_model(model_name, pretrained=False, **kwargs)
     if getattr(model, "cls_token", None) is None:
         raise DinoprobeError(f"model '{model_name}' has no CLS token; dinoprobe needs a ViT with a class token")
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    patch = patch_size(model) if hasattr(model, "patch_embed") else None
     if image_size and patch and image_size % patch:
         lower, upper = image_size - image_size % patch, image_size - image_size % patch + patch
         raise DinoprobeError(f"--image-size {image_size} is not a multiple of {model_name}'s patch size {patch}; "
@@ -100,11 +99,22 @@ def create_model(model_name: str, image_size: int | None = None) -> nn.Module:
     return model
 
 
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers as they are stored (float32 as built; on the meta device too)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def meta_model(model_name: str, image_size: int | None = None) -> nn.Module:
+    """The model's shapes without storage (PyTorch's meta device): checked and counted before anything is built."""
+    with torch.device("meta"):
+        return create_model(model_name, image_size)
+
+
 def check_host_holds(skeleton: nn.Module, model_name: str, copies: int) -> None:
     """Refuse, before any of it is allocated, a model the host cannot hold: ViT-7B/16 is 27 GB of float32 weights,
     and Linux lets the build start, then its OOM killer ends the process without a word. `skeleton`: the model on
     the meta device; `copies`: the model, and the checkpoint read whole beside it while it loads."""
-    weights = sum(t.numel() * t.element_size() for t in (*skeleton.parameters(), *skeleton.buffers()))
+    weights = weights_bytes(skeleton)
     available = memory_available(torch.device("cpu"))
     if available is not None and copies * weights > available:
         beside = ", and as many again for the checkpoint read beside them" if copies > 1 else ""
@@ -116,8 +126,7 @@ def check_host_holds(skeleton: nn.Module, model_name: str, copies: int) -> None:
 def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_size: int | None = None,
                    log=print, transform: str = "timm", crop_pct: float | None = None) -> Backbone:
     """The one factory: model + weights + data config, frozen."""
-    with torch.device("meta"):  # shapes only, to check it fits before a byte is allocated
-        check_host_holds(create_model(model_name, image_size), model_name, copies=1 if weights == "random" else 2)
+    check_host_holds(meta_model(model_name, image_size), model_name, copies=1 if weights == "random" else 2)
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
@@ -172,8 +181,7 @@ def check_forward_fits(backbone: Backbone, batch_size: int, device: torch.device
 def architecture(model_name: str = DEFAULT_MODEL, image_size: int | None = None) -> Backbone:
     """The model's shapes without weights, on the meta device: what `info` reports, for ViT-7B/16 (27 GB of
     weights) at once and in no memory."""
-    with torch.device("meta"):
-        model = create_model(model_name, image_size)
+    model = meta_model(model_name, image_size)
     return Backbone(model, model_name, WeightsInfo("none", "architecture only", ""),
                     resolve_data_config(model, image_size))
 
@@ -440,7 +448,7 @@ def model_facts(backbone: Backbone) -> dict:
         "model": backbone.model_name,
         "weights": asdict(backbone.weights),
         "parameters": total,
-        "weights_bytes_float32": 4 * sum(t.numel() for t in (*model.parameters(), *model.buffers())),
+        "weights_bytes_float32": weights_bytes(model),
         "trainable_parameters": sum(p.numel() for p in backbone.parameters() if p.requires_grad),
         "width": backbone.feature_dim,
         "depth": len(model.blocks),

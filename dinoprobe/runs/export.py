@@ -14,7 +14,16 @@ from dinoprobe.atomic import atomic_file, atomic_path, leftovers
 from dinoprobe.cache.specs import blocks_needed, parse_feature, select
 from dinoprobe.device import environment
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.backbone import Backbone, check_fits, check_host_holds, create_model, load_strict, token_features
+from dinoprobe.extract.backbone import (
+    Backbone,
+    check_fits,
+    check_host_holds,
+    create_model,
+    load_strict,
+    meta_model,
+    token_features,
+    weights_bytes,
+)
 from dinoprobe.extract.transforms import DataConfig, Preprocess, worker_transform
 from dinoprobe.imagefiles import load_rgb
 from dinoprobe.torchfiles import check_torch_file
@@ -121,8 +130,7 @@ def export_onnx(head_file: HeadFile, backbone: Backbone, out: str | Path, overwr
     out = check_export_target(out, head_file, overwrite)
     graph = OnnxGraph(exported_classifier(head_file, backbone)).eval()
     # refused before minutes of tracing: ViT-H+ holds 3.4 GB of float32 weights, ViT-7B 27 GB
-    numbers = sum(t.numel() for t in (*graph.parameters(), *graph.buffers()))
-    check_onnx_size(numbers * (2 if fp16 else 4), backbone.model_name, fp16)
+    check_onnx_size(weights_bytes(graph) // (2 if fp16 else 1), backbone.model_name, fp16)  # float32 as built
     size = backbone.data_config.image_size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # the caller's RNG untouched
     metadata = {"dinoprobe.format": ONNX_FORMAT, "class_names": json.dumps(head_file.class_names),
@@ -255,8 +263,8 @@ def load_exported(path: str | Path) -> ExportedClassifier:
             documents.check(raw[field], definition, f"exported model '{path}'", "export it again from its run", field)
         cfg = raw["data_config"]
         data_config = DataConfig(**{**cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])})
-        with torch.device("meta"):  # the named model's shapes first: a file naming a larger model than its tensors
-            skeleton = create_model(raw["model_name"], data_config.image_size)
+        # the named model's shapes first: a file naming a larger model than its tensors
+        skeleton = meta_model(raw["model_name"], data_config.image_size)
         check_fits(skeleton, raw["backbone_state_dict"], path)
         check_host_holds(skeleton, raw["model_name"], copies=1)  # the file's tensors are already read
         model = create_model(raw["model_name"], data_config.image_size)
