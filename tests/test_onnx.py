@@ -69,6 +69,14 @@ def test_odd_and_hostile_images_are_opened_as_predict_opens_them(exports, tmp_pa
     assert [r["path"] for r in theirs] == [r["path"] for r in ours] and len(ours) == 3
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-4, err_msg=a["path"])
+    from dinoprobe.runs.onnx_predict import OnnxClassifier
+    from dinoprobe.runs.predict import predict
+
+    for results, errors in (OnnxClassifier(model).predict([tmp_path, tmp_path / "gone.png"]),  # the Python API
+                            predict(*_export_inputs(run), [tmp_path, tmp_path / "gone.png"])):
+        assert [r["path"] for r in results] == [r["path"] for r in ours]
+        assert [path for path, _ in errors] == [str(tmp_path / "gone.png"), str(tmp_path / "wide.png")]
+        assert "no such file" in errors[0][1] and "extreme aspect ratio" in errors[1][1]
 
 
 def test_the_graph_has_one_input_and_its_metadata_round_trips(exports, photos):
