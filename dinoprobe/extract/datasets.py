@@ -102,17 +102,20 @@ class DecodingLoader:
     Iterate it inside `with loader.explaining_failures():`, which turns a worker the system stopped (out of memory,
     or a bus error when /dev/shm fills) into an error that names the fix instead of torch's traceback: torch
     reports it from its SIGCHLD handler, wherever the main process is at that moment, so the whole loop is covered,
-    not only the fetching of batches. `input_bytes`: one input's size in a batch (the datasets' `input_bytes`)."""
+    not only the fetching of batches. `input_bytes`: one input's size in a batch (the datasets' `input_bytes`).
+    `batches`: the dataset positions of each batch, in order (each at most `batch_size`), instead of consecutive
+    runs of `batch_size`."""
 
     def __init__(self, dataset, batch_size: int, workers: int, input_bytes: int, pin_memory: bool = False,
-                 warn: bool = True):
+                 warn: bool = True, batches: list[list[int]] | None = None):
         self.batch_bytes, self.workers = batch_size * input_bytes, workers
         self.prefetch, warning = loader_prefetch(workers, self.batch_bytes)
         if warning and warn:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                                  collate_fn=collate, pin_memory=pin_memory,
-                                                  prefetch_factor=self.prefetch, persistent_workers=False)
+        batching = {"batch_sampler": batches} if batches is not None else {"batch_size": batch_size, "shuffle": False}
+        self.loader = torch.utils.data.DataLoader(dataset, **batching, num_workers=workers, collate_fn=collate,
+                                                  pin_memory=pin_memory, prefetch_factor=self.prefetch,
+                                                  persistent_workers=False)
         self._batches = None
 
     def __iter__(self):

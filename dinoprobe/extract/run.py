@@ -424,6 +424,19 @@ class FixedBatchForward:
         return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
 
 
+def shard_batches(pending: list[tuple[int, int, int]], batch_size: int) -> list[list[int]]:
+    """Batches that never straddle two shards: each shard's rows in runs of `batch_size` from its start. A row's
+    features then come from the same batch whether its shard is computed in one run, recomputed alone on resume,
+    or by any torchrun rank — the same values to the last bit, where matrix kernels that block by batch size would
+    otherwise round a row differently in a batch of other rows. Positions count along the pending shards' rows."""
+    batches, offset = [], 0
+    for _, start, stop in pending:
+        batches += [list(range(offset + b, offset + min(b + batch_size, stop - start)))
+                    for b in range(0, stop - start, batch_size)]
+        offset += stop - start
+    return batches
+
+
 def _pending_ranges(n: int, shard_size: int, done: set[int]) -> list[tuple[int, int, int]]:
     return [(start // shard_size, start, min(start + shard_size, n))
             for start in range(0, n, shard_size) if start not in done]
@@ -500,7 +513,8 @@ class SplitRun:
         config = self.model.backbone.data_config
         dataset = source.dataset(split, config, o.max_pixels, views, self.decode)
         loader = DecodingLoader(torch.utils.data.Subset(dataset, indices), o.batch_size, self.workers,
-                                dataset.input_bytes, pin_memory=dev.type == "cuda", warn=o.rank == 0)
+                                dataset.input_bytes, pin_memory=dev.type == "cuda", warn=o.rank == 0,
+                                batches=shard_batches(pending, o.batch_size))
         by_start = {start: (number, stop) for number, start, stop in pending}
         buffers: dict[int, ShardBuffer] = {}
 
