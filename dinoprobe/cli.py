@@ -381,6 +381,9 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
     say(f"{source.kind} {source.root}: {len(source.classes)} classes{' (multi-label)' if source.multilabel else ''}; "
         f"{counts} inputs -> {cache_dir}")
+    if "train" not in source.splits:
+        say("no train split: an evaluation set, to score a trained head on with `dinoprobe score --run RUN --cache "
+            f"{cache_dir}`")
     for note in source.notes():
         say(f"WARNING: {note}")
     geometry = (f"square resize to {cfg.image_size} x {cfg.image_size}" if cfg.name == "square"
@@ -478,7 +481,7 @@ def _print_metrics(metrics: dict, out) -> None:
             if split in few:
                 click.echo(f"  {split}: top-1 {few[split]['top1_mean']:.4f} ± {few[split]['top1_std']:.4f} "
                            f"(mean ± std over tries)")
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         if split in metrics and metrics[split].get("task") == "multilabel":
             m = metrics[split]
             number = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
@@ -497,7 +500,8 @@ def _print_metrics(metrics: dict, out) -> None:
     if metrics.get("diverged_epoch"):
         _echo_err(f"WARNING: training diverged in epoch {metrics['diverged_epoch']} (the loss exploded) and "
                   f"stopped; the head is epoch {metrics['best_epoch']}'s — lower --lr to train further")
-    click.echo(f"run saved to {out}")
+    if out:
+        click.echo(f"run saved to {out}")
 
 
 def _class_weight(ctx, param, value: str | None):
@@ -819,6 +823,36 @@ def evaluate(caches, out, protocol, shots, tries, epochs, epoch_length, device):
                         linear_overrides=overrides, log=_echo_err, progress=True)
     click.echo(markdown(rows, protocol))
     click.echo(f"wrote {out}/results.csv, results.json and results.md; each protocol's run is under {out}/<cache>/")
+
+
+# ------------------------------------------------------------------------------------------------------ score
+@main.command()
+@click.option("--run", "head_path", required=True, type=click.Path(), help="RUN_DIR (or RUN_DIR/head.pt)")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(),
+              help="Cache of labelled images, built with the head's model, weights and transform")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True)
+@click.option("--restrict-classes", is_flag=True,
+              help="Predict among the cache's classes only (DINOv3's class mapping for ImageNet-R/-A), not all of "
+                   "the head's")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Run directory for metrics.json, predictions.csv and the plot [default: print only]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out written by `score`")
+@DEVICE_OPTION
+def score(head_path, cache_dir, split, restrict_classes, out, overwrite, device):
+    """A trained head's metrics on another cache: a shifted test set, or newly labelled images."""
+    from dinoprobe.runs.score import score_run
+
+    metrics = score_run(head_path, cache_dir, split, restrict_classes=restrict_classes, out=out, overwrite=overwrite,
+                        device=device)
+    scored = metrics["scored"]
+    if metrics[split].get("task") == "multilabel":
+        how = "each at the head's threshold"
+    elif restrict_classes:
+        how = f"predicted among its {scored['classes']} classes"
+    else:
+        how = f"predicted among the head's {scored['head_classes']} classes"
+    click.echo(f"{cache_dir} {split}: {scored['classes']} classes, {how}")
+    _print_metrics(metrics, out)
 
 
 # -------------------------------------------------------------------------------------------------- baselines

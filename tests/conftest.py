@@ -103,12 +103,14 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes=6, separation=0.4, seed=0,
                          splits=("train", "val", "test"), shard_rows: int | None = None,
                          train_classes: int | None = None, test_label: int | None = None,
-                         absent: int | None = None, dtype: str = "float32", multilabel: bool = False) -> Path:
+                         absent: int | None = None, dtype: str = "float32", multilabel: bool = False,
+                         fingerprint_changes: dict | None = None) -> Path:
     """A cache of Gaussian class clusters: separable but not trivially (a few % of errors), written through
     the real shard writer so readers see exactly what `features` produces. train_classes: train holds only the
     first ones; test_label: the first test row's label (e.g. one outside the class list); absent: a class of the
     list that no split holds; multilabel: each row also carries each other class with probability 0.05 (a
-    multi-label cache, `labels` (N, classes))."""
+    multi-label cache, `labels` (N, classes)); fingerprint_changes: entries of the fingerprint replaced (another
+    model, weights or transform)."""
     from dinoprobe.cache import store as cache
 
     rng = np.random.default_rng(seed)
@@ -116,7 +118,8 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
     fingerprint = {"model": MODEL, "weights": {"source": "random", "sha256": "synthetic"},
                    "transform": {"image_size": SIZE, "resize_size": SIZE, "interpolation": "bicubic",
                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 1.0},
-                   "dtype": dtype, "data": {"kind": "synthetic"}, **({"task": "multilabel"} if multilabel else {})}
+                   "dtype": dtype, "data": {"kind": "synthetic"}, **({"task": "multilabel"} if multilabel else {}),
+                   **(fingerprint_changes or {})}
     counts = dict(zip(splits, n))
     manifest = cache.new_manifest(fingerprint, [f"class_{i}" for i in range(num_classes)], counts, shard_size=10**9,
                                   extra={"feature_dim": dim, "features": ["cls", "patch_mean"], "dtype": dtype,

@@ -347,3 +347,21 @@ def test_unlabelled_rows_and_rows_without_images_are_skipped_and_listed(photos, 
     assert reasons == {"unlabelled row (label -1): nothing to train or score on", "the row has no image (None)"}
     with pytest.raises(DinoprobeError, match="not images"):
         open_source(str(tmp_path / "hf"), image_column="caption")
+
+
+def test_every_source_with_only_a_test_split_is_an_evaluation_set(tmp_path):
+    """Folder, CSV, Hugging Face (save_to_disk and Parquet) and tar shards holding only test images open as the same
+    evaluation set, with nothing carved: the cache `dinoprobe score` reads."""
+    root = make_folder(tmp_path / "folder", per_class=4, splits=("test",))
+    samples = _samples(root)
+    classes = sorted({name for rows in samples.values() for _, name in rows})
+    made = {"folder": root, "csv": write_csv(root, samples, tmp_path / "lists" / "files.csv")}
+    hf_splits(samples, classes).save_to_disk(str(tmp_path / "saved"))
+    parquet = tmp_path / "parquet" / "data"
+    parquet.mkdir(parents=True)
+    hf_splits(samples, classes)["test"].to_parquet(str(parquet / "test-00000-of-00001.parquet"))
+    made.update(saved=tmp_path / "saved", parquet=tmp_path / "parquet", tars=write_tars(samples, tmp_path / "tars"))
+    for kind, spec in made.items():
+        source = open_source(str(spec))
+        assert list(source.splits) == ["test"] and source.val_split is None, kind
+        assert source.classes == classes and [label for _, label in source.splits["test"]] == [0] * 4 + [1] * 4, kind

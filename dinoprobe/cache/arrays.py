@@ -148,14 +148,9 @@ def check_labels(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) -> N
     """Before any training: every label names a class of the cache, train holds at least two classes, and val
     and test hold none that train lacks (a head can never predict those: model selection and balanced accuracy
     would be silently wrong). Multi-label caches: see check_label_sets."""
+    check_label_values(cache_dir, classes, y)
     if y["train"].dim() == 2:
         return check_label_sets(cache_dir, classes, y)
-    for split, labels in y.items():
-        outside = sorted({int(v) for v in labels.tolist() if not 0 <= v < len(classes)})
-        if outside:
-            raise DinoprobeError(f"cache {cache_dir}: {split} holds label {outside[0]}"
-                                 f"{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}, outside its "
-                                 f"{len(classes)} classes; the cache is damaged — rebuild it with --overwrite")
     present = sorted(set(y["train"].tolist()))
     if len(present) < 2:
         raise DinoprobeError(f"cache {cache_dir}: train holds only class {[classes[i] for i in present]}; a "
@@ -169,17 +164,27 @@ def check_labels(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) -> N
                                  f"from {split}")
 
 
-def check_label_sets(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) -> None:
-    """Multi-label caches: every split has one column per class; train has positives; a class without positive
-    training rows (its head learns "never") or without positive validation rows (left out of the val mAP) is named
-    in a warning."""
+def check_label_values(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) -> None:
+    """Every label names a class of the cache: a class index (single-label), or one 0/1 column per class."""
+    damaged = "the cache is damaged — rebuild it with --overwrite"
     for split, labels in y.items():
-        if labels.shape[1] != len(classes):
+        if labels.dim() == 1:
+            outside = sorted({int(v) for v in labels.tolist() if not 0 <= v < len(classes)})
+            if outside:
+                raise DinoprobeError(f"cache {cache_dir}: {split} holds label {outside[0]}"
+                                     f"{f' (and {len(outside) - 1} more)' if len(outside) > 1 else ''}, outside its "
+                                     f"{len(classes)} classes; {damaged}")
+        elif labels.shape[1] != len(classes):
             raise DinoprobeError(f"cache {cache_dir}: {split} labels have {labels.shape[1]} columns for "
-                                 f"{len(classes)} classes; the cache is damaged — rebuild it with --overwrite")
-        if ((labels != 0) & (labels != 1)).any():
+                                 f"{len(classes)} classes; {damaged}")
+        elif ((labels != 0) & (labels != 1)).any():
             raise DinoprobeError(f"cache {cache_dir}: {split} labels hold values other than 0 and 1 (one column per "
-                                 "class, 1 where the image has it); the cache is damaged — rebuild it with --overwrite")
+                                 f"class, 1 where the image has it); {damaged}")
+
+
+def check_label_sets(cache_dir, classes: list[str], y: dict[str, torch.Tensor]) -> None:
+    """Multi-label caches: train has positives; a class without positive training rows (its head learns "never")
+    or without positive validation rows (left out of the val mAP) is named in a warning."""
     if not y["train"].any():
         raise DinoprobeError(f"cache {cache_dir}: no train image has any label; nothing to learn")
     for split, what in (("train", "its head can only learn to say no"), ("val", "left out of the val mAP")):
@@ -283,6 +288,83 @@ def check_memory(cache_dir, manifest: dict, wanted: dict, views: bool, device: t
                          "--feature, or use a machine with more memory")
 
 
+def check_holds(cache_dir, manifest: dict, features, parts: tuple[str, ...]) -> None:
+    """Refuse feature choices whose stored columns, or last blocks' CLS tokens, the cache lacks, naming the fix."""
+    stored = manifest.get("features", list(cache.FEATURE_KINDS))
+    lacking = [c for c in columns(parts) if c not in stored and c != "cls_blocks"]
+    if lacking:
+        raise DinoprobeError(f"cache {cache_dir} has no {lacking} features (it has {stored}); pick another --feature")
+    have_blocks = int(manifest.get("last_blocks", 0))
+    if blocks_needed(parts) > have_blocks:
+        raise DinoprobeError(f"--feature {'/'.join(features)} needs the CLS tokens of the last {blocks_needed(parts)} "
+                             f"blocks, and cache {cache_dir} holds {have_blocks}; rebuild it with `dinoprobe features "
+                             f"--last-blocks {blocks_needed(parts)}` (into another --cache, or with --overwrite)")
+
+
+def check_trainable(cache_dir, manifest: dict) -> None:
+    """Refuse an evaluation set's cache (only val or test images) for training, naming what it serves."""
+    if "train" not in manifest["splits"]:
+        rows = ", ".join(f"{split} {n} rows" for split, n in cache.split_rows(manifest).items())
+        raise DinoprobeError(f"cache {cache_dir} has no train split: it is an evaluation set ({rows}); train on "
+                             "another cache, then score the head on this one with `dinoprobe score --run RUN "
+                             f"--cache {cache_dir}`")
+
+
+@dataclass
+class LabelledSplit:
+    """One split of a cache, for scoring a trained head: features (N, width) float32, labels (N,) or (N, classes),
+    each row's `index` and input path, and the cache's manifest."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: np.ndarray
+    path: np.ndarray
+    manifest: dict = field(repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.manifest.get("task") == "multilabel"
+
+
+def load_split(cache_dir, split: str, feature: str, device="cpu", score_bytes: int = 0) -> LabelledSplit:
+    """Read and verify one split of a cache with one feature choice, for scoring (no train split needed: an
+    evaluation set's cache has none). `score_bytes`: what scoring it adds, for the memory check up front: the split's
+    float32 features, each row's label and path, a shard in flight, and that."""
+    device = resolve_device(device)
+    parts = parse_feature(feature)
+    manifest = cache.open_manifest(cache_dir)
+    if split not in manifest["splits"]:
+        raise DinoprobeError(f"cache {cache_dir} has no {split} split (it has {', '.join(manifest['splits'])}); "
+                             f"pass --split {next(s for s in ('test', 'val', 'train') if s in manifest['splits'])}"
+                             f", or build the cache with a {split}/ "
+                             f"folder (or {split} rows)")
+    check_holds(cache_dir, manifest, [feature], parts)
+    rows = cache.split_rows(manifest)[split]
+    if rows == 0:
+        raise DinoprobeError(f"cache {cache_dir}: its {split} split holds no rows, so there is nothing to score (the "
+                             f"inputs `features` skipped, with their reasons: dinoprobe cache skipped {cache_dir})")
+    features = rows * width(parts, manifest.get("feature_dim", 0)) * 4
+    shard = max((s["bytes"] for s in manifest["splits"][split]["shards"]), default=0)
+    for where, need in dict.fromkeys([(torch.device("cpu"), features + rows * ROW_EXTRAS + 4 * shard + score_bytes),
+                                      (device, features)]):
+        available = memory_available(where)
+        if available is not None and need > available:
+            raise DinoprobeError(f"cache {cache_dir}: its {split} split's features need about {need / 2**30:.1f} GiB "
+                                 f"in {where.type} memory and {available / 2**30:.1f} GiB are available; use a "
+                                 "machine with more memory, or split the images into several caches")
+    read = cache.load(cache_dir, split, columns(parts), manifest=manifest, selections={feature: parts})
+    label = cache.label_column(manifest)
+    x = torch.from_numpy(read[feature]).to(device)
+    check_finite(cache_dir, split, x, read["path"])
+    y = torch.from_numpy(read[label].astype(np.float32 if label == "labels" else np.int64))
+    check_label_values(cache_dir, manifest["classes"], {split: y})
+    return LabelledSplit(x, y, read["index"], read["path"], manifest)
+
+
 def load_features(cache_dir, features, device="cpu", require_val: bool = True, views: bool = False,
                   max_memory: int | None = None, working_copies: int = 0, working_bytes: WorkingBytes = 0,
                   streamable: bool = True) -> dict[str, FeatureSplits]:
@@ -293,15 +375,8 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
     wanted = {f: parse_feature(f) for f in features}
     parts = tuple(dict.fromkeys(p for ps in wanted.values() for p in ps))
     manifest = cache.open_manifest(cache_dir)
-    stored = manifest.get("features", list(cache.FEATURE_KINDS))
-    lacking = [c for c in columns(parts) if c not in stored and c != "cls_blocks"]
-    if lacking:
-        raise DinoprobeError(f"cache {cache_dir} has no {lacking} features (it has {stored}); pick another --feature")
-    have_blocks = int(manifest.get("last_blocks", 0))
-    if blocks_needed(parts) > have_blocks:
-        raise DinoprobeError(f"--feature {'/'.join(features)} needs the CLS tokens of the last {blocks_needed(parts)} "
-                             f"blocks, and cache {cache_dir} holds {have_blocks}; rebuild it with `dinoprobe features "
-                             f"--last-blocks {blocks_needed(parts)}` (into another --cache, or with --overwrite)")
+    check_holds(cache_dir, manifest, features, parts)
+    check_trainable(cache_dir, manifest)
     if views and "cls_blocks" in columns(parts):
         raise DinoprobeError("augmented views hold cls and patch_mean only; use --views with those features")
     reader = cache.ShardReader(cache_dir)
@@ -320,7 +395,7 @@ def load_features(cache_dir, features, device="cpu", require_val: bool = True, v
         label = cache.label_column(manifest)
         y[split] = torch.from_numpy(rows[split][label].astype(np.float32 if label == "labels" else np.int64))
     classes = manifest["classes"]
-    if "train" not in y or len(y["train"]) == 0:
+    if len(y["train"]) == 0:
         raise DinoprobeError(f"cache {cache_dir} has an empty train split; nothing to train on")
     check_labels(cache_dir, classes, y)
     if require_val and len(y.get("val", ())) == 0:

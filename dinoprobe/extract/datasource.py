@@ -98,17 +98,20 @@ class DataSource:
 
 def with_val(kind, root, classes, splits, val_fraction, seed, reader=None, content_id="",
              task: str = "single") -> DataSource:
-    """A DataSource, with val carved (seeded; stratified for single-label rows) from train when the source has none."""
-    if not splits.get("train"):
-        raise DinoprobeError(f"{root}: no training rows found; the source needs a train split")
-    if len(classes) < 2:
+    """A DataSource, with val carved (seeded; stratified for single-label rows) from train when the source has none.
+    A source with only val or test rows is an evaluation set: nothing is carved, and its cache serves `dinoprobe
+    score` (a head trained elsewhere, scored on these labelled images)."""
+    if not any(splits.get(s) for s in SPLITS):
+        raise DinoprobeError(f"{root}: no labelled rows found; the source needs a train split (or, for a set to "
+                             "score a trained head on with `dinoprobe score`, a val or test split)")
+    if len(classes) < (2 if splits.get("train") else 1):
         raise DinoprobeError(f"{root}: the labels name {len(classes)} class(es) {list(classes)[:2]}; a classifier "
                              "needs at least 2")
     if len(classes) > MAX_CLASSES:  # every cached row holds a label per class (multi-label) and every head a logit
         raise DinoprobeError(f"{root}: the labels name {len(classes):,} classes, more than {MAX_CLASSES:,}; check "
                              "the label column (a free-text or ID column?) or --label-sep")
     val_split = None
-    if not splits.get("val"):
+    if splits.get("train") and not splits.get("val"):
         splits["train"], splits["val"] = carve_val(splits["train"], val_fraction, seed)
         val_split = {"from": "train", "fraction": val_fraction, "seed": seed, "stratified": task != "multilabel"}
     order = [s for s in ("train", "val", "test") if splits.get(s)]

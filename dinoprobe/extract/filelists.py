@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dinoprobe import documents
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.extract.datasource import SPLIT_NAMES, DataSource, detect_task, with_val
+from dinoprobe.extract.datasource import SPLIT_NAMES, SPLITS, DataSource, detect_task, with_val
 from dinoprobe.imagefiles import SkippedInput
 from dinoprobe.network import hub_endpoint, reachable
 
@@ -201,9 +201,9 @@ def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | Non
         if split is None:
             continue  # e.g. "unsupervised": not a labelled split
         tables[split] = table
-    if "train" not in tables:
-        raise DinoprobeError(f"{spec}: no train split (splits: {sorted(loaded)})")
-    features = tables["train"].features
+    if not tables:
+        raise DinoprobeError(f"{spec}: no train, validation or test split (splits: {sorted(loaded)})")
+    features = next(tables[s] for s in SPLITS if s in tables).features  # train's, or an evaluation set's
     images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
     labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)
               or isinstance(getattr(f, "feature", None), datasets.ClassLabel)]

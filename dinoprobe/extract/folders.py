@@ -40,12 +40,13 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> DataSource:
         raise DinoprobeError(f"--data '{root}' is not a folder (expected ROOT/train/<class>/*.jpg), a .csv/.tsv "
                              "file list, hf:OWNER/NAME, tar shards, nor one of: cifar10, cifar100")
     folders = split_folders(root)
-    if "train" not in folders:
+    if not folders:
         raise DinoprobeError(f"'{root}' has no train/ folder; expected ROOT/train/<class>/*, optional ROOT/val/ "
-                             "and ROOT/test/")
-    classes = _classes_of(folders["train"])
-    if len(classes) < 2:
-        raise DinoprobeError(f"'{folders['train']}' has {len(classes)} class folder(s); a classifier needs at "
+                             "and ROOT/test/ (a set to score a trained head on: ROOT/test/<class>/* alone)")
+    first = next(folders[s] for s in SPLITS if s in folders)  # train/, or an evaluation set's val/ or test/
+    classes = _classes_of(first)
+    if len(classes) < (2 if "train" in folders else 1):
+        raise DinoprobeError(f"'{first}' has {len(classes)} class folder(s); a classifier needs at "
                              "least 2 (one sub-folder of images per class)")
     splits: dict[str, list[tuple[str, int]]] = {}
     ignored = Counter()
@@ -56,7 +57,7 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> DataSource:
         found = _classes_of(split_dir)
         if found != classes:
             extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-            raise DinoprobeError(f"classes in {split_dir.name}/ differ from train/: "
+            raise DinoprobeError(f"classes in {split_dir.name}/ differ from {first.name}/: "
                                  + "; ".join(p for p in (f"only in {split_dir.name}/: {extra}" if extra else "",
                                                          f"missing from {split_dir.name}/: {missing}" if missing
                                                          else "") if p))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dinoprobe import documents
 from dinoprobe.atomic import write_json, write_text
-from dinoprobe.cache.arrays import memory_shortfall
+from dinoprobe.cache.arrays import check_trainable, memory_shortfall
 from dinoprobe.cache.specs import parse_feature
 from dinoprobe.cache.store import FolderLock, open_manifest
 from dinoprobe.device import environment, resolve_device
@@ -120,6 +120,7 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
             raise DinoprobeError(f"cache {cache_dir} is given twice (also as {seen[b]}); pass each cache once")
         seen[b] = cache_dir
         manifest = open_manifest(cache_dir)  # a cache that is not sound fails here
+        check_trainable(cache_dir, manifest)
         if manifest.get("task") == "multilabel" and shots:
             raise DinoprobeError(f"cache {cache_dir} is multi-label, and few-shot draws K images per class, which "
                                  "a multi-label image does not belong to one of; drop --shots, or evaluate that "

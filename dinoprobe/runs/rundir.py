@@ -17,7 +17,7 @@ from dinoprobe.errors import DinoprobeError
 
 # what a run directory holds; --overwrite replaces a folder only when it holds nothing else
 RUN_FILES = {"head.pt", "metrics.json", "run.json", "history.csv", "curves.png", "confusion.png", "results.csv",
-             "results.json", "sweep.png", "best", "ap.png"}
+             "results.json", "sweep.png", "best", "ap.png", "predictions.csv"}
 
 
 def recover(out: Path) -> None:

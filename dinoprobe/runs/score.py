@@ -1,0 +1,210 @@
+"""`dinoprobe score`: a trained head's metrics on labelled images it was not trained on, read from their cache.
+
+A shifted test set (ImageNet-V2 or -Sketch; ImageNet-R and -A, whose 200 classes are a subset of ImageNet's, with
+`restrict_classes`, as DINOv3's linear evaluation maps them), or newly labelled images for a classifier in service.
+The cache must hold the head's features: the same model, weights and transform. Its classes are matched to the
+head's by name, so an evaluation set may hold some of the head's classes, in any order.
+
+    from dinoprobe.runs.score import score_run
+    metrics = score_run("runs/ants", "cache/ants-new", split="test", out="runs/ants-new")
+"""
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinoprobe import __version__, settings
+from dinoprobe.atomic import write_json
+from dinoprobe.cache.arrays import LabelledSplit, load_split
+from dinoprobe.cache.specs import parse_feature, width
+from dinoprobe.device import environment, resolve_device
+from dinoprobe.errors import DinoprobeError
+from dinoprobe.runs.metrics import (
+    CONFUSION_MATRIX_MAX_CLASSES,
+    multilabel_metrics,
+    plot_average_precision,
+    plot_confusion,
+    ranked_metrics,
+    top_k_hits,
+)
+from dinoprobe.runs.rundir import check_run_dir, run_directory
+from dinoprobe.train.headfile import HeadFile, load_head_file
+
+# fingerprint entries that change what the features are: a cache differing in one was made by another backbone
+SAME_FEATURES = ("model", "weights", "transform")
+# entries that change the features by rounding only (bf16 or fp32, float16 storage, PIL or torchvision's resize)
+NOTED = ("decoder", "precision", "dtype")
+PREDICTION_FIELDS = ("index", "path", "label", "predicted", "probability")
+
+
+def feature_differences(head: dict, cache: dict) -> list[str]:
+    """What the cache's features were made with that the head's were not: model, weights (by sha256) and every
+    transform setting."""
+    out = []
+    if head.get("model") != cache.get("model"):
+        out.append(f"model {cache.get('model')} (the head's: {head.get('model')})")
+    theirs, ours = cache.get("weights", {}), head.get("weights", {})
+    if theirs.get("sha256") != ours.get("sha256"):
+        out.append(f"weights {theirs.get('source')} sha256 {str(theirs.get('sha256'))[:12]}… (the head's: "
+                   f"{ours.get('source')} sha256 {str(ours.get('sha256'))[:12]}…)")
+    theirs, ours = cache.get("transform", {}), head.get("transform", {})
+    out += [f"transform {key} {theirs.get(key)} (the head's: {ours.get(key)})"
+            for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+    return out
+
+
+def check_scorable(head_file: HeadFile, split: LabelledSplit, cache_dir) -> list[int]:
+    """Refuse a cache whose features or labels the head cannot be scored on; returns each cache class's position
+    among the head's classes (matched by name)."""
+    fp = split.manifest["fingerprint"]
+    differences = feature_differences(head_file.fingerprint, fp)
+    if differences:
+        t = head_file.fingerprint["transform"]
+        raise DinoprobeError(f"cache {cache_dir} holds features of another backbone or transform than the head's: "
+                             f"{'; '.join(differences)}. Build it as the head's cache was: dinoprobe features "
+                             f"--model {head_file.fingerprint['model']} --weights ... --image-size {t.get('image_size')}"
+                             f" --transform {t.get('name', 'timm')} --data ... --cache ...")
+    if split.multilabel != head_file.multilabel:
+        task = lambda multi: "multi-label" if multi else "single-label"  # noqa: E731
+        raise DinoprobeError(f"cache {cache_dir} is {task(split.multilabel)} and the head is "
+                             f"{task(head_file.multilabel)}; score it with a {task(split.multilabel)} head")
+    if width(parse_feature(head_file.feature), split.manifest.get("feature_dim", 0)) != head_file.spec.in_dim:
+        raise DinoprobeError(f"the head expects {head_file.spec.in_dim}-wide '{head_file.feature}' features and cache "
+                             f"{cache_dir} gives {split.x.shape[1]}")
+    position = {name: i for i, name in enumerate(head_file.class_names)}
+    unknown = [name for name in split.classes if name not in position]
+    if unknown:
+        raise DinoprobeError(f"cache {cache_dir} has class(es) the head was not trained on: "
+                             f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} (the head's "
+                             f"{len(position)}: {', '.join(head_file.class_names[:10])}"
+                             f"{' ...' if len(position) > 10 else ''}); a head cannot predict them — build the cache "
+                             "from images of the head's classes only")
+    return [position[name] for name in split.classes]
+
+
+def score_head(head_file: HeadFile, split: LabelledSplit, mapping: list[int], restrict_classes: bool = False,
+               predictions=None) -> dict:
+    """The split's metrics under the head. Single-label: over the head's classes, or with `restrict_classes` over
+    the cache's only (the head's logits of the other classes dropped before the softmax, DINOv3's class mapping);
+    scored a block of rows at a time. Multi-label: each of the cache's classes at the head's threshold (the cache
+    says nothing of the others). `predictions(rows)`: called with each block's rows for predictions.csv."""
+    device = split.x.device
+    head, normalizer = head_file.head.to(device), head_file.normalizer.to(device)
+    columns = torch.tensor(mapping, dtype=torch.long, device=device)
+    names = split.classes if restrict_classes or split.multilabel else head_file.class_names
+    y = split.y if restrict_classes or split.multilabel else columns.cpu()[split.y]
+    rows = len(split.x) if split.multilabel else settings.scoring_rows(len(names))
+    preds, hits, probabilities = [], [], []
+    for start in range(0, max(len(split.x), 1), rows):
+        with torch.inference_mode():
+            logits = head(normalizer(split.x[start:start + rows]))
+            if split.multilabel:
+                scores = logits.float().sigmoid()[:, columns]
+            else:
+                scores = (logits[:, columns] if restrict_classes else logits).float().softmax(-1)
+        scores = scores.double().cpu().numpy()
+        truth = y[start:start + rows].numpy()
+        if split.multilabel:
+            probabilities.append(scores)
+        else:
+            preds.append(scores.argmax(1))
+            hits.append(top_k_hits(scores, truth, 5))
+        if predictions is not None:
+            predictions(start, scores, names)
+    if split.multilabel:
+        thresholds = np.asarray(head_file.thresholds)[mapping]
+        return multilabel_metrics(np.concatenate(probabilities), split.y, names, thresholds)
+    return ranked_metrics(np.concatenate(preds), np.concatenate(hits) if len(names) > 5 else None, y.numpy(), names)
+
+
+def score_run(run, cache_dir, split: str = "test", *, restrict_classes: bool = False, out=None,
+              overwrite: bool = False, device="auto") -> dict:
+    """Score the head of `run` (a run directory or its head.pt) on `split` of the cache at `cache_dir`; with `out`,
+    write a run directory: metrics.json, run.json, predictions.csv (each row's prediction) and confusion.png
+    (ap.png for a multi-label head). Returns metrics.json's content."""
+    head_file = load_head_file(run)
+    if not head_file.fingerprint:
+        raise DinoprobeError("this head was saved from features without a dinoprobe cache, so it records no backbone "
+                             "to check the cache against; save it with `estimator.save(path, cache=load_cache(...))`")
+    run_dir = head_file.path.parent if head_file.path is not None else Path(run)
+    if out is not None:
+        a, b = Path(out).resolve(), run_dir.resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise DinoprobeError(f"--out '{out}' overlaps the run {run_dir} it scores; write the scores elsewhere")
+        check_run_dir(Path(out), overwrite, "score", protect=[cache_dir])
+    if head_file.multilabel and restrict_classes:
+        raise DinoprobeError("--restrict-classes is for single-label heads; a multi-label head is always scored on "
+                             "the cache's classes, each at its own threshold")
+    device = resolve_device(device)
+    score_bytes = settings.SCORING_BYTES if not head_file.multilabel else 0
+    data = load_split(cache_dir, split, head_file.feature, device, score_bytes)
+    mapping = check_scorable(head_file, data, cache_dir)
+    notes = [f"the cache was built with {key} {_setting(data.manifest['fingerprint'].get(key))} and the head's "
+             f"with {_setting(head_file.fingerprint.get(key))}: their features differ by rounding"
+             for key in NOTED if data.manifest["fingerprint"].get(key) != head_file.fingerprint.get(key)]
+    if data.manifest["fingerprint"].get("data") == head_file.fingerprint.get("data") and split in ("train", "val"):
+        notes.append(f"this is the {split} split of the cache the head was trained on: the head was "
+                     f"{'fitted' if split == 'train' else 'chosen'} on these images, so the numbers are optimistic")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    summary = {"split": split, "cache": str(cache_dir), "run": str(run), "restrict_classes": restrict_classes,
+               "classes": len(data.classes), "head_classes": len(head_file.class_names)}
+    if out is None:
+        return {split: score_head(head_file, data, mapping, restrict_classes), "scored": summary}
+    with run_directory(out, overwrite, "score", [cache_dir]) as tmp:
+        with open(tmp / "predictions.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(PREDICTION_FIELDS)
+            thresholds = np.asarray(head_file.thresholds)[mapping] if data.multilabel else None
+            metrics = {split: score_head(head_file, data, mapping, restrict_classes,
+                                         _prediction_rows(writer, data, thresholds))}
+        metrics["scored"] = summary
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_json(tmp / "run.json", {"command": "score", "run": str(run), "cache": str(cache_dir), "split": split,
+                                      "restrict_classes": restrict_classes, "feature": head_file.feature,
+                                      "cache_fingerprint": data.manifest["fingerprint"],
+                                      "head_fingerprint": head_file.fingerprint, "dinoprobe_version": __version__,
+                                      "environment": environment(device)})
+        _plot(metrics[split], tmp, split)
+    return metrics
+
+
+def _setting(value) -> str:
+    """A fingerprint entry as a user names it: the decoder `torchvision (on cuda)`, a precision `bf16`."""
+    if isinstance(value, dict):
+        return f"{value.get('name')}" + (f" (on {value['device']})" if value.get("device") else "")
+    return str(value)
+
+
+def _prediction_rows(writer, data: LabelledSplit, thresholds):
+    """predictions.csv, a block of rows at a time: the row's cache index, input, true label(s), predicted label(s)
+    and the prediction's probability; multi-label (`thresholds`: one per cache class): every class at or over its
+    threshold, joined by |, and no single probability."""
+    truth = data.y.numpy()
+
+    def write(start: int, scores: np.ndarray, names: list[str]) -> None:
+        for row, p in enumerate(scores, start):
+            if thresholds is not None:
+                writer.writerow((int(data.index[row]), data.path[row],
+                                 "|".join(data.classes[c] for c in np.flatnonzero(truth[row])),
+                                 "|".join(names[c] for c in np.flatnonzero(p >= thresholds)), ""))
+            else:
+                best = int(p.argmax())
+                writer.writerow((int(data.index[row]), data.path[row], data.classes[int(truth[row])], names[best],
+                                 f"{p[best]:.6g}"))
+    return write
+
+
+def _plot(metrics: dict, out: Path, split: str) -> None:
+    if metrics.get("task") == "multilabel":
+        plot_average_precision(metrics["per_class_ap"], out / "ap.png",
+                               f"{split} average precision per class (mAP {metrics['map_macro'] or 0:.3f}, "
+                               f"n={metrics['n']})")
+    elif len(metrics["per_class_accuracy"]) <= CONFUSION_MATRIX_MAX_CLASSES:
+        plot_confusion(metrics["confusion_matrix"], list(metrics["per_class_accuracy"]), out / "confusion.png",
+                       f"{split} confusion (top-1 {metrics['top1']:.3f})")
