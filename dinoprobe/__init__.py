@@ -11,7 +11,8 @@ from dinoprobe.errors import DinoprobeError  # noqa: E402,F401
 _LAZY = {"Probe": "estimators.probe", "Sweep": "estimators.sweep", "LogReg": "estimators.logreg",
          "KNN": "estimators.knn", "load_cache": "cache.arrays", "TrainConfig": "train.config",
          "train_heads": "train.loop", "run_probe": "runs.experiments", "run_sweep": "runs.experiments",
-         "run_logreg": "runs.experiments", "run_knn": "runs.experiments", "evaluate": "runs.evaluate"}
+         "run_logreg": "runs.experiments", "run_knn": "runs.experiments", "evaluate": "runs.evaluate",
+         "score_run": "runs.score"}
 __all__ = ["DinoprobeError", *_LAZY]
 
 

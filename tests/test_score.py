@@ -67,7 +67,7 @@ def test_score_on_the_training_caches_test_split_equals_the_runs_own_test_metric
     proc = run_cli("score", "--run", run, "--cache", train, check=True)
     own = json.loads((run / "metrics.json").read_text())["test"]
     assert f"test: top-1 {own['top1']:.4f}" in proc.stdout
-    from dinoprobe.runs.score import score_run
+    from dinoprobe import score_run
 
     scored = score_run(run, train)["test"]
     assert scored == own
@@ -200,3 +200,16 @@ def test_an_evaluation_set_cache_comes_from_a_folder_or_file_list_and_trains_not
     assert_clean_error(run_cli("evaluate", "--cache", tmp_path / "e", "--out", tmp_path / "ev"),
                        "evaluation set")
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_sweep_run_directory_means_its_best_head_and_keeps_its_files(trained, tmp_path):
+    from dinoprobe import score_run
+
+    _, train, _ = trained
+    sweep = tmp_path / "sweep"
+    run_cli("sweep", "--cache", train, "--out", sweep, "--head", "linear", "--lr", "1e-3,1e-2", "--epochs", 2,
+            check=True)
+    assert score_run(sweep, train)["test"] == score_run(sweep / "best", train)["test"]
+    assert_clean_error(run_cli("score", "--run", sweep, "--cache", train, "--out", sweep / "scores"), "overlaps the run")
+    assert_clean_error(run_cli("export", "--run", sweep / "best", "--out", sweep / "model.pt"),
+                       f"inside the run directory {sweep}")

@@ -66,8 +66,8 @@ def check_export_target(out: str | Path, head_file: HeadFile, overwrite: bool = 
         raise DinoprobeError(f"--out '{out}' is a folder; name a file, e.g. {out / 'model.pt'}")
     if out.exists() and not overwrite:
         raise DinoprobeError(f"'{out}' already exists; pass --overwrite to replace it, or choose another --out")
-    if head_file.path is not None and out.resolve().parent == head_file.path.resolve().parent:
-        raise DinoprobeError(f"--out '{out}' is inside the run directory {head_file.path.parent}, whose files belong "
+    if head_file.holds(out):
+        raise DinoprobeError(f"--out '{out}' is inside the run directory {head_file.run_dir}, whose files belong "
                              "to the run; write the export somewhere else")
     for stale in leftovers(out):  # the temporary file of an export to `out` that was killed: as large as the export
         stale.unlink(missing_ok=True)

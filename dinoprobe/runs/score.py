@@ -5,7 +5,7 @@ A shifted test set (ImageNet-V2 or -Sketch; ImageNet-R and -A, whose 200 classes
 The cache must hold the head's features: the same model, weights and transform. Its classes are matched to the
 head's by name, so an evaluation set may hold some of the head's classes, in any order.
 
-    from dinoprobe.runs.score import score_run
+    from dinoprobe import score_run
     metrics = score_run("runs/ants", "cache/ants-new", split="test", out="runs/ants-new")
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def score_head(head_file: HeadFile, split: LabelledSplit, mapping: list[int], re
     columns = torch.tensor(mapping, dtype=torch.long, device=device)
     names = split.classes if restrict_classes or split.multilabel else head_file.class_names
     y = split.y if restrict_classes or split.multilabel else columns.cpu()[split.y]
-    rows = len(split.x) if split.multilabel else settings.scoring_rows(len(names))
+    rows = max(len(split.x), 1) if split.multilabel else settings.scoring_rows(len(names))
     preds, hits, probabilities = [], [], []
     for start in range(0, max(len(split.x), 1), rows):
         with torch.inference_mode():
@@ -131,11 +131,10 @@ def score_run(run, cache_dir, split: str = "test", *, restrict_classes: bool = F
     if not head_file.fingerprint:
         raise DinoprobeError("this head was saved from features without a dinoprobe cache, so it records no backbone "
                              "to check the cache against; save it with `estimator.save(path, cache=load_cache(...))`")
-    run_dir = head_file.path.parent if head_file.path is not None else Path(run)
     if out is not None:
-        a, b = Path(out).resolve(), run_dir.resolve()
-        if a == b or b in a.parents or a in b.parents:
-            raise DinoprobeError(f"--out '{out}' overlaps the run {run_dir} it scores; write the scores elsewhere")
+        if head_file.holds(out) or Path(out).resolve() in head_file.run_dir.resolve().parents:
+            raise DinoprobeError(f"--out '{out}' overlaps the run {head_file.run_dir} it scores; write the scores "
+                                 "elsewhere")
         check_run_dir(Path(out), overwrite, "score", protect=[cache_dir])
     if head_file.multilabel and restrict_classes:
         raise DinoprobeError("--restrict-classes is for single-label heads; a multi-label head is always scored on "

@@ -37,6 +37,19 @@ class HeadFile:
     thresholds: list[float] | None = None  # multi-label heads: each class's decision threshold on its probability
 
     @property
+    def run_dir(self) -> Path | None:
+        """The run directory the head file belongs to: its folder, or the sweep whose best/ that folder is."""
+        if self.path is None:
+            return None
+        folder = self.path.parent
+        return folder.parent if folder.name == "best" and _command_of(folder.parent) == "sweep" else folder
+
+    def holds(self, out: str | Path) -> bool:
+        """Whether `out` is or lies inside the head's run directory, whose files belong to the run."""
+        run_dir, out = self.run_dir, Path(out).resolve()
+        return run_dir is not None and (out == run_dir.resolve() or run_dir.resolve() in out.parents)
+
+    @property
     def multilabel(self) -> bool:
         return self.thresholds is not None
 
@@ -90,8 +103,8 @@ def save_head(path, head, spec, normalizer, class_names, cache=None, train_confi
 
 def load_head_file(path: str | Path) -> HeadFile:
     path = Path(path)
-    if path.is_dir():
-        path = path / "head.pt"
+    if path.is_dir():  # a run directory; a sweep's holds its best head in best/
+        path = path / ("best/head.pt" if _command_of(path) == "sweep" else "head.pt")
     if not path.is_file():
         if _command_of(path.parent) == "knn":
             raise DinoprobeError(f"'{path.parent}' is a k-NN run, which has no head file: k-NN predicts from the "
