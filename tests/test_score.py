@@ -211,5 +211,6 @@ def test_a_sweep_run_directory_means_its_best_head_and_keeps_its_files(trained, 
             check=True)
     assert score_run(sweep, train)["test"] == score_run(sweep / "best", train)["test"]
     assert_clean_error(run_cli("score", "--run", sweep, "--cache", train, "--out", sweep / "scores"), "overlaps the run")
-    assert_clean_error(run_cli("export", "--run", sweep / "best", "--out", sweep / "model.pt"),
-                       f"inside the run directory {sweep}")
+    for target in (sweep / "model.pt", sweep / "exports" / "model.pt"):
+        assert_clean_error(run_cli("export", "--run", sweep / "best", "--out", target),
+                           f"inside the run directory {sweep}")
