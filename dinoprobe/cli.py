@@ -491,6 +491,12 @@ def _print_metrics(metrics: dict, out) -> None:
             if m["classes_without_positives"]:
                 click.echo(f"  no positive {split} image, so left out of the mAP: "
                            f"{', '.join(m['classes_without_positives'][:10])}")
+        elif split in metrics and metrics[split].get("task") == "any_match":
+            m = metrics[split]
+            top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
+            left_out = f"; {m['unlabelled']} image(s) without a label left out" if m["unlabelled"] else ""
+            click.echo(f"{split}: top-1 {m['top1']:.4f}{top5} (any-match: the prediction is one of the image's labels; "
+                       f"n={m['n']}{left_out})")
         elif split in metrics:
             m = metrics[split]
             top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
@@ -847,6 +853,10 @@ def score(head_path, cache_dir, split, restrict_classes, out, overwrite, device)
     scored = metrics["scored"]
     if metrics[split].get("task") == "multilabel":
         how = "each at the head's threshold"
+    elif metrics[split].get("task") == "any_match" and restrict_classes:
+        how = f"several per image, predicted among its {scored['classes']} classes"
+    elif metrics[split].get("task") == "any_match":
+        how = f"several per image, predicted among the head's {scored['head_classes']} classes"
     elif restrict_classes:
         how = f"predicted among its {scored['classes']} classes"
     else:

@@ -104,13 +104,13 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
                          splits=("train", "val", "test"), shard_rows: int | None = None,
                          train_classes: int | None = None, test_label: int | None = None,
                          absent: int | None = None, dtype: str = "float32", multilabel: bool = False,
-                         fingerprint_changes: dict | None = None) -> Path:
+                         fingerprint_changes: dict | None = None, unlabelled: int = 0) -> Path:
     """A cache of Gaussian class clusters: separable but not trivially (a few % of errors), written through
     the real shard writer so readers see exactly what `features` produces. train_classes: train holds only the
     first ones; test_label: the first test row's label (e.g. one outside the class list); absent: a class of the
     list that no split holds; multilabel: each row also carries each other class with probability 0.05 (a
     multi-label cache, `labels` (N, classes)); fingerprint_changes: entries of the fingerprint replaced (another
-    model, weights or transform)."""
+    model, weights or transform); unlabelled: with multilabel, the first rows of each split carry no label."""
     from dinoprobe.cache import store as cache
 
     rng = np.random.default_rng(seed)
@@ -136,6 +136,7 @@ def make_synthetic_cache(cache_dir: Path, n=(600, 200, 200), dim=32, num_classes
         if multilabel:
             tags = rng.random((count, num_classes)) < 0.05
             tags[np.arange(count), labels % num_classes] = True
+            tags[:unlabelled] = False
             rows["labels"] = tags.astype(np.uint8)
             del rows["label"]
         step = shard_rows or max(count, 1)

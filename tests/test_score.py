@@ -154,8 +154,6 @@ def test_score_refuses_what_it_cannot_score(trained, tmp_path):
     assert_clean_error(run_cli("score", "--run", run, "--cache", weights), "weights hub")
     extra = make_synthetic_cache(tmp_path / "extra", n=(40,), splits=("test",), num_classes=8)
     assert_clean_error(run_cli("score", "--run", run, "--cache", extra), "not trained on: class_6, class_7")
-    tags = make_synthetic_cache(tmp_path / "tags", n=(20,), splits=("test",), multilabel=True)
-    assert_clean_error(run_cli("score", "--run", run, "--cache", tags), "multi-label and the head is single-label")
     empty = make_synthetic_cache(tmp_path / "empty", n=(0,), splits=("test",))
     assert_clean_error(run_cli("score", "--run", run, "--cache", empty), "holds no rows", "cache skipped")
     no_test = make_synthetic_cache(tmp_path / "no-test", n=(20, 20), splits=("train", "val"))
@@ -214,3 +212,39 @@ def test_a_sweep_run_directory_means_its_best_head_and_keeps_its_files(trained, 
     for target in (sweep / "model.pt", sweep / "exports" / "model.pt"):
         assert_clean_error(run_cli("export", "--run", sweep / "best", "--out", target),
                            f"inside the run directory {sweep}")
+
+
+def test_a_single_label_head_on_images_with_several_labels_scores_any_match_accuracy(trained, tmp_path):
+    """ImageNet-ReaL's accuracy: the prediction is one of the image's labels; images without labels left out."""
+    _, _, run = trained
+    real = make_synthetic_cache(tmp_path / "real", n=(150,), splits=("test",), num_classes=6, seed=11,
+                                multilabel=True, unlabelled=7)
+    x, rows = split_of(real, "test")
+    logits, labels = hand_logits(run, x), rows["labels"].astype(bool)
+    kept = labels.any(1)
+    assert (~kept).sum() == 7
+    expected_top1 = labels[np.arange(len(x)), logits.argmax(1)][kept].mean()
+    expected_top5 = np.array([labels[i, np.argsort(-logits[i])[:5]].any() for i in range(len(x))])[kept].mean()
+    out = tmp_path / "scored"
+    proc = run_cli("score", "--run", run, "--cache", real, "--out", out, check=True)
+    assert "any-match" in proc.stdout and "7 image(s) without a label left out" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())["test"]
+    assert metrics["task"] == "any_match" and metrics["n"] == 143 and metrics["unlabelled"] == 7
+    assert metrics["top1"] == pytest.approx(expected_top1) and metrics["top5"] == pytest.approx(expected_top5)
+    with open(out / "predictions.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["label"] for r in table] == ["|".join(f"class_{c}" for c in np.flatnonzero(t)) for t in labels]
+    assert [r["predicted"] for r in table] == [f"class_{c}" for c in logits.argmax(1)]
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "run.json", "predictions.csv"}
+    subset = make_synthetic_cache(tmp_path / "subset", n=(60,), splits=("test",), num_classes=3, seed=12,
+                                  multilabel=True)
+    x, rows = split_of(subset, "test")
+    from dinoprobe import score_run
+
+    restricted = score_run(run, subset, restrict_classes=True)["test"]
+    truth, logits = rows["labels"].astype(bool), hand_logits(run, x)
+    assert restricted["top1"] == pytest.approx(truth[np.arange(len(x)), logits[:, :3].argmax(1)].mean())
+    every = score_run(run, subset)["test"]  # a prediction of class_3..5 is never one of these images' labels
+    spread = np.zeros((len(x), 6), dtype=bool)
+    spread[:, :3] = truth
+    assert every["top1"] == pytest.approx(spread[np.arange(len(x)), logits.argmax(1)].mean())

@@ -69,10 +69,9 @@ def check_scorable(head_file: HeadFile, split: LabelledSplit, cache_dir) -> list
                              f"{'; '.join(differences)}. Build it as the head's cache was: dinoprobe features "
                              f"--model {head_file.fingerprint['model']} --weights ... --image-size {t.get('image_size')}"
                              f" --transform {t.get('name', 'timm')} --data ... --cache ...")
-    if split.multilabel != head_file.multilabel:
-        task = lambda multi: "multi-label" if multi else "single-label"  # noqa: E731
-        raise DinoprobeError(f"cache {cache_dir} is {task(split.multilabel)} and the head is "
-                             f"{task(head_file.multilabel)}; score it with a {task(split.multilabel)} head")
+    if head_file.multilabel and not split.multilabel:
+        raise DinoprobeError(f"cache {cache_dir} is single-label and the head is multi-label; score it with a "
+                             "single-label head")
     if width(parse_feature(head_file.feature), split.manifest.get("feature_dim", 0)) != head_file.spec.in_dim:
         raise DinoprobeError(f"the head expects {head_file.spec.in_dim}-wide '{head_file.feature}' features and cache "
                              f"{cache_dir} gives {split.x.shape[1]}")
@@ -91,24 +90,19 @@ def score_head(head_file: HeadFile, split: LabelledSplit, mapping: list[int], re
                predictions=None) -> dict:
     """The split's metrics under the head. Single-label: over the head's classes, or with `restrict_classes` over
     the cache's only (the head's logits of the other classes dropped before the softmax, DINOv3's class mapping);
-    scored a block of rows at a time. Multi-label: each of the cache's classes at the head's threshold (the cache
-    says nothing of the others). `predictions(rows)`: called with each block's rows for predictions.csv."""
+    scored a block of rows at a time. Multi-label head: each of the cache's classes at the head's threshold (the
+    cache says nothing of the others). A single-label head on a multi-label cache: any-match accuracy (`any_match`).
+    `predictions(start, scores, names)`: called with each block's scores, for predictions.csv."""
+    if split.multilabel and not head_file.multilabel:
+        return any_match(head_file, split, mapping, restrict_classes, predictions)
     device = split.x.device
-    head, normalizer = head_file.head.to(device), head_file.normalizer.to(device)
     columns = torch.tensor(mapping, dtype=torch.long, device=device)
     names = split.classes if restrict_classes or split.multilabel else head_file.class_names
     y = split.y if restrict_classes or split.multilabel else columns.cpu()[split.y]
     rows = max(len(split.x), 1) if split.multilabel else settings.scoring_rows(len(names))
     preds, hits, probabilities = [], [], []
-    for start in range(0, max(len(split.x), 1), rows):
-        with torch.inference_mode():
-            logits = head(normalizer(split.x[start:start + rows]))
-            if split.multilabel:
-                scores = logits.float().sigmoid()[:, columns]
-            else:
-                scores = (logits[:, columns] if restrict_classes else logits).float().softmax(-1)
-        scores = scores.double().cpu().numpy()
-        truth = y[start:start + rows].numpy()
+    for start, scores in _scored_blocks(head_file, split, columns, restrict_classes, rows):
+        truth = y[start:start + len(scores)].numpy()
         if split.multilabel:
             probabilities.append(scores)
         else:
@@ -120,6 +114,50 @@ def score_head(head_file: HeadFile, split: LabelledSplit, mapping: list[int], re
         thresholds = np.asarray(head_file.thresholds)[mapping]
         return multilabel_metrics(np.concatenate(probabilities), split.y, names, thresholds)
     return ranked_metrics(np.concatenate(preds), np.concatenate(hits) if len(names) > 5 else None, y.numpy(), names)
+
+
+def any_match(head_file: HeadFile, split: LabelledSplit, mapping: list[int], restrict_classes: bool = False,
+              predictions=None) -> dict:
+    """A single-label head on images with several true labels (ImageNet-ReaL's relabelled validation set): top-1
+    counts a prediction that is any of the image's labels, top-5 any of them among the 5 best scores; images without
+    a label are left out (`unlabelled`), as DINOv2's ImageNetReaLAccuracy (and DINOv3's any-match accuracy) does."""
+    names = split.classes if restrict_classes else head_file.class_names
+    labels = split.y.numpy().astype(bool)
+    if not restrict_classes:  # each image's labels as columns of the head's classes
+        spread = np.zeros((len(labels), len(names)), dtype=bool)
+        spread[:, mapping] = labels
+        labels = spread
+    columns = torch.tensor(mapping, dtype=torch.long, device=split.x.device)
+    top1, top5 = [], []
+    for start, scores in _scored_blocks(head_file, split, columns, restrict_classes,
+                                        settings.scoring_rows(len(names))):
+        truth = labels[start:start + len(scores)]
+        top1.append(truth[np.arange(len(scores)), scores.argmax(1)])
+        best5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        top5.append(np.take_along_axis(truth, best5, axis=1).any(1))
+        if predictions is not None:
+            predictions(start, scores, names)
+    labelled = labels.any(1)
+    out = {"task": "any_match", "n": int(labelled.sum()), "unlabelled": int((~labelled).sum()),
+           "top1": float(np.concatenate(top1)[labelled].mean()) if labelled.any() else 0.0}
+    if len(names) > 5:
+        out["top5"] = float(np.concatenate(top5)[labelled].mean()) if labelled.any() else 0.0
+    return out
+
+
+def _scored_blocks(head_file: HeadFile, split: LabelledSplit, columns: torch.Tensor, restrict_classes: bool,
+                   rows: int):
+    """(first row, scores) for each block of `rows` rows, as float64 numpy: softmax over the head's classes (over
+    the cache's, `restrict_classes`), or a multi-label head's sigmoids of the cache's classes."""
+    head, normalizer = head_file.head.to(split.x.device), head_file.normalizer.to(split.x.device)
+    for start in range(0, max(len(split.x), 1), rows):
+        with torch.inference_mode():
+            logits = head(normalizer(split.x[start:start + rows]))
+            if head_file.multilabel:
+                scores = logits.float().sigmoid()[:, columns]
+            else:
+                scores = (logits[:, columns] if restrict_classes else logits).float().softmax(-1)
+        yield start, scores.double().cpu().numpy()
 
 
 def score_run(run, cache_dir, split: str = "test", *, restrict_classes: bool = False, out=None,
@@ -159,7 +197,7 @@ def score_run(run, cache_dir, split: str = "test", *, restrict_classes: bool = F
         with open(tmp / "predictions.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(PREDICTION_FIELDS)
-            thresholds = np.asarray(head_file.thresholds)[mapping] if data.multilabel else None
+            thresholds = np.asarray(head_file.thresholds)[mapping] if head_file.multilabel else None
             metrics = {split: score_head(head_file, data, mapping, restrict_classes,
                                          _prediction_rows(writer, data, thresholds))}
         metrics["scored"] = summary
@@ -188,18 +226,20 @@ def _prediction_rows(writer, data: LabelledSplit, thresholds):
 
     def write(start: int, scores: np.ndarray, names: list[str]) -> None:
         for row, p in enumerate(scores, start):
+            label = "|".join(data.classes[c] for c in np.flatnonzero(truth[row])) if data.multilabel \
+                else data.classes[int(truth[row])]
             if thresholds is not None:
-                writer.writerow((int(data.index[row]), data.path[row],
-                                 "|".join(data.classes[c] for c in np.flatnonzero(truth[row])),
+                writer.writerow((int(data.index[row]), data.path[row], label,
                                  "|".join(names[c] for c in np.flatnonzero(p >= thresholds)), ""))
             else:
                 best = int(p.argmax())
-                writer.writerow((int(data.index[row]), data.path[row], data.classes[int(truth[row])], names[best],
-                                 f"{p[best]:.6g}"))
+                writer.writerow((int(data.index[row]), data.path[row], label, names[best], f"{p[best]:.6g}"))
     return write
 
 
 def _plot(metrics: dict, out: Path, split: str) -> None:
+    if metrics.get("task") == "any_match":
+        return  # no confusion matrix: an image has several true classes
     if metrics.get("task") == "multilabel":
         plot_average_precision(metrics["per_class_ap"], out / "ap.png",
                                f"{split} average precision per class (mAP {metrics['map_macro'] or 0:.3f}, "
