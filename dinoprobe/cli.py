@@ -348,11 +348,16 @@ def default_cache_dir(data: str, model: str, image_size: int | None, weights: st
 @click.option("--decode-on", type=click.Choice(list(DECODE_ON)), default="auto", show_default=True,
               help="Where --decoder torchvision decodes: device = batched on the extraction device (nvJPEG on "
                    "CUDA); workers = in the loader workers on the CPU; auto = device on CUDA, else workers")
-def features(data, image_column, label_column, task, label_sep, data_dir, model, weights, cache_dir, image_size,
+@click.option("--like", "like_run", default=None, type=click.Path(),
+              help="A run directory or head file: its head's model, weights, image size, transform and decoder, so "
+                   "the cache holds that head's features (for `dinoprobe score`); --weights PATH if the checkpoint "
+                   "moved")
+@click.pass_context
+def features(ctx, data, image_column, label_column, task, label_sep, data_dir, model, weights, cache_dir, image_size,
              batch_size, workers, device,
              precision, dtype,
              shard_size, val_fraction, max_pixels, strict, overwrite, views, augment, compile_, last_blocks, transform,
-             crop_pct, decoder, decode_on):
+             crop_pct, decoder, decode_on, like_run):
     """Run the frozen backbone once over every split and cache the features (resumable)."""
     import dataclasses
     import os
@@ -364,6 +369,11 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
     say = _echo_err if main_process else (lambda *_: None)
+    like = None
+    if like_run is not None:  # the head's backbone settings replace the options' defaults
+        like = _like(ctx, like_run, weights, last_blocks)
+        model, weights, image_size, decoder, last_blocks = (like[k] for k in ("model", "weights_name", "image_size",
+                                                                              "decoder", "last_blocks"))
     cache_dir = cache_dir or default_cache_dir(data, model, image_size, weights)
     source = open_source(data, data_dir, val_fraction, image_column=image_column, label_column=label_column, task=task,
                          label_sep=label_sep)
@@ -376,14 +386,19 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     if precision == "fp16" and "dinov3" in model:
         say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
             "(or auto: bf16 on CUDA)")
-    backbone = build_backbone(model, weights, image_size, log=say, transform=transform, crop_pct=crop_pct)
+    if like is not None:
+        from dinoprobe.runs.predict import backbone_for_head
+
+        backbone = backbone_for_head(like["head_file"], like["weights"], log=say)  # its transform, weights checked
+    else:
+        backbone = build_backbone(model, weights, image_size, log=say, transform=transform, crop_pct=crop_pct)
     cfg = backbone.data_config
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
     say(f"{source.kind} {source.root}: {len(source.classes)} classes{' (multi-label)' if source.multilabel else ''}; "
         f"{counts} inputs -> {cache_dir}")
     if "train" not in source.splits:
-        say("no train split: an evaluation set, to score a trained head on with `dinoprobe score --run RUN --cache "
-            f"{cache_dir}`")
+        say(f"no train split: an evaluation set, to score a trained head on with `dinoprobe score --run "
+            f"{like_run or 'RUN'} --cache {cache_dir}`")
     for note in source.notes():
         say(f"WARNING: {note}")
     geometry = (f"square resize to {cfg.image_size} x {cfg.image_size}" if cfg.name == "square"
@@ -411,6 +426,38 @@ def features(data, image_column, label_column, task, label_sep, data_dir, model,
     click.echo(f"cache {cache_dir}: {rows} rows; {skipped} skipped input(s)"
                + (" (listed in manifest.json)" if skipped else "")
                + f"; {summary.computed} computed in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)")
+
+
+def _like(ctx, like_run: str, weights: str, last_blocks: int) -> dict:
+    """features --like RUN: the head's model, weights, image size, transform and decoder, and at least the last
+    blocks its feature reads. An option that --like sets, given too, is refused (one source of truth); --weights
+    may point at the same checkpoint moved elsewhere (backbone_for_head checks its sha256)."""
+    from click.core import ParameterSource
+
+    from dinoprobe.cache.specs import blocks_needed, parse_feature
+    from dinoprobe.train.headfile import load_head_file
+
+    given = [f"--{name.replace('_', '-')}" for name in ("model", "image_size", "transform", "crop_pct", "decoder")
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"--like takes {', '.join(given)} from the run's head; drop {'it' if len(given) == 1 else 'them'}")
+    head_file = load_head_file(like_run)
+    fp = head_file.fingerprint
+    if not fp:
+        raise DinoprobeError(f"'{like_run}' was saved from features without a dinoprobe cache, so it records no "
+                             "backbone to build the cache like; give --model, --weights and --image-size")
+    needed = blocks_needed(parse_feature(head_file.feature))
+    if last_blocks < needed:
+        if ctx.get_parameter_source("last_blocks") == ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"the run's head reads '{head_file.feature}', the CLS tokens of the last {needed} "
+                                   f"blocks; use --last-blocks {needed} or more")
+        last_blocks = needed
+    explicit = ctx.get_parameter_source("weights") == ParameterSource.COMMANDLINE
+    source = fp["weights"]["source"]
+    recorded = source if source in ("hub", "random") else head_file.weights_location
+    return {"head_file": head_file, "model": fp["model"], "image_size": fp["transform"]["image_size"],
+            "weights": weights if explicit else None, "weights_name": weights if explicit else recorded,
+            "decoder": (fp.get("decoder") or {}).get("name", "pil"), "last_blocks": last_blocks}
 
 
 # ------------------------------------------------------------------------------------------------------ cache

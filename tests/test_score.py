@@ -248,3 +248,31 @@ def test_a_single_label_head_on_images_with_several_labels_scores_any_match_accu
     spread = np.zeros((len(x), 6), dtype=bool)
     spread[:, :3] = truth
     assert every["top1"] == pytest.approx(spread[np.arange(len(x)), logits.argmax(1)].mean())
+
+
+def test_features_like_a_run_caches_its_heads_features_for_score(tmp_path):
+    """--like takes the head's model, weights, image size, transform (crop included) and decoder, and stores the
+    last blocks its feature reads (6 here, past the default 4): the evaluation cache's fingerprint then agrees with
+    the training cache's, and score runs without a warning."""
+    data = make_folder(tmp_path / "data", per_class=4)
+    evaluation = make_folder(tmp_path / "eval", per_class=3, splits=("test",), seed=70)
+    run_cli("features", "--data", data, "--cache", tmp_path / "c", "--weights", "random", "--image-size", 48,
+            "--transform", "dinov3", "--crop-pct", "0.75", "--decoder", "torchvision", "--last-blocks", 6, "--workers", 0,
+            check=True)
+    run = tmp_path / "run"
+    run_cli("probe", "--cache", tmp_path / "c", "--out", run, "--head", "linear", "--epochs", 2,
+            "--feature", "cls6+patch_mean", check=True)
+    proc = run_cli("features", "--data", evaluation, "--like", run, "--cache", tmp_path / "e", "--workers", 0,
+                   check=True)
+    assert f"score --run {run} --cache {tmp_path / 'e'}" in proc.stderr
+    trained, made = (json.loads((tmp_path / c / "manifest.json").read_text())["fingerprint"] for c in ("c", "e"))
+    for key in ("model", "weights", "transform", "decoder"):
+        assert made[key] == trained[key], key
+    proc = run_cli("score", "--run", run, "--cache", tmp_path / "e", check=True)
+    assert "Warning" not in proc.stderr and "test: top-1" in proc.stdout
+    for option in (["--image-size", 64], ["--transform", "timm"], ["--model", "vit_base_patch16_dinov3"]):
+        proc = run_cli("features", "--data", evaluation, "--like", run, *option, "--cache", tmp_path / "x")
+        assert proc.returncode == 2 and f"--like takes {option[0]}" in proc.stderr
+    proc = run_cli("features", "--data", evaluation, "--like", run, "--last-blocks", 2, "--cache", tmp_path / "x")
+    assert proc.returncode == 2 and "--last-blocks 6" in proc.stderr
+    assert not (tmp_path / "x").exists()
