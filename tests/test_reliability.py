@@ -566,13 +566,13 @@ def test_features_that_are_not_finite_are_refused_naming_rows_and_causes(tiny, t
 def test_multilabel_targets_other_than_0_and_1_are_refused():
     import torch
 
-    from dinoprobe.cache.arrays import check_label_sets
+    from dinoprobe.cache.arrays import check_labels
     from dinoprobe.errors import DinoprobeError
 
     labels = torch.tensor([[1, 0], [0, 1], [1, 1]])
-    check_label_sets("c", ["a", "b"], {"train": labels, "val": labels})
+    check_labels("c", ["a", "b"], {"train": labels, "val": labels})
     with pytest.raises(DinoprobeError, match="values other than 0 and 1"):
-        check_label_sets("c", ["a", "b"], {"train": labels, "val": labels * 2})
+        check_labels("c", ["a", "b"], {"train": labels, "val": labels * 2})
 
 
 def _cgroup(folder, limit, usage, inactive, v1=False):
