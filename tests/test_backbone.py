@@ -317,3 +317,8 @@ def test_a_batch_the_host_cannot_run_on_a_cpu_is_refused_naming_one_that_fits(tm
     with pytest.raises(DinoprobeError, match="use a smaller --image-size or --model"):
         backbone_module.check_forward_fits(backbone, 1, torch.device("cpu"))
     backbone_module.check_forward_fits(backbone, 64, torch.device("cuda"))  # a GPU reports its own OutOfMemoryError
+    # torchrun ranks on one machine each run a forward at once: two need twice the memory, so half the batch fits
+    monkeypatch.setattr(backbone_module, "memory_available", lambda device: 3 * backbone_module.forward_bytes(backbone, 8))
+    backbone_module.check_forward_fits(backbone, 16, torch.device("cpu"))
+    with pytest.raises(DinoprobeError, match="in each of 2 processes .* use --batch-size 12 or less"):
+        backbone_module.check_forward_fits(backbone, 16, torch.device("cpu"), processes=2)

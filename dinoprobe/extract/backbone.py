@@ -162,19 +162,21 @@ def forward_bytes(backbone: Backbone, batch_size: int) -> int:
     return batch_size * (4 * FORWARD_FLOATS_PER_TOKEN_WIDTH * tokens * widths + 2 * 4 * 3 * size * size)
 
 
-def check_forward_fits(backbone: Backbone, batch_size: int, device: torch.device) -> None:
+def check_forward_fits(backbone: Backbone, batch_size: int, device: torch.device, processes: int = 1) -> None:
     """Refuse, naming a batch size that fits, a CPU forward pass the host cannot hold: ViT-H+/16 at 512 px is
     counted at 29 GiB for a batch of 64, and Linux's OOM killer would end the run without a word. (A GPU that runs
-    out raises OutOfMemoryError, which the commands report.)"""
+    out raises OutOfMemoryError, which the commands report.) `processes`: torchrun ranks on this machine, each
+    running a forward of its own at the same time."""
     if torch.device(device).type != "cpu":
         return
-    need, available = forward_bytes(backbone, batch_size), memory_available(torch.device("cpu"))
+    need, available = processes * forward_bytes(backbone, batch_size), memory_available(torch.device("cpu"))
     if available is None or need <= available:
         return
     fits = batch_size * available // need
     fix = f"use --batch-size {fits} or less" if fits >= 1 else "use a smaller --image-size or --model"
+    each = f" in each of {processes} processes" if processes > 1 else ""
     raise DinoprobeError(f"a batch of {batch_size} images at {backbone.data_config.image_size} px through "
-                         f"{backbone.model_name} needs about {need / 2**30:.3g} GiB of host memory and "
+                         f"{backbone.model_name}{each} needs about {need / 2**30:.3g} GiB of host memory and "
                          f"{available / 2**30:.3g} GiB are available; {fix}")
 
 

@@ -311,7 +311,7 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
     workers = default_workers(dev, ranks) if o.workers is None else o.workers
     o.check_source(source)
     source.check_cache_place(cache_dir)
-    check_forward_fits(backbone, o.batch_size, dev)
+    check_forward_fits(backbone, o.batch_size, dev, processes=ranks)
     on_device = o.decoder != "pil" and (dev.type == "cuda" if o.decode_on_device is None else o.decode_on_device)
     decode = TorchvisionDecode(backbone.data_config, o.max_pixels, encoded=on_device) if o.decoder != "pil" else None
     fingerprint = make_fingerprint(backbone, source, o.dtype, precision, o.views, o.augment, o.decoder,
