@@ -35,9 +35,8 @@ from dinoprobe.runs.metrics import (
 from dinoprobe.runs.rundir import check_run_dir, run_directory
 from dinoprobe.train.headfile import HeadFile, load_head_file
 
-# fingerprint entries that change what the features are: a cache differing in one was made by another backbone
-SAME_FEATURES = ("model", "weights", "transform")
-# entries that change the features by rounding only (bf16 or fp32, float16 storage, PIL or torchvision's resize)
+# fingerprint entries that change the features by rounding only (bf16 or fp32, float16 storage, PIL or
+# torchvision's resize); model, weights and transform change what they are (feature_differences)
 NOTED = ("decoder", "precision", "dtype")
 PREDICTION_FIELDS = ("index", "path", "label", "predicted", "probability")
 
