@@ -386,12 +386,14 @@ def features(ctx, data, image_column, label_column, task, label_sep, data_dir, m
     if precision == "fp16" and "dinov3" in model:
         say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
             "(or auto: bf16 on CUDA)")
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun ranks of this machine, each loading one
     if like is not None:
         from dinoprobe.runs.predict import backbone_for_head
 
-        backbone = backbone_for_head(like["head_file"], like["weights"], log=say)  # its transform, weights checked
+        backbone = backbone_for_head(like["head_file"], like["weights"], log=say, processes=processes)
     else:
-        backbone = build_backbone(model, weights, image_size, log=say, transform=transform, crop_pct=crop_pct)
+        backbone = build_backbone(model, weights, image_size, log=say, transform=transform, crop_pct=crop_pct,
+                                  processes=processes)
     cfg = backbone.data_config
     counts = ", ".join(f"{s} {len(v)}" for s, v in source.splits.items())
     say(f"{source.kind} {source.root}: {len(source.classes)} classes{' (multi-label)' if source.multilabel else ''}; "

@@ -8,7 +8,7 @@ import torch
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import build_backbone, load_strict, model_facts
 
-from conftest import MODEL, SIZE, assert_clean_error, hf_reference_model, run_cli
+from conftest import MODEL, SIZE, assert_clean_error, hf_reference_model, make_folder, run_cli
 
 
 def test_cls_is_the_normed_cls_token_not_timms_default_patch_mean(backbone):
@@ -259,6 +259,12 @@ def test_a_backbone_the_host_cannot_hold_is_refused_before_it_is_built(tmp_path,
     assert "checkpoint" not in str(err.value) and devices == ["meta"]
     monkeypatch.setattr(backbone_module, "memory_available", lambda device: 120 * 2**20)
     build_backbone(MODEL, "random", SIZE, log=lambda *_: None)  # one copy fits
+    # torchrun ranks of one machine each load a copy at once: two do not fit where one does
+    with pytest.raises(DinoprobeError, match=r"in each of 2 processes.*or fewer processes per machine"):
+        build_backbone(MODEL, "random", SIZE, processes=2)
+    proc = run_cli("features", "--data", make_folder(tmp_path / "d", per_class=2), "--weights", "random",
+                   "--image-size", SIZE, "--cache", tmp_path / "c", env={"LOCAL_WORLD_SIZE": "2"})
+    assert_clean_error(proc, "in each of 2 processes")
     (tmp_path / "w.safetensors").write_bytes(b"")  # refused before it is read: its weights would be a second copy
     with pytest.raises(DinoprobeError, match=r"needs about 0\.16\d* GiB .*as many again for the checkpoint"):
         build_backbone(MODEL, str(tmp_path / "w.safetensors"), SIZE)

@@ -110,23 +110,28 @@ def meta_model(model_name: str, image_size: int | None = None) -> nn.Module:
         return create_model(model_name, image_size)
 
 
-def check_host_holds(skeleton: nn.Module, model_name: str, copies: int) -> None:
+def check_host_holds(skeleton: nn.Module, model_name: str, copies: int, processes: int = 1) -> None:
     """Refuse, before any of it is allocated, a model the host cannot hold: ViT-7B/16 is 27 GB of float32 weights,
     and Linux lets the build start, then its OOM killer ends the process without a word. `skeleton`: the model on
-    the meta device; `copies`: the model, and the checkpoint read whole beside it while it loads."""
+    the meta device; `copies`: the model, and the checkpoint read whole beside it while it loads; `processes`: the
+    torchrun ranks of this machine, each loading its own at the same time."""
     weights = weights_bytes(skeleton)
-    available = memory_available(torch.device("cpu"))
-    if available is not None and copies * weights > available:
+    need, available = processes * copies * weights, memory_available(torch.device("cpu"))
+    if available is not None and need > available:
         beside = ", and as many again for the checkpoint read beside them" if copies > 1 else ""
-        raise DinoprobeError(f"{model_name} needs about {copies * weights / 2**30:.3g} GiB of host memory to load (its "
-                             f"weights, {weights / 2**30:.3g} GiB in float32{beside}) and {available / 2**30:.3g} GiB "
-                             "are available; choose a smaller --model or use a machine with more memory")
+        ranks = f" in each of {processes} processes" if processes > 1 else ""
+        fewer = " or fewer processes per machine" if processes > 1 else ""
+        raise DinoprobeError(f"{model_name} needs about {need / 2**30:.3g} GiB of host memory to load (its weights"
+                             f"{ranks}, {weights / 2**30:.3g} GiB in float32{beside}) and {available / 2**30:.3g} GiB "
+                             f"are available; choose a smaller --model{fewer} or use a machine with more memory")
 
 
 def build_backbone(model_name: str = DEFAULT_MODEL, weights: str = "hub", image_size: int | None = None,
-                   log=print, transform: str = "timm", crop_pct: float | None = None) -> Backbone:
-    """The one factory: model + weights + data config, frozen."""
-    check_host_holds(meta_model(model_name, image_size), model_name, copies=1 if weights == "random" else 2)
+                   log=print, transform: str = "timm", crop_pct: float | None = None, processes: int = 1) -> Backbone:
+    """The one factory: model + weights + data config, frozen. `processes`: torchrun ranks on this machine, each
+    building one at once (for the memory check)."""
+    check_host_holds(meta_model(model_name, image_size), model_name, copies=1 if weights == "random" else 2,
+                     processes=processes)
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)

@@ -21,7 +21,7 @@ from dinoprobe.train.headfile import HeadFile
 
 
 def backbone_for_head(head_file: HeadFile, weights: str | None = None, allow_weights_mismatch: bool = False,
-                      log=print) -> Backbone:
+                      log=print, processes: int = 1) -> Backbone:
     """The backbone the head was trained on: same model, same weights (checked by sha256), same transform."""
     fp = head_file.fingerprint
     if not fp:
@@ -33,7 +33,7 @@ def backbone_for_head(head_file: HeadFile, weights: str | None = None, allow_wei
         if source not in ("hub", "random") and not Path(weights).exists():
             raise DinoprobeError(f"the head was trained with weights from '{weights}', which is not here; "
                                  "pass --weights PATH to the same checkpoint")
-    backbone = build_backbone(fp["model"], weights, fp["transform"]["image_size"], log=log)
+    backbone = build_backbone(fp["model"], weights, fp["transform"]["image_size"], log=log, processes=processes)
     if backbone.weights.sha256 != fp["weights"]["sha256"] and not allow_weights_mismatch:
         raise DinoprobeError(f"weights '{weights}' (sha256 {backbone.weights.sha256[:12]}…) differ from those the head "
                              f"was trained on (sha256 {fp['weights']['sha256'][:12]}…); pass the same checkpoint, or "
