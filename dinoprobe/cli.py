@@ -900,16 +900,10 @@ def score(head_path, cache_dir, split, restrict_classes, out, overwrite, device)
     metrics = score_run(head_path, cache_dir, split, restrict_classes=restrict_classes, out=out, overwrite=overwrite,
                         device=device)
     scored = metrics["scored"]
-    if metrics[split].get("task") == "multilabel":
-        how = "each at the head's threshold"
-    elif metrics[split].get("task") == "any_match" and restrict_classes:
-        how = f"several per image, predicted among its {scored['classes']} classes"
-    elif metrics[split].get("task") == "any_match":
-        how = f"several per image, predicted among the head's {scored['head_classes']} classes"
-    elif restrict_classes:
-        how = f"predicted among its {scored['classes']} classes"
-    else:
-        how = f"predicted among the head's {scored['head_classes']} classes"
+    task = metrics[split].get("task")
+    among = f"its {scored['classes']}" if restrict_classes else f"the head's {scored['head_classes']}"
+    how = "each at the head's threshold" if task == "multilabel" else \
+        f"{'several per image, ' if task == 'any_match' else ''}predicted among {among} classes"
     click.echo(f"{cache_dir} {split}: {scored['classes']} classes, {how}")
     _print_metrics(metrics, out)
 

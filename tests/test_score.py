@@ -173,6 +173,16 @@ def test_score_refuses_what_it_cannot_score(trained, tmp_path):
     assert_clean_error(run_cli("score", "--run", tmp_path / "arrays.pt", "--cache", train), "records no backbone")
 
 
+def test_a_split_that_does_not_fit_in_memory_is_refused_before_it_is_read(trained, monkeypatch):
+    from dinoprobe.cache import arrays, store
+
+    _, train, run = trained
+    monkeypatch.setattr(arrays, "memory_available", lambda device: 100_000)  # 100 test rows x 32 floats: 12.8 KB
+    monkeypatch.setattr(store, "load", lambda *a, **k: pytest.fail("read a split that cannot fit"))
+    assert_clean_error(run_cli("score", "--run", run, "--cache", train), "test split's features, and scoring them",
+                       "use a machine with more memory")
+
+
 def test_scoring_the_split_a_head_was_chosen_on_is_flagged(trained):
     _, train, run = trained
     proc = run_cli("score", "--run", run, "--cache", train, "--split", "val", check=True)

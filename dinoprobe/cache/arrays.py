@@ -330,10 +330,10 @@ class LabelledSplit:
         return self.manifest.get("task") == "multilabel"
 
 
-def load_split(cache_dir, split: str, feature: str, device="cpu", score_bytes: int = 0) -> LabelledSplit:
+def load_split(cache_dir, split: str, feature: str, device="cpu") -> LabelledSplit:
     """Read and verify one split of a cache with one feature choice, for scoring (no train split needed: an
-    evaluation set's cache has none). `score_bytes`: what scoring it adds, for the memory check up front: the split's
-    float32 features, each row's label and path, a shard in flight, and that."""
+    evaluation set's cache has none). Refused up front when the split's features, and scoring them, do not fit
+    (memory_needed, counted for this split alone)."""
     device = resolve_device(device)
     parts = parse_feature(feature)
     manifest = cache.open_manifest(cache_dir)
@@ -347,15 +347,14 @@ def load_split(cache_dir, split: str, feature: str, device="cpu", score_bytes: i
     if rows == 0:
         raise DinoprobeError(f"cache {cache_dir}: its {split} split holds no rows, so there is nothing to score (the "
                              f"inputs `features` skipped, with their reasons: dinoprobe cache skipped {cache_dir})")
-    features = rows * width(parts, manifest.get("feature_dim", 0)) * 4
-    shard = max((s["bytes"] for s in manifest["splits"][split]["shards"]), default=0)
-    for where, need in dict.fromkeys([(torch.device("cpu"), features + rows * ROW_EXTRAS + 4 * shard + score_bytes),
-                                      (device, features)]):
-        available = memory_available(where)
-        if available is not None and need > available:
-            raise DinoprobeError(f"cache {cache_dir}: its {split} split's features need about {need / 2**30:.1f} GiB "
-                                 f"in {where.type} memory and {available / 2**30:.1f} GiB are available; use a "
-                                 "machine with more memory, or split the images into several caches")
+    # the split alone, keyed as a test split: scoring_bytes counts what scoring a val or test split holds
+    scored = {**manifest, "splits": {"test": manifest["splits"][split]}}
+    short = memory_shortfall(scored, {feature: parts}, False, device)
+    if short is not None:
+        need, available, where = short
+        raise DinoprobeError(f"cache {cache_dir}: its {split} split's features, and scoring them, need about "
+                             f"{need / 2**30:.1f} GiB in {where} memory and {available / 2**30:.1f} GiB are available; "
+                             "use a machine with more memory, or split the images into several caches")
     read = cache.load(cache_dir, split, columns(parts), manifest=manifest, selections={feature: parts})
     label = cache.label_column(manifest)
     x = torch.from_numpy(read[feature]).to(device)

@@ -177,8 +177,7 @@ def score_run(run, cache_dir, split: str = "test", *, restrict_classes: bool = F
         raise DinoprobeError("--restrict-classes is for single-label heads; a multi-label head is always scored on "
                              "the cache's classes, each at its own threshold")
     device = resolve_device(device)
-    score_bytes = settings.SCORING_BYTES if not head_file.multilabel else 0
-    data = load_split(cache_dir, split, head_file.feature, device, score_bytes)
+    data = load_split(cache_dir, split, head_file.feature, device)
     mapping = check_scorable(head_file, data, cache_dir)
     notes = [f"the cache was built with {key} {_setting(data.manifest['fingerprint'].get(key))} and the head's "
              f"with {_setting(head_file.fingerprint.get(key))}: their features differ by rounding"
