@@ -17,7 +17,7 @@ from dinoprobe.extract.backbone import build_backbone
 from dinoprobe.extract.run import extract
 from dinoprobe.extract.sources import open_source
 
-from conftest import MODEL, REPO, SIZE, assert_clean_error, cache_rows, features_cmd, kill_during_extraction, make_folder, run_cli
+from conftest import MODEL, SIZE, assert_clean_error, cache_rows, features_cmd, kill_during_extraction, make_folder, run_cli
 
 
 def _extract(backbone, root, cache_dir, **kw):
@@ -173,10 +173,10 @@ def test_second_writer_is_refused_and_stale_lock_recovered(tmp_path):
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_exactly_the_uninterrupted_rows(tmp_path):
     root = make_folder(tmp_path / "d", per_class=12)
-    subprocess.run(features_cmd(root, tmp_path / "clean"), check=True, capture_output=True, cwd=REPO)
+    run_cli(*features_cmd(root, tmp_path / "clean")[3:], check=True)  # in-process: the same code, one start less
     assert kill_during_extraction(root, tmp_path / "crash", after_shards=2)
     assert cache.verify(tmp_path / "crash") != []  # incomplete, and says so
-    subprocess.run(features_cmd(root, tmp_path / "crash"), check=True, capture_output=True, cwd=REPO)
+    run_cli(*features_cmd(root, tmp_path / "crash")[3:], check=True)
     assert cache.verify(tmp_path / "crash") == []
     clean, resumed = cache_rows(tmp_path / "clean"), cache_rows(tmp_path / "crash")
     for split in clean:

@@ -7,7 +7,7 @@ import pytest
 
 from dinoprobe.cache import store as cache
 
-from conftest import REPO, cache_rows, features_cmd, kill_during_extraction, make_folder
+from conftest import REPO, cache_rows, features_cmd, kill_during_extraction, make_folder, run_cli
 
 
 def _torchrun(args, nproc=2):
@@ -18,7 +18,7 @@ def _torchrun(args, nproc=2):
 @pytest.fixture(scope="module")
 def folder_and_reference(tmp_path_factory):
     root = make_folder(tmp_path_factory.mktemp("dist") / "data", per_class=9)
-    subprocess.run(features_cmd(root, root.parent / "single"), check=True, capture_output=True, cwd=REPO)
+    run_cli(*features_cmd(root, root.parent / "single")[3:], check=True)  # in-process: one start less
     return root, cache_rows(root.parent / "single")
 
 
