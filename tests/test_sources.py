@@ -206,6 +206,25 @@ def test_csv_details_and_errors(tmp_path):
     assert summary.skipped["train"] == 2  # missing files are listed with their reason, not fatal
 
 
+def test_csv_paths_are_the_files_real_paths_as_pathlib_resolves_them(tmp_path, monkeypatch):
+    """Each folder is resolved once (a path walk per row dominated reading long lists): the paths recorded must still
+    be pathlib's resolve() of each row, through symlinked folders and files, '..', '.', absolute and missing paths."""
+    real = make_folder(tmp_path / "real", per_class=2, splits=("train",))
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "linked").symlink_to(real)  # a symlinked folder
+    cat = sorted((real / "train" / "cat").iterdir())
+    (real / "train" / "dog" / "alias.png").symlink_to(cat[0])  # a symlinked file, in a folder also holding files
+    rows = ["linked/train/cat/000.png", "linked/train/dog/alias.png", "linked/train/dog/000.png",
+            "../real/train/./cat/001.png", "linked/train/cat/../dog/001.png", f"{cat[1]}", "linked//train/cat/nope.png",
+            "linked/train/cat/.", "linked/train/dog/.."]
+    (tmp_path / "lists" / "files.csv").write_text("path,label\n" + "".join(f"{r},{i % 2}\n" for i, r in enumerate(rows)))
+    monkeypatch.chdir(real)  # the list's folder, not the working directory, anchors relative rows
+    source = open_source(str(tmp_path / "lists" / "files.csv"))
+    expected = [str((tmp_path / "lists" / r).resolve()) for r in rows]
+    assert sorted(path for split in source.splits.values() for path, _ in split) == sorted(expected)
+    assert str(cat[0]) in expected and str(real / "train" / "dog" / "alias.png") not in expected  # the link's target
+
+
 def test_csv_files_from_spreadsheets(tmp_path):
     """Capitalised headers, ';' separators, a UTF-8 byte-order mark, Latin-1 names: read as the same list."""
     root = make_folder(tmp_path / "imgs", per_class=5, splits=("train",))
