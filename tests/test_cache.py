@@ -17,7 +17,7 @@ from dinoprobe.extract.backbone import build_backbone
 from dinoprobe.extract.run import extract
 from dinoprobe.extract.sources import open_source
 
-from conftest import MODEL, SIZE, assert_clean_error, cache_rows, features_cmd, kill_during_extraction, make_folder, run_cli
+from conftest import MODEL, SIZE, assert_clean_error, features_cmd, make_folder, run_cli
 
 
 def _extract(backbone, root, cache_dir, **kw):
@@ -168,20 +168,6 @@ def test_second_writer_is_refused_and_stale_lock_recovered(tmp_path):
     with cache.FolderLock(tmp_path / "c"):
         pass
     assert not (tmp_path / "c" / ".lock").exists()
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_gives_exactly_the_uninterrupted_rows(tmp_path):
-    root = make_folder(tmp_path / "d", per_class=12)
-    run_cli(*features_cmd(root, tmp_path / "clean")[3:], check=True)  # in-process: the same code, one start less
-    assert kill_during_extraction(root, tmp_path / "crash", after_shards=2)
-    assert cache.verify(tmp_path / "crash") != []  # incomplete, and says so
-    run_cli(*features_cmd(root, tmp_path / "crash")[3:], check=True)
-    assert cache.verify(tmp_path / "crash") == []
-    clean, resumed = cache_rows(tmp_path / "clean"), cache_rows(tmp_path / "crash")
-    for split in clean:
-        for key in clean[split]:
-            np.testing.assert_array_equal(clean[split][key], resumed[split][key])
 
 
 @pytest.mark.slow
