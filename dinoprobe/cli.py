@@ -362,7 +362,7 @@ def features(ctx, data, image_column, label_column, task, label_sep, data_dir, m
     import dataclasses
     import os
 
-    from dinoprobe.device import resolve_device
+    from dinoprobe.device import local_processes, resolve_device
     from dinoprobe.extract.backbone import build_backbone
     from dinoprobe.extract.run import ExtractOptions, distributed_context, end_distributed, extract
     from dinoprobe.extract.sources import open_source
@@ -386,7 +386,7 @@ def features(ctx, data, image_column, label_column, task, label_sep, data_dir, m
     if precision == "fp16" and "dinov3" in model:
         say("WARNING: DINOv3's authors say it does not support fp16 (activations overflow); use --precision bf16 "
             "(or auto: bf16 on CUDA)")
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun ranks of this machine, each loading one
+    processes = local_processes()  # torchrun ranks of this machine, each loading a backbone at once
     if like is not None:
         from dinoprobe.runs.predict import backbone_for_head
 

@@ -54,6 +54,17 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def local_processes(world: int = 1) -> int:
+    """The processes torchrun started on this machine (LOCAL_WORLD_SIZE; `world` when it is not set): they share its
+    cores and its memory, each holding its own backbone and batches."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise DinoprobeError(f"LOCAL_WORLD_SIZE={value!r} is not a number of processes; unset it, or start the "
+                             "command with torchrun, which sets it") from None
+
+
 def default_workers(device: torch.device, ranks: int = 1) -> int:
     """DataLoader processes for decoding. On a CPU with few cores the backbone's matmuls use every core, and
     worker processes preempting them cost more than decoding in-process (measured on 2 cores: 0.94 of the bare

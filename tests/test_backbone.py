@@ -265,6 +265,9 @@ def test_a_backbone_the_host_cannot_hold_is_refused_before_it_is_built(tmp_path,
     proc = run_cli("features", "--data", make_folder(tmp_path / "d", per_class=2), "--weights", "random",
                    "--image-size", SIZE, "--cache", tmp_path / "c", env={"LOCAL_WORLD_SIZE": "2"})
     assert_clean_error(proc, "in each of 2 processes")
+    proc = run_cli("features", "--data", tmp_path / "d", "--weights", "random", "--image-size", SIZE, "--cache",
+                   tmp_path / "c", env={"LOCAL_WORLD_SIZE": "two"})
+    assert_clean_error(proc, "LOCAL_WORLD_SIZE='two' is not a number of processes")
     (tmp_path / "w.safetensors").write_bytes(b"")  # refused before it is read: its weights would be a second copy
     with pytest.raises(DinoprobeError, match=r"needs about 0\.16\d* GiB .*as many again for the checkpoint"):
         build_backbone(MODEL, str(tmp_path / "w.safetensors"), SIZE)

@@ -30,7 +30,7 @@ def test_the_table_holds_what_the_single_commands_give(caches, tmp_path):
 
     assert table["environment"]["packages"]["dinoprobe"] == dinoprobe.__version__  # what produced the table
     assert (tmp_path / "e" / "results.csv").read_text().startswith("cache,model,weights")
-    cache, row = caches[1], table["rows"][1]  # the second cache's row (a row of the first would pass as well)
+    cache, row = caches[1], table["rows"][1]  # one row: every row is computed by the same code
     alone = tmp_path / f"alone-{cache.name}"
     run_cli("sweep", "--cache", cache, "--out", alone / "linear", "--preset", "dinov3-linear", *QUICK, check=True)
     run_cli("logreg", "--cache", cache, "--out", alone / "logreg", "--protocol", "dinov3", check=True)

@@ -175,14 +175,9 @@ def test_a_full_disk_under_an_export_is_one_line_and_leaves_nothing(exports, tmp
     (dinoprobe writes the file), so the process's exporter hands back the module's export of the same head instead
     of tracing ViT-S again for 20-40 s; every write is the real one."""
     run, onnx_file = exports["linear32"]
-    stand_in = ("import sys, types, onnx, torch\n"
-                "def export(*args, **kwargs):\n"
-                f"    proto = onnx.load({str(onnx_file)!r})\n"
-                "    del proto.metadata_props[:]\n"
-                "    return types.SimpleNamespace(model_proto=proto)\n"
-                "torch.onnx.export = export\n"
-                "from dinoprobe.cli import main\n"
-                "main(sys.argv[1:], prog_name='dinoprobe')")
+    stand_in = ("import sys, torch\nsys.path.insert(0, 'tests')\nfrom test_onnx import traced_as\n"
+                f"torch.onnx.export = traced_as({str(onnx_file)!r})\n"
+                "from dinoprobe.cli import main\nmain(sys.argv[1:], prog_name='dinoprobe')")
     cmd = [sys.executable, "-c", stand_in, "export", "--run", run, "--out", tmp_path / f"model.{fmt}"]
     proc = subprocess.run(with_file_size_limit(cmd, kib=1024), capture_output=True, text=True, cwd=REPO, timeout=300)
     assert_clean_error(proc, "File too large", "free disk space")

@@ -34,6 +34,7 @@ from dinoprobe.device import (
     autocast,
     default_workers,
     environment,
+    local_processes,
     resolve_device,
     resolve_precision,
     usable_cores,
@@ -307,7 +308,7 @@ def _extract(backbone: Backbone, source: DataSource, cache_dir: Path, o: Extract
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     precision = resolve_precision(o.precision, dev)
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", o.world)) if o.world > 1 else 1  # on this machine
+    ranks = local_processes(o.world) if o.world > 1 else 1  # on this machine
     workers = default_workers(dev, ranks) if o.workers is None else o.workers
     o.check_source(source)
     source.check_cache_place(cache_dir)
@@ -396,8 +397,7 @@ def distributed_context(device: torch.device) -> tuple[int, int]:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     if device.type == "cpu":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, usable_cores() // local))
+        torch.set_num_threads(max(1, usable_cores() // local_processes(world)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
