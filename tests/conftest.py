@@ -36,6 +36,55 @@ def photos(tmp_path_factory) -> Path:
     return make_jpeg_folder(tmp_path_factory.mktemp("photos") / "hymenoptera", sizes=(40, 90))
 
 
+@pytest.fixture(scope="session")
+def exports(photos, tmp_path_factory):
+    """The suite's two ONNX exports, shared by every module (each traces ViT-S for 20-40 s on 2 cores):
+    {name: (run, model.onnx)}.
+    - linear32: a linear head on CLS at 32 px, `--format onnx`;
+    - mlp48: a multi-label MLP head on cls4+patch_mean at 48 px (each photo tagged with its folder's class, every
+      third with the other one too), the format from the .onnx name, exported in a process of its own: what it
+      printed on stderr, as a user sees it, is kept beside the model as `mlp48.onnx.stderr`."""
+    import csv
+
+    base = tmp_path_factory.mktemp("onnx")
+    with open(base / "tags.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"])
+        for i, image in enumerate(sorted(photos.rglob("*.jpg"))):
+            split, name = image.parent.parent.name, image.parent.name
+            tags = [name, *(["bees" if name == "ants" else "ants"] if i % 3 == 0 else [])]
+            writer.writerow([image, "|".join(tags), split])
+    run_cli("features", "--data", photos, "--weights", "random", "--image-size", 32, "--last-blocks", 0,
+            "--cache", base / "c32", "--workers", 0, check=True)
+    run_cli("features", "--data", base / "tags.csv", "--label-sep", "|", "--weights", "random", "--image-size", 48,
+            "--last-blocks", 4, "--cache", base / "c48", "--workers", 0, check=True)
+    made = {}
+    for name, size, head, feature in (("linear32", 32, "linear", "cls"), ("mlp48", 48, "mlp", "cls4+patch_mean")):
+        run_cli("probe", "--cache", base / f"c{size}", "--out", base / name, "--head", head, "--feature", feature,
+                "--epochs", 5, "--hidden", 32, check=True)
+        made[name] = (base / name, base / f"{name}.onnx")
+    run_cli("export", "--run", base / "linear32", "--out", base / "linear32.onnx", "--format", "onnx", check=True)
+    proc = run_cli("export", "--run", base / "mlp48", "--out", base / "mlp48.onnx", check=True, in_process=False)
+    (base / "mlp48.onnx.stderr").write_text(proc.stderr)
+    return made
+
+
+def traced_as(onnx_file, change=None):
+    """A stand-in for torch.onnx.export handing back an exported graph of the same head (tracing ViT-S again takes
+    20-40 s), after `change(proto)`: what an exporter that got an op wrong would hand back."""
+    import types
+
+    import onnx
+
+    def export(*args, **kwargs):
+        proto = onnx.load(str(onnx_file))
+        del proto.metadata_props[:]  # export_onnx adds its own
+        if change is not None:
+            change(proto)
+        return types.SimpleNamespace(model_proto=proto)
+    return export
+
+
 def write_image(path: Path, seed: int, size=(40, 30), mode="RGB") -> Path:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)

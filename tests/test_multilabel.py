@@ -459,31 +459,6 @@ def test_resume_and_verify_keep_multilabel_shards(tagged_sources):
     assert_clean_error(proc, "different request")
 
 
-def test_onnx_export_of_a_multilabel_head_gives_predicts_labels(tagged_sources):
-    """The graph ends in a sigmoid and carries the thresholds: ONNX Runtime reports what predict --run does. The
-    export runs in a process of its own: the exporter's notes stay off stderr."""
-    pytest.importorskip("onnxruntime")
-    root, sources, _ = tagged_sources
-    cache, run, model = root / "cache-onnx", root / "run-onnx", root / "multilabel.onnx"
-    extract(sources["csv"], cache, "--label-sep", "|")
-    run_cli("probe", "--cache", cache, "--out", run, "--head", "mlp", "--hidden", 16, "--epochs", 3, check=True)
-    proc = run_cli("export", "--run", run, "--out", model, "--format", "onnx", check=True,
-                   in_process=False)  # a process of its own: pytest would capture what its loggers print
-    # onnxscript's notes (a warning per attention block, none a user can act on) are not shown
-    assert [line for line in proc.stderr.splitlines() if "RANDOM weights" not in line] == [], proc.stderr
-    ours = json.loads(run_cli("predict", "--run", run, "--format", "json", root / "img", check=True).stdout)
-    theirs = json.loads(run_cli("predict", "--model", model, "--format", "json", root / "img", check=True).stdout)
-    assert len(ours) == len(theirs) == 30
-    for a, b in zip(ours, theirs):
-        assert a["path"] == b["path"] and a["labels"] == b["labels"]
-        np.testing.assert_allclose(list(a["all_probabilities"].values()), list(b["all_probabilities"].values()),
-                                   atol=1e-4)
-    from dinoprobe.runs.onnx_predict import OnnxClassifier
-    from dinoprobe.train.headfile import load_head_file
-
-    assert OnnxClassifier(model).thresholds == pytest.approx(load_head_file(run).thresholds)
-
-
 def test_threshold_applies_to_multilabel_heads_only():
     from dinoprobe.runs.labelling import check_threshold, labelled
 
