@@ -232,6 +232,15 @@ def test_info_without_weights_allocates_nothing_even_for_vit_7b():
     assert "weights in float32   25 GiB" in run_cli("info", "--model", "vit_7b_patch16_dinov3", check=True).stdout
 
 
+def test_each_architecture_is_a_model_of_its_own():
+    """The meta-device skeleton is built once per model and size: what a caller changes in one is not in the next."""
+    from dinoprobe.extract.backbone import meta_model
+
+    first = meta_model(MODEL, 32)
+    first.blocks = first.blocks[:1]
+    assert len(meta_model(MODEL, 32).blocks) == 12 and meta_model(MODEL, 64).patch_embed.img_size == (64, 64)
+
+
 def test_model_facts_scale_with_image_size(backbone):
     assert model_facts(backbone)["tokens"] == 4 + 5
 
@@ -251,6 +260,7 @@ def test_a_backbone_the_host_cannot_hold_is_refused_before_it_is_built(tmp_path,
     from dinoprobe.extract import backbone as backbone_module
 
     devices, real = [], backbone_module.create_model
+    backbone_module._meta_model.cache_clear()  # the skeleton is built once per process: here, now
     monkeypatch.setattr(backbone_module, "create_model",
                         lambda *a: devices.append(torch.empty(0).device.type) or real(*a))
     monkeypatch.setattr(backbone_module, "memory_available", lambda device: 60 * 2**20)
