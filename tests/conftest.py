@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+import processes
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,9 +107,9 @@ def make_folder(root: Path, classes=("cat", "dog"), per_class=6, splits=("train"
 def run_cli(*args, check=False, env=None, timeout=300, in_process=True) -> subprocess.CompletedProcess:
     """Run the CLI with ARGS and return exit code, stdout and stderr.
 
-    In-process (click's CliRunner) by default, which saves a ~5 s interpreter start per call; an exception that
-    escapes the CLI is reported as a traceback, exactly what a user would see. `in_process=False` runs
-    `python -m dinoprobe` as a separate process, for what needs a real process (signals, locks, end to end).
+    In-process (click's CliRunner) by default; an exception that escapes the CLI is reported as a traceback,
+    exactly what a user would see. `in_process=False` runs `python -m dinoprobe` as a process of its own (a fork of
+    the tests' process server, `processes`), for what needs one: signals, locks, what loggers print, end to end.
     """
     if in_process:
         from click.testing import CliRunner
@@ -124,9 +126,7 @@ def run_cli(*args, check=False, env=None, timeout=300, in_process=True) -> subpr
         if check and proc.returncode != 0:
             raise AssertionError(f"dinoprobe {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "dinoprobe", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=REPO)
+    proc = processes.run(["-m", "dinoprobe", *args], env={"PYTHONUNBUFFERED": "1", **(env or {})}, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"dinoprobe {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -227,8 +227,7 @@ def finished_shards(cache_dir) -> int:
 def kill_during_extraction(root, cache_dir, after_shards: int, timeout=120, jitter: float = 0.0) -> bool:
     """Start `features`, SIGKILL it once `after_shards` shards are recorded (0: during start-up, after
     `jitter` seconds); True if it was killed before finishing."""
-    proc = subprocess.Popen(features_cmd(root, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=REPO)
+    proc = processes.Process(features_cmd(root, cache_dir)[1:], stdout=os.devnull, stderr=os.devnull)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         try:

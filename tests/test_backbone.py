@@ -8,6 +8,7 @@ import torch
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.backbone import build_backbone, load_strict, model_facts
 
+import processes
 from conftest import MODEL, SIZE, assert_clean_error, hf_reference_model, make_folder, run_cli
 
 
@@ -304,10 +305,8 @@ def test_a_cpu_forward_pass_is_counted_at_no_less_than_its_measured_peak():
     """The estimate behind the batch-size check, against the resident peak of a first forward pass of 16 images at
     224 px (what later passes reuse is allocated there), in three fresh processes side by side: it varies run to
     run (measured 105-182 MB over 30 processes; counted 247)."""
-    import subprocess
-    import sys
 
-    runs = [subprocess.Popen([sys.executable, "-c", FORWARD_PEAK], stdout=subprocess.PIPE, text=True)
+    runs = [processes.Process(["-c", FORWARD_PEAK])
             for _ in range(3)]
     measured = [tuple(map(int, run.communicate(timeout=300)[0].split())) for run in runs]
     peaks, counted = [peak for peak, _ in measured], measured[0][1]

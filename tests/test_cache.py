@@ -1,8 +1,6 @@
 """The feature cache: values against a reference, round trip, resume after SIGKILL, fingerprints, verify."""
 import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -17,6 +15,7 @@ from dinoprobe.extract.backbone import build_backbone
 from dinoprobe.extract.run import extract
 from dinoprobe.extract.sources import open_source
 
+import processes
 from conftest import MODEL, SIZE, assert_clean_error, features_cmd, make_folder, run_cli
 
 
@@ -159,10 +158,10 @@ def test_second_writer_is_refused_and_stale_lock_recovered(tmp_path):
     with cache.FolderLock(tmp_path / "c"):
         lock = (tmp_path / "c" / ".lock").read_text()
         assert lock == str(os.getpid())
-        child = subprocess.run([sys.executable, "-c", "import sys; from dinoprobe.cache.store import FolderLock\n"
-                                f"with FolderLock({str(tmp_path / 'c')!r}): pass"], capture_output=True, text=True)
+        child = processes.run(["-c", "import sys; from dinoprobe.cache.store import FolderLock\n"
+                                f"with FolderLock({str(tmp_path / 'c')!r}): pass"])
         assert child.returncode != 0 and f"pid {os.getpid()}" in child.stderr
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = processes.Process(["-c", "pass"])
     dead.wait()
     (tmp_path / "c" / ".lock").write_text(str(dead.pid))
     with cache.FolderLock(tmp_path / "c"):

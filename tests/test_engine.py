@@ -13,6 +13,8 @@ from dinoprobe.train.losses import softmax_cross_entropy
 from dinoprobe.train.stacked import StackedHeads
 from dinoprobe.train.update import HeadwiseOptimizer, lr_factors
 
+import processes
+
 
 def clusters(n=700, dim=24, classes=5, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -300,8 +302,6 @@ def test_an_epoch_keeps_no_per_step_tensors_that_grow_the_heap():
     """An epoch kept each step's predictions, targets and losses (a few KB each) in lists; glibc could not reuse
     the freed batches around them, and resident memory grew by about the size of the features every epoch (0.5-0.9
     times them here). Measured in a fresh process: the peak resident size while training, over the size before."""
-    import subprocess
-    import sys
 
     code = """
 import torch
@@ -315,6 +315,6 @@ base = status("VmRSS")
 train_heads([TrainConfig(head="linear", epochs=2, batch_size=256)], x, y, xv, yv, 5)
 print((status("VmHWM") - base) / x.nbytes)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = processes.run(["-c", code], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout) < 0.25  # 0.02 here

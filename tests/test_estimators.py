@@ -13,6 +13,7 @@ from dinoprobe.estimators.base import EXPECTED_FAILED_CHECKS
 from dinoprobe.extract.run import extract
 from dinoprobe.extract.sources import open_source
 
+import processes
 from conftest import make_synthetic_cache
 
 
@@ -175,8 +176,6 @@ def test_logreg_holds_one_float64_copy_of_train_and_val():
     peak). Now one float64 array of train then val, normalised into it a block of rows at a time (a whole float32
     normalised copy: 3.0 times); the search reads its first rows. Measured in a fresh process: the peak resident
     size over the resident size before the fit."""
-    import subprocess
-    import sys
 
     code = """
 import torch
@@ -191,7 +190,7 @@ base = status("VmRSS")
 LogReg(Cs=[1.0], max_iter=3).fit(x, y, X_val=x_val, y_val=y_val)
 print((status("VmHWM") - base) / (x.nbytes + x_val.nbytes))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = processes.run(["-c", code], timeout=120)
     assert proc.returncode == 0, proc.stderr
     # the float64 copy (2x), the solver's working set, val's scores, and blocks the allocator keeps (2.1-2.3 here)
     assert 2.0 < float(proc.stdout) < 2.7

@@ -5,7 +5,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -20,6 +19,7 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.run import extract
 from dinoprobe.extract.sources import open_source
 
+import processes
 from conftest import (
     REPO,
     assert_clean_error,
@@ -78,8 +78,7 @@ def test_sigkill_at_random_moments_never_loses_or_doubles_rows(small_folder, ref
 def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(small_folder, reference, tmp_path, stop, code, word):
     """Ctrl-C, and SIGTERM (`kill`, `docker stop`, a scheduler preempting the job) the same way."""
     cache_dir = tmp_path / "c"
-    proc = subprocess.Popen(features_cmd(small_folder, cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+    proc = processes.Process(features_cmd(small_folder, cache_dir)[1:])
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -322,10 +321,13 @@ def test_features_with_little_shared_memory_warns_and_keeps_one_batch_per_worker
 
 @pytest.mark.slow
 def test_a_second_writer_on_the_same_cache_is_refused_until_the_first_dies(small_folder, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dinoprobe.cache.store import FolderLock\n"
-                               f"with FolderLock({str(tmp_path / 'c')!r}):\n    print('locked', flush=True)\n"
-                               "    time.sleep(300)"], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert holder.stdout.readline().strip() == "locked"
+    holder = processes.Process(["-c", "import sys, time\nfrom dinoprobe.cache.store import FolderLock\n"
+                                f"with FolderLock({str(tmp_path / 'c')!r}):\n    print('locked', flush=True)\n"
+                                "    time.sleep(300)"])
+    deadline = time.time() + 120
+    while holder.output("stdout") != "locked\n" and time.time() < deadline and holder.poll() is None:
+        time.sleep(0.01)
+    assert holder.output("stdout") == "locked\n", holder.output("stderr")
     second = run_cli(*features_cmd(small_folder, tmp_path / "c")[3:])
     assert second.returncode == 1 and f"pid {holder.pid}" in second.stderr and "Traceback" not in second.stderr
     holder.kill()  # its lock file stays behind, naming a dead pid

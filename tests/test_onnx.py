@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_clean_error, run_cli, traced_as, with_file_size_limit
+import processes
+from conftest import REPO, assert_clean_error, run_cli, traced_as
 
 onnx = pytest.importorskip("onnx")  # the `onnx` extra; the dev extras include it
 ort = pytest.importorskip("onnxruntime")
@@ -182,8 +183,8 @@ def test_a_full_disk_under_an_export_is_one_line_and_leaves_nothing(exports, tmp
     stand_in = ("import sys, torch\nsys.path.insert(0, 'tests')\nfrom conftest import traced_as\n"
                 f"torch.onnx.export = traced_as({str(onnx_file)!r})\n"
                 "from dinoprobe.cli import main\nmain(sys.argv[1:], prog_name='dinoprobe')")
-    cmd = [sys.executable, "-c", stand_in, "export", "--run", run, "--out", tmp_path / f"model.{fmt}"]
-    proc = subprocess.run(with_file_size_limit(cmd, kib=1024), capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = processes.run(["-c", stand_in, "export", "--run", run, "--out", tmp_path / f"model.{fmt}"],
+                         file_size_kib=1024)
     assert_clean_error(proc, "File too large", "free disk space")
     assert list(tmp_path.iterdir()) == []  # no partial file, no temporary left
 

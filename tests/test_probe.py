@@ -1,6 +1,7 @@
 """Head training on the cache: equivalence with the original method, run artefacts, predict, export, bad input."""
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from dinoprobe.extract.sources import open_source
 from dinoprobe.train.headfile import load_head_file
 from dinoprobe.train.loop import TrainConfig
 
+import processes
 from conftest import MODEL, SIZE, assert_clean_error, make_folder, make_synthetic_cache, run_cli
 
 
@@ -287,8 +289,6 @@ def test_predictions_stream_out_in_input_order(photos, backbone, tmp_path):
     """A folder of millions of images must not wait for the last one to print the first (nor hold them all):
     entries come in input order, a skipped input at its place, each as soon as it and every earlier file are
     done; the command prints each line as it comes, so a pipe sees it while the run goes on."""
-    import subprocess
-    import sys
 
     from dinoprobe.runs.predict import iter_predictions
     from dinoprobe.train.headfile import load_head_file
@@ -313,11 +313,19 @@ def test_predictions_stream_out_in_input_order(photos, backbone, tmp_path):
     # the command: lines arrive as images are done (140 of them, one per batch), not all at once at the end
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "dinoprobe", "predict", "--run", str(tmp_path / "run"),
-                             "--batch-size", "1", "--workers", "0", "--format", "csv", *[str(photos)] * 2],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = processes.Process(["-m", "dinoprobe", "predict", "--run", tmp_path / "run", "--batch-size", 1, "--workers",
+                              0, "--format", "csv", *[photos] * 2], stdout=tmp_path / "out.csv", stderr=os.devnull)
+    arrivals, seen, deadline = [], 0, time.time() + 300
     try:
-        arrivals = [(time.perf_counter(), line) for line in proc.stdout]  # 140 lines, well within a pipe's buffer
+        while time.time() < deadline:  # each complete line in the file, timed when it first appears
+            done = proc.poll() is not None
+            lines = (tmp_path / "out.csv").read_text().splitlines(keepends=True) if (tmp_path / "out.csv").exists() else []
+            complete = [line for line in lines if line.endswith("\n")]
+            arrivals += [(time.perf_counter(), line) for line in complete[seen:]]
+            seen = len(complete)
+            if done:
+                break
+            time.sleep(0.002)
     finally:
         proc.kill()
         proc.wait()

@@ -114,19 +114,16 @@ def test_progress_never_stops_the_work_it_reports_on():
 
 def test_commands_run_to_the_end_with_stderr_closed_or_on_a_full_disk(tmp_path):
     """The results (run directory, cache, stdout) do not depend on stderr, which only carries notes and progress."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
+    import processes
 
     cache = make_synthetic_cache(tmp_path / "cache", n=(60, 30, 30), dim=8, num_classes=3)
     root = make_folder(tmp_path / "data", per_class=3)
-    probe = f"{sys.executable} -m dinoprobe probe --cache {cache} --out {tmp_path / 'run'} --epochs 3"
-    features = " ".join(map(str, features_cmd(root, tmp_path / "features")))
-    stdout = []  # each command once with each redirect: an interpreter start is ~5 s on 2 cores
-    for command, redirect in ((probe, "2>&-"), (features, "2>/dev/full")):
-        proc = subprocess.run(f"{command} {redirect}", shell=True, cwd=REPO, stdout=subprocess.PIPE, text=True)
-        assert proc.returncode == 0, (command, redirect, proc.stdout)
+    probe = ["-m", "dinoprobe", "probe", "--cache", cache, "--out", tmp_path / "run", "--epochs", 3]
+    features = features_cmd(root, tmp_path / "features")[1:]
+    stdout = []  # each command once with each: `2>&-` (closed), `2>/dev/full`
+    for command, stderr in ((probe, None), (features, "/dev/full")):
+        proc = processes.run(command, stderr=stderr)
+        assert proc.returncode == 0, (command, stderr, proc.stdout)
         stdout.append(proc.stdout)
     assert "run saved to" in stdout[0] and (tmp_path / "run" / "head.pt").is_file()
     assert "12 computed" in stdout[1] and (tmp_path / "features" / "manifest.json").is_file()

@@ -1,15 +1,14 @@
 """Attacks on run directories, caches and inputs: nothing lost, nothing silently wrong, one `Error:` line."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from dinoprobe.cache import store as cache
 
-from conftest import REPO, assert_clean_error, make_synthetic_cache, run_cli, with_file_size_limit
+import processes
+from conftest import assert_clean_error, make_synthetic_cache, run_cli
 
 DEAD_PID = 4_194_999  # above Linux's largest pid: no process can hold it
 
@@ -217,6 +216,7 @@ def test_torch_files_are_never_read_for_more_memory_than_they_hold(tiny, tmp_pat
     from dinoprobe.extract import backbone as backbone_module
 
     devices, real = [], export_module.create_model
+    backbone_module._meta_model.cache_clear()  # the skeleton is built once per process: here, now
     for module in (export_module, backbone_module):  # every model built, on the meta device or for real
         monkeypatch.setattr(module, "create_model", lambda *a: devices.append(torch.empty(0).device.type) or real(*a))
     with pytest.raises(DinoprobeError, match="do not fit"):
@@ -237,6 +237,7 @@ def test_torch_files_are_never_read_for_more_memory_than_they_hold(tiny, tmp_pat
         export_module.load_exported(tmp_path / "huge-head.pt")
     assert built == []
     devices.clear()  # a real export on a host too small for a second copy of its backbone
+    backbone_module._meta_model.cache_clear()
     monkeypatch.setattr(backbone_module, "memory_available", lambda device: 50 * 2**20)
     with pytest.raises(DinoprobeError, match=r"needs about 0\.08\d* GiB of host memory .* 0\.0488 GiB are available"):
         export_module.load_exported(tmp_path / "model.pt")
@@ -246,8 +247,6 @@ def test_torch_files_are_never_read_for_more_memory_than_they_hold(tiny, tmp_pat
 def test_the_cache_lock_is_held_by_one_process_at_a_time(tmp_path):
     """Eight processes race for the lock, each holding it briefly; a marker file created exclusively while held
     proves no two ever hold it at once (the takeover used to be check-then-act)."""
-    import subprocess
-    import sys
 
     code = ("import os, sys, time\nfrom dinoprobe.cache.store import FolderLock\nfrom dinoprobe.errors import "
             "DinoprobeError\nfor _ in range(40):\n    try:\n        with FolderLock(sys.argv[1]):\n"
@@ -256,7 +255,7 @@ def test_the_cache_lock_is_held_by_one_process_at_a_time(tmp_path):
             "'held'))\n        # what a killed writer leaves: a lock file naming a dead pid, for the others to take over\n"
             f"        open(os.path.join(sys.argv[1], '.lock'), 'w').write('{DEAD_PID}')\n"
             "    except DinoprobeError:\n        time.sleep(0.002)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    procs = [processes.Process(["-c", code, str(tmp_path)])
              for _ in range(8)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors  # FileExistsError on 'held' would mean two holders
@@ -459,9 +458,8 @@ def test_a_damaged_export_is_refused_naming_it(tiny, tmp_path):
 def test_a_full_disk_under_torch_save_is_the_systems_reason(tiny, tmp_path):
     """head.pt (45 KB here) is the run's first file past 16 KiB: its write fails with EFBIG, which torch.save
     reports as 'unexpected pos 2752 vs 2646' unless the file under it keeps the system's error."""
-    cmd = [sys.executable, "-m", "dinoprobe", "probe", "--cache", tiny, "--out", tmp_path / "run", "--head", "mlp",
-           "--hidden", 1024, "--epochs", 2]
-    proc = subprocess.run(with_file_size_limit(cmd, kib=16), capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = processes.run(["-m", "dinoprobe", "probe", "--cache", tiny, "--out", tmp_path / "run", "--head", "mlp",
+                          "--hidden", 1024, "--epochs", 2], file_size_kib=16, timeout=120)
     assert_clean_error(proc, "writing the run directory", "File too large")
     assert list(tmp_path.iterdir()) == []
 

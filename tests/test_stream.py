@@ -11,6 +11,7 @@ from dinoprobe.cache.stream import streaming_order
 from dinoprobe.train.loop import TrainConfig, train_heads
 from dinoprobe.train.sources import InMemory
 
+import processes
 from conftest import make_synthetic_cache, run_cli
 
 ROW_BYTES = 32 * 4
@@ -243,8 +244,6 @@ def test_standardising_features_takes_one_copy_of_them_and_leaves_them_as_they_w
     """(x - mean) / std made two temporaries the size of the features (the difference, then the quotient): at the
     peak, two copies besides the features. Measured in a fresh process, as the resident peak (64 MB tensors are
     mapped and unmapped whole, so the peak is exact to a page)."""
-    import subprocess
-    import sys
 
     code = """
 import torch
@@ -262,7 +261,7 @@ assert torch.equal(x, features())
 torch.testing.assert_close(out, (features() - mean) / std, rtol=0, atol=0)
 print(grown)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = processes.run(["-c", code], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert 0.9 < float(proc.stdout) < 1.5
 
@@ -289,8 +288,6 @@ def test_finding_non_finite_rows_keeps_the_heap_from_growing():
     runs of three (it runs on every split a cache loads and every array an estimator is given). One result tensor
     written a block at a time: at most 0.11 in every run. Measured in three fresh processes side by side (the
     resident peak, reset before the call); the largest counts."""
-    import subprocess
-    import sys
 
     code = """
 import torch
@@ -304,7 +301,7 @@ base = status("VmRSS")
 assert non_finite_rows(x).tolist() == []
 print((status("VmHWM") - base) / x.nbytes)
 """
-    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = [processes.Process(["-c", code])
             for _ in range(3)]
     results = [run.communicate(timeout=120) for run in runs]
     assert all(run.returncode == 0 for run in runs), [err for _, err in results]
@@ -346,13 +343,10 @@ def test_scoring_a_split_with_many_classes_stays_within_its_budget():
     (the logits, their float64 copy, the probabilities), 0.96 GB at 5,000 classes and 1.9 GB at iNaturalist's
     10,000 — after hours of training, and counted by no check. The rows per block now follow the classes, so a
     block stays near settings.SCORING_BYTES (256 MB). Measured in a fresh process."""
-    import subprocess
-    import sys
 
     from dinoprobe import settings
 
-    proc = subprocess.run([sys.executable, "-c", SCORING_CODE, "single", "20000", "5000"], capture_output=True,
-                          text=True, timeout=300)
+    proc = processes.run(["-c", SCORING_CODE, "single", "20000", "5000"], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert settings.SCORING_BYTES / 2 < int(proc.stdout) < 1.3 * settings.SCORING_BYTES
 
@@ -361,14 +355,11 @@ def test_the_memory_check_counts_what_scoring_a_multilabel_split_takes():
     """Multi-label metrics rank every row of a class, so a split is scored whole; the check counts
     MULTILABEL_SCORE_CELL_BYTES a (row, class) cell, which must bound the measured peak, and not by a wide
     margin."""
-    import subprocess
-    import sys
 
     from dinoprobe import settings
 
     rows, classes = 20_000, 500
-    proc = subprocess.run([sys.executable, "-c", SCORING_CODE, "multi", str(rows), str(classes)], capture_output=True,
-                          text=True, timeout=300)
+    proc = processes.run(["-c", SCORING_CODE, "multi", str(rows), str(classes)], timeout=300)
     assert proc.returncode == 0, proc.stderr
     counted = rows * classes * settings.MULTILABEL_SCORE_CELL_BYTES
     assert 0.5 * counted < int(proc.stdout) <= counted  # 0.63-0.89 of it here
@@ -378,8 +369,6 @@ def test_evaluating_val_while_training_stays_within_its_budget():
     """Each epoch a head's val predictions are computed a chunk of rows at a time: 8,192 rows of a 10,000-class
     head's logits were 0.3 GB beside the training. With many classes the chunk has fewer rows, so its logits and
     hidden activations stay within settings.VAL_CHUNK_BYTES (64 MB). Measured in a fresh process."""
-    import subprocess
-    import sys
 
     code = """
 import torch
@@ -394,7 +383,7 @@ base = status("VmRSS")
 Probe(head="linear", epochs=2).fit(x, y, X_val=x_val, y_val=y_val)
 print(status("VmHWM") - base)
 """
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    proc = processes.run(["-W", "ignore", "-c", code], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) < 8192 * 10_000 * 4 / 2  # was 1.05 times it (328 MB); 74 MB here
 
@@ -428,8 +417,6 @@ def test_streamed_training_holds_about_its_budget(tmp_path):
     and then copied whole in shuffled order (5.4 times the budget at the peak, here), so following the refusal's
     advice in a container still met the OOM killer. Measured in a fresh process: the peak resident size while a streamed
     probe trains, over the resident size after the cache was read."""
-    import subprocess
-    import sys
 
     cache_dir = make_synthetic_cache(tmp_path / "c", n=(65_536, 500), dim=512, shard_rows=2048, splits=("train", "val"))
     budget = 64 * 2**20  # 16 shards of 4 MB: the whole train split is 128 MB
@@ -443,7 +430,7 @@ base = status("VmRSS")
 Probe(head="linear", epochs=2).fit(data.X_train, data.y_train, X_val=data.x["val"], y_val=data.y["val"])
 print((status("VmHWM") - base) / {budget})
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = processes.run(["-c", code], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout) < 1.6  # the buffer, shards read into it, the allocator's leftovers: 1.2-1.3 (was 5.4)
 
@@ -453,8 +440,6 @@ def test_knn_s_search_takes_what_the_check_counts():
     (about 150 MB whatever the split's size): the up-front check counts both (a 1.1 GB container ended k-NN on
     200,000 rows with the OOM killer when it counted the copy alone). Its count bounds the measured peak, and not
     by a wide margin."""
-    import subprocess
-    import sys
 
     from dinoprobe.estimators.knn import SEARCH_BYTES
 
@@ -470,7 +455,7 @@ base = status("VmRSS")
 KNN().fit(x, y, X_val=x_val, y_val=y_val)
 print(status("VmHWM") - base, x.nbytes)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = processes.run(["-c", code], timeout=300)
     assert proc.returncode == 0, proc.stderr
     grown, copy = map(int, proc.stdout.split())
     assert copy + SEARCH_BYTES / 2 < grown <= copy + SEARCH_BYTES
