@@ -1,4 +1,4 @@
-"""torchrun extraction: 2 CPU processes (gloo) give exactly the rows of one, and resume across world sizes."""
+"""torchrun extraction: 2 CPU processes (gloo) resume what one began, giving exactly the rows of one."""
 import subprocess
 import sys
 
@@ -30,22 +30,14 @@ def _assert_same(expected, cache_dir):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_give_exactly_the_rows_of_one(folder_and_reference, tmp_path):
-    root, reference = folder_and_reference
-    cmd = features_cmd(root, tmp_path / "c")
-    proc = _torchrun(["python", "-m", *cmd[2:]])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("cache ") == 1  # only rank 0 reports
-    assert cache.verify(tmp_path / "c") == []
-    _assert_same(reference, tmp_path / "c")
-
-
-@pytest.mark.slow
 def test_a_run_killed_with_one_process_resumes_with_two(folder_and_reference, tmp_path):
+    """Two gloo ranks finish what one process began (each rank writing shards of its own, from scratch on a CSV
+    list and on tar shards in test_multilabel and test_sources): exactly the rows of one uninterrupted process."""
     root, reference = folder_and_reference
     assert kill_during_extraction(root, tmp_path / "c", after_shards=2)
     proc = _torchrun(["python", "-m", *features_cmd(root, tmp_path / "c")[2:]])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("cache ") == 1  # only rank 0 reports
     assert cache.verify(tmp_path / "c") == []
     _assert_same(reference, tmp_path / "c")
 
