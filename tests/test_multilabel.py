@@ -543,8 +543,8 @@ def test_predict_refuses_threshold_for_a_single_label_head(tmp_path):
 
 @pytest.mark.slow
 def test_two_torchrun_processes_give_the_multilabel_rows_of_one(tagged_sources, tmp_path):
-    """torchrun (2 gloo processes, each its own shards) on a multi-label file list: the features and the (N, classes)
-    label rows of one process, whichever rank wrote which shard."""
+    """torchrun (2 gloo processes, each its own shards) on multi-label tar shards (JSON label lists): the features
+    and the (N, classes) label rows of one process, whichever rank wrote which shard, and one report (rank 0's)."""
     import subprocess
     import sys
 
@@ -553,14 +553,14 @@ def test_two_torchrun_processes_give_the_multilabel_rows_of_one(tagged_sources, 
     from conftest import REPO
 
     root, sources, _ = tagged_sources
-    args = ["features", "--data", sources["csv"], "--label-sep", "|", "--weights", "random", "--image-size", SIZE,
-            "--workers", 0, "--batch-size", 2, "--shard-size", 4, "--dtype", "float32"]
+    args = ["features", "--data", sources["tar"], "--weights", "random", "--image-size", SIZE, "--workers", 0,
+            "--batch-size", 2, "--shard-size", 4, "--dtype", "float32"]
     run_cli(*args, "--cache", tmp_path / "one", check=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "dinoprobe", *map(str, args), "--cache", str(tmp_path / "two")],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert store.verify(tmp_path / "two") == []
+    assert proc.stdout.count("cache ") == 1 and store.verify(tmp_path / "two") == []
     assert store.read_manifest(tmp_path / "two")["task"] == "multilabel"
     for split in ("train", "val", "test"):
         one, two = (store.load(tmp_path / c, split, "cls") for c in ("one", "two"))
