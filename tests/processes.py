@@ -97,7 +97,8 @@ def _child(argv: list[str], env: dict, cwd: str, stdout: str | None, stderr: str
 
 
 class Process:
-    """A started process, the part of subprocess.Popen the tests use; its output goes to files, read on `wait`."""
+    """A started process, the part of subprocess.Popen the tests use. Its stdout and stderr go to files (a path, or
+    by default files of its own, read by `output` and `communicate`); None closes one, as `2>&-` does."""
 
     def __init__(self, argv, env=None, cwd=REPO, stdout=True, stderr=True, file_size_kib=None):
         self._dir = tempfile.TemporaryDirectory(prefix="dinoprobe-process-")
@@ -142,7 +143,7 @@ def _path(target):
     return None if target is None else str(target)
 
 
-def run(argv, env=None, cwd=REPO, timeout=300, file_size_kib=None, stdout=True, stderr=True,
+def run(argv, env=None, cwd=REPO, timeout=300, file_size_kib=None, stdout=True, stderr=True
         ) -> subprocess.CompletedProcess:
     """subprocess.run(..., capture_output=True, text=True) for a Python command line ARGV, in a fork of the server."""
     process = Process(argv, env, cwd, stdout, stderr, file_size_kib)

@@ -279,6 +279,31 @@ def test_a_worker_killed_while_handing_over_a_batch_is_the_same_clear_error(smal
             raise broken
 
 
+@pytest.mark.parametrize("first", [ConnectionResetError(104, "Connection reset by peer"),
+                                   RuntimeError("DataLoader worker (pid 7) exited unexpectedly")], ids=type)
+def test_torchs_handler_raising_while_the_workers_are_stopped_is_still_the_clear_error(small_folder, backbone,
+                                                                                      monkeypatch, first):
+    """torch's SIGCHLD handler raises "DataLoader worker ... is killed" wherever the main process is when the dead
+    worker's signal arrives: once, in a full test run, inside the error handling itself, just before the handler was
+    set aside (a traceback after all). Here it raises at that moment, twice."""
+    from dinoprobe.extract.datasets import DecodingLoader
+
+    real, raised = DecodingLoader._stop_workers, []
+
+    def interrupted(self, err):
+        if len(raised) < 2:
+            raised.append(err)
+            raise RuntimeError(f"DataLoader worker (pid {10 + len(raised)}) is killed by signal: Killed.")
+        return real(self, err)
+
+    monkeypatch.setattr(DecodingLoader, "_stop_workers", interrupted)
+    dataset = open_source(str(small_folder)).dataset("train", backbone.data_config)
+    with pytest.raises(DinoprobeError, match=r"a decoding worker process died .*--workers"):
+        with DecodingLoader(dataset, 2, 2, dataset.input_bytes).explaining_failures():
+            raise first
+    assert len(raised) == 2
+
+
 @pytest.mark.parametrize("kind", ["files", "files+views", "arrays", "arrays+views"])
 def test_the_shared_memory_budget_counts_what_a_batch_really_holds(small_folder, backbone, kind):
     """DecodingLoader's budget uses each dataset's input_bytes: held to the bytes of a real collated batch (pixels
