@@ -149,14 +149,14 @@ class DecodingLoader:
         """_stop_workers, again if torch's SIGCHLD handler raised its "DataLoader worker ... killed" for the dead
         worker before _stop_workers had set it aside (a few bytecodes' window; seen once in a full test run, after
         a worker's broken connection)."""
-        for _ in range(self.workers + 2):  # each raise is one worker's exit
+        attempts = self.workers + 2  # each raise is one worker's exit
+        for attempt in range(attempts):
             try:
                 return self._stop_workers(err)
             except RuntimeError as again:
-                if "DataLoader worker" not in str(again):
+                if "DataLoader worker" not in str(again) or attempt == attempts - 1:
                     raise
                 err = again
-        self._stop_workers(err)
 
     @contextlib.contextmanager
     def explaining_failures(self):
