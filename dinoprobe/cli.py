@@ -867,15 +867,22 @@ def sweep(cache_dir, out, overwrite, shots, tries, preset, feature, class_weight
 @click.option("--epochs", type=POSITIVE_INT, default=None,
               help="Override the linear preset's 10 epochs (a quick look: the numbers are then not the protocol's)")
 @click.option("--epoch-length", type=POSITIVE_INT, default=None, help="Override the preset's 1,250 iterations/epoch")
+@click.option("--test-cache", "test_caches", multiple=True, metavar="[CACHE=]PATH",
+              help="A further test set's cache (DINOv3's test_datasets: ImageNet-V2, -R, ...), built with the same "
+                   "backbone: the linear protocol's best head is scored on its test split, a column named after its "
+                   "folder; repeat for several. With several --cache, CACHE names the one whose head it tests")
+@click.option("--restrict-classes", is_flag=True,
+              help="Score each test cache over its own classes only (ImageNet-R/-A's 200 of ImageNet's 1,000)")
 @DEVICE_OPTION
-def evaluate(caches, out, protocol, shots, tries, epochs, epoch_length, device):
+def evaluate(caches, out, protocol, shots, tries, epochs, epoch_length, test_caches, restrict_classes, device):
     """Every protocol on every cache: linear, logistic regression, k-NN (and few-shot); one results table."""
     from dinoprobe.runs.evaluate import evaluate as run_evaluate
     from dinoprobe.runs.evaluate import markdown
 
     overrides = {k: v for k, v in (("epochs", epochs), ("epoch_length", epoch_length)) if v is not None}
     rows = run_evaluate(list(caches), out, protocol=protocol, shots=shots or (), tries=tries, device=device,
-                        linear_overrides=overrides, log=_echo_err, progress=True)
+                        linear_overrides=overrides, test_caches=test_caches, restrict_classes=restrict_classes,
+                        log=_echo_err, progress=True)
     click.echo(markdown(rows, protocol))
     click.echo(f"wrote {out}/results.csv, results.json and results.md; each protocol's run is under {out}/<cache>/")
 

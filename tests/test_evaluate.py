@@ -49,6 +49,40 @@ def test_the_table_holds_what_the_single_commands_give(caches, tmp_path):
     assert row["transform"] == "timm" and row["weights"] == "random"
 
 
+def test_further_test_caches_are_scored_by_the_linear_protocols_best_head(caches, tmp_path):
+    """DINOv3's test_datasets: the best head (chosen on val) scored on each test cache, a column per cache named
+    after its folder; --restrict-classes scores a cache of fewer classes (ImageNet-R's 200) over its own. The
+    reference is the best head's tensors applied by hand to the test features (DINOv3's linear input: the CLS token
+    and the patch mean, concatenated) and scikit-learn's accuracy."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import accuracy_score
+
+    from dinoprobe.cache import store
+
+    from conftest import make_synthetic_cache
+
+    shifted = make_synthetic_cache(tmp_path / "shifted", n=(80,), dim=8, num_classes=3, splits=("test",), seed=7)
+    fewer = make_synthetic_cache(tmp_path / "fewer", n=(80,), dim=8, num_classes=2, splits=("val",), seed=8)
+    out = tmp_path / "e"
+    proc = run_cli("evaluate", "--cache", caches[0], "--out", out, "--test-cache", shifted, "--test-cache",
+                   f"alpha={fewer}", "--restrict-classes", *QUICK, check=True)
+    assert "alpha: the linear head on fewer" in proc.stderr
+    table = json.loads((out / "results.json").read_text())
+    row = table["rows"][0]
+    assert table["test_caches"]["alpha"] == {"shifted": {"cache": str(shifted), "split": "test"},
+                                             "fewer": {"cache": str(fewer), "split": "val"}}
+    state = torch.load(out / "alpha" / "linear" / "best" / "head.pt", weights_only=True)["classifier_state_dict"]
+    for cache_dir, split, classes in ((shifted, "test", 3), (fewer, "val", 2)):
+        rows = store.load(cache_dir, split, features=("cls", "patch_mean"))
+        x = np.concatenate([rows["cls"], rows["patch_mean"]], 1).astype(np.float64)
+        logits = x @ state["0.weight"].double().numpy().T + state["0.bias"].double().numpy()
+        expected = accuracy_score(rows["label"], logits[:, :classes].argmax(1))
+        assert row[f"linear_{cache_dir.name}_top1"] == pytest.approx(expected), cache_dir.name
+        assert (out / "alpha" / f"linear-{cache_dir.name}" / "predictions.csv").is_file()
+    assert row["restrict_classes"] is True
+
+
 def test_an_interrupted_evaluate_resumes_without_recomputing_finished_protocols(caches, tmp_path, monkeypatch):
     run_cli("evaluate", "--cache", caches[0], "--out", tmp_path / "e", *QUICK, check=True)
     before = json.loads((tmp_path / "e" / "results.json").read_text())
@@ -136,6 +170,41 @@ def test_every_cache_is_checked_before_any_cache_is_trained(caches, tmp_path, mo
         proc = run_cli("evaluate", "--cache", caches[0], "--cache", last, "--out", out, "--shots", "2", *QUICK)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not out.exists()
+
+
+def test_every_test_cache_is_checked_before_anything_trains(caches, tmp_path, monkeypatch):
+    """A test cache the best head could not be scored on is refused before the hours of training, naming why."""
+    from conftest import make_synthetic_cache
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("trained before every test cache was checked")
+
+    monkeypatch.setattr(evaluate_module, "run_sweep", must_not_run)
+
+    def test_cache(name, **kwargs):
+        return make_synthetic_cache(tmp_path / name, **{"n": (20,), "dim": 8, "num_classes": 3, "splits": ("test",),
+                                                        **kwargs})
+
+    other_weights = test_cache("other-weights", fingerprint_changes={"weights": {"source": "x", "sha256": "other"}})
+    same_name = test_cache("a/shifted"), test_cache("b/shifted")
+    cls_only = test_cache("cls-only")
+    manifest = json.loads((cls_only / "manifest.json").read_text())
+    (cls_only / "manifest.json").write_text(json.dumps({**manifest, "features": ["cls"]}))  # all the check reads
+    for given, message in [
+        (["--test-cache", other_weights], "another backbone or transform"),
+        (["--test-cache", test_cache("more-classes", num_classes=4)], "class(es) the head was not trained on: class_3"),
+        (["--test-cache", test_cache("full", n=(20, 10, 10), splits=("train", "val"))], "has no test split"),
+        (["--test-cache", test_cache("no-rows", n=(0,))], "holds no rows"),
+        (["--test-cache", cls_only], "has no ['patch_mean'] features"),
+        (["--test-cache", caches[0]], "the cache"),
+        (["--test-cache", same_name[0], "--test-cache", same_name[1]], "both named 'shifted'"),
+        (["--test-cache", tmp_path / "missing"], "does not exist"),
+        (["--cache", caches[1], "--test-cache", same_name[0]], "CACHE=PATH with CACHE one of: alpha, beta"),
+    ]:
+        out = tmp_path / "e"
+        proc = run_cli("evaluate", "--cache", caches[0], *given, "--out", out, *QUICK)
+        assert_clean_error(proc, message)
+        assert not out.exists(), given
 
 
 def test_a_protocol_that_cannot_fit_in_memory_is_refused_before_any_trains(caches, tmp_path, monkeypatch):

@@ -330,6 +330,21 @@ class LabelledSplit:
         return self.manifest.get("task") == "multilabel"
 
 
+def check_scorable_split(cache_dir, manifest: dict, split: str, feature: str, device: torch.device) -> None:
+    """Refuse a split with no rows to score, or whose features, and scoring them, do not fit in memory."""
+    if cache.split_rows(manifest)[split] == 0:
+        raise DinoprobeError(f"cache {cache_dir}: its {split} split holds no rows, so there is nothing to score (the "
+                             f"inputs `features` skipped, with their reasons: dinoprobe cache skipped {cache_dir})")
+    # the split alone, keyed as a test split: scoring_bytes counts what scoring a val or test split holds
+    scored = {**manifest, "splits": {"test": manifest["splits"][split]}}
+    short = memory_shortfall(scored, {feature: parse_feature(feature)}, False, device)
+    if short is not None:
+        need, available, where = short
+        raise DinoprobeError(f"cache {cache_dir}: its {split} split's features, and scoring them, need about "
+                             f"{need / 2**30:.1f} GiB in {where} memory and {available / 2**30:.1f} GiB are available; "
+                             "use a machine with more memory, or split the images into several caches")
+
+
 def load_split(cache_dir, split: str, feature: str, device="cpu") -> LabelledSplit:
     """Read and verify one split of a cache with one feature choice, for scoring (no train split needed: an
     evaluation set's cache has none). Refused up front when the split's features, and scoring them, do not fit
@@ -343,18 +358,7 @@ def load_split(cache_dir, split: str, feature: str, device="cpu") -> LabelledSpl
                              f", or build the cache with a {split}/ "
                              f"folder (or {split} rows)")
     check_holds(cache_dir, manifest, [feature], parts)
-    rows = cache.split_rows(manifest)[split]
-    if rows == 0:
-        raise DinoprobeError(f"cache {cache_dir}: its {split} split holds no rows, so there is nothing to score (the "
-                             f"inputs `features` skipped, with their reasons: dinoprobe cache skipped {cache_dir})")
-    # the split alone, keyed as a test split: scoring_bytes counts what scoring a val or test split holds
-    scored = {**manifest, "splits": {"test": manifest["splits"][split]}}
-    short = memory_shortfall(scored, {feature: parts}, False, device)
-    if short is not None:
-        need, available, where = short
-        raise DinoprobeError(f"cache {cache_dir}: its {split} split's features, and scoring them, need about "
-                             f"{need / 2**30:.1f} GiB in {where} memory and {available / 2**30:.1f} GiB are available; "
-                             "use a machine with more memory, or split the images into several caches")
+    check_scorable_split(cache_dir, manifest, split, feature, device)
     read = cache.load(cache_dir, split, columns(parts), manifest=manifest, selections={feature: parts})
     label = cache.label_column(manifest)
     x = torch.from_numpy(read[feature]).to(device)

@@ -2,7 +2,8 @@
 
 For each cache: the linear protocol (the preset's sweep, its best head on val), DINOv3's logistic regression,
 DINO's k-NN (test top-1 for every k) and, when asked, few-shot logistic regression (K images per class, T tries,
-mean ± sample std). Each protocol writes its normal run directory under OUT/<cache>/; a run directory that exists
+mean ± sample std), and the linear protocol's head scored on further test caches (DINOv3's `test_datasets`: ImageNet
+-V2, -R, ... for an ImageNet head). Each protocol writes its normal run directory under OUT/<cache>/; a run directory that exists
 is a finished protocol (they appear atomically), so an interrupted evaluate resumes where it stopped. The table is
 written as results.csv, results.json and results.md.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from dinoprobe import documents
 from dinoprobe.atomic import write_json, write_text
-from dinoprobe.cache.arrays import check_trainable, memory_shortfall
+from dinoprobe.cache.arrays import check_holds, check_scorable_split, check_trainable, memory_shortfall
 from dinoprobe.cache.specs import parse_feature
 from dinoprobe.cache.store import FolderLock, open_manifest
 from dinoprobe.device import environment, resolve_device
@@ -27,6 +28,7 @@ from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
 from dinoprobe.runs.experiments import KNN_WORKING, heads_working, logreg_working, run_knn, run_logreg, run_sweep
 from dinoprobe.runs.rundir import run_command
+from dinoprobe.runs.score import check_evaluation_set, score_run
 from dinoprobe.settings import EVAL_SUITES as SUITES
 from dinoprobe.settings import PROTOCOLS
 from dinoprobe.splits import parse_shots
@@ -87,20 +89,28 @@ def _reading(run: Path):
                              f"{REDO.format(run)}") from None
 
 
-def cache_name(cache_dir, taken: set[str]) -> str:
-    name, n = Path(cache_dir).resolve().name, 2
-    unique = name
-    while unique in taken:
-        unique, n = f"{name}-{n}", n + 1
-    return unique
+def cache_names(caches) -> list[str]:
+    """Each cache's name in the table and under OUT: its folder's, numbered from -2 when taken."""
+    names = []
+    for cache_dir in caches:
+        name, n = Path(cache_dir).resolve().name, 2
+        unique = name
+        while unique in names:
+            unique, n = f"{name}-{n}", n + 1
+        names.append(unique)
+    return names
 
 
 def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5, device: str = "auto",
-             linear_overrides: dict | None = None, log=lambda message: None, progress: bool = False) -> list[dict]:
+             linear_overrides: dict | None = None, test_caches=(), restrict_classes: bool = False,
+             log=lambda message: None, progress: bool = False) -> list[dict]:
     """Run the suite on every cache into OUT/<cache>/<protocol>/, reusing finished protocol runs; write and return
     the table (one row per cache). linear_overrides (e.g. {"epochs": 2}) replace the linear preset's settings,
-    for a quick look: the numbers are then not the protocol's, and the table says which were changed. `progress`:
-    each protocol's bars on stderr (the command line's)."""
+    for a quick look: the numbers are then not the protocol's, and the table says which were changed.
+    test_caches: "PATH" (with one cache) or "CACHE=PATH" (CACHE: a cache's name in the table) — evaluation sets
+    the linear protocol's best head is scored on, each a column named after its folder; `restrict_classes`: scored
+    over each test cache's own classes (ImageNet-R/-A's 200). `progress`: each protocol's bars on stderr (the
+    command line's)."""
     if protocol not in SUITES:
         raise DinoprobeError(f"unknown protocol {protocol!r}; protocols are {', '.join(SUITES)}")
     caches = [Path(c) for c in ([caches] if isinstance(caches, (str, Path)) else caches)]
@@ -126,6 +136,7 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
                                  "a multi-label image does not belong to one of; drop --shots, or evaluate that "
                                  "cache without it")
         manifests.append(manifest)
+    names = cache_names(caches)
     preset = SUITES[protocol]
     overrides = {k: [v] for k, v in (linear_overrides or {}).items()}
     linear_configs = [c for _, c in Sweep(Probe(device=device), preset=preset, param_grid=overrides).configurations()]
@@ -133,18 +144,18 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
         check_protocols_fit(cache_dir, manifest, resolve_device(device), (
             ("linear", PROTOCOLS[preset]["features"], heads_working(linear_configs)),
             ("logistic regression", ["cls"], logreg_working(LogReg.dinov3())), ("k-NN", ["cls"], KNN_WORKING)))
+    tests = [check_test_caches(paired, cache_dir, manifest, out, PROTOCOLS[preset]["features"], resolve_device(device))
+             for paired, cache_dir, manifest in zip(pair_test_caches(test_caches, names), caches, manifests)]
     out.mkdir(parents=True, exist_ok=True)
     # one evaluation per folder at a time: a second one (a job submitted twice) would race the first for the same
     # protocol runs; the lock makes it one line naming the first's pid
     with FolderLock(out, what="evaluation"):
-        bases, taken = [], set()
-        for cache_dir, manifest in zip(caches, manifests):
-            name = cache_name(cache_dir, taken)
-            taken.add(name)
+        bases = []
+        for cache_dir, manifest, name in zip(caches, manifests, names):
             claim(out / name, cache_dir, manifest)
             bases.append(out / name)
         rows = []
-        for cache_dir, manifest, base in zip(caches, manifests, bases):
+        for cache_dir, manifest, base, scored_on in zip(caches, manifests, bases, tests):
             name = base.name
             fp = manifest["fingerprint"]
             multilabel = manifest.get("task") == "multilabel"
@@ -165,6 +176,13 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
                 row.update({f"linear_val_{metric}": linear.get("val", {}).get(score),
                             f"linear_test_{metric}": linear.get("test", {}).get(score),
                             "linear_best": f"{best['feature']} lr {best['lr']:g}"})
+            for test_dir, (test_name, split) in scored_on.items():  # recomputed each time: seconds, never stale
+                log(f"{name}: the linear head on {test_name}")
+                test = score_run(base / "linear", test_dir, split, restrict_classes=restrict_classes and not multilabel,
+                                 out=base / f"linear-{test_name}", overwrite=True, device=device)
+                row[f"linear_{test_name}_{metric}"] = test[split].get(score)
+            if scored_on:
+                row["restrict_classes"] = restrict_classes and not multilabel
             log(f"{name}: logistic regression")
             logreg = _finished(base / "logreg", "logreg") or run_logreg(cache_dir, base / "logreg",
                                                                        LogReg.dinov3(device=device, progress=progress))
@@ -192,8 +210,65 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
             if linear_overrides:
                 row["linear_overrides"] = json.dumps(linear_overrides, sort_keys=True)
             rows.append(row)
-        write_table(out, rows, protocol, resolve_device(device))
+        test_record = {name: {test_name: {"cache": str(test_dir), "split": split}
+                              for test_dir, (test_name, split) in scored_on.items()}
+                       for name, scored_on in zip(names, tests) if scored_on}
+        write_table(out, rows, protocol, resolve_device(device), test_record)
         return rows
+
+
+def pair_test_caches(specs, names: list[str]) -> list[list[Path]]:
+    """Each --test-cache with the cache whose linear head it tests: "CACHE=PATH" names it (CACHE as in the table);
+    a bare PATH belongs to the only cache."""
+    paired = [[] for _ in names]
+    for spec in map(str, specs):
+        name, sep, path = spec.partition("=")
+        if sep and name in names:
+            paired[names.index(name)].append(Path(path))
+        elif len(names) == 1:
+            paired[0].append(Path(spec))
+        else:
+            raise DinoprobeError(f"--test-cache {spec}: with several caches, name the one whose head it tests, as "
+                                 f"CACHE=PATH with CACHE one of: {', '.join(names)}")
+    return paired
+
+
+def evaluation_split(cache_dir, manifest: dict) -> str:
+    """The split of a test cache that is scored: its test split, or the only split of an evaluation set."""
+    splits = list(manifest["splits"])
+    if "test" in splits:
+        return "test"
+    if splits == ["val"]:
+        return "val"
+    raise DinoprobeError(f"test cache {cache_dir} has no test split (it has {', '.join(splits)}); build it from a "
+                         "folder of test/ images (or val/ alone), a file list with test rows, or a test split")
+
+
+def check_test_caches(paths: list[Path], cache_dir, manifest: dict, out: Path, features, device) -> dict:
+    """{test cache: (its column name, the split scored)} for one cache, each checked as `score` would check it
+    against that cache's head — before anything trains."""
+    checked, names = {}, {}
+    for path in paths:
+        a, b = out.resolve(), path.resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise DinoprobeError(f"--out '{out}' overlaps the test cache {path}; write the evaluation elsewhere")
+        if b == Path(cache_dir).resolve():
+            raise DinoprobeError(f"test cache {path} is the cache {cache_dir} itself, whose test split the table "
+                                 "already reports; pass another cache")
+        name = b.name
+        if name in names:
+            raise DinoprobeError(f"test caches {names[name]} and {path} of {cache_dir} are both named '{name}', the "
+                                 "name of their column; give them folders of different names")
+        names[name] = path
+        test = open_manifest(path)
+        split = evaluation_split(path, test)
+        check_evaluation_set(manifest["fingerprint"], manifest["classes"], manifest.get("task") == "multilabel", test,
+                             path)
+        for feature in features:
+            check_holds(path, test, [feature], parse_feature(feature))
+            check_scorable_split(path, test, split, feature, device)
+        checked[path] = (name, split)
+    return checked
 
 
 def check_protocols_fit(cache_dir, manifest: dict, device, protocols) -> None:
@@ -210,14 +285,17 @@ def check_protocols_fit(cache_dir, manifest: dict, device, protocols) -> None:
                 "streams the train split from disk)")
 
 
-def write_table(out: Path, rows: list[dict], protocol: str, device=None) -> None:
+def write_table(out: Path, rows: list[dict], protocol: str, device=None, test_caches: dict | None = None) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     write_text(out / "results.csv", buffer.getvalue())
-    write_json(out / "results.json", {"protocol": protocol, "rows": rows, "environment": environment(device)})
+    document = {"protocol": protocol, "rows": rows}
+    if test_caches:  # {cache: {column name: {"cache": path, "split": split}}}
+        document["test_caches"] = test_caches
+    write_json(out / "results.json", {**document, "environment": environment(device)})
     write_text(out / "results.md", markdown(rows, protocol))
 
 

@@ -60,29 +60,38 @@ def feature_differences(head: dict, cache: dict) -> list[str]:
 def check_scorable(head_file: HeadFile, split: LabelledSplit, cache_dir) -> list[int]:
     """Refuse a cache whose features or labels the head cannot be scored on; returns each cache class's position
     among the head's classes (matched by name)."""
-    fp = split.manifest["fingerprint"]
-    differences = feature_differences(head_file.fingerprint, fp)
-    if differences:
-        t = head_file.fingerprint["transform"]
-        raise DinoprobeError(f"cache {cache_dir} holds features of another backbone or transform than the head's: "
-                             f"{'; '.join(differences)}. Build it as the head's cache was: dinoprobe features "
-                             f"--model {head_file.fingerprint['model']} --weights ... --image-size {t.get('image_size')}"
-                             f" --transform {t.get('name', 'timm')} --data ... --cache ...")
-    if head_file.multilabel and not split.multilabel:
-        raise DinoprobeError(f"cache {cache_dir} is single-label and the head is multi-label; score it with a "
-                             "single-label head")
+    mapping = check_evaluation_set(head_file.fingerprint, head_file.class_names, head_file.multilabel,
+                                   split.manifest, cache_dir)
     if width(parse_feature(head_file.feature), split.manifest.get("feature_dim", 0)) != head_file.spec.in_dim:
         raise DinoprobeError(f"the head expects {head_file.spec.in_dim}-wide '{head_file.feature}' features and cache "
                              f"{cache_dir} gives {split.x.shape[1]}")
-    position = {name: i for i, name in enumerate(head_file.class_names)}
-    unknown = [name for name in split.classes if name not in position]
+    return mapping
+
+
+def check_evaluation_set(fingerprint: dict, class_names: list[str], multilabel: bool, manifest: dict,
+                         cache_dir) -> list[int]:
+    """What a head trained on a cache of `fingerprint` and `class_names` needs of a cache it is scored on, from the
+    manifests alone (so `evaluate` checks it before any head is trained): the same backbone and transform, labels
+    it can score, and no class it was not trained on. Returns each cache class's position among the head's."""
+    differences = feature_differences(fingerprint, manifest["fingerprint"])
+    if differences:
+        t = fingerprint["transform"]
+        raise DinoprobeError(f"cache {cache_dir} holds features of another backbone or transform than the head's: "
+                             f"{'; '.join(differences)}. Build it as the head's cache was: dinoprobe features "
+                             f"--model {fingerprint['model']} --weights ... --image-size {t.get('image_size')}"
+                             f" --transform {t.get('name', 'timm')} --data ... --cache ...")
+    if multilabel and manifest.get("task") != "multilabel":
+        raise DinoprobeError(f"cache {cache_dir} is single-label and the head is multi-label; score it with a "
+                             "single-label head")
+    position = {name: i for i, name in enumerate(class_names)}
+    unknown = [name for name in manifest["classes"] if name not in position]
     if unknown:
         raise DinoprobeError(f"cache {cache_dir} has class(es) the head was not trained on: "
                              f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} (the head's "
-                             f"{len(position)}: {', '.join(head_file.class_names[:10])}"
+                             f"{len(position)}: {', '.join(class_names[:10])}"
                              f"{' ...' if len(position) > 10 else ''}); a head cannot predict them — build the cache "
                              "from images of the head's classes only")
-    return [position[name] for name in split.classes]
+    return [position[name] for name in manifest["classes"]]
 
 
 def score_head(head_file: HeadFile, split: LabelledSplit, mapping: list[int], restrict_classes: bool = False,
