@@ -100,12 +100,22 @@ def check_encoded_size(nbytes: int, max_pixels: int) -> None:
                            f"({max_encoded_bytes(max_pixels):,} bytes); raise --max-pixels to accept it")
 
 
+def not_a_file(path: str) -> str:
+    """Why a path that is not a regular file is not read: missing (a file list's typo, a link to nothing, a link
+    loop: the system's reason), or a pipe, device, socket or folder, which would block or never end."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return f"{(err.strerror or type(err).__name__).lower()}{' (a symbolic link)' if os.path.islink(path) else ''}"
+    return "not a regular file (a pipe, device, socket or folder): not read"
+
+
 def load_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS, resize_to: int | None = None) -> Image.Image:
     """Open any common image, a file path or its encoded bytes, as 8-bit RGB, EXIF rotation applied; raise
     SkippedInput with a reason otherwise (unreadable, or past the size guards of `check_size`)."""
     try:
         if not isinstance(source, bytes) and not os.path.isfile(source):  # a pipe would block, a device never end
-            raise SkippedInput("not a regular file (a pipe, device or socket, or a link to one): not read")
+            raise SkippedInput(not_a_file(source))
         if len(source) == 0 if isinstance(source, bytes) else os.path.getsize(source) == 0:
             raise SkippedInput("empty file (0 bytes)")
         with warnings.catch_warnings():

@@ -168,13 +168,20 @@ def test_bad_files_are_skipped_with_a_reason(tmp_path):
     (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
     os.mkfifo(tmp_path / "pipe.jpg")  # opened, it would block until a writer came
     (tmp_path / "zero.png").symlink_to("/dev/zero")  # read, it would never end
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
     reasons = {}
-    for name in ("empty.jpg", "text.jpg", "truncated.jpg", "pipe.jpg", "zero.png"):
+    for name in ("empty.jpg", "text.jpg", "truncated.jpg", "pipe.jpg", "zero.png", "gone.jpg", "dangling.jpg",
+                 "loop.jpg"):
         with pytest.raises(SkippedInput) as err:
             load_rgb(str(tmp_path / name))
         reasons[name] = str(err.value)
     assert "0 bytes" in reasons["empty.jpg"] and "truncated" in reasons["truncated.jpg"].lower()
     assert "not a regular file" in reasons["pipe.jpg"] and "not a regular file" in reasons["zero.png"]
+    # a file list naming a missing file, a link to nothing, a link loop: the system's reason, not "a pipe"
+    assert reasons["gone.jpg"] == "no such file or directory"
+    assert reasons["dangling.jpg"] == "no such file or directory (a symbolic link)"
+    assert reasons["loop.jpg"] == "too many levels of symbolic links (a symbolic link)"
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     with pytest.raises(SkippedInput, match="pixel guard"):
         load_rgb(str(tmp_path / "big.png"), max_pixels=300 * 299)

@@ -677,3 +677,23 @@ def test_the_next_export_removes_what_a_killed_export_left(tmp_path):
     running.write_bytes(b"another export, still writing")
     run_cli("export", "--run", tmp_path / "r", "--out", out / "model.pt", check=True)
     assert sorted(p.name for p in out.iterdir()) == [running.name, "model.pt"]
+
+
+def test_a_symbolic_link_loop_given_as_any_path_is_one_line(tmp_path):
+    """A link to itself given as a cache, an output or a data folder: Python 3.11's pathlib raises RuntimeError
+    resolving it (a traceback from every command that compares paths); it is the system's ELOOP, in one line."""
+    from conftest import make_folder
+
+    cache = make_synthetic_cache(tmp_path / "cache", n=(60, 20, 20), dim=8, num_classes=3)
+    run_cli("probe", "--cache", cache, "--out", tmp_path / "run", "--head", "linear", "--epochs", 1, check=True)
+    data = make_folder(tmp_path / "data", per_class=2)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for args in (["probe", "--cache", loop, "--out", tmp_path / "o"], ["knn", "--cache", cache, "--out", loop],
+                 ["score", "--run", tmp_path / "run", "--cache", cache, "--out", loop],
+                 ["export", "--run", tmp_path / "run", "--out", loop],
+                 ["evaluate", "--cache", cache, "--out", loop], ["evaluate", "--cache", loop, "--out", tmp_path / "e"],
+                 ["evaluate", "--cache", cache, "--test-cache", loop, "--out", tmp_path / "e"],
+                 ["features", "--data", data, "--weights", "random", "--image-size", 32, "--cache", loop]):
+        assert_clean_error(run_cli(*args), "too many levels of symbolic links")
+

@@ -29,6 +29,7 @@ from dinoprobe import documents
 from dinoprobe.atomic import write_bytes, write_json
 from dinoprobe.cache.specs import select, width
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.paths import resolved
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -65,7 +66,7 @@ def shard_path(cache_dir: str | Path, file: str) -> Path:
     cache_dir = Path(cache_dir)
     path = cache_dir / str(file)
     if not isinstance(file, str) or not SHARD_FILE.fullmatch(file) or \
-            not path.resolve().is_relative_to(cache_dir.resolve()):
+            not resolved(path).is_relative_to(resolved(cache_dir)):
         raise DinoprobeError(f"cache {cache_dir}: manifest entry {file!r} points outside the cache (shards are "
                              "<split>/shard-NNNNN.h5 inside it); the manifest was edited — rebuild with --overwrite")
     return path
@@ -322,7 +323,7 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
             except DinoprobeError as err:
                 problems.append(str(err))
                 continue
-            known.add(path.resolve())
+            known.add(resolved(path))
             if not path.is_file():
                 problems.append(f"{shard['file']}: missing; {fix}")
                 continue
@@ -360,7 +361,7 @@ def verify(cache_dir: str | Path, check_hashes: bool = True) -> list[str]:
                                 f"skipped inputs are not each input of [{shard['start']}, {shard['stop']}) once; "
                                 f"delete it and {fix}")
     for path in sorted(cache_dir.glob("*/shard-*.h5")):
-        if path.resolve() in known:
+        if resolved(path) in known:
             continue
         if finished_entry(cache_dir, path, check_hashes) is not None:  # the manifest catches up every few seconds
             problems.append(f"{path.relative_to(cache_dir)}: finished, but not yet in the manifest (the run that "

@@ -24,6 +24,7 @@ from dinoprobe.device import memory_available
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.transforms import DataConfig, resolve_data_config
 from dinoprobe.network import hub_endpoint, reachable
+from dinoprobe.paths import resolved
 from dinoprobe.settings import DEFAULT_MODEL
 from dinoprobe.torchfiles import check_torch_file
 
@@ -339,7 +340,7 @@ def _load_file_into(model: nn.Module, path: Path, source: str | None = None,
                                  "was trained as")
         state = converted
     load_strict(model, state, path)
-    return WeightsInfo(source or kind, location or str(path.resolve()), file_sha256(path))
+    return WeightsInfo(source or kind, location or str(resolved(path)), file_sha256(path))
 
 
 def _load_hf_folder(model: nn.Module, folder: Path) -> WeightsInfo:
@@ -358,7 +359,7 @@ def _load_hf_folder(model: nn.Module, folder: Path) -> WeightsInfo:
         detail = ", ".join(f"{k}={a} (model has {b})" for k, (a, b) in wrong.items())
         raise DinoprobeError(f"'{folder}' does not match --model: {detail}; pick the matching --model")
     _load_file_into(model, weights_path)
-    return WeightsInfo("hf", str(folder.resolve()), file_sha256(weights_path))
+    return WeightsInfo("hf", str(resolved(folder)), file_sha256(weights_path))
 
 
 def _timm_filter(state: dict, model: nn.Module) -> dict:

@@ -7,13 +7,13 @@ import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.transforms import DataConfig
 from dinoprobe.imagefiles import describe_ignored
+from dinoprobe.paths import resolved
 from dinoprobe.settings import DEFAULT_MAX_PIXELS, TASKS
 from dinoprobe.splits import carve_val
 
@@ -50,7 +50,7 @@ class DataSource:
         written."""
         if self.kind != "folder":
             return
-        root, cache = Path(self.root).resolve(), Path(cache_dir).resolve()
+        root, cache = resolved(self.root), resolved(cache_dir)
         if cache == root or root in cache.parents:
             raise DinoprobeError(f"--cache {cache_dir} is inside the data folder {self.root}, where a rerun would read "
                                  f"it as data; put the cache outside it, e.g. --cache cache/{root.name}")

@@ -29,6 +29,7 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.datasource import SPLIT_NAMES, SPLITS, DataSource, detect_task, with_val
 from dinoprobe.imagefiles import SkippedInput
 from dinoprobe.network import hub_endpoint, reachable
+from dinoprobe.paths import resolved
 
 IMAGE_COLUMNS = ("image", "img", "picture", "photo")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "category")
@@ -109,7 +110,7 @@ def csv_source(path: Path, val_fraction: float, seed: int, task: str = "auto", l
         label = tuple(sorted(label_of[n] for n in names)) if task == "multilabel" else label_of[names[0]]
         # an absolute path replaces the folder in the join
         splits.setdefault(split, []).append((resolve(os.path.join(folder, row["path"])), label))
-    return with_val("csv", str(path.resolve()), classes, splits, val_fraction, seed, task=task)
+    return with_val("csv", str(resolved(path)), classes, splits, val_fraction, seed, task=task)
 
 
 class FileResolver:
@@ -211,7 +212,7 @@ def hf_source(spec: str, val_fraction: float, seed: int, image_column: str | Non
         else:
             loaded = datasets.load_from_disk(str(folder))
             files = sorted(p for p in folder.rglob("*.arrow"))
-        root = str(folder.resolve())
+        root = str(resolved(folder))
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     tables = {}
@@ -418,16 +419,16 @@ def webdataset_source(spec: str, val_fraction: float, seed: int, label_field: st
     """A folder whose train/, val/, test/ subfolders hold .tar shards, or `train=PATTERN;val=PATTERN` with
     brace patterns for shards elsewhere. A .json label field holding a list makes the sample multi-label."""
     if Path(spec).is_dir():
-        shards = {split: sorted(str(p.resolve()) for p in (Path(spec) / split).glob("*.tar"))
+        shards = {split: sorted(str(resolved(p)) for p in (Path(spec) / split).glob("*.tar"))
                   for split in ("train", "val", "test") if (Path(spec) / split).is_dir()}
-        root = str(Path(spec).resolve())
+        root = str(resolved(spec))
     else:
         shards, root = {}, spec
         for part in spec.split(";"):
             split, _, pattern = part.partition("=")
             if SPLIT_NAMES.get(split.strip()) is None or not pattern:
                 raise DinoprobeError(f"--data {spec!r}: expected train=PATTERN;val=PATTERN;test=PATTERN")
-            shards[SPLIT_NAMES[split.strip()]] = [str(Path(p).resolve()) for p in expand_braces(pattern.strip())]
+            shards[SPLIT_NAMES[split.strip()]] = [str(resolved(p)) for p in expand_braces(pattern.strip())]
     missing = [p for files in shards.values() for p in files if not os.path.isfile(p)]
     if missing:
         raise DinoprobeError(f"tar shards not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")

@@ -9,6 +9,7 @@ from dinoprobe.errors import DinoprobeError
 from dinoprobe.extract.datasource import SPLIT_NAMES, SPLITS, DataSource, with_val
 from dinoprobe.imagefiles import describe_ignored, list_images
 from dinoprobe.network import reachable
+from dinoprobe.paths import resolved
 from dinoprobe.splits import carve_val
 
 CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -69,7 +70,7 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> DataSource:
             if empty:
                 raise DinoprobeError(f"train/ classes with no images: {empty}; add images to them or remove those "
                                      f"folders{f' ({describe_ignored(ignored)})' if ignored else ''}")
-    source = with_val("folder", str(root.resolve()), classes, splits, val_fraction, seed)
+    source = with_val("folder", str(resolved(root)), classes, splits, val_fraction, seed)
     source.ignored.update(ignored)
     return source
 
@@ -95,7 +96,7 @@ def cifar_source(name: str, data_dir: str, val_fraction: float, seed: int) -> Da
         splits[split] = [(f"{name}:train:{i}", label) for i, label in chosen]
         arrays[split] = train_pixels[[i for i, _ in chosen]]
     val_split = {"from": "train", "fraction": val_fraction, "seed": seed, "stratified": True}
-    return DataSource(name, str(Path(data_dir).resolve()), classes, splits, val_split, arrays)
+    return DataSource(name, str(resolved(data_dir)), classes, splits, val_split, arrays)
 
 
 def _download_cifar(cls, name: str, data_dir: str, train: bool):

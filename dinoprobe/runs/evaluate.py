@@ -26,6 +26,7 @@ from dinoprobe.estimators.knn import KNN
 from dinoprobe.estimators.logreg import LogReg
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
+from dinoprobe.paths import resolved
 from dinoprobe.runs.experiments import KNN_WORKING, heads_working, logreg_working, run_knn, run_logreg, run_sweep
 from dinoprobe.runs.rundir import run_command
 from dinoprobe.runs.score import check_evaluation_set, score_run
@@ -45,7 +46,7 @@ def content_id(manifest: dict) -> str:
 def claim(base: Path, cache_dir, manifest: dict) -> None:
     """OUT/<cache>/ belongs to one cache's content: recorded on first use, checked on every resume, so the runs of
     another cache (or of this one before it was rebuilt) are never reused or mixed in."""
-    record = {"cache": str(Path(cache_dir).resolve()), "content": content_id(manifest)}
+    record = {"cache": str(resolved(cache_dir)), "content": content_id(manifest)}
     path = base / "cache.json"
     if path.exists():
         try:
@@ -93,7 +94,7 @@ def cache_names(caches) -> list[str]:
     """Each cache's name in the table and under OUT: its folder's, numbered from -2 when taken."""
     names = []
     for cache_dir in caches:
-        name, n = Path(cache_dir).resolve().name, 2
+        name, n = resolved(cache_dir).name, 2
         unique = name
         while unique in names:
             unique, n = f"{name}-{n}", n + 1
@@ -123,7 +124,7 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
     # the last one must not wait for the others. OUT never lands inside a cache, nor a cache inside OUT.
     manifests, seen = [], {}
     for cache_dir in caches:
-        a, b = out.resolve(), cache_dir.resolve()
+        a, b = resolved(out), resolved(cache_dir)
         if a == b or b in a.parents or a in b.parents:
             raise DinoprobeError(f"--out '{out}' overlaps the cache {cache_dir}; write the evaluation elsewhere")
         if b in seen:
@@ -249,10 +250,10 @@ def check_test_caches(paths: list[Path], cache_dir, manifest: dict, out: Path, f
     against that cache's head — before anything trains."""
     checked, names = {}, {}
     for path in paths:
-        a, b = out.resolve(), path.resolve()
+        a, b = resolved(out), resolved(path)
         if a == b or b in a.parents or a in b.parents:
             raise DinoprobeError(f"--out '{out}' overlaps the test cache {path}; write the evaluation elsewhere")
-        if b == Path(cache_dir).resolve():
+        if b == resolved(cache_dir):
             raise DinoprobeError(f"test cache {path} is the cache {cache_dir} itself, whose test split the table "
                                  "already reports; pass another cache")
         name = b.name

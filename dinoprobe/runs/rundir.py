@@ -14,6 +14,7 @@ from pathlib import Path
 from dinoprobe import documents
 from dinoprobe.atomic import fsync_dir, fsync_file, leftovers, temporary_name
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.paths import resolved
 
 # what a run directory holds; --overwrite replaces a folder only when it holds nothing else
 RUN_FILES = {"head.pt", "metrics.json", "run.json", "history.csv", "curves.png", "confusion.png", "results.csv",
@@ -47,11 +48,11 @@ def check_run_dir(out: Path, overwrite: bool, command: str = "probe", protect=()
     same command; and a parent folder this process cannot write."""
     out = Path(out)
     recover(out)
-    if out.name in ("", ".", "..") or out.resolve() == out.resolve().parent:
+    if out.name in ("", ".", "..") or resolved(out) == resolved(out).parent:
         raise DinoprobeError(f"--out '{out}' is not a run directory name; choose a new folder such as runs/my-run")
     for cache_dir in protect:
-        cache_dir = Path(cache_dir).resolve()
-        if out.resolve() == cache_dir or out.resolve() in cache_dir.parents or cache_dir in out.resolve().parents:
+        cache_dir = resolved(cache_dir)
+        if resolved(out) == cache_dir or resolved(out) in cache_dir.parents or cache_dir in resolved(out).parents:
             raise DinoprobeError(f"--out '{out}' overlaps the cache {cache_dir}; write runs outside the cache")
     if out.exists():
         if not out.is_dir():

@@ -24,6 +24,7 @@ from dinoprobe.cache.arrays import LabelledSplit, load_split
 from dinoprobe.cache.specs import parse_feature, width
 from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.paths import resolved
 from dinoprobe.runs.metrics import (
     CONFUSION_MATRIX_MAX_CLASSES,
     multilabel_metrics,
@@ -178,7 +179,7 @@ def score_run(run, cache_dir, split: str = "test", *, restrict_classes: bool = F
         raise DinoprobeError("this head was saved from features without a dinoprobe cache, so it records no backbone "
                              "to check the cache against; save it with `estimator.save(path, cache=load_cache(...))`")
     if out is not None:
-        if head_file.holds(out) or Path(out).resolve() in head_file.run_dir.resolve().parents:
+        if head_file.holds(out) or resolved(out) in resolved(head_file.run_dir).parents:
             raise DinoprobeError(f"--out '{out}' overlaps the run {head_file.run_dir} it scores; write the scores "
                                  "elsewhere")
         check_run_dir(Path(out), overwrite, "score", protect=[cache_dir])

@@ -15,6 +15,7 @@ from torch import nn
 from dinoprobe import __version__, documents
 from dinoprobe.atomic import atomic_file
 from dinoprobe.errors import DinoprobeError
+from dinoprobe.paths import resolved
 from dinoprobe.torchfiles import check_torch_file
 from dinoprobe.train.heads import HeadSpec, Normalizer, build_head, check_head_weights
 
@@ -46,8 +47,8 @@ class HeadFile:
 
     def holds(self, out: str | Path) -> bool:
         """Whether `out` is or lies inside the head's run directory, whose files belong to the run."""
-        run_dir, out = self.run_dir, Path(out).resolve()
-        return run_dir is not None and (out == run_dir.resolve() or run_dir.resolve() in out.parents)
+        run_dir, out = self.run_dir, resolved(out)
+        return run_dir is not None and (out == resolved(run_dir) or resolved(run_dir) in out.parents)
 
     @property
     def multilabel(self) -> bool:
