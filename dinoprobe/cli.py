@@ -428,6 +428,25 @@ def features(ctx, data, image_column, label_column, task, label_sep, data_dir, m
     click.echo(f"cache {cache_dir}: {rows} rows; {skipped} skipped input(s)"
                + (" (listed in manifest.json)" if skipped else "")
                + f"; {summary.computed} computed in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s)")
+    _warn_unread_splits(cache_dir, summary)
+
+
+def _warn_unread_splits(cache_dir, summary) -> None:
+    """A split whose every input was skipped (a file list's paths written relative to another folder, a mount that
+    is not there) leaves a complete cache with nothing in it: said with the commonest reasons, not only as 0 rows."""
+    from collections import Counter
+
+    from dinoprobe.cache.store import read_manifest, skipped_inputs
+
+    empty = [split for split, n in summary.rows.items() if n == 0 and summary.skipped.get(split)]
+    manifest = read_manifest(cache_dir) if empty else None
+    for split in empty if manifest is not None else ():
+        reasons = Counter(s["reason"] for s in skipped_inputs(manifest, split))
+        common = "; ".join(f"{reason} ({n:,})" for reason, n in reasons.most_common(3))
+        hint = (" (a CSV's relative paths resolve against the CSV's folder)"
+                if manifest["fingerprint"].get("data", {}).get("kind") == "csv" else "")
+        _echo_err(f"WARNING: every input of {split} was skipped: {common}. `dinoprobe cache skipped {cache_dir}` "
+                  f"lists them{hint}")
 
 
 def _like(ctx, like_run: str, weights: str, last_blocks: int) -> dict:

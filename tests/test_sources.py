@@ -185,8 +185,13 @@ def test_csv_details_and_errors(tmp_path):
         open_source(str(tmp_path / "bad.csv"))
     (tmp_path / "missing.csv").write_text("path,label,split\nnope.png,cat,train\nalso.png,dog,train\n"
                                           f"{files[0]},cat,val\n{files[-1]},dog,val\n")
-    summary = extract_quiet(open_source(str(tmp_path / "missing.csv")), tmp_path / "c")
-    assert summary.skipped["train"] == 2  # missing files are listed with their reason, not fatal
+    proc = run_cli("features", "--data", tmp_path / "missing.csv", "--weights", "random", "--image-size", SIZE,
+                   "--cache", tmp_path / "c", check=True)  # missing files are listed with their reason, not fatal
+    assert "train 0, val 2 rows; 2 skipped input(s)" in proc.stdout
+    # a split of which nothing was read is said with its reasons (relative paths written for another folder)
+    assert ("WARNING: every input of train was skipped: no such file or directory (2). `dinoprobe cache skipped "
+            f"{tmp_path / 'c'}` lists them (a CSV's relative paths resolve against the CSV's folder)") in proc.stderr
+    assert "input of val" not in proc.stderr
 
 
 def test_csv_paths_are_the_files_real_paths_as_pathlib_resolves_them(tmp_path, monkeypatch):
