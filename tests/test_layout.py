@@ -14,7 +14,7 @@ from dinoprobe.train.config import TrainConfig, default
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dinoprobe"
 SHARED = {"dinoprobe", "errors", "settings", "atomic", "network", "device", "splits", "imagefiles", "progress",
-          "torchfiles", "documents"}
+          "torchfiles", "documents", "paths"}
 # what each stage may import, besides itself and the top-level modules
 ALLOWED = {"cache": set(), "extract": {"cache"}, "train": {"cache"}, "estimators": {"cache", "train"},
            "runs": {"cache", "extract", "train", "estimators"},
