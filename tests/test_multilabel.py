@@ -474,9 +474,13 @@ def test_evaluate_reports_macro_map_for_a_multilabel_cache(tagged_sources, tmp_p
     root, sources, _ = tagged_sources
     cache = root / "cache-evaluate"
     extract(sources["csv"], cache, "--label-sep", "|")
+    import shutil
+
+    copy = shutil.copytree(cache, tmp_path / "same-images")  # as a test cache: scored by `score`'s code
     proc = run_cli("evaluate", "--cache", cache, "--out", tmp_path / "ev", "--epochs", 1, "--epoch-length", 2,
-                   check=True)
+                   "--test-cache", copy, check=True)
     row = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]
+    assert row["linear_same-images_map"] == pytest.approx(row["linear_test_map"])  # the best head's test mAP
     metrics = {run: json.loads((tmp_path / "ev" / "cache-evaluate" / run / "metrics.json").read_text())
                for run in ("logreg", "knn")}
     assert row["logreg_test_map"] == metrics["logreg"]["test"]["map_macro"]
