@@ -198,6 +198,7 @@ def test_every_test_cache_is_checked_before_anything_trains(caches, tmp_path, mo
         (["--test-cache", cls_only], "has no ['patch_mean'] features"),
         (["--test-cache", caches[0]], "the cache"),
         (["--test-cache", same_name[0], "--test-cache", same_name[1]], "both named 'shifted'"),
+        (["--test-cache", test_cache("c/test")], "its column would be the evaluated cache's own linear_test_"),
         (["--test-cache", tmp_path / "missing"], "does not exist"),
         (["--cache", caches[1], "--test-cache", same_name[0]], "CACHE=PATH with CACHE one of: alpha, beta"),
     ]:

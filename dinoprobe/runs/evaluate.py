@@ -2,10 +2,10 @@
 
 For each cache: the linear protocol (the preset's sweep, its best head on val), DINOv3's logistic regression,
 DINO's k-NN (test top-1 for every k) and, when asked, few-shot logistic regression (K images per class, T tries,
-mean ± sample std), and the linear protocol's head scored on further test caches (DINOv3's `test_datasets`: ImageNet
--V2, -R, ... for an ImageNet head). Each protocol writes its normal run directory under OUT/<cache>/; a run directory that exists
-is a finished protocol (they appear atomically), so an interrupted evaluate resumes where it stopped. The table is
-written as results.csv, results.json and results.md.
+mean ± sample std), and the linear protocol's head scored on further test caches (DINOv3's `test_datasets`:
+ImageNet-V2, -R, ... for an ImageNet head). Each protocol writes its normal run directory under OUT/<cache>/; a run
+directory that exists is a finished protocol (they appear atomically), so an interrupted evaluate resumes where it
+stopped. The table is written as results.csv, results.json and results.md.
 """
 from __future__ import annotations
 
@@ -257,6 +257,9 @@ def check_test_caches(paths: list[Path], cache_dir, manifest: dict, out: Path, f
             raise DinoprobeError(f"test cache {path} is the cache {cache_dir} itself, whose test split the table "
                                  "already reports; pass another cache")
         name = b.name
+        if name in ("val", "test"):  # linear_val_top1 and linear_test_top1 are the evaluated cache's own columns
+            raise DinoprobeError(f"test cache {path} is a folder named '{name}', and its column would be the "
+                                 f"evaluated cache's own linear_{name}_ one; give the test cache another folder name")
         if name in names:
             raise DinoprobeError(f"test caches {names[name]} and {path} of {cache_dir} are both named '{name}', the "
                                  "name of their column; give them folders of different names")
