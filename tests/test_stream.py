@@ -446,7 +446,7 @@ def test_knn_s_search_takes_what_the_check_counts():
     200,000 rows with the OOM killer when it counted the copy alone). Its count bounds the measured peak, and not
     by a wide margin."""
 
-    from dinoprobe.estimators.knn import SEARCH_BYTES
+    from dinoprobe.estimators.knn import SEARCH_BYTES, neighbour_bytes
 
     code = """
 import torch
@@ -463,4 +463,4 @@ print(status("VmHWM") - base, x.nbytes)
     proc = processes.run(["-c", code], timeout=300)
     assert proc.returncode == 0, proc.stderr
     grown, copy = map(int, proc.stdout.split())
-    assert copy + SEARCH_BYTES / 2 < grown <= copy + SEARCH_BYTES
+    assert copy + SEARCH_BYTES / 2 < grown <= copy + SEARCH_BYTES + neighbour_bytes(1000)  # val's, kept by fit

@@ -186,24 +186,54 @@ def test_knn_cli(synthetic, tmp_path):
 
 
 def test_knn_run_searches_each_split_once_and_reports_what_the_estimator_scores(synthetic, tmp_path, monkeypatch):
-    """run_knn: one neighbour search per split (fit's on val, one on test giving every k), and the metrics it
-    writes are those of the fitted KNN's own predict_proba and score_per_k."""
+    """run_knn: one neighbour search per split (fit's on val, whose neighbours also give the chosen k's val metrics;
+    one on test giving every k), and the metrics it writes are those of the fitted KNN's own predict_proba (a search
+    of its own, here) and score_per_k."""
     from dinoprobe.cache.arrays import load_cache
     from dinoprobe.estimators import knn as knn_module
     from dinoprobe.runs.experiments import run_knn
     from dinoprobe.runs.reports import evaluate
 
     searches = []
-    real = knn_module.knn_scores_per_k  # every search goes through it (knn_scores included)
-    monkeypatch.setattr(knn_module, "knn_scores_per_k", lambda bank_x, *a, **kw: searches.append(len(a[1])) or real(
-        bank_x, *a, **kw))
+    real = knn_module.knn_neighbours  # every search goes through it (knn_scores and fit's included)
+    monkeypatch.setattr(knn_module, "knn_neighbours", lambda bank_x, query_x, *a, **kw: searches.append(
+        len(query_x)) or real(bank_x, query_x, *a, **kw))
+    from dinoprobe import settings
+
+    monkeypatch.setattr(settings, "SCORING_ROWS_PER_BLOCK", 48)  # each split scored in blocks
     estimator = knn_module.KNN(ks=(5, 10, 1000))
     metrics = run_knn(synthetic, tmp_path / "k", estimator)
     data = load_cache(synthetic, "cls", "cpu")
-    assert searches == [len(data.y["val"]), len(data.y["val"]), len(data.y["test"])]  # fit, val metrics, test
-    monkeypatch.setattr(knn_module, "knn_scores_per_k", real)
+    assert searches == [48, 48, 48, 48, 8] * 2  # val's blocks (fit), test's: each row searched once
+    monkeypatch.setattr(knn_module, "knn_neighbours", real)
+    assert metrics["val"] == evaluate(estimator, data, splits=("val",))["val"]  # val searched again, the same
     assert metrics["test"] == evaluate(estimator, data, splits=("test",))["test"]
     assert metrics["top1_per_k"]["test"] == pytest.approx(estimator.score_per_k(data.x["test"], data.y["test"]))
+    assert metrics["top1_per_k"]["val"] == pytest.approx(estimator.score_per_k(data.x["val"], data.y["val"]))
+
+
+def test_a_multilabel_knn_run_searches_val_once_and_tunes_what_a_new_search_would(tmp_path, monkeypatch):
+    """Multi-label k-NN: fit's one search of val gives the chosen k, the thresholds (F1 on val) and the val
+    metrics — each equal to what a new search of val gives (it searched val three times)."""
+    from dinoprobe.cache.arrays import load_cache
+    from dinoprobe.estimators import knn as knn_module
+    from dinoprobe.runs.experiments import run_knn
+    from dinoprobe.runs.reports import evaluate
+    from dinoprobe.train.ranking import f1_thresholds
+
+    cache = make_synthetic_cache(tmp_path / "tags", n=(300, 100, 100), dim=8, num_classes=5, multilabel=True)
+    searches, real = [], knn_module.knn_neighbours
+    monkeypatch.setattr(knn_module, "knn_neighbours", lambda bank_x, query_x, *a, **kw: searches.append(
+        len(query_x)) or real(bank_x, query_x, *a, **kw))
+    estimator = knn_module.KNN(ks=(5, 20))
+    metrics = run_knn(cache, tmp_path / "k", estimator)
+    assert searches == [100, 100]  # val (fit), test
+    monkeypatch.setattr(knn_module, "knn_neighbours", real)
+    data = load_cache(cache, "cls", "cpu")
+    fresh = estimator.predict_proba(data.x["val"])  # a search of its own
+    assert np.array_equal(estimator.val_proba(), fresh)
+    assert np.array_equal(estimator.thresholds_, f1_thresholds(torch.from_numpy(fresh), data.y["val"]).numpy())
+    assert metrics["val"] == evaluate(estimator, data, splits=("val",))["val"]
 
 
 def test_logreg_shows_its_progress_and_refuses_non_finite_cs(synthetic, capsys):
@@ -396,9 +426,9 @@ def test_knn_chooses_k_on_validation_blocks_with_the_numbers_of_the_whole(synthe
     whole = fit()
     expected = {k: float((s.argmax(1) == data.y["val"]).float().mean()) for k, s in knn_module.knn_scores(
         data.X_train, data.y_train, data.x["val"], 6, (1, 5, 20, 50)).items()}
-    rows, real = [], knn_module.knn_scores_per_k
-    monkeypatch.setattr(knn_module, "knn_scores_per_k", lambda bx, by, q, *a, **kw: rows.append(len(q)) or real(
-        bx, by, q, *a, **kw))
+    rows, real = [], knn_module.knn_neighbours
+    monkeypatch.setattr(knn_module, "knn_neighbours", lambda bx, q, *a, **kw: rows.append(len(q)) or real(
+        bx, q, *a, **kw))
     from dinoprobe import settings
 
     monkeypatch.setattr(settings, "SCORING_ROWS_PER_BLOCK", 48)

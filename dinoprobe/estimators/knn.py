@@ -6,6 +6,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils.validation import check_is_fitted
 
 from dinoprobe import settings
 from dinoprobe.device import resolve_device
@@ -39,10 +40,17 @@ def knn_scores_per_k(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, tem
     The similarity matrix is computed in row blocks of at most `max_block` entries, never whole; `bar` (a
     progress bar) counts the queries searched.
     """
+    ks = sorted({min(k, len(train_x)) for k in ks})
+    sims, nearest = knn_neighbours(train_x, query_x, ks[-1], max_block, bar)
+    yield from knn_votes(sims, nearest, train_y, num_classes, ks, temperature, max(1, max_block // max(1, len(train_x))))
+
+
+def knn_neighbours(train_x, query_x, top: int, max_block: int = SIMILARITY_BLOCK, bar=None):
+    """(similarities, indices), each (queries, top): every query's `top` nearest training rows by cosine
+    similarity, nearest first; the similarity matrix in row blocks of at most `max_block` entries."""
     train = F.normalize(train_x.float(), dim=1)
     query = F.normalize(query_x.float(), dim=1)
-    ks = sorted({min(k, len(train)) for k in ks})
-    top = ks[-1]
+    top = min(top, len(train))
     rows = max(1, max_block // max(1, len(train)))
     sims = torch.empty(len(query), top, device=query.device)
     nearest = torch.empty(len(query), top, dtype=torch.long, device=query.device)
@@ -50,10 +58,16 @@ def knn_scores_per_k(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, tem
         sims[start:start + rows], nearest[start:start + rows] = (query[start:start + rows] @ train.t()).topk(top, dim=1)
         if bar is not None:
             bar.update(len(query[start:start + rows]))
+    return sims, nearest
+
+
+def knn_votes(sims, nearest, train_y, num_classes: int, ks, temperature: float, rows: int):
+    """(k, scores (queries, classes)) for each k of `ks` (each at most the neighbours held), from the neighbours
+    `knn_neighbours` found, `rows` queries at a time: one k's scores in memory at a time."""
     weights = (sims / temperature).exp()
     for k in ks:
-        out = torch.zeros(len(query), num_classes)
-        for start in range(0, len(query), rows):
+        out = torch.zeros(len(sims), num_classes)
+        for start in range(0, len(sims), rows):
             labels, w = train_y[nearest[start:start + rows, :k]], weights[start:start + rows, :k]
             if labels.dim() == 3:  # multi-label rows (block, k, classes): shares in float64, stored in float32,
                 # so that equal shares (unanimous neighbours: exactly 1) are equal and tie in the average precision
@@ -66,13 +80,20 @@ def knn_scores_per_k(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, tem
         yield k, out
 
 
+def neighbour_bytes(queries: int, ks=KNN_KS) -> int:
+    """What a fit keeps of its validation search: each val row's nearest max(ks) (a float32 similarity and an int64
+    index each), so that scoring val at the chosen k (and tuning multi-label thresholds) searches nothing again."""
+    return queries * max(ks) * (4 + 8)
+
+
 class KNN(_Classifier):
     """DINO's weighted k-NN on L2-normalised features: each of the k nearest training rows (cosine similarity)
     votes for its class with weight exp(similarity / temperature); k chosen from `ks` on validation accuracy.
     Multi-label y: each class's probability is the share of the neighbours' vote weight carrying it, k chosen on
     validation macro mAP.
 
-    Fitted attributes: best_k_, val_score_per_k_ ({k: accuracy}), classes_, n_features_in_.
+    Fitted attributes: best_k_, val_score_per_k_ ({k: accuracy}), classes_, n_features_in_, val_neighbours_
+    (similarities and training-row indices of each validation row's nearest max(ks), for `val_proba`).
     `progress`: a bar on stderr per neighbour search of a split (the command line's), counting the queries searched.
     """
 
@@ -95,23 +116,42 @@ class KNN(_Classifier):
             raise DinoprobeError(f"temperature must be > 0, got {self.temperature}")
         self.device_ = resolve_device(self.device)
         self.bank_x_, self.bank_y_ = x_tr.to(self.device_), y_tr.to(self.device_)
+        ks = sorted({min(k, len(self.bank_y_)) for k in ks})
+        # val's nearest max(ks), kept: the chosen k's val scores (run_knn's metrics, multi-label thresholds) and every
+        # k's come from them without a second search; a block of rows at a time, every k from the block's search
+        self.val_neighbours_ = torch.empty(len(x_val), ks[-1], device=self.device_), torch.empty(
+            len(x_val), ks[-1], dtype=torch.long, device=self.device_)
+        rows = settings.scoring_rows(len(self.classes_))
         with self._bar(len(x_val), "k-NN: val") as bar:
-            if self.multilabel_:  # macro mAP ranks every validation row of a class: all rows' scores, a k at a time
-                scores = knn_scores_per_k(self.bank_x_, self.bank_y_, x_val.to(self.device_), len(self.classes_), ks,
-                                          self.temperature, bar=bar)
-                self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in scores}
-            else:  # accuracy counts rows: a block of them at a time, every k from the block's one search
-                y_val, correct = torch.as_tensor(y_val), {}
-                rows = settings.scoring_rows(len(self.classes_))
-                for start in range(0, max(len(x_val), 1), rows):
-                    block = slice(start, start + rows)
-                    for k, s in knn_scores_per_k(self.bank_x_, self.bank_y_, x_val[block].to(self.device_),
-                                                 len(self.classes_), ks, self.temperature, bar=bar):
-                        correct[k] = correct.get(k, 0) + int((s.argmax(1) == y_val[block]).sum())
-                self.val_score_per_k_ = {k: c / len(y_val) for k, c in correct.items()}
+            for start in range(0, len(x_val), rows):
+                found = knn_neighbours(self.bank_x_, x_val[start:start + rows].to(self.device_), ks[-1], bar=bar)
+                for kept, part in zip(self.val_neighbours_, found):
+                    kept[start:start + rows] = part
+        if self.multilabel_:  # macro mAP ranks every validation row of a class: all rows' scores, a k at a time
+            self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in self.val_scores_per_k(ks)}
+        else:  # accuracy counts rows: a block of them at a time
+            y_val, correct = torch.as_tensor(y_val), dict.fromkeys(ks, 0)
+            for start in range(0, max(len(x_val), 1), rows):
+                block = slice(start, start + rows)
+                for k, s in self.val_scores_per_k(ks, block):
+                    correct[k] += int((s.argmax(1) == y_val[block]).sum())
+            self.val_score_per_k_ = {k: c / len(y_val) for k, c in correct.items()}
         self.best_k_ = max(self.val_score_per_k_, key=lambda k: (self.val_score_per_k_[k], -k))
         self.best_score_ = self.val_score_per_k_[self.best_k_]
         return self
+
+    def val_scores_per_k(self, ks=None, rows: slice = slice(None)):
+        """(k, vote scores) of the fit's validation rows `rows` for each k of `ks` (default: the chosen k), from the
+        neighbours fit found: no search."""
+        check_is_fitted(self)
+        sims, nearest = (kept[rows] for kept in self.val_neighbours_)
+        ks = [self.best_k_] if ks is None else ks
+        yield from knn_votes(sims, nearest, self.bank_y_, len(self.classes_), [min(k, sims.shape[1]) for k in ks],
+                             self.temperature, settings.scoring_rows(len(self.classes_)))
+
+    def val_proba(self, rows: slice = slice(None)) -> np.ndarray:
+        """predict_proba of the fit's validation rows `rows` at the chosen k, from the neighbours fit found."""
+        return self._probabilities(next(self.val_scores_per_k(None, rows))[1])
 
     @contextmanager
     def searching(self, queries: int, desc: str):
@@ -135,8 +175,7 @@ class KNN(_Classifier):
         return scores[min(self.best_k_, len(self.bank_y_))]
 
     def _validation_probabilities(self, x_val) -> np.ndarray:
-        with self.searching(len(x_val), f"k-NN: val thresholds, k={self.best_k_}"):
-            return super()._validation_probabilities(x_val)
+        return self.val_proba()  # the rows fit just searched: thresholds are tuned on them
 
     def _score(self, votes: torch.Tensor, y) -> float:
         """Accuracy of votes (N, classes) against encoded labels, or macro mAP against multi-label rows."""

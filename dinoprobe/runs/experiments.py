@@ -20,7 +20,7 @@ from dinoprobe.cache.arrays import load_cache, load_features
 from dinoprobe.cache.store import split_rows
 from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.estimators.knn import KNN, SEARCH_BYTES
+from dinoprobe.estimators.knn import KNN, SEARCH_BYTES, neighbour_bytes
 from dinoprobe.estimators.logreg import LogReg, problem_bytes
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
@@ -41,7 +41,9 @@ from dinoprobe.splits import parse_shots
 __all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
 
 # What each method holds beside the features it loads, for the up-front memory check (arrays.memory_needed)
-KNN_WORKING = {"working_copies": 1, "working_bytes": SEARCH_BYTES}  # the L2-normalised bank, a similarity block
+# the L2-normalised bank; a similarity block, and val's nearest neighbours kept from fit
+KNN_WORKING = {"working_copies": 1,
+               "working_bytes": lambda manifest, width: SEARCH_BYTES + neighbour_bytes(split_rows(manifest).get("val", 0))}
 
 
 def logreg_working(logreg: LogReg) -> dict:
@@ -188,16 +190,21 @@ def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool =
     _check(cache_dir, out, overwrite, knn, KNN, "knn")
     data = load_cache(cache_dir, feature, resolve_device(knn.device), streamable=False, **KNN_WORKING)
     knn.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
-    with knn.searching(len(data.x["val"]), f"k-NN: val, k={knn.best_k_}"):
-        per_k, metrics = {"val": knn.val_score_per_k_}, evaluate(knn, data, splits=("val",))
+    per_k, x_val = {"val": knn.val_score_per_k_}, data.x["val"]
+    # val at the chosen k from the neighbours fit found: val is searched once
+    if data.multilabel:
+        metrics = {"val": split_metrics(knn, full_scores(knn, x_val, data.num_classes, knn.val_proba()), data, "val")}
+    else:
+        metrics = {"val": ranked_blocks(data, "val", lambda x, rows: [(None, full_scores(
+            knn, x, data.num_classes, knn.val_proba(rows)))])[None]}
     if data.x.get("test") is not None:  # one neighbour search gives every k's test score and the chosen k's metrics
         with knn.searching(len(data.x["test"]), "k-NN: test"):
             if data.multilabel:  # average precision ranks every row: whole probabilities, one k at a time
                 by_k = {k: split_metrics(knn, full_scores(knn, data.x["test"], data.num_classes, p), data, "test")
                         for k, p in knn.iter_proba_per_k(data.x["test"])}
             else:  # a block of rows at a time, every k from the block's one search
-                by_k = ranked_blocks(data, "test", lambda x: ((k, full_scores(knn, x, data.num_classes, p))
-                                                              for k, p in knn.iter_proba_per_k(x)))
+                by_k = ranked_blocks(data, "test", lambda x, rows: ((k, full_scores(knn, x, data.num_classes, p))
+                                                                    for k, p in knn.iter_proba_per_k(x)))
         metrics["test"] = by_k[knn.best_k_]
         per_k["test"] = {k: m["map_macro" if data.multilabel else "top1"] for k, m in by_k.items()}
     metrics.update({"k": knn.best_k_, "temperature": knn.temperature,

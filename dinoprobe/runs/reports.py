@@ -48,22 +48,22 @@ def evaluate(estimator, data, splits=("val", "test"), proba=None) -> dict[str, d
             x = data.x[split]
             out[split] = split_metrics(estimator, full_scores(estimator, x, data.num_classes, proba(x)), data, split)
         else:
-            out[split] = ranked_blocks(data, split, lambda x: [(None, full_scores(estimator, x, data.num_classes,
-                                                                                  proba(x)))])[None]
+            out[split] = ranked_blocks(data, split, lambda x, rows: [(None, full_scores(estimator, x, data.num_classes,
+                                                                                        proba(x)))])[None]
     return out
 
 
 def ranked_blocks(data, split: str, probabilities) -> dict:
     """Single-label metrics of a split under one or more scorings, settings.scoring_rows(classes) rows at a time:
-    a row's prediction and top-5 hit are all the metrics keep of it. `probabilities(block)` gives (key,
-    (rows, classes) probabilities) pairs for a block of rows — one pair for an estimator, one per k for k-NN — and
-    the result maps each key to its metrics."""
+    a row's prediction and top-5 hit are all the metrics keep of it. `probabilities(block, rows)` gives (key,
+    (rows, classes) probabilities) pairs for a block of rows (`rows`: its slice of the split) — one pair for an
+    estimator, one per k for k-NN — and the result maps each key to its metrics."""
     x, y = data.x[split], data.y[split]
     y = y.cpu().numpy() if hasattr(y, "cpu") else np.asarray(y)
     preds, hits = {}, {}
     rows = settings.scoring_rows(data.num_classes)
     for start in range(0, max(len(x), 1), rows):
-        for key, scores in probabilities(x[start:start + rows]):
+        for key, scores in probabilities(x[start:start + rows], slice(start, start + rows)):
             preds.setdefault(key, []).append(scores.argmax(1))
             hits.setdefault(key, []).append(top_k_hits(scores, y[start:start + rows], 5))
     return {key: ranked_metrics(np.concatenate(preds[key]), np.concatenate(hits[key]) if data.num_classes > 5
