@@ -255,6 +255,25 @@ def test_knn_votes_are_each_classes_share_of_the_neighbours_weight():
     assert knn.val_score_per_k_[7] == pytest.approx(expected_map, abs=1e-5)
 
 
+def test_multilabel_votes_gather_at_most_a_scoring_block_of_label_sets(monkeypatch):
+    """A multi-label vote gathers each query's k neighbours' label sets, (queries, k, classes): 8,192 queries at k =
+    200 and 1,000 classes would be 20 GB at once. They are gathered at most settings.SCORING_BYTES at a time, with
+    the same votes."""
+    from dinoprobe import settings
+
+    x_train, y_train, x_val, y_val = (t.numpy() for t in DATA)
+    whole = KNN(ks=(7,), temperature=0.1).fit(x_train, y_train, X_val=x_val, y_val=y_val)
+    monkeypatch.setattr(settings, "SCORING_BYTES", 12 * 7 * y_train.shape[1] * 3)  # three queries' label sets
+    gathered, einsum = [], torch.einsum
+    monkeypatch.setattr(torch, "einsum", lambda equation, *operands: (
+        gathered.append(operands[1].shape[0]) if equation == "qk,qkc->qc" else None) or einsum(equation, *operands))
+    blocks = KNN(ks=(7,), temperature=0.1).fit(x_train, y_train, X_val=x_val, y_val=y_val)
+    # fit's votes on val to choose k, then at that k for the thresholds: three rows at a time
+    assert max(gathered) == 3 and sum(gathered) == 2 * len(x_val)
+    assert blocks.val_score_per_k_ == whole.val_score_per_k_
+    np.testing.assert_array_equal(blocks.predict_proba(x_val), whole.predict_proba(x_val))
+
+
 @pytest.mark.parametrize("make", [lambda: Probe(head="linear", epochs=20, lr=1e-2), lambda: LogReg(),
                                   lambda: KNN(ks=(5, 10)),
                                   lambda: Sweep(Probe(head="linear", epochs=10), param_grid={"lr": [1e-3, 1e-2]})])

@@ -63,12 +63,14 @@ def knn_neighbours(train_x, query_x, top: int, max_block: int = SIMILARITY_BLOCK
 
 def knn_votes(sims, nearest, train_y, num_classes: int, ks, temperature: float, rows: int):
     """(k, scores (queries, classes)) for each k of `ks` (each at most the neighbours held), from the neighbours
-    `knn_neighbours` found, `rows` queries at a time: one k's scores in memory at a time."""
+    `knn_neighbours` found, `rows` queries at a time: one k's scores in memory at a time. Multi-label rows gather
+    (queries, k, classes) label sets, so fewer queries at a time: at most settings.SCORING_BYTES of them."""
     weights = (sims / temperature).exp()
     for k in ks:
         out = torch.zeros(len(sims), num_classes)
-        for start in range(0, len(sims), rows):
-            labels, w = train_y[nearest[start:start + rows, :k]], weights[start:start + rows, :k]
+        step = rows if train_y.dim() == 1 else max(1, min(rows, settings.SCORING_BYTES // (12 * k * num_classes)))
+        for start in range(0, len(sims), step):
+            labels, w = train_y[nearest[start:start + step, :k]], weights[start:start + step, :k]
             if labels.dim() == 3:  # multi-label rows (block, k, classes): shares in float64, stored in float32,
                 # so that equal shares (unanimous neighbours: exactly 1) are equal and tie in the average precision
                 w = w.double()
@@ -76,7 +78,7 @@ def knn_votes(sims, nearest, train_y, num_classes: int, ks, temperature: float, 
             else:
                 votes = torch.zeros(len(labels), num_classes, device=w.device)
                 votes.scatter_add_(1, labels, w)
-            out[start:start + rows] = votes.cpu()
+            out[start:start + step] = votes.cpu()
         yield k, out
 
 
