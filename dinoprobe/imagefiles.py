@@ -56,8 +56,8 @@ def expand_inputs(paths, ignored: Counter | None = None) -> tuple[list[str], lis
             files += list_images(path, ignored)
         elif path.is_file():
             files.append(str(path))
-        else:  # a device, a pipe or a socket would be read forever or block: not an image file
-            errors.append((str(path), "not a regular file or folder" if path.exists() else "no such file or folder"))
+        else:  # missing, or a device, a pipe or a socket, which would be read forever or block: not an image file
+            errors.append((str(path), not_a_file(str(path))))
     return files, errors
 
 

@@ -190,13 +190,13 @@ def test_every_test_cache_is_checked_before_anything_trains(caches, tmp_path, mo
     cls_only = test_cache("cls-only")
     manifest = json.loads((cls_only / "manifest.json").read_text())
     (cls_only / "manifest.json").write_text(json.dumps({**manifest, "features": ["cls"]}))  # all the check reads
-    for given, message in [
+    for given, *message in [
         (["--test-cache", other_weights], "another backbone or transform"),
         (["--test-cache", test_cache("more-classes", num_classes=4)], "class(es) the head was not trained on: class_3"),
         (["--test-cache", test_cache("full", n=(20, 10, 10), splits=("train", "val"))], "has no test split"),
         (["--test-cache", test_cache("no-rows", n=(0,))], "holds no rows"),
         (["--test-cache", cls_only], "has no ['patch_mean'] features"),
-        (["--test-cache", caches[0]], "the cache"),
+        (["--test-cache", caches[0]], "is the cache", "itself"),
         (["--test-cache", same_name[0], "--test-cache", same_name[1]], "both named 'shifted'"),
         (["--test-cache", test_cache("c/test")], "its column would be the evaluated cache's own linear_test_"),
         (["--test-cache", tmp_path / "missing"], "does not exist"),
@@ -204,7 +204,7 @@ def test_every_test_cache_is_checked_before_anything_trains(caches, tmp_path, mo
     ]:
         out = tmp_path / "e"
         proc = run_cli("evaluate", "--cache", caches[0], *given, "--out", out, *QUICK)
-        assert_clean_error(proc, message)
+        assert_clean_error(proc, *message)
         assert not out.exists(), given
 
 

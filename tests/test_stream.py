@@ -12,7 +12,7 @@ from dinoprobe.train.loop import TrainConfig, train_heads
 from dinoprobe.train.sources import InMemory
 
 import processes
-from conftest import make_synthetic_cache, run_cli
+from conftest import assert_clean_error, make_synthetic_cache, run_cli
 
 ROW_BYTES = 32 * 4
 
@@ -463,4 +463,21 @@ print(status("VmHWM") - base, x.nbytes)
     proc = processes.run(["-c", code], timeout=300)
     assert proc.returncode == 0, proc.stderr
     grown, copy = map(int, proc.stdout.split())
-    assert copy + SEARCH_BYTES / 2 < grown <= copy + SEARCH_BYTES + neighbour_bytes(1000)  # val's, kept by fit
+    assert copy + SEARCH_BYTES / 2 < grown <= copy + SEARCH_BYTES + neighbour_bytes(1000, 200)  # val's, kept by fit
+
+
+def test_knn_s_check_counts_the_neighbours_its_ks_keep(tmp_path, monkeypatch):
+    """fit keeps each val row's nearest max(k): 12 bytes each, 120 MB for 2,000 val rows at k = 5,000. The
+    up-front check counts them for the ks asked for: with room for k = 200's, `--k 10` runs and `--k 5000` is
+    refused before the cache is read."""
+    import dinoprobe.cache.arrays as arrays_module
+    from dinoprobe.estimators.knn import SEARCH_BYTES
+
+    cache_dir = make_synthetic_cache(tmp_path / "c", n=(6000, 2000), splits=("train", "val"), dim=8, num_classes=3)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    room, _ = arrays_module.memory_needed(manifest, {"cls": ("cls",)}, working_copies=1, working_bytes=SEARCH_BYTES)
+    monkeypatch.setattr(arrays_module, "memory_available", lambda device: room + 2000 * 200 * 12 + (8 << 20))
+    run_cli("knn", "--cache", cache_dir, "--out", tmp_path / "small", "--k", "10", check=True)
+    proc = run_cli("knn", "--cache", cache_dir, "--out", tmp_path / "large", "--k", "5000")
+    assert_clean_error(proc, "in cpu memory", "fit on fewer rows")
+    assert not (tmp_path / "large").exists()

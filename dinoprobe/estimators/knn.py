@@ -41,14 +41,14 @@ def knn_scores_per_k(train_x, train_y, query_x, num_classes: int, ks=KNN_KS, tem
     progress bar) counts the queries searched.
     """
     ks = sorted({min(k, len(train_x)) for k in ks})
-    sims, nearest = knn_neighbours(train_x, query_x, ks[-1], max_block, bar)
+    sims, nearest = knn_neighbours(F.normalize(train_x.float(), dim=1), query_x, ks[-1], max_block, bar)
     yield from knn_votes(sims, nearest, train_y, num_classes, ks, temperature, max(1, max_block // max(1, len(train_x))))
 
 
-def knn_neighbours(train_x, query_x, top: int, max_block: int = SIMILARITY_BLOCK, bar=None):
+def knn_neighbours(train, query_x, top: int, max_block: int = SIMILARITY_BLOCK, bar=None):
     """(similarities, indices), each (queries, top): every query's `top` nearest training rows by cosine
-    similarity, nearest first; the similarity matrix in row blocks of at most `max_block` entries."""
-    train = F.normalize(train_x.float(), dim=1)
+    similarity, nearest first; the similarity matrix in row blocks of at most `max_block` entries. `train` is the
+    bank already L2-normalised (float32), so that a caller searching in blocks normalises it once."""
     query = F.normalize(query_x.float(), dim=1)
     top = min(top, len(train))
     rows = max(1, max_block // max(1, len(train)))
@@ -82,10 +82,16 @@ def knn_votes(sims, nearest, train_y, num_classes: int, ks, temperature: float, 
         yield k, out
 
 
-def neighbour_bytes(queries: int, ks=KNN_KS) -> int:
-    """What a fit keeps of its validation search: each val row's nearest max(ks) (a float32 similarity and an int64
-    index each), so that scoring val at the chosen k (and tuning multi-label thresholds) searches nothing again."""
-    return queries * max(ks) * (4 + 8)
+def as_ks(ks) -> list[int]:
+    """KNN's `ks` (one k or several) as sorted distinct integers."""
+    return sorted({int(k) for k in (ks if hasattr(ks, "__iter__") else [ks])})
+
+
+def neighbour_bytes(queries: int, neighbours: int) -> int:
+    """What a fit keeps of its validation search: each val row's nearest `neighbours` (max(ks), at most the train
+    rows; a float32 similarity and an int64 index each), so that scoring val at the chosen k (and tuning multi-label
+    thresholds) searches nothing again."""
+    return queries * neighbours * (4 + 8)
 
 
 class KNN(_Classifier):
@@ -111,7 +117,7 @@ class KNN(_Classifier):
         self.progress = progress
 
     def _fit_encoded(self, x_tr, y_tr, x_val, y_val):
-        ks = sorted({int(k) for k in (self.ks if hasattr(self.ks, "__iter__") else [self.ks])})
+        ks = as_ks(self.ks)
         if not ks or ks[0] < 1:
             raise DinoprobeError(f"ks must be positive integers, got {self.ks}")
         if not self.temperature > 0:
@@ -124,11 +130,13 @@ class KNN(_Classifier):
         self.val_neighbours_ = torch.empty(len(x_val), ks[-1], device=self.device_), torch.empty(
             len(x_val), ks[-1], dtype=torch.long, device=self.device_)
         rows = settings.scoring_rows(len(self.classes_))
+        bank = F.normalize(self.bank_x_.float(), dim=1)  # once for every block (the working copy the check counts)
         with self._bar(len(x_val), "k-NN: val") as bar:
             for start in range(0, len(x_val), rows):
-                found = knn_neighbours(self.bank_x_, x_val[start:start + rows].to(self.device_), ks[-1], bar=bar)
+                found = knn_neighbours(bank, x_val[start:start + rows].to(self.device_), ks[-1], bar=bar)
                 for kept, part in zip(self.val_neighbours_, found):
                     kept[start:start + rows] = part
+        del bank
         if self.multilabel_:  # macro mAP ranks every validation row of a class: all rows' scores, a k at a time
             self.val_score_per_k_ = {k: self._score(s, y_val) for k, s in self.val_scores_per_k(ks)}
         else:  # accuracy counts rows: a block of them at a time

@@ -27,7 +27,7 @@ from dinoprobe.estimators.logreg import LogReg
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
 from dinoprobe.paths import resolved
-from dinoprobe.runs.experiments import KNN_WORKING, heads_working, logreg_working, run_knn, run_logreg, run_sweep
+from dinoprobe.runs.experiments import heads_working, knn_working, logreg_working, run_knn, run_logreg, run_sweep
 from dinoprobe.runs.rundir import run_command
 from dinoprobe.runs.score import check_evaluation_set, score_run
 from dinoprobe.settings import EVAL_SUITES as SUITES
@@ -144,7 +144,7 @@ def evaluate(caches, out, *, protocol: str = "dinov3", shots=(), tries: int = 5,
     for cache_dir, manifest in zip(caches, manifests):  # and whether each protocol's features fit in memory
         check_protocols_fit(cache_dir, manifest, resolve_device(device), (
             ("linear", PROTOCOLS[preset]["features"], heads_working(linear_configs)),
-            ("logistic regression", ["cls"], logreg_working(LogReg.dinov3())), ("k-NN", ["cls"], KNN_WORKING)))
+            ("logistic regression", ["cls"], logreg_working(LogReg.dinov3())), ("k-NN", ["cls"], knn_working(KNN()))))
     tests = [check_test_caches(paired, cache_dir, manifest, out, PROTOCOLS[preset]["features"], resolve_device(device))
              for paired, cache_dir, manifest in zip(pair_test_caches(test_caches, names), caches, manifests)]
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from dinoprobe.cache.arrays import load_cache, load_features
 from dinoprobe.cache.store import split_rows
 from dinoprobe.device import environment, resolve_device
 from dinoprobe.errors import DinoprobeError
-from dinoprobe.estimators.knn import KNN, SEARCH_BYTES, neighbour_bytes
+from dinoprobe.estimators.knn import KNN, SEARCH_BYTES, as_ks, neighbour_bytes
 from dinoprobe.estimators.logreg import LogReg, problem_bytes
 from dinoprobe.estimators.probe import Probe
 from dinoprobe.estimators.sweep import Sweep
@@ -41,9 +41,15 @@ from dinoprobe.splits import parse_shots
 __all__ = ["run_probe", "run_sweep", "run_logreg", "run_knn"]
 
 # What each method holds beside the features it loads, for the up-front memory check (arrays.memory_needed)
-# the L2-normalised bank; a similarity block, and val's nearest neighbours kept from fit
-KNN_WORKING = {"working_copies": 1,
-               "working_bytes": lambda manifest, width: SEARCH_BYTES + neighbour_bytes(split_rows(manifest).get("val", 0))}
+
+
+def knn_working(knn: KNN) -> dict:
+    """k-NN: the L2-normalised bank (one float32-sized copy), a block of similarities, and val's nearest max(ks)
+    (at most the train rows) kept from fit."""
+    def search_bytes(manifest: dict, width: int) -> int:
+        rows = split_rows(manifest)
+        return SEARCH_BYTES + neighbour_bytes(rows.get("val", 0), min(max(as_ks(knn.ks), default=0), rows.get("train", 0)))
+    return {"working_copies": 1, "working_bytes": search_bytes}
 
 
 def logreg_working(logreg: LogReg) -> dict:
@@ -188,7 +194,7 @@ def run_knn(cache_dir, out, knn: KNN, *, feature: str = "cls", overwrite: bool =
     """DINO's weighted k-NN on a cache: k chosen on val; top-1 for every k on val and test. No head.pt: k-NN
     predicts from the training features themselves."""
     _check(cache_dir, out, overwrite, knn, KNN, "knn")
-    data = load_cache(cache_dir, feature, resolve_device(knn.device), streamable=False, **KNN_WORKING)
+    data = load_cache(cache_dir, feature, resolve_device(knn.device), streamable=False, **knn_working(knn))
     knn.fit(data.X_train, data.y_train, X_val=data.x.get("val"), y_val=data.y.get("val"))
     per_k, x_val = {"val": knn.val_score_per_k_}, data.x["val"]
     # val at the chosen k from the neighbours fit found: val is searched once
